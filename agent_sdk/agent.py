@@ -1,0 +1,405 @@
+"""``BaseAgent``: subclass it, give it a name and capabilities, write ``execute``.
+
+::
+
+    class ReviewAgent(BaseAgent):
+        def __init__(self) -> None:
+            super().__init__(name="reviewer", capabilities=["code_review", "security_audit"])
+
+        async def execute(self, task: Task) -> Result:
+            issues = find_issues(task.code)
+            return Result(data=issues, approved=not issues, confidence=0.9)
+
+    ReviewAgent().run(broker="tcp://127.0.0.1:5555")
+
+The agent registers with the broker, runs up to ``max_concurrent`` tasks at once on one
+event loop, heartbeats, and reconnects and registers again when the broker goes away.
+Results are kept until the broker acknowledges them and are sent again after a
+reconnect, so a result is not lost with a connection.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Coroutine, Generator, Iterable
+from typing import Any, Final
+
+from broker.config import broker_url
+from broker.protocol import (
+    MAX_FRAME_BYTES, Ack, Cancel, Disconnect, Dispatch, Error, ErrorCode, Heartbeat, Message,
+    Ready, ResultItem, Results, TaskStatus, Welcome, chunks,
+)
+from agent_sdk.task import Result, Task
+from agent_sdk.transport import Channel
+
+logger = logging.getLogger(__name__)
+
+#: Until the broker's WELCOME says otherwise.
+DEFAULT_HEARTBEAT_INTERVAL_S: Final = 1.0
+DEFAULT_HEARTBEAT_LIVENESS: Final = 3
+#: Reconnect back-off: first wait, cap.
+RECONNECT_MIN_S: Final = 0.1
+RECONNECT_MAX_S: Final = 5.0
+#: How long a graceful stop waits for running tasks.
+STOP_DRAIN_S: Final = 30.0
+
+
+class AgentState(enum.Enum):
+    """The agent's connection with the broker."""
+
+    STARTING = "starting"
+    REGISTERING = "registering"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class _Resume:
+    """Hands a coroutine that already ran up to its first suspension to an asyncio Task.
+
+    Agents run ``execute`` eagerly: most calls of a fast agent finish without ever
+    suspending, and then no Task is created at all. When one does suspend, this awaitable
+    re-yields the future it is waiting on, so the Task takes over exactly where it was.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        to_yield = self._first
+        while True:
+            try:
+                sent = yield to_yield
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as e:  # cancellation and friends go into the coroutine
+                try:
+                    to_yield = coro.throw(e)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    to_yield = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+class BaseAgent(abc.ABC):
+    """Base class of every agent.
+
+    Args:
+        name: the agent type; tasks may ask for it by name, and replicas share it.
+        capabilities: what it can do; a task goes only to agents having all it requires.
+        max_concurrent: most tasks running at once (the broker never sends more).
+        agent_id: unique id of this instance (default: ``name-<random>``).
+    """
+
+    #: default for ``max_concurrent`` when the constructor is not given one
+    max_concurrent: int = 16
+
+    def __init__(self, name: str, capabilities: Iterable[str] = (), *,
+                 max_concurrent: int | None = None, agent_id: str | None = None) -> None:
+        if not name:
+            raise ValueError("an agent needs a name")
+        self.name = name
+        self.capabilities = tuple(dict.fromkeys(capabilities))
+        if max_concurrent is not None:
+            self.max_concurrent = max_concurrent
+        if self.max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self.agent_id = agent_id or f"{name}-{uuid.uuid4().hex[:10]}"
+        self.state = AgentState.STARTING
+        self.broker_url = ""
+        self.endpoints: dict[str, str] = {}
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self._channel: Channel | None = None
+        self._running: dict[str, asyncio.Task[Any] | None] = {}
+        self._outgoing: list[ResultItem] = []
+        self._unacked: dict[str, ResultItem] = {}
+        self._heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
+        self._heartbeat_liveness = DEFAULT_HEARTBEAT_LIVENESS
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+        self._reconnect_delay_s = RECONNECT_MIN_S
+        self._next_reconnect = 0.0
+        self._stop_event = asyncio.Event()
+        self._registered_event = asyncio.Event()
+        #: set while no task runs as an asyncio Task (a graceful stop waits for it)
+        self._idle_event = asyncio.Event()
+        self._idle_event.set()
+
+    # ------------------------------------------------------------ to override
+
+    @abc.abstractmethod
+    async def execute(self, task: Task) -> Result:
+        """Do the work of one task. Return a :class:`Result` (any other value becomes
+        ``Result(data=value)``). An exception becomes a failed result carrying its type
+        and message; the agent keeps serving."""
+
+    async def on_start(self) -> None:
+        """Called once before registering (open clients, load models)."""
+
+    async def on_stop(self) -> None:
+        """Called once after the agent stopped taking tasks."""
+
+    async def ping(self) -> dict[str, Any]:
+        """Health of this agent, for checks and tests."""
+        return {"ok": self.state is AgentState.READY, "id": self.agent_id, "name": self.name,
+                "state": self.state.value, "running": len(self._running),
+                "done": self.tasks_done, "failed": self.tasks_failed}
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, broker: str | None = None) -> None:
+        """Serve tasks until stopped (SIGINT/SIGTERM or :meth:`stop`); uses uvloop."""
+        from agent_sdk.loop import run as run_loop
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop)
+            await self.async_run(broker)
+
+        run_loop(main())
+
+    async def async_run(self, broker: str | None = None) -> None:
+        """Serve tasks on the running loop until :meth:`stop` is called."""
+        loop = asyncio.get_running_loop()
+        self.broker_url = broker or broker_url()
+        await self.on_start()
+        self._channel = Channel(self.broker_url, self.agent_id.encode(), self._on_message,
+                                self._flush)
+        self._channel.open()
+        self._register(loop.time())
+        heartbeats = asyncio.create_task(self._heartbeat_loop(), name=f"{self.agent_id}-heartbeat")
+        try:
+            await self._stop_event.wait()
+            await self._drain_and_leave()
+        finally:
+            heartbeats.cancel()
+            await asyncio.gather(heartbeats, return_exceptions=True)
+            for pending in [t for t in self._running.values() if t is not None]:
+                pending.cancel()
+            self._channel.close()
+            self.state = AgentState.STOPPED
+            await self.on_stop()
+
+    def stop(self) -> None:
+        """Stop taking tasks, finish running ones, say goodbye (call on the agent's loop)."""
+        self._stop_event.set()
+
+    async def wait_registered(self, timeout: float | None = None) -> None:
+        """Return once the broker has accepted this agent's registration."""
+        await asyncio.wait_for(self._registered_event.wait(), timeout)
+
+    async def _drain_and_leave(self) -> None:
+        self.state = AgentState.DRAINING
+        channel = self._channel
+        assert channel is not None
+        channel.send(Disconnect("draining"))
+        try:
+            await asyncio.wait_for(self._idle_event.wait(), STOP_DRAIN_S)
+        except asyncio.TimeoutError:
+            logger.warning("agent %s stopped with %d task(s) still running", self.agent_id,
+                           len(self._running))
+        self._flush()
+        channel.send(Disconnect("bye"))
+
+    # ------------------------------------------------------------ registration
+
+    def _register(self, now: float) -> None:
+        assert self._channel is not None
+        self.state = AgentState.REGISTERING
+        self._last_heard = now
+        self._channel.send(Ready(self.agent_id, self.name, self.capabilities,
+                                 self.max_concurrent, running=tuple(self._running)))
+        self._last_sent = now
+
+    async def _heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._heartbeat_interval_s / 2)
+            now = loop.time()
+            channel = self._channel
+            if channel is None or channel.closed:
+                return
+            expiry_s = self._heartbeat_interval_s * self._heartbeat_liveness
+            if now - self._last_heard > expiry_s:
+                if now >= self._next_reconnect and self.state is not AgentState.DRAINING:
+                    logger.warning("agent %s: broker silent for %.1f s; reconnecting",
+                                   self.agent_id, now - self._last_heard)
+                    self._next_reconnect = now + self._reconnect_delay_s
+                    self._reconnect_delay_s = min(self._reconnect_delay_s * 2, RECONNECT_MAX_S)
+                    channel.reopen()
+                    self._register(now - expiry_s)  # keep counting silence from here
+                continue
+            if now - self._last_sent >= self._heartbeat_interval_s:
+                channel.send(Heartbeat())
+                self._last_sent = now
+
+    # ------------------------------------------------------------ messages
+
+    def _on_message(self, msg: Message) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
+        match msg:
+            case Dispatch(tasks):
+                for assignment in tasks:
+                    self._start(assignment.id, assignment.payload, assignment)
+            case Ack(ids):
+                unacked = self._unacked
+                for task_id in ids:
+                    unacked.pop(task_id, None)
+            case Heartbeat():
+                pass
+            case Welcome():
+                self._on_welcome(msg)
+            case Cancel(ids):
+                self._cancel(ids)
+            case Disconnect(reason):
+                self._on_disconnect(reason)
+            case Error(code, message):
+                logger.warning("agent %s: broker error %s: %s", self.agent_id, code, message)
+            case _:
+                logger.warning("agent %s: unexpected %s from broker", self.agent_id,
+                               type(msg).__name__)
+
+    def _on_welcome(self, msg: Welcome) -> None:
+        first = not self._registered_event.is_set()
+        self._heartbeat_interval_s = msg.heartbeat_interval_s
+        self._heartbeat_liveness = msg.heartbeat_liveness
+        self.endpoints = msg.endpoints
+        self._reconnect_delay_s = RECONNECT_MIN_S
+        if self.state is not AgentState.DRAINING:
+            self.state = AgentState.READY
+        if self._unacked:
+            # Results sent before a reconnect may have been lost on the way: send again;
+            # the broker drops the ones it already has.
+            queued = {item.task_id for item in self._outgoing}
+            self._outgoing.extend(r for r in self._unacked.values() if r.task_id not in queued)
+            self._flush()
+        if first:
+            self._registered_event.set()
+            logger.info("agent %s registered with %s", self.agent_id, self.broker_url)
+        else:
+            logger.info("agent %s registered again", self.agent_id)
+
+    def _on_disconnect(self, reason: str) -> None:
+        if reason == ErrorCode.NOT_REGISTERED.value and self.state is not AgentState.DRAINING:
+            # The broker does not know us (it restarted): register again.
+            self._register(asyncio.get_running_loop().time())
+        elif reason == "broker_stopping":
+            logger.info("agent %s: broker is stopping; will register when it is back",
+                        self.agent_id)
+            self.state = AgentState.REGISTERING
+
+    # ------------------------------------------------------------ execution
+
+    def _start(self, task_id: str, payload: Any, assignment: Any) -> None:
+        if task_id in self._running:
+            return  # a duplicate dispatch of a task already running here
+        started = time.perf_counter()
+        try:
+            task = Task.from_payload(payload, id=task_id, capabilities=assignment.capabilities,
+                                     attempt=assignment.attempt, timeout_s=assignment.timeout_s,
+                                     parent_id=assignment.parent_id)
+            coro = self.execute(task)
+        except Exception as e:  # noqa: BLE001 - a bad payload fails its task only
+            self._complete(task_id, e, started)
+            return
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            self._complete(task_id, done.value, started)
+            return
+        except BaseException as e:  # noqa: BLE001 - execute's errors belong to the task
+            self._complete(task_id, e, started)
+            return
+        runner = asyncio.get_running_loop().create_task(self._finish_later(task_id, coro, first,
+                                                                           started))
+        self._running[task_id] = runner
+        self._idle_event.clear()
+
+    async def _finish_later(self, task_id: str, coro: Coroutine[Any, Any, Any], first: Any,
+                            started: float) -> None:
+        try:
+            outcome = await _Resume(coro, first)
+        except BaseException as e:  # noqa: BLE001 - including cancellation by the broker
+            outcome = e
+        self._running.pop(task_id, None)
+        self._complete(task_id, outcome, started)
+        if not self._running:
+            self._idle_event.set()
+        if self._channel is not None:
+            self._channel.request_flush()
+
+    def _complete(self, task_id: str, outcome: Any, started: float) -> None:
+        run_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, asyncio.CancelledError):
+                item = ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
+                                  ErrorCode.CANCELLED.value, "cancelled on the agent",
+                                  run_ms=run_ms)
+            else:
+                kind = type(outcome).__name__
+                item = ResultItem(task_id, TaskStatus.FAILED.value,
+                                  Result(None, 0.0, error_type=kind).to_payload(),
+                                  ErrorCode.AGENT_ERROR.value, f"{kind}: {outcome}", run_ms=run_ms)
+                if not isinstance(outcome, Exception):
+                    raise outcome  # KeyboardInterrupt, SystemExit: not the task's business
+            self.tasks_failed += 1
+        else:
+            result = outcome if isinstance(outcome, Result) else Result(outcome)
+            try:
+                payload = result.to_payload()
+            except Exception as e:  # noqa: BLE001 - an unencodable result fails its task
+                result = Result.failure(ErrorCode.AGENT_ERROR.value,
+                                        f"result is not msgpack-encodable: {e}")
+                payload = result.to_payload()
+            if len(payload) > MAX_FRAME_BYTES:
+                result = Result.failure(ErrorCode.TOO_LARGE.value,
+                                        f"result of {len(payload)} bytes exceeds "
+                                        f"{MAX_FRAME_BYTES} bytes")
+                payload = result.to_payload()
+            error = result.error
+            item = ResultItem(task_id, result.status, payload,
+                              None if error is None else error.code,
+                              None if error is None else error.message, run_ms=run_ms)
+            if result.ok:
+                self.tasks_done += 1
+            else:
+                self.tasks_failed += 1
+        self._unacked[task_id] = item
+        self._outgoing.append(item)
+
+    def _cancel(self, ids: list[str]) -> None:
+        for task_id in ids:
+            runner = self._running.get(task_id)
+            if runner is not None:
+                runner.cancel()
+            elif task_id not in self._unacked:
+                # Never reached us (or long gone): answer so the broker frees the slot.
+                self._outgoing.append(ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
+                                                 ErrorCode.CANCELLED.value,
+                                                 "not running on the agent"))
+        if self._channel is not None:
+            self._channel.request_flush()
+
+    def _flush(self) -> None:
+        if self._outgoing and self._channel is not None:
+            batch, self._outgoing = self._outgoing, []
+            for part in chunks(batch):
+                self._channel.send(Results(part))
+            self._last_sent = asyncio.get_running_loop().time()
+

@@ -1,0 +1,429 @@
+"""``Client`` (asyncio) and ``SyncClient`` (blocking): submit tasks and get results.
+
+::
+
+    async with Client("tcp://127.0.0.1:5555") as client:
+        handle = client.submit(capabilities=["code_review"], data={"code": source})
+        result = await handle.result(timeout=30)
+
+``submit`` returns at once; submits made in the same loop iteration leave in one
+message, and results come back in batches, so one client connection carries thousands
+of tasks in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import uuid
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from broker.config import broker_url
+from broker.protocol import (
+    Accepted, Cancel, Disconnect, Error, ErrorCode, Fetch, Heartbeat, Message, Results,
+    StatusReply, StatusRequest, Submit, TaskSpec, TaskStatus, chunks,
+)
+from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, WaitTimeout
+from agent_sdk.task import _MISSING, TERMINAL_STATUSES, Result, encode_payload
+from agent_sdk.transport import Channel
+
+#: How long status() waits for the broker by default.
+STATUS_TIMEOUT_S = 5.0
+
+
+class TaskHandle:
+    """A submitted task: await its result, check it, cancel it."""
+
+    __slots__ = ("id", "_client", "_future", "_accepted", "_accepted_waiter")
+
+    def __init__(self, task_id: str, client: Client, future: asyncio.Future[Result]) -> None:
+        self.id = task_id
+        self._client = client
+        self._future = future
+        self._accepted = False
+        self._accepted_waiter: asyncio.Future[None] | None = None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    @property
+    def accepted(self) -> bool:
+        """True once the broker confirmed it holds the task."""
+        return self._accepted
+
+    async def result(self, timeout: float | None = None) -> Result:
+        """The task's final :class:`Result` (any terminal status: check ``result.ok``).
+
+        Raises:
+            WaitTimeout: when ``timeout`` seconds pass first; the task itself goes on.
+        """
+        if self._future.done():
+            return self._future.result()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"task {self.id} has no result after {timeout:g} s") from None
+
+    async def wait_accepted(self, timeout: float | None = None) -> None:
+        """Return once the broker confirmed it holds the task (or it already ended)."""
+        if self._accepted or self._future.done():
+            return
+        if self._accepted_waiter is None:
+            self._accepted_waiter = asyncio.get_running_loop().create_future()
+        waiter = self._accepted_waiter
+        done, _ = await asyncio.wait([waiter, self._future], timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise WaitTimeout(f"the broker did not confirm task {self.id} within {timeout:g} s")
+
+    def add_done_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
+        """Call ``callback(handle)`` when the result is in (on the client's loop)."""
+        self._future.add_done_callback(lambda _: callback(self))
+
+    async def cancel(self) -> None:
+        """Ask the broker to cancel the task; the result then says ``cancelled``."""
+        await self._client.cancel(self.id)
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.result().__await__()
+
+    def _mark_accepted(self) -> None:
+        self._accepted = True
+        waiter = self._accepted_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else ("accepted" if self._accepted else "sent")
+        return f"TaskHandle({self.id!r}, {state})"
+
+
+class Client:
+    """An asyncio client of the broker.
+
+    Args:
+        broker: broker URL (default ``$ORCH_BROKER`` or ``tcp://127.0.0.1:5555``).
+        client_id: routing id; keep it to get results of earlier submits pushed to you.
+        default_timeout_s: task timeout when ``submit`` names none (the broker's if None).
+    """
+
+    def __init__(self, broker: str | None = None, *, client_id: str | None = None,
+                 default_timeout_s: float | None = None) -> None:
+        self.url = broker or broker_url()
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+        self.default_timeout_s = default_timeout_s
+        self._channel: Channel | None = None
+        self._handles: dict[str, TaskHandle] = {}
+        self._outgoing: list[TaskSpec] = []
+        self._requests: dict[int, asyncio.Future[Any]] = {}
+        self._peeks: dict[str, list[asyncio.Future[Result]]] = {}
+        self._req_ids = itertools.count(1)
+        self._task_ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> Client:
+        """Open the connection (submit and the requests do it on first use)."""
+        self._ensure_open()
+        return self
+
+    def _ensure_open(self) -> Channel:
+        if self._channel is None:
+            self._channel = Channel(self.url, self.client_id.encode(), self._on_message,
+                                    self._flush)
+            self._channel.open()
+        return self._channel
+
+    async def close(self) -> None:
+        """Send what is queued and close; pending handles stay unresolved."""
+        if self._channel is not None:
+            self._flush()
+            self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ tasks
+
+    def submit(self, text: str | None = None, *, capabilities: Iterable[str] = (),
+               agent: str | None = None, data: Any = _MISSING, task_id: str | None = None,
+               timeout: float | None = None, retries: int | None = None, priority: int = 0,
+               parent_id: str | None = None, **fields: Any) -> TaskHandle:
+        """Queue a task for the broker; returns its handle at once.
+
+        Args:
+            text: free text of the task (becomes the ``text`` field).
+            capabilities: every capability the agent must have.
+            agent: an agent name (or id) the task must go to.
+            data: the payload (``task.data`` on the agent); other keywords become fields.
+            task_id: the idempotency key; submitting the same id again gives the same task.
+            timeout: seconds the task may wait and run before it ends ``timed_out``.
+            retries: retries after failures (per the broker's retry policy).
+            priority: higher runs first among waiting tasks.
+            parent_id: the task this one is a subtask of.
+        """
+        channel = self._ensure_open()
+        task_id = task_id or f"{self.client_id}-{next(self._task_ids)}"
+        handle = self._handles.get(task_id)
+        if handle is not None:
+            return handle
+        if text is not None:
+            fields["text"] = text
+        caps = tuple(capabilities) if not isinstance(capabilities, str) else (capabilities,)
+        spec = TaskSpec(task_id, encode_payload(data, fields), caps, agent, priority,
+                        timeout if timeout is not None else self.default_timeout_s, retries,
+                        parent_id)
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        handle = TaskHandle(task_id, self, future)
+        self._handles[task_id] = handle
+        if not self._outgoing:
+            channel.request_flush()
+        self._outgoing.append(spec)
+        return handle
+
+    def watch(self, task_id: str) -> TaskHandle:
+        """A handle for a task submitted earlier (by this or another client): its result
+        is delivered here when it finishes, or now if it already has."""
+        channel = self._ensure_open()
+        handle = self._handles.get(task_id)
+        if handle is None:
+            handle = TaskHandle(task_id, self, asyncio.get_running_loop().create_future())
+            handle._accepted = True
+            self._handles[task_id] = handle
+        channel.send(Fetch(next(self._req_ids), [task_id], wait=True))
+        return handle
+
+    async def fetch(self, task_id: str, timeout: float = STATUS_TIMEOUT_S) -> Result:
+        """The task's result if it finished, else its current state (``result.finished``
+        is False then).
+
+        Raises:
+            TaskNotFound: the broker knows no such task.
+            BrokerUnavailable: no answer within ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._peeks.setdefault(task_id, []).append(future)
+        req = next(self._req_ids)
+        self._requests[req] = future
+        self._ensure_open().send(Fetch(req, [task_id], wait=False))
+        try:
+            return await self._await_answer(future, timeout)
+        finally:
+            self._requests.pop(req, None)
+            peeks = self._peeks.get(task_id)
+            if peeks is not None and future in peeks:
+                peeks.remove(future)
+                if not peeks:
+                    del self._peeks[task_id]
+
+    async def cancel(self, task_id: str) -> None:
+        """Ask the broker to cancel ``task_id`` (no-op if it already finished)."""
+        self._flush()
+        self._ensure_open().send(Cancel([task_id]))
+
+    # ------------------------------------------------------------------ status
+
+    async def status(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+        """The broker's status document (agents, queue, task counts).
+
+        Raises:
+            BrokerUnavailable: no answer within ``timeout``.
+        """
+        reply: StatusReply = await self._request(lambda req: StatusRequest(req), timeout)
+        return reply.status
+
+    async def ping(self, timeout: float = 2.0) -> None:
+        """Return if the broker answers within ``timeout``, else raise BrokerUnavailable."""
+        await self.status(timeout)
+
+    async def wait_for_agents(self, count: int = 1, capability: str | Iterable[str] | None = None,
+                              name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        """Wait until ``count`` live agents match; returns the status at that moment.
+
+        Raises:
+            WaitTimeout: fewer agents matched when ``timeout`` passed.
+            BrokerUnavailable: the broker did not answer.
+        """
+        caps = [capability] if isinstance(capability, str) else list(capability or [])
+        until = {"agents": count, "capability": caps, "name": name}
+        reply: StatusReply = await self._request(
+            lambda req: StatusRequest(req, until, timeout), timeout + STATUS_TIMEOUT_S)
+        if not reply.status.get("met", True):
+            raise WaitTimeout(f"fewer than {count} agent(s) matching {until} after {timeout:g} s")
+        return reply.status
+
+    async def _request(self, make: Callable[[int], Message], timeout: float) -> Any:
+        req = next(self._req_ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._requests[req] = future
+        self._ensure_open().send(make(req))
+        try:
+            return await self._await_answer(future, timeout)
+        finally:
+            self._requests.pop(req, None)
+
+    async def _await_answer(self, future: asyncio.Future[Any], timeout: float) -> Any:
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise BrokerUnavailable(self.url, timeout) from None
+
+    # ------------------------------------------------------------------ input
+
+    def _flush(self) -> None:
+        if self._outgoing and self._channel is not None:
+            batch, self._outgoing = self._outgoing, []
+            for part in chunks(batch):
+                self._channel.send(Submit(part))
+
+    def _on_message(self, msg: Message) -> None:
+        match msg:
+            case Results(items):
+                self._on_results(items)
+            case Accepted(ids):
+                handles = self._handles
+                for task_id in ids:
+                    handle = handles.get(task_id)
+                    if handle is not None:
+                        handle._mark_accepted()
+            case StatusReply(req):
+                future = self._requests.pop(req, None)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+            case Error():
+                self._on_error(msg)
+            case Heartbeat() | Disconnect():
+                pass  # only agents register; a client has nothing to do here
+
+    def _on_results(self, items: list[Any]) -> None:
+        handles = self._handles
+        peeks = self._peeks
+        for item in items:
+            task_id = item.task_id
+            terminal = item.status in TERMINAL_STATUSES
+            handle = handles.pop(task_id, None) if terminal else None
+            waiting = peeks.pop(task_id, None) if peeks else None
+            if handle is None and waiting is None:
+                continue
+            result = Result.from_wire(task_id, item.status, item.payload, item.error_code,
+                                      item.error_message, item.agent, item.attempts,
+                                      item.queued_ms, item.run_ms)
+            if handle is not None and not handle._future.done():
+                handle._future.set_result(result)
+            for future in waiting or ():
+                if not future.done():
+                    future.set_result(result)
+
+    def _on_error(self, error: Error) -> None:
+        if error.req is not None:
+            future = self._requests.pop(error.req, None)
+            if future is not None and not future.done():
+                if error.code == ErrorCode.NOT_FOUND.value:
+                    future.set_exception(TaskNotFound(
+                        error.task_ids[0] if error.task_ids else "", error.message))
+                else:
+                    future.set_exception(RequestRefused(error.code, error.message))
+            return
+        for task_id in error.task_ids:
+            # Refused submits (queue_full, shutting_down) end as rejected results.
+            handle = self._handles.pop(task_id, None)
+            if handle is not None and not handle._future.done():
+                result = Result.failure(error.code, error.message, TaskStatus.REJECTED.value)
+                result.task_id = task_id
+                handle._future.set_result(result)
+
+
+class SyncTaskHandle:
+    """Blocking view of a :class:`TaskHandle`."""
+
+    def __init__(self, handle: TaskHandle, client: SyncClient) -> None:
+        self._handle = handle
+        self._client = client
+        self.id = handle.id
+
+    def result(self, timeout: float | None = None) -> Result:
+        return self._client._call(self._handle.result(timeout))
+
+    def done(self) -> bool:
+        return self._handle.done()
+
+    def cancel(self) -> None:
+        self._client._call(self._handle.cancel())
+
+    def wait_accepted(self, timeout: float | None = None) -> None:
+        self._client._call(self._handle.wait_accepted(timeout))
+
+
+class SyncClient:
+    """The :class:`Client` API as blocking calls, for scripts and the CLI.
+
+    It runs a :class:`Client` on an event loop in a background thread; every method
+    takes the same arguments as the async one.
+    """
+
+    def __init__(self, broker: str | None = None, **options: Any) -> None:
+        from agent_sdk.loop import new_event_loop
+
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="orchestrator-client",
+                                        daemon=True)
+        self._thread.start()
+        self.client = Client(broker, **options)
+        self._call(self.client.connect())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, text: str | None = None, **options: Any) -> SyncTaskHandle:
+        async def submit() -> TaskHandle:
+            return self.client.submit(text, **options)
+
+        return SyncTaskHandle(self._call(submit()), self)
+
+    def watch(self, task_id: str) -> SyncTaskHandle:
+        async def watch() -> TaskHandle:
+            return self.client.watch(task_id)
+
+        return SyncTaskHandle(self._call(watch()), self)
+
+    def fetch(self, task_id: str, timeout: float = STATUS_TIMEOUT_S) -> Result:
+        return self._call(self.client.fetch(task_id, timeout))
+
+    def cancel(self, task_id: str) -> None:
+        self._call(self.client.cancel(task_id))
+
+    def status(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+        return self._call(self.client.status(timeout))
+
+    def ping(self, timeout: float = 2.0) -> None:
+        self._call(self.client.ping(timeout))
+
+    def wait_for_agents(self, count: int = 1, capability: str | Iterable[str] | None = None,
+                        name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        return self._call(self.client.wait_for_agents(count, capability, name, timeout))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self.client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Client", "SyncClient", "SyncTaskHandle", "TaskHandle"]

@@ -1,0 +1,1 @@
+"""Built-in agents (researcher, coder, reviewer, synthesizer)."""

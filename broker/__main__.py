@@ -1,0 +1,68 @@
+"""Run the broker alone: ``python -m broker --bind 127.0.0.1:5555 --data-dir DIR``.
+
+On start it prints one JSON line ``{"event": "ready", "endpoint": ..., "pid": ...}`` to
+stdout and writes the same document to ``DATA_DIR/broker.json``; whoever started it
+(the CLI, a test fixture) waits for that line instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import orjson
+
+from broker.config import POLICIES, BrokerConfig, home_dir
+from broker.errors import ConfigError
+from broker.server import Broker
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.splitlines()[0])
+    parser.add_argument("--bind", default=None, help="HOST:PORT of the ROUTER (port 0: any free)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="data dir (default $ORCH_HOME)")
+    parser.add_argument("--policy", choices=POLICIES, default=None, help="routing policy")
+    parser.add_argument("--heartbeat-interval", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--heartbeat-liveness", type=int, default=None, metavar="N")
+    parser.add_argument("--max-pending", type=int, default=None, metavar="N")
+    parser.add_argument("--default-timeout", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = BrokerConfig.from_env(
+            bind=args.bind, data_dir=args.data_dir, policy=args.policy,
+            heartbeat_interval_s=args.heartbeat_interval,
+            heartbeat_liveness=args.heartbeat_liveness, max_pending=args.max_pending,
+            default_timeout_s=args.default_timeout, drain_timeout_s=args.drain_timeout)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    broker = Broker(config)
+    try:
+        endpoint = broker.bind()
+    except Exception as e:  # noqa: BLE001 - report any bind failure in one line
+        print(f"error: cannot bind {config.router_endpoint}: {e}", file=sys.stderr)
+        return 3
+    broker.install_signal_handlers()
+    info = {"event": "ready", "endpoint": endpoint, "pid": os.getpid()}
+    data_dir = Path(config.data_dir or home_dir())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "broker.json").write_bytes(orjson.dumps(info))
+    sys.stdout.write(orjson.dumps(info).decode() + "\n")
+    sys.stdout.flush()
+    broker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Broker tunables in one frozen dataclass, with validation and environment defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+from broker.errors import ConfigError
+
+#: Where agents and clients find the broker when nothing else says so.
+DEFAULT_BROKER_URL: Final = "tcp://127.0.0.1:5555"
+DEFAULT_BIND: Final = "127.0.0.1:5555"
+#: The data dir (pid file, logs, journal, state) when ORCH_HOME is not set.
+DEFAULT_HOME: Final = ".orchestrator"
+
+POLICIES: Final = ("capability", "least_loaded", "round_robin")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (or ``tcp://HOST:PORT``); port 0 means "any free port".
+
+    Raises:
+        ConfigError: when the text is not HOST:PORT with a port in 0..65535.
+    """
+    address = text.removeprefix("tcp://")
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port_text)
+
+
+def home_dir() -> Path:
+    """The data dir: ``$ORCH_HOME`` or ``./.orchestrator``."""
+    return Path(os.environ.get("ORCH_HOME", DEFAULT_HOME))
+
+
+def broker_url() -> str:
+    """The broker URL clients and agents use: ``$ORCH_BROKER`` or the default."""
+    return os.environ.get("ORCH_BROKER", DEFAULT_BROKER_URL)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Everything the broker process can be told. Build with :meth:`from_env` or directly."""
+
+    #: HOST:PORT of the ROUTER socket; port 0 picks a free port.
+    bind: str = DEFAULT_BIND
+    data_dir: Path = field(default_factory=home_dir)
+    #: routing policy name, one of :data:`POLICIES`
+    policy: str = "capability"
+    #: seconds between heartbeats to an idle peer; a peer silent for
+    #: ``heartbeat_interval_s * heartbeat_liveness`` is dead
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    #: tasks waiting for an agent; beyond it submits get ERROR queue_full
+    max_pending: int = 100_000
+    #: how long a task may wait and run when the client names no timeout
+    default_timeout_s: float = 300.0
+    #: finished results kept for ``result`` / FETCH: whichever limit is reached first
+    result_retention_s: float = 3600.0
+    result_retention_max: int = 100_000
+    #: messages read from the socket before the loop dispatches and flushes
+    drain_batch: int = 2000
+    #: how long a graceful stop waits for in-flight tasks to finish
+    drain_timeout_s: float = 30.0
+    #: per-peer outgoing queue (messages); batching keeps messages few
+    send_hwm: int = 100_000
+
+    def __post_init__(self) -> None:
+        parse_host_port(self.bind)
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
+            raise ConfigError("heartbeat interval must be > 0 and liveness >= 1")
+        if self.max_pending < 1 or self.default_timeout_s <= 0 or self.drain_batch < 1:
+            raise ConfigError("max_pending, default_timeout_s and drain_batch must be positive")
+
+    @property
+    def heartbeat_expiry_s(self) -> float:
+        """Silence after which a peer is declared dead."""
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    @property
+    def router_endpoint(self) -> str:
+        host, port = parse_host_port(self.bind)
+        return f"tcp://{host}:{port}"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> BrokerConfig:
+        """Defaults, then ``ORCH_*`` environment variables, then explicit overrides
+        (``None`` values in ``overrides`` are ignored)."""
+        env: dict[str, Any] = {}
+        if "ORCH_BIND" in os.environ:
+            env["bind"] = os.environ["ORCH_BIND"]
+        if "ORCH_POLICY" in os.environ:
+            env["policy"] = os.environ["ORCH_POLICY"]
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**env)
+
+    def with_changes(self, **changes: Any) -> BrokerConfig:
+        return replace(self, **changes)

@@ -1,0 +1,614 @@
+"""The Orchestrator wire protocol, version 1: frames, commands, encode and decode.
+
+This module is the one place that knows how messages look on the wire. It holds no
+sockets. Everything else (the broker, the agent SDK, the client, tests) builds the
+dataclasses below and calls :func:`encode` / :func:`decode`.
+
+Every message is a ZeroMQ multipart message::
+
+    frame 0: b"ORCH1"            signature and protocol version
+    frame 1: one byte            the command (:class:`Command`)
+    frame 2: msgpack             the header (layout per command, see each class)
+    frame 3..: opaque bytes      large payloads ("blobs"), referenced from the header
+
+A ROUTER socket adds the peer identity in front of frame 0 on receive and strips it on
+send; :func:`encode` and :func:`decode` never see it.
+
+Batching: the hot commands (SUBMIT, TASK, RESULT, ACCEPTED, ACK) carry a *list* of
+items, so that one ZeroMQ message moves many tasks. Receiving a frame costs a few
+microseconds in pyzmq, unpacking a msgpack item a fraction of one, so payloads of at
+most :data:`INLINE_PAYLOAD_MAX` bytes travel inline in the header as msgpack ``bin``
+values, and larger ones as their own frames (``payload`` is then the integer index of
+the frame, counted from frame 3). Either way the broker never decodes a payload: it
+moves the bytes object (or the ``zmq.Frame``) from the incoming item to the outgoing one.
+
+``docs/protocol.md`` documents the same layout for people writing other clients.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple, Union
+
+import msgpack
+
+from broker.errors import DecodeError
+
+#: Frame 0 of every message. The digit is the protocol version; a peer speaking
+#: another version gets ERROR ``bad_version``.
+SIGNATURE: Final = b"ORCH1"
+PROTOCOL_VERSION: Final = 1
+
+#: Largest frame any socket accepts (ZMQ_MAXMSGSIZE is per frame). A bigger frame makes
+#: libzmq drop the connection, so senders check against it first (:class:`TooLarge`).
+MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+
+#: Payloads up to this size ride inside the header; larger ones get a frame of their own.
+INLINE_PAYLOAD_MAX: Final = 16 * 1024
+
+#: Most items a sender puts in one batch message. Bigger batches cost less per item but
+#: make the processes work in turns instead of in a pipeline: with 128, a broker can
+#: dispatch the first chunk of a burst while the client still encodes the next.
+MAX_BATCH_ITEMS: Final = 128
+
+
+def chunks(items: list[Any], size: int = MAX_BATCH_ITEMS) -> list[list[Any]]:
+    """``items`` cut into lists of at most ``size`` (one message each)."""
+    if len(items) <= size:
+        return [items]
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+#: The payload type as the broker holds it: bytes, or a zmq.Frame for large blobs.
+Payload = Any
+
+
+class Command(enum.IntEnum):
+    """Frame 1 of every message."""
+
+    # agent -> broker
+    READY = 0x01
+    HEARTBEAT = 0x02
+    RESULT = 0x03
+    PROGRESS = 0x04
+    DIRECT = 0x05
+    DISCONNECT = 0x06
+    # broker -> agent
+    TASK = 0x10
+    CANCEL = 0x11
+    ACK = 0x12
+    WELCOME = 0x13
+    # client -> broker
+    SUBMIT = 0x20
+    FETCH = 0x21
+    STATUS = 0x22
+    # broker -> client
+    ACCEPTED = 0x30
+    ERROR = 0x7F
+
+
+#: Command bytes as single-byte ``bytes`` objects, built once.
+COMMAND_FRAMES: Final[dict[Command, bytes]] = {c: bytes((c,)) for c in Command}
+
+
+class ErrorCode(str, enum.Enum):
+    """Stable error codes carried by ERROR messages and failed results."""
+
+    BAD_FRAME = "bad_frame"
+    BAD_VERSION = "bad_version"
+    UNKNOWN_COMMAND = "unknown_command"
+    TOO_LARGE = "too_large"
+    NO_AGENT = "no_agent"
+    QUEUE_FULL = "queue_full"
+    NOT_REGISTERED = "not_registered"
+    NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"
+    TIMEOUT = "timeout"
+    SHUTTING_DOWN = "shutting_down"
+    AGENT_ERROR = "agent_error"
+    CANCELLED = "cancelled"
+
+
+class TaskStatus(str, enum.Enum):
+    """Terminal states of a task as a client sees them."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Agent registration (agent -> broker).
+
+    Header: map ``{"id", "name", "caps", "max", "v", "running"}``. ``running`` lists the
+    task ids the agent is still executing (after a reconnect), so that the broker counts
+    them against its credit.
+    """
+
+    agent_id: str
+    name: str
+    capabilities: tuple[str, ...]
+    max_concurrent: int
+    version: int = PROTOCOL_VERSION
+    running: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Broker -> agent, in answer to READY: registration done, and the broker's settings.
+
+    Header: map ``{"ivl", "live", "endpoints"}``: heartbeat interval (s) and liveness that
+    the agent should use too, and the other endpoints (bus, state) by name.
+    """
+
+    heartbeat_interval_s: float
+    heartbeat_liveness: int
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Liveness signal, both ways. Header: empty map."""
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Graceful goodbye, both ways; from the broker with reason ``not_registered`` it asks
+    the agent to send READY again. Header: map ``{"reason"}``."""
+
+    reason: str = ""
+
+
+class TaskSpec(NamedTuple):
+    """One task as a client submits it.
+
+    Wire item (msgpack array, in field order):
+    ``[id, payload, caps, agent, priority, timeout_s, max_retries, parent_id]``.
+    """
+
+    id: str
+    payload: Payload
+    capabilities: tuple[str, ...] = ()
+    agent: str | None = None
+    priority: int = 0
+    timeout_s: float | None = None
+    max_retries: int | None = None
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """Client -> broker: a batch of tasks. Header: array of :class:`TaskSpec` items."""
+
+    tasks: list[TaskSpec]
+
+
+class Assignment(NamedTuple):
+    """One task handed to an agent.
+
+    Wire item: ``[id, payload, attempt, timeout_s, caps, parent_id]``.
+    """
+
+    id: str
+    payload: Payload
+    attempt: int
+    timeout_s: float
+    capabilities: tuple[str, ...]
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Broker -> agent (command TASK): a batch of assignments. Header: array of items."""
+
+    tasks: list[Assignment]
+
+
+class ResultItem(NamedTuple):
+    """One task outcome, agent -> broker and broker -> client.
+
+    Wire item: ``[task_id, status, payload, error_code, error_message, agent, attempts,
+    queued_ms, run_ms]``. Agents leave ``agent``, ``attempts`` and ``queued_ms`` nil; the
+    broker fills them in for clients.
+    """
+
+    task_id: str
+    status: str
+    payload: Payload = b""
+    error_code: str | None = None
+    error_message: str | None = None
+    agent: str | None = None
+    attempts: int = 0
+    queued_ms: float | None = None
+    run_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    """Command RESULT: a batch of :class:`ResultItem`. Header: array of items."""
+
+    results: list[ResultItem]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Broker -> client: these submitted task ids are accepted. Header: list of ids."""
+
+    task_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Broker -> agent: results for these task ids are stored; forget them.
+    Header: list of ids."""
+
+    task_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Client -> broker and broker -> agent: cancel these tasks. Header: map ``{"ids"}``."""
+
+    task_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Client -> broker: send me the results of these ids, now or (``wait``) when done.
+
+    Header: map ``{"req", "ids", "wait"}``. Known ids answer with RESULT, unknown ones
+    with ERROR ``not_found`` carrying ``req`` and the ids.
+    """
+
+    req: int
+    task_ids: list[str]
+    wait: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Client -> broker: ask for the broker's status.
+
+    Header: map ``{"req", "until", "timeout_s"}``. With ``until`` (``{"agents": n,
+    "capability": c, "name": x}``) the broker answers once that many live agents match,
+    or when ``timeout_s`` passes (the reply then says ``"met": false``).
+    """
+
+    req: int
+    until: dict[str, Any] | None = None
+    timeout_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """Broker -> client (command STATUS). Header: map ``{"req", "status"}``."""
+
+    req: int
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """ERROR: something was refused. Header: map ``{"code", "message", "req", "ids"}``."""
+
+    code: str
+    message: str
+    req: int | None = None
+    task_ids: list[str] = field(default_factory=list)
+
+
+Message = Union[
+    Ready, Welcome, Heartbeat, Disconnect, Submit, Dispatch, Results, Accepted, Ack, Cancel,
+    Fetch, StatusRequest, StatusReply, Error,
+]
+
+# ------------------------------------------------------------------------- encoding
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+_EMPTY_MAP: Final = _packb({})
+
+
+def packb(obj: Any) -> bytes:
+    """msgpack-encode ``obj`` the way every frame of this protocol is encoded."""
+    return _packb(obj)
+
+
+def unpackb(data: Any) -> Any:
+    """Decode a msgpack value: strings as str, bin as bytes, arrays as lists."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _unpack_header(data: Any) -> Any:
+    # Arrays as tuples: batch items then are the NamedTuples' contents already.
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=False)
+
+
+def _items_with_blobs(items: list[Any], payload_index: int, blobs: list[Any]) -> list[Any]:
+    """Items as they go on the wire: small payloads inline, large ones (and zmq.Frames)
+    replaced by the index of a frame of their own. Most batches have no large payload and
+    go as they are, with no per-item copy."""
+    for item in items:
+        payload = item[payload_index]
+        if type(payload) is not bytes or len(payload) > INLINE_PAYLOAD_MAX:
+            break
+    else:
+        return items
+    placed = []
+    for item in items:
+        payload = item[payload_index]
+        if type(payload) is not bytes or len(payload) > INLINE_PAYLOAD_MAX:
+            blobs.append(payload)
+            item = item._replace(payload=len(blobs) - 1)
+        placed.append(item)
+    return placed
+
+
+def _frames(command: Command, header: bytes, blobs: list[Any] | None = None) -> list[Any]:
+    frames = [SIGNATURE, COMMAND_FRAMES[command], header]
+    if blobs:
+        frames.extend(blobs)
+    return frames
+
+
+def encode(msg: Message) -> list[Any]:
+    """Encode a message into its frames (without the ROUTER identity frame).
+
+    Raises:
+        TypeError: when ``msg`` is not a protocol message.
+    """
+    blobs: list[Any] = []
+    match msg:
+        case Results(results):
+            return _frames(Command.RESULT, _packb(_items_with_blobs(results, 2, blobs)), blobs)
+        case Dispatch(tasks):
+            return _frames(Command.TASK, _packb(_items_with_blobs(tasks, 1, blobs)), blobs)
+        case Submit(tasks):
+            return _frames(Command.SUBMIT, _packb(_items_with_blobs(tasks, 1, blobs)), blobs)
+        case Accepted(ids):
+            return _frames(Command.ACCEPTED, _packb(ids))
+        case Ack(ids):
+            return _frames(Command.ACK, _packb(ids))
+        case Heartbeat():
+            return _frames(Command.HEARTBEAT, _EMPTY_MAP)
+        case Ready():
+            header = {"id": msg.agent_id, "name": msg.name, "caps": list(msg.capabilities),
+                      "max": msg.max_concurrent, "v": msg.version, "running": list(msg.running)}
+            return _frames(Command.READY, _packb(header))
+        case Welcome(interval, liveness, endpoints):
+            return _frames(Command.WELCOME,
+                           _packb({"ivl": interval, "live": liveness, "endpoints": endpoints}))
+        case Disconnect(reason):
+            return _frames(Command.DISCONNECT, _packb({"reason": reason}))
+        case Cancel(ids):
+            return _frames(Command.CANCEL, _packb({"ids": ids}))
+        case Fetch(req, ids, wait):
+            return _frames(Command.FETCH, _packb({"req": req, "ids": ids, "wait": wait}))
+        case StatusRequest(req, until, timeout_s):
+            return _frames(Command.STATUS,
+                           _packb({"req": req, "until": until, "timeout_s": timeout_s}))
+        case StatusReply(req, status):
+            return _frames(Command.STATUS, _packb({"req": req, "status": status}))
+        case Error(code, message, req, ids):
+            return _frames(Command.ERROR,
+                           _packb({"code": code, "message": message, "req": req, "ids": ids}))
+    raise TypeError(f"not a protocol message: {msg!r}")
+
+
+# ------------------------------------------------------------------------- decoding
+
+
+def _blob(ref: Any, blobs: list[Any]) -> Payload:
+    if type(ref) is int and 0 <= ref < len(blobs):
+        return blobs[ref]
+    raise ValueError(f"payload must be bin or a frame index, got {type(ref).__name__}")
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise ValueError(f"{what} must be a string")
+    return value
+
+
+def _opt_str(value: Any, what: str) -> str | None:
+    if value is not None and type(value) is not str:
+        raise ValueError(f"{what} must be a string or nil")
+    return value
+
+
+def _opt_num(value: Any, what: str) -> float | None:
+    if value is not None and (type(value) not in (int, float) or value != value):
+        raise ValueError(f"{what} must be a number or nil")
+    return value
+
+
+def _str_list(value: Any, what: str) -> tuple[str, ...]:
+    if type(value) not in (tuple, list) or any(type(v) is not str for v in value):
+        raise ValueError(f"{what} must be an array of strings")
+    return tuple(value)
+
+
+def _map(header: Any) -> dict[Any, Any]:
+    if type(header) is not dict:
+        raise ValueError("header must be a map")
+    return header
+
+
+def _array(header: Any) -> tuple[Any, ...]:
+    if type(header) is not tuple:
+        raise ValueError("header must be an array")
+    return header
+
+
+_new_tuple = tuple.__new__
+
+
+def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
+    tasks = []
+    append = tasks.append
+    for item in _array(header):
+        if type(item) is not tuple or len(item) != 8:
+            raise ValueError("a SUBMIT item must be an array of 8")
+        tid, ref, caps, agent, priority, timeout_s, retries, parent = item
+        if type(tid) is not str or type(caps) is not tuple or type(priority) is not int:
+            raise ValueError("task id must be a string, caps an array, priority an integer")
+        for cap in caps:
+            if type(cap) is not str:
+                raise ValueError("capabilities must be strings")
+        if agent is not None and type(agent) is not str:
+            raise ValueError("agent must be a string or nil")
+        if timeout_s is not None and (type(timeout_s) not in (int, float) or not timeout_s > 0):
+            raise ValueError("timeout_s must be a positive number or nil")
+        if retries is not None and (type(retries) is not int or retries < 0):
+            raise ValueError("max_retries must be a non-negative integer or nil")
+        if parent is not None and type(parent) is not str:
+            raise ValueError("parent_id must be a string or nil")
+        if type(ref) is not bytes:
+            item = (tid, _blob(ref, blobs), caps, agent, priority, timeout_s, retries, parent)
+        append(_new_tuple(TaskSpec, item))
+    return Submit(tasks)
+
+
+def _decode_results(header: Any, blobs: list[Any]) -> Results:
+    results = []
+    append = results.append
+    for item in _array(header):
+        if type(item) is not tuple or len(item) != 9:
+            raise ValueError("a RESULT item must be an array of 9")
+        tid, status, ref, code, message, agent, attempts, queued_ms, run_ms = item
+        if type(tid) is not str or type(status) is not str:
+            raise ValueError("task id and status must be strings")
+        if code is not None and (type(code) is not str or type(message) is not str):
+            raise ValueError("error code and message must be strings")
+        if type(ref) is not bytes:
+            item = (tid, status, _blob(ref, blobs), code, message, agent, attempts,
+                    queued_ms, run_ms)
+        append(_new_tuple(ResultItem, item))
+    return Results(results)
+
+
+def _decode_dispatch(header: Any, blobs: list[Any]) -> Dispatch:
+    tasks = []
+    for item in _array(header):
+        if type(item) is not tuple or len(item) != 6:
+            raise ValueError("a TASK item must be an array of 6")
+        tid, ref, attempt, timeout_s, caps, parent = item
+        if (type(tid) is not str or type(attempt) is not int or type(caps) is not tuple
+                or type(timeout_s) not in (int, float)):
+            raise ValueError("a TASK item has a wrong type")
+        if type(ref) is not bytes:
+            item = (tid, _blob(ref, blobs), attempt, timeout_s, caps, parent)
+        tasks.append(_new_tuple(Assignment, item))
+    return Dispatch(tasks)
+
+
+def _decode_ready(header: Any) -> Ready:
+    h = _map(header)
+    max_concurrent = h.get("max")
+    if type(max_concurrent) is not int or max_concurrent < 1:
+        raise ValueError("max_concurrent must be a positive integer")
+    version = h.get("v")
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(f"protocol version {version!r} is not {PROTOCOL_VERSION}",
+                          code=ErrorCode.BAD_VERSION)
+    return Ready(_str(h.get("id"), "agent id"), _str(h.get("name"), "agent name"),
+                 _str_list(h.get("caps"), "caps"), max_concurrent, version,
+                 _str_list(h.get("running", []), "running"))
+
+
+def _id_list(value: Any) -> list[str]:
+    return list(_str_list(value, "ids"))
+
+
+def _plain(value: Any) -> Any:
+    """Header arrays arrive as tuples; documents handed to users get lists."""
+    if type(value) is tuple:
+        return [_plain(v) for v in value]
+    if type(value) is dict:
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def decode(frames: list[Any]) -> Message:
+    """Decode frames (identity already removed) into a message.
+
+    Raises:
+        DecodeError: with a stable ``code`` (``bad_frame``, ``bad_version``,
+            ``unknown_command``) for anything that is not a valid message.
+    """
+    if len(frames) < 3:
+        raise DecodeError(f"a message has at least 3 frames, got {len(frames)}")
+    signature = bytes(frames[0])
+    if signature != SIGNATURE:
+        if signature.startswith(b"ORCH"):
+            raise DecodeError(f"protocol {signature!r} is not {SIGNATURE!r}",
+                              code=ErrorCode.BAD_VERSION)
+        raise DecodeError("frame 0 is not the ORCH1 signature")
+    command_frame = bytes(frames[1])
+    if len(command_frame) != 1:
+        raise DecodeError("frame 1 must be a single command byte")
+    try:
+        command = Command(command_frame[0])
+    except ValueError:
+        raise DecodeError(f"unknown command 0x{command_frame[0]:02x}",
+                          code=ErrorCode.UNKNOWN_COMMAND) from None
+    try:
+        header = _unpack_header(frames[2])
+        return _decode_header(command, header, frames[3:])
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any codec failure is the peer's bad frame
+        raise DecodeError(f"bad {command.name} header: {e}") from e
+
+
+def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
+    match command:
+        case Command.SUBMIT:
+            return _decode_submit(header, blobs)
+        case Command.RESULT:
+            return _decode_results(header, blobs)
+        case Command.TASK:
+            return _decode_dispatch(header, blobs)
+        case Command.ACCEPTED:
+            return Accepted(_id_list(header))
+        case Command.ACK:
+            return Ack(_id_list(header))
+        case Command.HEARTBEAT:
+            return Heartbeat()
+        case Command.READY:
+            return _decode_ready(header)
+        case Command.WELCOME:
+            h = _map(header)
+            return Welcome(float(h["ivl"]), int(h["live"]), dict(h.get("endpoints") or {}))
+        case Command.DISCONNECT:
+            return Disconnect(str(_map(header).get("reason", "")))
+        case Command.CANCEL:
+            return Cancel(_id_list(_map(header).get("ids")))
+        case Command.FETCH:
+            h = _map(header)
+            req = h.get("req")
+            if type(req) is not int:
+                raise ValueError("req must be an integer")
+            return Fetch(req, _id_list(h.get("ids")), bool(h.get("wait", False)))
+        case Command.STATUS:
+            h = _map(header)
+            req = h.get("req")
+            if type(req) is not int:
+                raise ValueError("req must be an integer")
+            if "status" in h:
+                return StatusReply(req, _plain(_map(h["status"])))
+            until = h.get("until")
+            if until is not None:
+                until = _plain(_map(until))
+            return StatusRequest(req, until, float(_opt_num(h.get("timeout_s"), "timeout_s") or 0.0))
+        case Command.ERROR:
+            h = _map(header)
+            return Error(str(h.get("code", "")), str(h.get("message", "")), h.get("req"),
+                         list(h.get("ids") or []))
+    raise DecodeError(f"command {command.name} is not accepted here",
+                      code=ErrorCode.UNKNOWN_COMMAND)

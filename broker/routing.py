@@ -1,0 +1,216 @@
+"""The agent table and the routing policies that pick an agent for a task.
+
+Eligibility is not a policy decision: whatever the policy, a task only ever goes to an
+agent that has every capability it requires (and the agent name it asks for). A policy
+only orders the eligible agents that still have credit.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Protocol
+
+if TYPE_CHECKING:
+    from broker.tasks import TaskRecord
+
+#: Weight of the newest sample in an agent's response-time average.
+EWMA_ALPHA: Final = 0.2
+
+
+class AgentState(enum.Enum):
+    """Where an agent is in its life with this broker."""
+
+    READY = "ready"
+    #: told to go (graceful stop or its own DISCONNECT): no new tasks
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """What a task asks of an agent: all of ``capabilities`` and, if set, this name or id."""
+
+    capabilities: frozenset[str]
+    agent: str | None = None
+
+    def admits(self, agent: AgentRecord) -> bool:
+        if self.agent is not None and self.agent not in (agent.name, agent.agent_id):
+            return False
+        return self.capabilities <= agent.capabilities
+
+    def describe(self) -> str:
+        parts = [f"capability {c!r}" for c in sorted(self.capabilities)]
+        if self.agent is not None:
+            parts.insert(0, f"agent {self.agent!r}")
+        return " and ".join(parts) or "any agent"
+
+
+@dataclass(slots=True, eq=False)
+class AgentRecord:
+    """One registered agent connection."""
+
+    identity: bytes
+    agent_id: str
+    name: str
+    capabilities: frozenset[str]
+    max_concurrent: int
+    registered_at: float
+    last_seen: float
+    last_sent: float
+    state: AgentState = AgentState.READY
+    in_flight: dict[str, TaskRecord] = field(default_factory=dict)
+    #: tasks the agent reported running at registration that this broker does not know
+    #: (e.g. after a broker restart); they still take credit until their results come
+    foreign_running: set[str] = field(default_factory=set)
+    done: int = 0
+    failed: int = 0
+    ewma_ms: float = 0.0
+    #: ``ewma_ms`` coarsened to ~40%-wide buckets: policies compare these, so that
+    #: agents whose response times differ by noise count as equal and share work
+    speed_bucket: int = 0
+
+    @property
+    def busy(self) -> int:
+        return len(self.in_flight) + len(self.foreign_running)
+
+    @property
+    def free(self) -> int:
+        """Credit left: how many more tasks the agent may be given now."""
+        return self.max_concurrent - self.busy
+
+    @property
+    def load(self) -> float:
+        return self.busy / self.max_concurrent
+
+    def record_response(self, elapsed_ms: float) -> None:
+        self.ewma_ms = elapsed_ms if self.done + self.failed == 0 else (
+            self.ewma_ms + EWMA_ALPHA * (elapsed_ms - self.ewma_ms))
+        self.speed_bucket = int(math.log2(1.0 + self.ewma_ms) * 2)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.agent_id, "name": self.name, "capabilities": sorted(self.capabilities),
+            "state": self.state.value, "in_flight": self.busy, "max_concurrent": self.max_concurrent,
+            "done": self.done, "failed": self.failed, "latency_ms": round(self.ewma_ms, 3),
+        }
+
+
+class AgentTable:
+    """Registered agents by identity, with eligible-agent lists cached per requirement."""
+
+    def __init__(self) -> None:
+        self.by_identity: dict[bytes, AgentRecord] = {}
+        self._eligible: dict[Requirement, list[AgentRecord]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_identity)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self.by_identity.values()))
+
+    def get(self, identity: bytes) -> AgentRecord | None:
+        return self.by_identity.get(identity)
+
+    def add(self, agent: AgentRecord) -> None:
+        self.by_identity[agent.identity] = agent
+        self._eligible.clear()
+
+    def remove(self, identity: bytes) -> AgentRecord | None:
+        agent = self.by_identity.pop(identity, None)
+        if agent is not None:
+            self._eligible.clear()
+        return agent
+
+    def changed(self) -> None:
+        """Call when an agent's state changed in a way that affects eligibility."""
+        self._eligible.clear()
+
+    def eligible(self, requirement: Requirement) -> list[AgentRecord]:
+        """READY agents that satisfy ``requirement`` (cached until the table changes)."""
+        agents = self._eligible.get(requirement)
+        if agents is None:
+            agents = [a for a in self.by_identity.values()
+                      if a.state is AgentState.READY and requirement.admits(a)]
+            self._eligible[requirement] = agents
+        return agents
+
+    def find(self, name_or_id: str) -> list[AgentRecord]:
+        return [a for a in self.by_identity.values() if name_or_id in (a.name, a.agent_id)]
+
+
+class RoutingPolicy(Protocol):
+    """Picks one agent from eligible agents that all have credit left (never empty)."""
+
+    name: str
+
+    def choose(self, candidates: list[AgentRecord]) -> AgentRecord: ...
+
+
+class RoundRobin:
+    """Each candidate in turn, regardless of load."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(self, candidates: list[AgentRecord]) -> AgentRecord:
+        self._turn += 1
+        return candidates[self._turn % len(candidates)]
+
+
+class LeastLoaded:
+    """Lowest in-flight / max_concurrent, then lowest response-time average.
+
+    Ties rotate, so equal agents share work evenly instead of the first one taking all.
+    """
+
+    name = "least_loaded"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def _key(self, agent: AgentRecord) -> tuple[float, ...]:
+        return (agent.load, agent.speed_bucket)
+
+    def choose(self, candidates: list[AgentRecord]) -> AgentRecord:
+        count = len(candidates)
+        if count == 1:
+            return candidates[0]
+        self._turn += 1
+        start = self._turn % count
+        best = candidates[start]
+        best_key = self._key(best)
+        key = self._key
+        for offset in range(1, count):
+            agent = candidates[(start + offset) % count]
+            agent_key = key(agent)
+            if agent_key < best_key:
+                best, best_key = agent, agent_key
+        return best
+
+
+class CapabilityFirst(LeastLoaded):
+    """The default: least loaded, and between equally loaded agents the most specialised
+    one (fewest capabilities), which keeps generalists free for tasks only they can do."""
+
+    name = "capability"
+
+    def _key(self, agent: AgentRecord) -> tuple[float, ...]:
+        return (agent.load, len(agent.capabilities), agent.speed_bucket)
+
+
+def make_policy(name: str) -> RoutingPolicy:
+    """The policy called ``name`` (see ``broker.config.POLICIES``).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    policies: dict[str, type[RoutingPolicy]] = {
+        "capability": CapabilityFirst, "least_loaded": LeastLoaded, "round_robin": RoundRobin}
+    try:
+        return policies[name]()
+    except KeyError:
+        raise ValueError(f"unknown routing policy {name!r}") from None

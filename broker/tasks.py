@@ -1,0 +1,159 @@
+"""Task records, the pending queue and the retention of finished results."""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from broker.protocol import ResultItem, TaskSpec
+from broker.routing import Requirement
+
+if TYPE_CHECKING:
+    from broker.routing import AgentRecord
+
+
+class TaskState(enum.Enum):
+    """A task's lifecycle in the broker."""
+
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (TaskState.PENDING, TaskState.DISPATCHED)
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    """Everything the broker knows about one accepted task."""
+
+    spec: TaskSpec
+    requirement: Requirement
+    #: ROUTER identity of the client that submitted it (results are pushed there)
+    client: bytes
+    submitted_at: float
+    deadline: float
+    state: TaskState = TaskState.PENDING
+    agent: AgentRecord | None = None
+    attempts: int = 0
+    dispatched_at: float = 0.0
+    finished_at: float = 0.0
+    result: ResultItem | None = None
+    #: other clients waiting for this result (FETCH with wait)
+    watchers: list[bytes] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def timeout_s(self) -> float:
+        return self.deadline - self.submitted_at
+
+
+class PendingQueue:
+    """Tasks waiting for an agent, grouped by requirement, highest priority first.
+
+    Removal is lazy: a cancelled or expired task keeps its slot until a pop skips it
+    (its state is no longer PENDING), so cancel and timeout cost O(1).
+    """
+
+    def __init__(self) -> None:
+        #: requirement -> priority -> FIFO of tasks; insertion-ordered so groups take turns
+        self._groups: dict[Requirement, dict[int, deque[TaskRecord]]] = {}
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def push(self, task: TaskRecord) -> None:
+        levels = self._groups.get(task.requirement)
+        if levels is None:
+            levels = self._groups[task.requirement] = {}
+        queue = levels.get(task.spec.priority)
+        if queue is None:
+            queue = levels[task.spec.priority] = deque()
+            # keep levels sorted by priority, highest first
+            self._groups[task.requirement] = dict(sorted(levels.items(), reverse=True))
+        queue.append(task)
+        self.count += 1
+
+    def push_front(self, task: TaskRecord) -> None:
+        """Requeue a task that was already dispatched once, ahead of newer work."""
+        self.push(task)
+        queue = self._groups[task.requirement][task.spec.priority]
+        queue.rotate(1)
+
+    def discard(self, task: TaskRecord) -> None:
+        """Account for a task leaving PENDING by other means than :meth:`pop`."""
+        self.count -= 1
+
+    def requirements(self) -> list[Requirement]:
+        """Requirements with waiting tasks, in the order they first had work."""
+        return list(self._groups)
+
+    def pop(self, requirement: Requirement) -> TaskRecord | None:
+        """The next PENDING task for ``requirement``, or None."""
+        levels = self._groups.get(requirement)
+        if levels is None:
+            return None
+        for priority in list(levels):
+            queue = levels[priority]
+            while queue:
+                task = queue.popleft()
+                if task.state is TaskState.PENDING:
+                    self.count -= 1
+                    if not queue:
+                        del levels[priority]
+                        if not levels:
+                            del self._groups[requirement]
+                    return task
+            del levels[priority]
+        del self._groups[requirement]
+        return None
+
+    def has_work(self, requirement: Requirement) -> bool:
+        return requirement in self._groups
+
+
+class FinishedResults:
+    """Finished tasks kept for FETCH and idempotent resubmits: newest ``max_count``,
+    none older than ``max_age_s``."""
+
+    def __init__(self, max_count: int, max_age_s: float) -> None:
+        self.max_count = max_count
+        self.max_age_s = max_age_s
+        self._tasks: OrderedDict[str, TaskRecord] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._tasks
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        return self._tasks.get(task_id)
+
+    def add(self, task: TaskRecord) -> None:
+        self._tasks[task.id] = task
+        if len(self._tasks) > self.max_count:
+            self._tasks.popitem(last=False)
+
+    def expire(self, now: float) -> int:
+        """Drop results older than the retention age; returns how many went."""
+        dropped = 0
+        tasks = self._tasks
+        while tasks:
+            oldest = next(iter(tasks.values()))
+            if now - oldest.finished_at <= self.max_age_s:
+                break
+            tasks.popitem(last=False)
+            dropped += 1
+        return dropped

@@ -1,0 +1,55 @@
+"""Agents used by the tests, run as real processes with ``python -m agent_sdk run``.
+
+Options come from environment variables so that one class serves many tests:
+``ECHO_DELAY_S`` (seconds each task takes), ``EXEC_LOG`` (a file each execution is
+appended to, to count executions across processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from agent_sdk import BaseAgent, Result, Task
+
+
+def _log_execution(task: Task) -> None:
+    path = os.environ.get("EXEC_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{task.id}\n")
+
+
+class EchoAgent(BaseAgent):
+    """Returns the task's data; records its own peak concurrency in every result."""
+
+    def __init__(self) -> None:
+        super().__init__(name=os.environ.get("AGENT_NAME", "echo"),
+                         capabilities=os.environ.get("AGENT_CAPS", "echo").split(","),
+                         max_concurrent=int(os.environ.get("AGENT_MAX", "16")))
+        self.delay_s = float(os.environ.get("ECHO_DELAY_S", "0"))
+        self.active = 0
+        self.peak = 0
+
+    async def execute(self, task: Task) -> Result:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            _log_execution(task)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return Result(data=task.data, agent_id=self.agent_id, peak=self.peak)
+        finally:
+            self.active -= 1
+
+
+class FailingAgent(BaseAgent):
+    """Raises in execute for every task whose data says so."""
+
+    def __init__(self) -> None:
+        super().__init__(name="failing", capabilities=["fail"])
+
+    async def execute(self, task: Task) -> Result:
+        if task.get("explode"):
+            raise ValueError(f"exploded on {task.id}")
+        return Result(data="fine")

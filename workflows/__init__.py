@@ -1,0 +1,1 @@
+"""Workflows (pipelines, map-reduce, consensus, review loops) run through the broker."""
