@@ -32,13 +32,20 @@ from typing import Any, Final
 
 from broker.config import broker_url
 from broker.protocol import (
-    MAX_FRAME_BYTES, Ack, Cancel, Disconnect, Dispatch, Error, ErrorCode, Heartbeat, Message,
+    MAX_FRAME_BYTES, Ack, Assignment, Cancel, Disconnect, Dispatch, Error, ErrorCode, Heartbeat, Message,
     Ready, ResultItem, Results, TaskStatus, Welcome, chunks,
 )
 from agent_sdk.task import Result, Task
 from agent_sdk.transport import Channel
 
 logger = logging.getLogger(__name__)
+
+_new_tuple = tuple.__new__
+_SUCCEEDED = TaskStatus.SUCCEEDED.value
+
+
+def _new_result(fields: tuple[Any, ...]) -> ResultItem:
+    return _new_tuple(ResultItem, fields)
 
 #: Until the broker's WELCOME says otherwise.
 DEFAULT_HEARTBEAT_INTERVAL_S: Final = 1.0
@@ -255,8 +262,9 @@ class BaseAgent(abc.ABC):
         self._last_heard = asyncio.get_running_loop().time()
         match msg:
             case Dispatch(tasks):
+                start = self._start
                 for assignment in tasks:
-                    self._start(assignment.id, assignment.payload, assignment)
+                    start(assignment)
             case Ack(ids):
                 unacked = self._unacked
                 for task_id in ids:
@@ -306,15 +314,13 @@ class BaseAgent(abc.ABC):
 
     # ------------------------------------------------------------ execution
 
-    def _start(self, task_id: str, payload: Any, assignment: Any) -> None:
+    def _start(self, assignment: Assignment) -> None:
+        task_id = assignment[0]
         if task_id in self._running:
             return  # a duplicate dispatch of a task already running here
         started = time.perf_counter()
         try:
-            task = Task.from_payload(payload, id=task_id, capabilities=assignment.capabilities,
-                                     attempt=assignment.attempt, timeout_s=assignment.timeout_s,
-                                     parent_id=assignment.parent_id)
-            coro = self.execute(task)
+            coro = self.execute(Task.from_wire(*assignment))
         except Exception as e:  # noqa: BLE001 - a bad payload fails its task only
             self._complete(task_id, e, started)
             return
@@ -346,6 +352,15 @@ class BaseAgent(abc.ABC):
 
     def _complete(self, task_id: str, outcome: Any, started: float) -> None:
         run_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        if type(outcome) is Result and not outcome.extras and outcome.status == _SUCCEEDED:
+            # The common case, kept short: a plain successful result.
+            item = _new_result((task_id, outcome.status, outcome.to_payload(), None, None, None,
+                                0, None, run_ms))
+            if len(item[2]) <= MAX_FRAME_BYTES:
+                self.tasks_done += 1
+                self._unacked[task_id] = item
+                self._outgoing.append(item)
+                return
         if isinstance(outcome, BaseException):
             if isinstance(outcome, asyncio.CancelledError):
                 item = ResultItem(task_id, TaskStatus.CANCELLED.value, b"",

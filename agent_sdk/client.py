@@ -29,6 +29,8 @@ from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, Wa
 from agent_sdk.task import _MISSING, TERMINAL_STATUSES, Result, encode_payload
 from agent_sdk.transport import Channel
 
+_new_tuple = tuple.__new__
+
 #: How long status() waits for the broker by default.
 STATUS_TIMEOUT_S = 5.0
 
@@ -115,6 +117,7 @@ class Client:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self.default_timeout_s = default_timeout_s
         self._channel: Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[str, TaskHandle] = {}
         self._outgoing: list[TaskSpec] = []
         self._requests: dict[int, asyncio.Future[Any]] = {}
@@ -131,6 +134,7 @@ class Client:
 
     def _ensure_open(self) -> Channel:
         if self._channel is None:
+            self._loop = asyncio.get_running_loop()
             self._channel = Channel(self.url, self.client_id.encode(), self._on_message,
                                     self._flush)
             self._channel.open()
@@ -168,19 +172,20 @@ class Client:
             priority: higher runs first among waiting tasks.
             parent_id: the task this one is a subtask of.
         """
-        channel = self._ensure_open()
-        task_id = task_id or f"{self.client_id}-{next(self._task_ids)}"
-        handle = self._handles.get(task_id)
-        if handle is not None:
-            return handle
+        channel = self._channel or self._ensure_open()
+        if task_id is None:
+            task_id = f"{self.client_id}-{next(self._task_ids)}"
+        else:
+            handle = self._handles.get(task_id)
+            if handle is not None:
+                return handle
         if text is not None:
             fields["text"] = text
-        caps = tuple(capabilities) if not isinstance(capabilities, str) else (capabilities,)
-        spec = TaskSpec(task_id, encode_payload(data, fields), caps, agent, priority,
-                        timeout if timeout is not None else self.default_timeout_s, retries,
-                        parent_id)
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        handle = TaskHandle(task_id, self, future)
+        caps = (capabilities,) if isinstance(capabilities, str) else tuple(capabilities)
+        spec = _new_tuple(TaskSpec, (
+            task_id, encode_payload(data, fields), caps, agent, priority,
+            timeout if timeout is not None else self.default_timeout_s, retries, parent_id))
+        handle = TaskHandle(task_id, self, self._loop.create_future())
         self._handles[task_id] = handle
         if not self._outgoing:
             channel.request_flush()

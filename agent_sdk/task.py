@@ -22,7 +22,9 @@ TERMINAL_STATUSES: Final = frozenset(s.value for s in TaskStatus)
 
 def encode_payload(data: Any = _MISSING, fields: dict[str, Any] | None = None) -> bytes:
     """The payload bytes for ``data`` and extra ``fields``."""
-    body = dict(fields) if fields else {}
+    if not fields:
+        return packb({} if data is _MISSING else {"data": data})
+    body = dict(fields)
     if data is not _MISSING:
         body["data"] = data
     return packb(body)
@@ -59,15 +61,24 @@ class Task:
         self.parent_id = parent_id
 
     @classmethod
-    def from_payload(cls, payload: bytes, **meta: Any) -> Task:
-        """Decode a task payload (bytes from the wire) into a Task."""
+    def from_wire(cls, task_id: str, payload: Any, attempt: int, timeout_s: float | None,
+                  capabilities: tuple[str, ...], parent_id: str | None) -> Task:
+        """Decode a task as an agent receives it (called once per task: kept lean)."""
         body = unpackb(payload) if payload else {}
+        task = cls.__new__(cls)
         if type(body) is dict:
             data = body.pop("data", _MISSING)
-            if body and not all(type(k) is str for k in body):
-                body = {str(k): v for k, v in body.items()}
-            return cls(data, **meta, **body)
-        return cls(body, **meta)
+            task.fields = body
+            task.data = body if data is _MISSING else data
+        else:
+            task.fields = {}
+            task.data = body
+        task.id = task_id
+        task.capabilities = capabilities
+        task.attempt = attempt
+        task.timeout_s = timeout_s
+        task.parent_id = parent_id
+        return task
 
     def to_payload(self) -> bytes:
         return encode_payload(self.data if self.data is not self.fields else _MISSING, self.fields)
@@ -155,6 +166,8 @@ class Result:
         raise AttributeError(f"result has no field {name!r}")
 
     def to_payload(self) -> bytes:
+        if not self.extras:
+            return packb({"data": self.data, "confidence": self.confidence})
         body = dict(self.extras)
         body["data"] = self.data
         body["confidence"] = self.confidence
@@ -172,11 +185,15 @@ class Result:
                 body = {}
                 error_code = error_code or ErrorCode.BAD_FRAME.value
                 error_message = error_message or f"result payload is not msgpack: {e}"
+        result = cls.__new__(cls)
         if type(body) is dict:
-            result = cls(body.pop("data", None), body.pop("confidence", 1.0),
-                         **{str(k): v for k, v in body.items()})
+            result.data = body.pop("data", None)
+            result.confidence = body.pop("confidence", 1.0)
+            result.extras = body
         else:
-            result = cls(body)
+            result.data = body
+            result.confidence = 1.0
+            result.extras = {}
         result.task_id = task_id
         result.status = status
         result.error = TaskError(error_code, error_message or "") if error_code else None

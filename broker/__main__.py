@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     (data_dir / "broker.json").write_bytes(orjson.dumps(info))
     sys.stdout.write(orjson.dumps(info).decode() + "\n")
     sys.stdout.flush()
-    broker.run()
+    try:
+        broker.run()
+    finally:
+        # Only a clean exit gets here: a killed broker leaves its file, and the next
+        # start overwrites it.
+        (data_dir / "broker.json").unlink(missing_ok=True)
     return 0
 
 

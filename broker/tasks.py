@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.protocol import ResultItem, TaskSpec
@@ -30,24 +29,32 @@ class TaskState(enum.Enum):
         return self not in (TaskState.PENDING, TaskState.DISPATCHED)
 
 
-@dataclass(slots=True, eq=False)
 class TaskRecord:
-    """Everything the broker knows about one accepted task."""
+    """Everything the broker knows about one accepted task.
 
-    spec: TaskSpec
-    requirement: Requirement
-    #: ROUTER identity of the client that submitted it (results are pushed there)
-    client: bytes
-    submitted_at: float
-    deadline: float
-    state: TaskState = TaskState.PENDING
-    agent: AgentRecord | None = None
-    attempts: int = 0
-    dispatched_at: float = 0.0
-    finished_at: float = 0.0
-    result: ResultItem | None = None
-    #: other clients waiting for this result (FETCH with wait)
-    watchers: list[bytes] = field(default_factory=list)
+    A plain slotted class rather than a dataclass: one is built per task on the hot path,
+    and a positional ``__init__`` with no default factories is the cheapest there is.
+    """
+
+    __slots__ = ("spec", "requirement", "client", "submitted_at", "deadline", "state", "agent",
+                 "attempts", "dispatched_at", "finished_at", "result", "watchers")
+
+    def __init__(self, spec: TaskSpec, requirement: Requirement, client: bytes,
+                 submitted_at: float, deadline: float) -> None:
+        self.spec = spec
+        self.requirement = requirement
+        #: ROUTER identity of the client that submitted it (results are pushed there)
+        self.client = client
+        self.submitted_at = submitted_at
+        self.deadline = deadline
+        self.state = TaskState.PENDING
+        self.agent: AgentRecord | None = None
+        self.attempts = 0
+        self.dispatched_at = 0.0
+        self.finished_at = 0.0
+        self.result: ResultItem | None = None
+        #: other clients waiting for this result (FETCH with wait), created on demand
+        self.watchers: list[bytes] | None = None
 
     @property
     def id(self) -> str:
@@ -56,6 +63,12 @@ class TaskRecord:
     @property
     def timeout_s(self) -> float:
         return self.deadline - self.submitted_at
+
+    def add_watcher(self, identity: bytes) -> None:
+        if self.watchers is None:
+            self.watchers = [identity]
+        elif identity not in self.watchers:
+            self.watchers.append(identity)
 
 
 class PendingQueue:
@@ -118,6 +131,10 @@ class PendingQueue:
             del levels[priority]
         del self._groups[requirement]
         return None
+
+    def popper(self, requirement: Requirement):  # type: ignore[no-untyped-def]
+        """``pop`` bound to one requirement (the dispatch loop calls it per task)."""
+        return lambda: self.pop(requirement)
 
     def has_work(self, requirement: Requirement) -> bool:
         return requirement in self._groups

@@ -1,0 +1,130 @@
+"""Pure unit tests of the broker's parts: liveness with a fake clock, policies, queues."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from broker.config import BrokerConfig, parse_host_port
+from broker.errors import ConfigError
+from broker.heartbeat import Liveness
+from broker.protocol import TaskSpec
+from broker.routing import AgentRecord, AgentTable, Requirement, make_policy
+from broker.tasks import FinishedResults, PendingQueue, TaskRecord, TaskState
+
+
+@dataclass
+class FakePeer:
+    last_seen: float
+    last_sent: float
+
+
+def agent(name: str, caps: set[str], max_concurrent: int = 4, busy: int = 0) -> AgentRecord:
+    record = AgentRecord(name.encode(), name, name, frozenset(caps), max_concurrent, 0.0, 0.0, 0.0)
+    for i in range(busy):
+        record.foreign_running.add(f"{name}-{i}")
+    return record
+
+
+def task(task_id: str, requirement: Requirement, priority: int = 0) -> TaskRecord:
+    spec = TaskSpec(task_id, b"", tuple(requirement.capabilities), requirement.agent, priority)
+    return TaskRecord(spec, requirement, b"client", 0.0, 10.0)
+
+
+def test_liveness_follows_a_fake_clock() -> None:
+    # Given an interval of 1 s and liveness 3, a peer last heard at t=10
+    liveness = Liveness(1.0, 3)
+    peer = FakePeer(last_seen=10.0, last_sent=10.0)
+    # Then it is alive up to the expiry and dead after it
+    assert not liveness.is_dead(peer, 13.0)
+    assert liveness.is_dead(peer, 13.01)
+    # And it needs a heartbeat only after an interval of our silence
+    assert not liveness.needs_heartbeat(peer, 10.5)
+    assert liveness.needs_heartbeat(peer, 11.0)
+
+
+def test_requirement_admits_only_agents_with_every_capability() -> None:
+    both = Requirement(frozenset({"a", "b"}))
+    assert both.admits(agent("x", {"a", "b", "c"}))
+    assert not both.admits(agent("y", {"a"}))
+    named = Requirement(frozenset(), "x")
+    assert named.admits(agent("x", set())) and not named.admits(agent("z", set()))
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "capability"])
+def test_equal_agents_share_work_under_every_policy(policy: str) -> None:
+    chooser = make_policy(policy)
+    agents = [agent("a", {"echo"}), agent("b", {"echo"})]
+    picks = Counter(chooser.choose(agents).name for _ in range(1000))
+    assert 350 <= picks["a"] <= 650
+
+
+def test_least_loaded_prefers_the_idle_agent() -> None:
+    chooser = make_policy("least_loaded")
+    busy, idle = agent("busy", {"echo"}, busy=3), agent("idle", {"echo"})
+    assert all(chooser.choose([busy, idle]) is idle for _ in range(20))
+
+
+def test_capability_policy_keeps_generalists_free() -> None:
+    chooser = make_policy("capability")
+    specialist, generalist = agent("s", {"echo"}), agent("g", {"echo", "code", "review"})
+    assert all(chooser.choose([generalist, specialist]) is specialist for _ in range(20))
+
+
+def test_agent_table_caches_eligibility_until_it_changes() -> None:
+    table = AgentTable()
+    requirement = Requirement(frozenset({"echo"}))
+    assert table.eligible(requirement) == []
+    a = agent("a", {"echo"})
+    table.add(a)
+    assert table.eligible(requirement) == [a]
+    table.remove(a.identity)
+    assert table.eligible(requirement) == []
+
+
+def test_pending_queue_orders_by_priority_then_fifo_and_skips_removed() -> None:
+    queue = PendingQueue()
+    requirement = Requirement(frozenset({"echo"}))
+    low1, low2, high = task("low1", requirement), task("low2", requirement), task("high", requirement, 5)
+    for t in (low1, low2, high):
+        queue.push(t)
+    # A cancelled task keeps its slot until a pop skips it.
+    low1.state = TaskState.CANCELLED
+    queue.discard(low1)
+    assert len(queue) == 2
+    assert queue.pop(requirement) is high
+    assert queue.pop(requirement) is low2
+    assert queue.pop(requirement) is None and len(queue) == 0
+    assert not queue.has_work(requirement)
+
+
+def test_requeued_task_goes_first() -> None:
+    queue = PendingQueue()
+    requirement = Requirement(frozenset())
+    first, again = task("first", requirement), task("again", requirement)
+    queue.push(first)
+    queue.push_front(again)
+    assert queue.pop(requirement) is again
+
+
+def test_finished_results_keep_the_newest_within_count_and_age() -> None:
+    results = FinishedResults(max_count=2, max_age_s=60.0)
+    requirement = Requirement(frozenset())
+    records = [task(f"t{i}", requirement) for i in range(3)]
+    for i, record in enumerate(records):
+        record.finished_at = float(i)
+        results.add(record)
+    assert "t0" not in results and "t2" in results and len(results) == 2
+    assert results.expire(61.5) == 1
+    assert "t1" not in results and "t2" in results
+
+
+def test_config_validates() -> None:
+    assert parse_host_port("tcp://127.0.0.1:5555") == ("127.0.0.1", 5555)
+    with pytest.raises(ConfigError):
+        parse_host_port("nonsense")
+    with pytest.raises(ConfigError):
+        BrokerConfig(policy="fastest")
+    assert BrokerConfig(heartbeat_interval_s=0.5, heartbeat_liveness=4).heartbeat_expiry_s == 2.0
