@@ -365,12 +365,14 @@ def submit(obj: Context, text: str, capabilities: tuple[str, ...], agent: str | 
                                retries=retries, priority=priority, task_id=task_id, **options)
         if no_wait:
             handle.wait_accepted(PING_TIMEOUT_S)
-            if handle.done():
-                result = handle.result()
-                _print_result(result, as_json)
-                _exit_for(result)
+            # A fast task may already be done: say so, but print the same shape.
+            outcome = handle.result() if handle.done() else None
+            if outcome is not None and outcome.status == "rejected":
+                _print_result(outcome, as_json)
+                _exit_for(outcome)
             if as_json:
-                emit_json({"task_id": handle.id, "status": "accepted"})
+                emit_json({"task_id": handle.id,
+                           "status": "accepted" if outcome is None else outcome.status})
             else:
                 click.echo(handle.id)
             return

@@ -82,7 +82,9 @@ def test_no_wait_then_result(home: Path) -> None:
     accepted = orchestrator(home, "submit", "later", "-c", "echo", "--no-wait", "--json",
                             "--id", "task-42")
     assert accepted.returncode == 0, accepted.stderr
-    assert as_json(accepted) == {"task_id": "task-42", "status": "accepted"}
+    # (a task this quick may have finished before the broker confirmed it)
+    assert as_json(accepted)["task_id"] == "task-42"
+    assert as_json(accepted)["status"] in ("accepted", "succeeded")
     waited = orchestrator(home, "result", "task-42", "--wait", "--timeout", "20", "--json")
     assert waited.returncode == 0, waited.stderr
     assert as_json(waited)["data"] == {"text": "later"}
