@@ -14,8 +14,6 @@ costs one recv, one header decode and one send per agent, not 500 of each.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import os
 import signal
@@ -38,7 +36,7 @@ from broker.protocol import (
 )
 from broker.sockets import apply_common_options, send_frames
 from broker.routing import AgentRecord, AgentState, AgentTable, Requirement, make_policy
-from broker.tasks import FinishedResults, PendingQueue, TaskRecord, TaskState
+from broker.tasks import Deadlines, FinishedResults, PendingQueue, TaskRecord, TaskState
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +116,7 @@ class Broker:
         #: other components' endpoints handed to agents at registration (bus, state)
         self.endpoints: dict[str, str] = {}
         self.started_at = clock()
-        self._deadlines: list[tuple[float, int, TaskRecord]] = []
-        self._sequence = itertools.count()
+        self.deadlines = Deadlines()
         self._requirements: dict[tuple[tuple[str, ...], str | None], Requirement] = {}
         self._outboxes: dict[bytes, Outbox] = {}
         self._backlog: dict[bytes, deque[list[Any]]] = {}
@@ -226,8 +223,9 @@ class Broker:
     def _poll_timeout_ms(self) -> int:
         now = self.clock()
         until = self._next_tick
-        if self._deadlines and self._deadlines[0][0] < until:
-            until = self._deadlines[0][0]
+        deadline = self.deadlines.next_deadline()
+        if deadline is not None and deadline < until:
+            until = deadline
         if self._accepted_due and self._accepted_deadline < until:
             until = self._accepted_deadline
         return max(0, int((until - now) * 1000) + 1)
@@ -323,8 +321,7 @@ class Broker:
         max_pending = self.config.max_pending
         pending = self.pending
         requirements = self._requirements
-        deadlines = self._deadlines
-        sequence = self._sequence
+        deadlines = self.deadlines
         for spec in msg.tasks:
             task_id = spec[0]
             existing = tasks.get(task_id) or finished.get(task_id)
@@ -347,11 +344,11 @@ class Broker:
             requirement = requirements.get(key)
             if requirement is None:
                 requirement = self._requirement(spec[2], spec[3])
-            deadline = now + (spec[5] or default_timeout)
-            task = TaskRecord(spec, requirement, identity, now, deadline)
+            timeout_s = spec[5] or default_timeout
+            task = TaskRecord(spec, requirement, identity, now, now + timeout_s)
             tasks[task_id] = task
             pending.push(task)
-            heapq.heappush(deadlines, (deadline, next(sequence), task))
+            deadlines.add(task, timeout_s)
             accepted.append(task_id)
         self.counters["submitted"] += len(msg.tasks) - len(full) - len(stopping)
         if accepted:
@@ -568,13 +565,7 @@ class Broker:
         self._finish(task, _STATUS_OF_STATE[status.value], result, now)
 
     def _expire_deadlines(self, now: float) -> None:
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, _, task = heapq.heappop(deadlines)
-            if task.state is not _PENDING and task.state is not _DISPATCHED:
-                continue
-            if task.deadline > now:
-                continue
+        for task in self.deadlines.pop_expired(now):
             if task.state is TaskState.PENDING and not self.agents.eligible(task.requirement):
                 self._finish_by_broker(
                     task, TaskStatus.FAILED, ErrorCode.NO_AGENT,

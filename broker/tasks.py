@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
@@ -174,3 +176,77 @@ class FinishedResults:
             tasks.popitem(last=False)
             dropped += 1
         return dropped
+
+
+class Deadlines:
+    """When each open task must end, cheap for the common case of few distinct timeouts.
+
+    Tasks submitted with the same timeout reach their deadlines in submission order, so
+    each distinct timeout gets a FIFO "lane": adding is an append, and finished tasks fall
+    off the front as soon as they get there. A lane thus holds tasks from its oldest
+    unfinished one on, instead of every task until its deadline (a heap with lazy
+    deletion keeps every record of the last ``timeout`` seconds alive). Past
+    :data:`MAX_LANES` distinct timeouts the rest go to a heap.
+    """
+
+    #: distinct timeouts that get a lane of their own
+    MAX_LANES = 64
+
+    def __init__(self) -> None:
+        self._lanes: dict[float, deque[TaskRecord]] = {}
+        self._heap: list[tuple[float, int, TaskRecord]] = []
+        self._sequence = itertools.count()
+
+    def add(self, task: TaskRecord, timeout_s: float) -> None:
+        lane = self._lanes.get(timeout_s)
+        if lane is None:
+            if len(self._lanes) >= self.MAX_LANES:
+                heapq.heappush(self._heap, (task.deadline, next(self._sequence), task))
+                return
+            lane = self._lanes[timeout_s] = deque()
+        lane.append(task)
+
+    def _trim(self) -> None:
+        """Drop finished tasks from the front of every lane (and the heap)."""
+        empty = []
+        for timeout_s, lane in self._lanes.items():
+            while lane and lane[0].state not in _OPEN_STATES:
+                lane.popleft()
+            if not lane:
+                empty.append(timeout_s)
+        for timeout_s in empty:
+            del self._lanes[timeout_s]
+        heap = self._heap
+        while heap and heap[0][2].state not in _OPEN_STATES:
+            heapq.heappop(heap)
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of an open task, or None."""
+        self._trim()
+        earliest = self._heap[0][0] if self._heap else None
+        for lane in self._lanes.values():
+            deadline = lane[0].deadline
+            if earliest is None or deadline < earliest:
+                earliest = deadline
+        return earliest
+
+    def pop_expired(self, now: float) -> list[TaskRecord]:
+        """Open tasks whose deadline is at or before ``now``, removed from here."""
+        expired = []
+        for lane in self._lanes.values():
+            while lane and (lane[0].state not in _OPEN_STATES or lane[0].deadline <= now):
+                task = lane.popleft()
+                if task.state in _OPEN_STATES:
+                    expired.append(task)
+        heap = self._heap
+        while heap and (heap[0][2].state not in _OPEN_STATES or heap[0][0] <= now):
+            task = heapq.heappop(heap)[2]
+            if task.state in _OPEN_STATES:
+                expired.append(task)
+        return expired
+
+    def __len__(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values()) + len(self._heap)
+
+
+_OPEN_STATES = frozenset({TaskState.PENDING, TaskState.DISPATCHED})

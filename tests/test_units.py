@@ -128,3 +128,38 @@ def test_config_validates() -> None:
     with pytest.raises(ConfigError):
         BrokerConfig(policy="fastest")
     assert BrokerConfig(heartbeat_interval_s=0.5, heartbeat_liveness=4).heartbeat_expiry_s == 2.0
+
+
+def test_deadlines_expire_in_order_and_forget_finished_tasks() -> None:
+    from broker.tasks import Deadlines
+
+    deadlines = Deadlines()
+    requirement = Requirement(frozenset())
+    short = [task(f"s{i}", requirement) for i in range(3)]
+    for i, record in enumerate(short):
+        record.deadline = 10.0 + i
+        deadlines.add(record, 10.0)
+    odd = task("odd", requirement)
+    odd.deadline = 10.5
+    deadlines.add(odd, 7.25)
+    # A finished task at the front of its lane is dropped, not reported.
+    short[0].state = TaskState.SUCCEEDED
+    assert deadlines.next_deadline() == 10.5
+    assert deadlines.pop_expired(10.99) == [odd]
+    assert deadlines.pop_expired(12.0) == [short[1], short[2]]
+    assert deadlines.next_deadline() is None and len(deadlines) == 0
+
+
+def test_deadlines_fall_back_to_a_heap_past_the_lane_limit() -> None:
+    from broker.tasks import Deadlines
+
+    deadlines = Deadlines()
+    requirement = Requirement(frozenset())
+    records = []
+    for i in range(Deadlines.MAX_LANES + 5):
+        record = task(f"t{i}", requirement)
+        record.deadline = 100.0 - i
+        deadlines.add(record, float(i + 1))
+        records.append(record)
+    assert deadlines.next_deadline() == 100.0 - (Deadlines.MAX_LANES + 4)
+    assert sorted(t.id for t in deadlines.pop_expired(1000.0)) == sorted(r.id for r in records)
