@@ -355,7 +355,7 @@ class BaseAgent(abc.ABC):
         if type(outcome) is Result and not outcome.extras and outcome.status == _SUCCEEDED:
             # The common case, kept short: a plain successful result.
             item = _new_result((task_id, outcome.status, outcome.to_payload(), None, None, None,
-                                0, None, run_ms))
+                                0, None, run_ms, None))
             if len(item[2]) <= MAX_FRAME_BYTES:
                 self.tasks_done += 1
                 self._unacked[task_id] = item

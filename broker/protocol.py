@@ -82,6 +82,7 @@ class Command(enum.IntEnum):
     SUBMIT = 0x20
     FETCH = 0x21
     STATUS = 0x22
+    TASKS = 0x23
     # broker -> client
     ACCEPTED = 0x30
     ERROR = 0x7F
@@ -143,18 +144,63 @@ class Ready:
 class Welcome:
     """Broker -> agent, in answer to READY: registration done, and the broker's settings.
 
-    Header: map ``{"ivl", "live", "endpoints"}``: heartbeat interval (s) and liveness that
-    the agent should use too, and the other endpoints (bus, state) by name.
+    Header: map ``{"ivl", "live", "endpoints", "boot"}``: heartbeat interval (s) and
+    liveness that the agent should use too, the other endpoints (bus, state) by name,
+    and the broker's boot id.
     """
 
     heartbeat_interval_s: float
     heartbeat_liveness: int
     endpoints: dict[str, str] = field(default_factory=dict)
+    boot: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Liveness signal, both ways. Header: empty map."""
+    """Liveness signal, both ways. Header: map, empty from agents.
+
+    A client pings with ``{"role": "client"}``; the broker answers every client ping
+    with ``{"boot": id}``, a random id per broker start, so that a client notices a
+    restart and sends again what the old broker may not have kept.
+    """
+
+    role: str | None = None
+    boot: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Agent -> broker: signs of life for tasks that did not finish at once.
+
+    Header: map ``{"started": [ids], "running": [ids]}``: tasks that just started
+    running, and (every heartbeat interval) all tasks still running, which renews their
+    leases. A dispatched task with no sign of life for a lease period was lost on the way
+    and is dispatched again.
+    """
+
+    started: list[str] = field(default_factory=list)
+    running: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    """Client -> broker (command TASKS): list finished tasks, newest first.
+
+    Header: map ``{"req", "status": [str] or nil, "limit"}``; ``status`` filters, e.g.
+    ``["failed", "timed_out"]`` for dead letters.
+    """
+
+    req: int
+    statuses: list[str] | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class TaskList:
+    """Broker -> client (command TASKS). Header: map ``{"req", "tasks": [map]}``."""
+
+    req: int
+    tasks: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +260,8 @@ class ResultItem(NamedTuple):
     """One task outcome, agent -> broker and broker -> client.
 
     Wire item: ``[task_id, status, payload, error_code, error_message, agent, attempts,
-    queued_ms, run_ms]``. Agents leave ``agent``, ``attempts`` and ``queued_ms`` nil; the
-    broker fills them in for clients.
+    queued_ms, run_ms, retryable]``. Agents leave ``agent``, ``attempts`` and
+    ``queued_ms`` nil; the broker fills them in for clients.
     """
 
     task_id: str
@@ -227,6 +273,8 @@ class ResultItem(NamedTuple):
     attempts: int = 0
     queued_ms: float | None = None
     run_ms: float | None = None
+    #: for a failure: may the broker retry it? nil means "as the error code implies"
+    retryable: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +352,7 @@ class Error:
 
 
 Message = Union[
-    Ready, Welcome, Heartbeat, Disconnect, Submit, Dispatch, Results, Accepted, Ack, Cancel,
+    Ready, Welcome, Heartbeat, Progress, TaskQuery, TaskList, Disconnect, Submit, Dispatch, Results, Accepted, Ack, Cancel,
     Fetch, StatusRequest, StatusReply, Error,
 ]
 
@@ -374,15 +422,29 @@ def encode(msg: Message) -> list[Any]:
             return _frames(Command.ACCEPTED, _packb(ids))
         case Ack(ids):
             return _frames(Command.ACK, _packb(ids))
-        case Heartbeat():
-            return _frames(Command.HEARTBEAT, _EMPTY_MAP)
+        case Heartbeat(role, boot):
+            if role is None and boot is None:
+                return _frames(Command.HEARTBEAT, _EMPTY_MAP)
+            header: dict[str, Any] = {}
+            if role is not None:
+                header["role"] = role
+            if boot is not None:
+                header["boot"] = boot
+            return _frames(Command.HEARTBEAT, _packb(header))
+        case Progress(started, running):
+            return _frames(Command.PROGRESS, _packb({"started": started, "running": running}))
+        case TaskQuery(req, statuses, limit):
+            return _frames(Command.TASKS,
+                           _packb({"req": req, "status": statuses, "limit": limit}))
+        case TaskList(req, tasks):
+            return _frames(Command.TASKS, _packb({"req": req, "tasks": tasks}))
         case Ready():
             header = {"id": msg.agent_id, "name": msg.name, "caps": list(msg.capabilities),
                       "max": msg.max_concurrent, "v": msg.version, "running": list(msg.running)}
             return _frames(Command.READY, _packb(header))
-        case Welcome(interval, liveness, endpoints):
-            return _frames(Command.WELCOME,
-                           _packb({"ivl": interval, "live": liveness, "endpoints": endpoints}))
+        case Welcome(interval, liveness, endpoints, boot):
+            return _frames(Command.WELCOME, _packb(
+                {"ivl": interval, "live": liveness, "endpoints": endpoints, "boot": boot}))
         case Disconnect(reason):
             return _frames(Command.DISCONNECT, _packb({"reason": reason}))
         case Cancel(ids):
@@ -478,16 +540,16 @@ def _decode_results(header: Any, blobs: list[Any]) -> Results:
     results = []
     append = results.append
     for item in _array(header):
-        if type(item) is not tuple or len(item) != 9:
-            raise ValueError("a RESULT item must be an array of 9")
-        tid, status, ref, code, message, agent, attempts, queued_ms, run_ms = item
+        if type(item) is not tuple or len(item) != 10:
+            raise ValueError("a RESULT item must be an array of 10")
+        tid, status, ref, code, message, agent, attempts, queued_ms, run_ms, retryable = item
         if type(tid) is not str or type(status) is not str:
             raise ValueError("task id and status must be strings")
         if code is not None and (type(code) is not str or type(message) is not str):
             raise ValueError("error code and message must be strings")
         if type(ref) is not bytes:
             item = (tid, status, _blob(ref, blobs), code, message, agent, attempts,
-                    queued_ms, run_ms)
+                    queued_ms, run_ms, retryable)
         append(_new_tuple(ResultItem, item))
     return Results(results)
 
@@ -579,12 +641,29 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
         case Command.ACK:
             return Ack(_id_list(header))
         case Command.HEARTBEAT:
-            return Heartbeat()
+            h = _map(header)
+            return Heartbeat(_opt_str(h.get("role"), "role"), _opt_str(h.get("boot"), "boot"))
+        case Command.PROGRESS:
+            h = _map(header)
+            return Progress(_id_list(h.get("started", ())), _id_list(h.get("running", ())))
+        case Command.TASKS:
+            h = _map(header)
+            req = h.get("req")
+            if type(req) is not int:
+                raise ValueError("req must be an integer")
+            if "tasks" in h:
+                return TaskList(req, _plain(h["tasks"]))
+            statuses = h.get("status")
+            limit = h.get("limit", 100)
+            if type(limit) is not int or limit < 0:
+                raise ValueError("limit must be a non-negative integer")
+            return TaskQuery(req, None if statuses is None else _id_list(statuses), limit)
         case Command.READY:
             return _decode_ready(header)
         case Command.WELCOME:
             h = _map(header)
-            return Welcome(float(h["ivl"]), int(h["live"]), dict(h.get("endpoints") or {}))
+            return Welcome(float(h["ivl"]), int(h["live"]), dict(h.get("endpoints") or {}),
+                           str(h.get("boot", "")))
         case Command.DISCONNECT:
             return Disconnect(str(_map(header).get("reason", "")))
         case Command.CANCEL:

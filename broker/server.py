@@ -521,7 +521,7 @@ class Broker:
             finish(task, status_of_state.get(status, _FAILED), _new_result((
                 task_id, status, item[2], item[3], item[4], agent_name, task.attempts,
                 round((dispatched_at - task.submitted_at) * 1000.0, 3) if dispatched_at else None,
-                item[8])), now)
+                item[8], None)), now)
         if agent is None:
             # Results from an unregistered peer (e.g. after our restart): accepted above,
             # and the peer is asked to register so that it gets work again.
