@@ -10,12 +10,15 @@ from __future__ import annotations
 from agent_sdk.agent import AgentState, BaseAgent
 from agent_sdk.client import Client, SyncClient, SyncTaskHandle, TaskHandle
 from agent_sdk.errors import (
-    BrokerUnavailable, OrchestratorError, RequestRefused, TaskNotFound, WaitTimeout,
+    BrokerUnavailable, OrchestratorError, PermanentFailure, RequestRefused, TaskNotFound,
+    WaitTimeout,
 )
+from broker.resilience import CircuitBreaker, CircuitBreakerOpen, CircuitState, RetryPolicy
 from agent_sdk.task import Result, Task, TaskError
 
 __all__ = [
-    "AgentState", "BaseAgent", "BrokerUnavailable", "Client", "OrchestratorError",
-    "RequestRefused", "Result", "SyncClient", "SyncTaskHandle", "Task", "TaskError",
+    "AgentState", "BaseAgent", "BrokerUnavailable", "CircuitBreaker", "CircuitBreakerOpen",
+    "CircuitState", "Client", "OrchestratorError", "PermanentFailure", "RequestRefused",
+    "Result", "RetryPolicy", "SyncClient", "SyncTaskHandle", "Task", "TaskError",
     "TaskHandle", "TaskNotFound", "WaitTimeout",
 ]

@@ -27,14 +27,16 @@ import logging
 import signal
 import time
 import uuid
+from collections import deque
 from collections.abc import Coroutine, Generator, Iterable
 from typing import Any, Final
 
 from broker.config import broker_url
 from broker.protocol import (
     MAX_FRAME_BYTES, Ack, Assignment, Cancel, Disconnect, Dispatch, Error, ErrorCode, Heartbeat, Message,
-    Ready, ResultItem, Results, TaskStatus, Welcome, chunks,
+    Progress, Ready, ResultItem, Results, TaskStatus, Welcome, chunks,
 )
+from agent_sdk.errors import PermanentFailure
 from agent_sdk.task import Result, Task
 from agent_sdk.transport import Channel
 
@@ -135,6 +137,10 @@ class BaseAgent(abc.ABC):
         self._running: dict[str, asyncio.Task[Any] | None] = {}
         self._outgoing: list[ResultItem] = []
         self._unacked: dict[str, ResultItem] = {}
+        #: (when, task ids) of result batches sent, oldest first, to resend unacked ones
+        self._sent_log: deque[tuple[float, list[str]]] = deque()
+        #: tasks that started running as asyncio tasks since the last flush
+        self._started: list[str] = []
         self._heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self._heartbeat_liveness = DEFAULT_HEARTBEAT_LIVENESS
         self._last_heard = 0.0
@@ -236,12 +242,21 @@ class BaseAgent(abc.ABC):
 
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        next_lease = 0.0
         while True:
             await asyncio.sleep(self._heartbeat_interval_s / 2)
             now = loop.time()
             channel = self._channel
             if channel is None or channel.closed:
                 return
+            if self.state is AgentState.READY or self.state is AgentState.DRAINING:
+                if now >= next_lease and self._running:
+                    # Renew the leases of running tasks (a dispatch the broker hears
+                    # nothing about is presumed lost and runs elsewhere).
+                    channel.send(Progress(running=list(self._running)))
+                    self._last_sent = now
+                    next_lease = now + self._heartbeat_interval_s
+                self._resend_unacked(now)
             expiry_s = self._heartbeat_interval_s * self._heartbeat_liveness
             if now - self._last_heard > expiry_s:
                 if now >= self._next_reconnect and self.state is not AgentState.DRAINING:
@@ -335,6 +350,7 @@ class BaseAgent(abc.ABC):
         runner = asyncio.get_running_loop().create_task(self._finish_later(task_id, coro, first,
                                                                            started))
         self._running[task_id] = runner
+        self._started.append(task_id)
         self._idle_event.clear()
 
     async def _finish_later(self, task_id: str, coro: Coroutine[Any, Any, Any], first: Any,
@@ -370,7 +386,9 @@ class BaseAgent(abc.ABC):
                 kind = type(outcome).__name__
                 item = ResultItem(task_id, TaskStatus.FAILED.value,
                                   Result(None, 0.0, error_type=kind).to_payload(),
-                                  ErrorCode.AGENT_ERROR.value, f"{kind}: {outcome}", run_ms=run_ms)
+                                  ErrorCode.AGENT_ERROR.value, f"{kind}: {outcome}", run_ms=run_ms,
+                                  retryable=False if isinstance(outcome, PermanentFailure)
+                                  else None)
                 if not isinstance(outcome, Exception):
                     raise outcome  # KeyboardInterrupt, SystemExit: not the task's business
             self.tasks_failed += 1
@@ -390,7 +408,8 @@ class BaseAgent(abc.ABC):
             error = result.error
             item = ResultItem(task_id, result.status, payload,
                               None if error is None else error.code,
-                              None if error is None else error.message, run_ms=run_ms)
+                              None if error is None else error.message, run_ms=run_ms,
+                              retryable=result.retryable)
             if result.ok:
                 self.tasks_done += 1
             else:
@@ -412,9 +431,34 @@ class BaseAgent(abc.ABC):
             self._channel.request_flush()
 
     def _flush(self) -> None:
-        if self._outgoing and self._channel is not None:
+        channel = self._channel
+        if channel is None:
+            return
+        if self._started:
+            started, self._started = self._started, []
+            channel.send(Progress(started=started))
+        if self._outgoing:
             batch, self._outgoing = self._outgoing, []
+            now = asyncio.get_running_loop().time()
             for part in chunks(batch):
-                self._channel.send(Results(part))
-            self._last_sent = asyncio.get_running_loop().time()
+                channel.send(Results(part))
+            self._sent_log.append((now, [item[0] for item in batch]))
+            self._last_sent = now
+
+    def _resend_unacked(self, now: float) -> None:
+        """Send again results the broker has not acknowledged for a while: a message
+        sent just before a partition is lost without an error (the broker drops the
+        duplicates)."""
+        resend_after_s = self._heartbeat_interval_s * self._heartbeat_liveness
+        log = self._sent_log
+        unacked = self._unacked
+        again = []
+        while log and now - log[0][0] > resend_after_s:
+            _, ids = log.popleft()
+            again.extend(unacked[task_id] for task_id in ids if task_id in unacked)
+        if again:
+            logger.info("agent %s: sending %d unacknowledged result(s) again", self.agent_id,
+                        len(again))
+            self._outgoing.extend(again)
+            self._flush()
 

@@ -33,19 +33,31 @@ _new_tuple = tuple.__new__
 
 #: How long status() waits for the broker by default.
 STATUS_TIMEOUT_S = 5.0
+#: While tasks are open the client pings this often (and notices a broker restart).
+PING_INTERVAL_S = 1.0
+#: A task not yet accepted, or without a result, this long after it was last sent is
+#: submitted (or asked for) again: messages sent into a partition are lost silently.
+RECOVER_AFTER_S = 5.0
 
 
 class TaskHandle:
     """A submitted task: await its result, check it, cancel it."""
 
-    __slots__ = ("id", "_client", "_future", "_accepted", "_accepted_waiter")
+    __slots__ = ("id", "_client", "_future", "_accepted", "_accepted_waiter", "_spec",
+                 "_sent_at")
 
-    def __init__(self, task_id: str, client: Client, future: asyncio.Future[Result]) -> None:
+    def __init__(self, task_id: str, client: Client, future: asyncio.Future[Result],
+                 spec: TaskSpec | None = None, sent_at: float = 0.0) -> None:
         self.id = task_id
         self._client = client
         self._future = future
         self._accepted = False
         self._accepted_waiter: asyncio.Future[None] | None = None
+        #: what was submitted, kept until the result is in, to submit it again when the
+        #: broker may have lost it (it restarted, or the SUBMIT was lost on the way)
+        self._spec = spec
+        #: loop time of the last SUBMIT or FETCH for it
+        self._sent_at = sent_at
 
     def done(self) -> bool:
         return self._future.done()
@@ -124,6 +136,9 @@ class Client:
         self._peeks: dict[str, list[asyncio.Future[Result]]] = {}
         self._req_ids = itertools.count(1)
         self._task_ids = itertools.count(1)
+        self._pinger: asyncio.Task[None] | None = None
+        #: the broker's boot id as last heard
+        self._boot: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -138,14 +153,64 @@ class Client:
             self._channel = Channel(self.url, self.client_id.encode(), self._on_message,
                                     self._flush)
             self._channel.open()
+            self._pinger = self._loop.create_task(self._ping_loop(),
+                                                  name=f"{self.client_id}-ping")
         return self._channel
 
     async def close(self) -> None:
         """Send what is queued and close; pending handles stay unresolved."""
+        if self._pinger is not None:
+            self._pinger.cancel()
+            await asyncio.gather(self._pinger, return_exceptions=True)
+            self._pinger = None
         if self._channel is not None:
             self._flush()
             self._channel.close()
             self._channel = None
+
+    async def _ping_loop(self) -> None:
+        """While tasks are open: ping the broker, learn its boot id, and recover what a
+        restarted broker or a lossy link may have dropped."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            channel = self._channel
+            if channel is None:
+                return
+            if not self._handles:
+                continue
+            channel.send(Heartbeat(role="client"))
+            now = loop.time()
+            resubmit: list[TaskSpec] = []
+            refetch: list[str] = []
+            for handle in self._handles.values():
+                if now - handle._sent_at < RECOVER_AFTER_S:
+                    continue
+                handle._sent_at = now
+                if handle._spec is not None and not handle._accepted:
+                    resubmit.append(handle._spec)
+                else:
+                    refetch.append(handle.id)
+            self._send_again(resubmit, refetch)
+
+    def _send_again(self, specs: list[TaskSpec], watched: list[str]) -> None:
+        """Submit again (idempotent by task id) and ask again for results: whatever the
+        broker still has is answered once, whatever it lost is run again."""
+        channel = self._channel
+        if channel is None:
+            return
+        for part in chunks(specs):
+            channel.send(Submit(part))
+        for part in chunks(watched):
+            channel.send(Fetch(next(self._req_ids), part, wait=True))
+
+    def _on_boot(self, boot: str) -> None:
+        if self._boot is not None and boot != self._boot and self._handles:
+            # The broker restarted: it kept what it journaled; send everything open again.
+            specs = [h._spec for h in self._handles.values() if h._spec is not None]
+            watched = [h.id for h in self._handles.values() if h._spec is None]
+            self._send_again(specs, watched)
+        self._boot = boot
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -185,7 +250,8 @@ class Client:
         spec = _new_tuple(TaskSpec, (
             task_id, encode_payload(data, fields), caps, agent, priority,
             timeout if timeout is not None else self.default_timeout_s, retries, parent_id))
-        handle = TaskHandle(task_id, self, self._loop.create_future())
+        loop = self._loop
+        handle = TaskHandle(task_id, self, loop.create_future(), spec, loop.time())
         self._handles[task_id] = handle
         if not self._outgoing:
             channel.request_flush()
@@ -304,7 +370,10 @@ class Client:
                     future.set_result(msg)
             case Error():
                 self._on_error(msg)
-            case Heartbeat() | Disconnect():
+            case Heartbeat(boot=boot):
+                if boot:
+                    self._on_boot(boot)
+            case Disconnect():
                 pass  # only agents register; a client has nothing to do here
 
     def _on_results(self, items: list[Any]) -> None:
@@ -327,6 +396,13 @@ class Client:
                     future.set_result(result)
 
     def _on_error(self, error: Error) -> None:
+        if error.req is not None and error.req not in self._requests and \
+                error.code == ErrorCode.NOT_FOUND.value:
+            # A recovery FETCH found nothing: the broker lost the task (no journal).
+            lost = [self._handles[i]._spec for i in error.task_ids
+                    if i in self._handles and self._handles[i]._spec is not None]
+            self._send_again([spec for spec in lost if spec is not None], [])
+            return
         if error.req is not None:
             future = self._requests.pop(error.req, None)
             if future is not None and not future.done():

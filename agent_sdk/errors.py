@@ -35,3 +35,8 @@ class RequestRefused(OrchestratorError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+class PermanentFailure(OrchestratorError):
+    """Raise it in ``execute`` for a failure that a retry cannot fix (bad input, say):
+    the task fails at once instead of being retried."""

@@ -126,7 +126,7 @@ class Result:
     """
 
     __slots__ = ("data", "confidence", "extras", "status", "error", "task_id", "agent",
-                 "attempts", "queued_ms", "run_ms")
+                 "attempts", "queued_ms", "run_ms", "retryable")
 
     def __init__(self, data: Any = None, confidence: float = 1.0, **extras: Any) -> None:
         self.data = data
@@ -139,14 +139,18 @@ class Result:
         self.attempts: int = 0
         self.queued_ms: float | None = None
         self.run_ms: float | None = None
+        #: for a failure: may the broker retry it (None: as its error code implies)
+        self.retryable: bool | None = None
 
     @classmethod
     def failure(cls, code: str, message: str, status: str = TaskStatus.FAILED.value,
-                **extras: Any) -> Result:
-        """A failed result with a stable error ``code``."""
+                retryable: bool | None = None, **extras: Any) -> Result:
+        """A failed result with a stable error ``code``; ``retryable=False`` tells the
+        broker not to try again."""
         result = cls(None, 0.0, **extras)
         result.status = status
         result.error = TaskError(code, message)
+        result.retryable = retryable
         return result
 
     @property
@@ -201,6 +205,7 @@ class Result:
         result.attempts = attempts
         result.queued_ms = queued_ms
         result.run_ms = run_ms
+        result.retryable = None
         return result
 
     def to_dict(self) -> dict[str, Any]:

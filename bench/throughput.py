@@ -94,31 +94,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent-concurrency", type=int, default=256,
                         help="max_concurrent of each echo agent")
     parser.add_argument("--repeat", type=int, default=1, help="alternate ours/baseline N times")
+    parser.add_argument("--durability", default="batch",
+                        help="broker journal mode(s), comma-separated: none,batch,fsync; the "
+                             "first is the headline number, all are reported")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
     payload = b"x" * args.payload_bytes
-    ours: list[float] = []
+    modes = [m.strip() for m in args.durability.split(",") if m.strip()]
+    ours: dict[str, list[float]] = {mode: [] for mode in modes}
     base: list[float] = []
     for _ in range(args.repeat):
         with baseline(args.agents) as url:
             base.append(measure_baseline(url, args.tasks, args.window, payload))
-        with orchestrator(args.agents, args.agent_concurrency) as url:
-            ours.append(measure_ours(url, args.tasks, args.window, payload))
+        for mode in modes:
+            with orchestrator(args.agents, args.agent_concurrency,
+                              ("--durability", mode)) as url:
+                ours[mode].append(measure_ours(url, args.tasks, args.window, payload))
+    headline = median(ours[modes[0]])
     report = {
         "tasks": args.tasks, "agents": args.agents, "window": args.window,
         "payload_bytes": args.payload_bytes, "repeat": args.repeat, "loop": loop_name(),
-        "zmq": zmq_version(),
-        "tasks_per_s": round(median(ours)), "baseline_tasks_per_s": round(median(base)),
-        "ratio": round(median(ours) / median(base), 3),
-        "runs": {"ours": [round(v) for v in ours], "baseline": [round(v) for v in base]},
+        "zmq": zmq_version(), "durability": modes[0],
+        "tasks_per_s": round(headline), "baseline_tasks_per_s": round(median(base)),
+        "ratio": round(headline / median(base), 3),
+        "by_durability": {mode: round(median(values)) for mode, values in ours.items()},
+        "runs": {"ours": {mode: [round(v) for v in values] for mode, values in ours.items()},
+                 "baseline": [round(v) for v in base]},
     }
+    if "none" in ours:
+        none = median(ours["none"])
+        report["vs_none"] = {mode: round(median(values) / none, 3)
+                             for mode, values in ours.items()}
     if args.json:
         print(orjson.dumps(report).decode())
     else:
         print(f"orchestrator: {report['tasks_per_s']:>9,} tasks/s")
         print(f"zmq.proxy:    {report['baseline_tasks_per_s']:>9,} round trips/s")
         print(f"ratio:        {report['ratio']:.3f}  ({args.tasks} tasks, {args.agents} agents, "
-              f"window {args.window}, {args.payload_bytes}-byte payload, {report['loop']})")
+              f"window {args.window}, {args.payload_bytes}-byte payload, {report['loop']}, "
+              f"durability {modes[0]})")
+        if len(modes) > 1:
+            for mode, rate in report["by_durability"].items():
+                print(f"  durability {mode:<6} {rate:>9,} tasks/s")
     return 0
 
 

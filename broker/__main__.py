@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import orjson
+import zmq
 
-from broker.config import POLICIES, BrokerConfig, home_dir
+from broker.config import DURABILITIES, POLICIES, BrokerConfig, home_dir
 from broker.errors import ConfigError
 from broker.server import Broker
 
@@ -30,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pending", type=int, default=None, metavar="N")
     parser.add_argument("--default-timeout", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--durability", choices=DURABILITIES, default=None,
+                        help="journal: none, batch (default) or fsync")
+    parser.add_argument("--retries", type=int, default=None, metavar="N",
+                        help="default retries of a failed task (default 3)")
+    parser.add_argument("--retry-base-delay", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--retry-max-delay", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--circuit-threshold", type=int, default=None, metavar="N")
+    parser.add_argument("--circuit-recovery", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--retention", type=float, default=None, metavar="SECONDS",
+                        help="keep finished results this long (default 3600)")
     parser.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
     return parser
 
@@ -43,16 +54,23 @@ def main(argv: list[str] | None = None) -> int:
             bind=args.bind, data_dir=args.data_dir, policy=args.policy,
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_liveness=args.heartbeat_liveness, max_pending=args.max_pending,
-            default_timeout_s=args.default_timeout, drain_timeout_s=args.drain_timeout)
+            default_timeout_s=args.default_timeout, drain_timeout_s=args.drain_timeout,
+            durability=args.durability, default_max_retries=args.retries,
+            retry_base_delay_s=args.retry_base_delay, retry_max_delay_s=args.retry_max_delay,
+            circuit_failure_threshold=args.circuit_threshold,
+            circuit_recovery_s=args.circuit_recovery, result_retention_s=args.retention)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     broker = Broker(config)
     try:
         endpoint = broker.bind()
-    except Exception as e:  # noqa: BLE001 - report any bind failure in one line
+    except zmq.ZMQError as e:
         print(f"error: cannot bind {config.router_endpoint}: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        print(f"error: cannot open the journal in {config.data_dir}: {e}", file=sys.stderr)
+        return 1
     broker.install_signal_handlers()
     info = {"event": "ready", "endpoint": endpoint, "pid": os.getpid()}
     data_dir = Path(config.data_dir or home_dir())

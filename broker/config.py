@@ -16,6 +16,7 @@ DEFAULT_BIND: Final = "127.0.0.1:5555"
 DEFAULT_HOME: Final = ".orchestrator"
 
 POLICIES: Final = ("capability", "least_loaded", "round_robin")
+DURABILITIES: Final = ("none", "batch", "fsync")
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -67,6 +68,15 @@ class BrokerConfig:
     drain_timeout_s: float = 30.0
     #: per-peer outgoing queue (messages); batching keeps messages few
     send_hwm: int = 100_000
+    #: journal: "none", "batch" (written each loop pass) or "fsync" (and fsync'd)
+    durability: str = "batch"
+    #: retries of a failed, timed-out or orphaned task when its submit names none
+    default_max_retries: int = 3
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 60.0
+    #: an agent failing this many tasks in a row gets none until a probe succeeds
+    circuit_failure_threshold: int = 5
+    circuit_recovery_s: float = 30.0
 
     def __post_init__(self) -> None:
         parse_host_port(self.bind)
@@ -76,6 +86,14 @@ class BrokerConfig:
             raise ConfigError("heartbeat interval must be > 0 and liveness >= 1")
         if self.max_pending < 1 or self.default_timeout_s <= 0 or self.drain_batch < 1:
             raise ConfigError("max_pending, default_timeout_s and drain_batch must be positive")
+        if self.durability not in DURABILITIES:
+            raise ConfigError(f"unknown durability {self.durability!r}; choose one of "
+                              f"{', '.join(DURABILITIES)}")
+        if self.default_max_retries < 0 or self.retry_base_delay_s < 0 or \
+                self.retry_max_delay_s < 0:
+            raise ConfigError("retries and retry delays must not be negative")
+        if self.circuit_failure_threshold < 1 or self.circuit_recovery_s < 0:
+            raise ConfigError("circuit threshold must be >= 1 and recovery >= 0")
 
     @property
     def heartbeat_expiry_s(self) -> float:

@@ -107,6 +107,7 @@ class ErrorCode(str, enum.Enum):
     TIMEOUT = "timeout"
     SHUTTING_DOWN = "shutting_down"
     AGENT_ERROR = "agent_error"
+    AGENT_LOST = "agent_lost"
     CANCELLED = "cancelled"
 
 

@@ -11,8 +11,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
+from broker.resilience import CircuitBreaker, CircuitState
+
 if TYPE_CHECKING:
     from broker.tasks import TaskRecord
+
+_CLOSED = CircuitState.CLOSED
 
 #: Weight of the newest sample in an agent's response-time average.
 EWMA_ALPHA: Final = 0.2
@@ -63,6 +67,7 @@ class AgentRecord:
     #: tasks the agent reported running at registration that this broker does not know
     #: (e.g. after a broker restart); they still take credit until their results come
     foreign_running: set[str] = field(default_factory=set)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     done: int = 0
     failed: int = 0
     ewma_ms: float = 0.0
@@ -76,8 +81,17 @@ class AgentRecord:
 
     @property
     def free(self) -> int:
-        """Credit left: how many more tasks the agent may be given now."""
-        return self.max_concurrent - self.busy
+        """Credit left: how many more tasks the agent may be given now. An agent whose
+        circuit is open gets none; half-open, one probe at a time."""
+        breaker = self.breaker
+        if breaker._state is _CLOSED:
+            return self.max_concurrent - self.busy
+        state = breaker.state
+        if state is _CLOSED:
+            return self.max_concurrent - self.busy
+        if state is CircuitState.HALF_OPEN and not breaker.probe_in_flight:
+            return min(1, self.max_concurrent - self.busy)
+        return 0
 
     @property
     def load(self) -> float:
@@ -94,7 +108,8 @@ class AgentRecord:
     def describe(self) -> dict[str, object]:
         return {
             "id": self.agent_id, "name": self.name, "capabilities": sorted(self.capabilities),
-            "state": self.state.value, "in_flight": self.busy, "max_concurrent": self.max_concurrent,
+            "state": self.state.value, "circuit": self.breaker.state.value,
+            "in_flight": self.busy, "max_concurrent": self.max_concurrent,
             "done": self.done, "failed": self.failed, "latency_ms": round(self.ewma_ms, 3),
         }
 

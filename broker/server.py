@@ -2,14 +2,20 @@
 
 Each pass of the loop (:meth:`Broker.run`):
 
-1. waits for input or the next timer (heartbeat tick, task deadline);
-2. drains up to ``drain_batch`` messages without blocking, calling one handler each;
-3. runs due timers: dead agents, heartbeats, task deadlines, status waiters;
+1. waits for input or the next timer (heartbeat tick, task deadline, retry);
+2. drains a batch of messages without blocking, calling one handler each;
+3. runs due timers: dead agents and expired leases, heartbeats, deadlines, retries;
 4. dispatches pending tasks to agents with credit;
-5. flushes every peer's outbox as *one* batched message per command.
+5. commits the journal (group commit), then flushes every peer's outbox as one batched
+   message per command.
 
 Batching in steps 2 and 5 is where the throughput comes from: a burst of 500 submits
 costs one recv, one header decode and one send per agent, not 500 of each.
+
+A task's life: PENDING (waiting for an agent) -> DISPATCHED (sent) -> RUNNING (the agent
+said it started) -> SUCCEEDED | FAILED | TIMED_OUT | CANCELLED. A failure, a timeout or
+the loss of its agent sends it to RETRYING (back-off) and PENDING again while its retries
+last. Every path to an end goes through :meth:`Broker._finish`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,13 +36,16 @@ from broker import __version__
 from broker.config import BrokerConfig
 from broker.errors import DecodeError
 from broker.heartbeat import Liveness
+from broker.journal import Replay, open_journal
 from broker.protocol import (
     MAX_BATCH_ITEMS, PROTOCOL_VERSION, Accepted, Ack, Assignment, Cancel, Disconnect, Dispatch,
-    Error, ErrorCode, Fetch, Heartbeat, Ready, ResultItem, Results, StatusReply, StatusRequest,
-    Submit, TaskStatus, Welcome, chunks, decode, encode,
+    Error, ErrorCode, Fetch, Heartbeat, Progress, Ready, ResultItem, Results, StatusReply,
+    StatusRequest, Submit, TaskList, TaskQuery, TaskSpec, TaskStatus, Welcome, chunks, decode,
+    encode,
 )
-from broker.sockets import apply_common_options, send_frames
+from broker.resilience import CircuitBreaker, CircuitState, RetryPolicy
 from broker.routing import AgentRecord, AgentState, AgentTable, Requirement, make_policy
+from broker.sockets import apply_common_options, send_frames
 from broker.tasks import Deadlines, FinishedResults, PendingQueue, TaskRecord, TaskState
 
 logger = logging.getLogger(__name__)
@@ -46,14 +56,21 @@ BACKLOG_LIMIT = 10_000
 TICKS_PER_INTERVAL = 4
 #: How long ACCEPTED may wait to be batched (or made unnecessary by the result).
 ACCEPT_DELAY_S = 0.002
+#: Error codes a retry cannot help with.
+NOT_RETRYABLE = frozenset({ErrorCode.CANCELLED.value, ErrorCode.TOO_LARGE.value,
+                           ErrorCode.NO_AGENT.value, ErrorCode.SHUTTING_DOWN.value,
+                           ErrorCode.BAD_FRAME.value})
 
 # Hot paths compare against these module globals: attribute access on enum classes and
 # their ``.value`` go through Python-level descriptors, several times slower.
 _PENDING = TaskState.PENDING
 _DISPATCHED = TaskState.DISPATCHED
+_RUNNING = TaskState.RUNNING
 _FAILED = TaskState.FAILED
 _DRAINING = AgentState.DRAINING
 _SUCCEEDED = TaskStatus.SUCCEEDED.value
+_FAILED_STATUS = TaskStatus.FAILED.value
+_TIMED_OUT_STATUS = TaskStatus.TIMED_OUT.value
 _new_tuple = tuple.__new__
 
 
@@ -65,7 +82,7 @@ def _new_assignment(fields: tuple[Any, ...]) -> Assignment:
     return _new_tuple(Assignment, fields)
 
 
-_STATUS_OF_STATE = {
+_STATE_OF_STATUS = {
     TaskStatus.SUCCEEDED.value: TaskState.SUCCEEDED,
     TaskStatus.FAILED.value: TaskState.FAILED,
     TaskStatus.TIMED_OUT.value: TaskState.TIMED_OUT,
@@ -106,17 +123,25 @@ class Broker:
         self.clock = clock
         self.liveness = Liveness(config.heartbeat_interval_s, config.heartbeat_liveness)
         self.policy = make_policy(config.policy)
+        self.retry_policy = RetryPolicy(config.default_max_retries, config.retry_base_delay_s,
+                                        config.retry_max_delay_s)
         self.agents = AgentTable()
         self.tasks: dict[str, TaskRecord] = {}
         self.pending = PendingQueue()
         self.finished = FinishedResults(config.result_retention_max, config.result_retention_s)
+        self.deadlines = Deadlines()
+        self.journal = open_journal(config.data_dir, config.durability)
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.endpoint = ""
         #: other components' endpoints handed to agents at registration (bus, state)
         self.endpoints: dict[str, str] = {}
+        #: a new id per start: clients that see it change send again what they had open
+        self.boot_id = uuid.uuid4().hex[:12]
         self.started_at = clock()
-        self.deadlines = Deadlines()
+        #: add to a clock reading to get wall-clock time (journal, timelines)
+        self.wall_offset = time.time() - self.started_at
+        self._retrying: deque[TaskRecord] = deque()
         self._requirements: dict[tuple[tuple[str, ...], str | None], Requirement] = {}
         self._outboxes: dict[bytes, Outbox] = {}
         self._backlog: dict[bytes, deque[list[Any]]] = {}
@@ -139,7 +164,8 @@ class Broker:
     # ------------------------------------------------------------------ lifecycle
 
     def bind(self) -> str:
-        """Create and bind the ROUTER socket; returns the endpoint actually bound."""
+        """Replay the journal, create and bind the ROUTER socket; returns the endpoint."""
+        self._restore(self.journal.open())
         self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
         # Without MANDATORY a send to a gone or full peer is silently dropped.
@@ -157,6 +183,49 @@ class Broker:
         self._router = router
         self.endpoint = endpoint
         return endpoint
+
+    def _restore(self, replay: Replay) -> None:
+        """Rebuild open tasks and retained results from the journal."""
+        now = self.clock()
+        wall_now = now + self.wall_offset
+        restored_results = 0
+        for task_id, record in replay.results.items():
+            accepted = replay.accepted.get(task_id)
+            if accepted is None or wall_now - record[10] > self.finished.max_age_s:
+                continue
+            task = self._record_from_journal(accepted, now)
+            result = _new_result((task_id, record[2], record[3], record[4], record[5],
+                                  record[6], record[7], record[8], record[9], None))
+            task.state = _STATE_OF_STATUS.get(record[2], _FAILED)
+            task.result = result
+            task.finished_at = record[10] - self.wall_offset
+            self.finished.add(task)
+            restored_results += 1
+        reopened = 0
+        for task_id, accepted in replay.accepted.items():
+            if task_id in replay.results:
+                continue
+            task = self._record_from_journal(accepted, now)
+            task.note(now, "restored", "the broker restarted; dispatching again")
+            self.tasks[task_id] = task
+            self.pending.push(task)
+            self.deadlines.add(task, task.timeout_s)
+            reopened += 1
+        if replay.records:
+            logger.info("journal: %d open task(s) dispatched again, %d result(s) restored "
+                        "(%d record(s), %d torn byte(s) dropped)", reopened, restored_results,
+                        replay.records, replay.truncated_bytes)
+        self.counters["restored_open"] = reopened
+        self.counters["restored_results"] = restored_results
+
+    def _record_from_journal(self, record: list[Any], now: float) -> TaskRecord:
+        _, task_id, payload, caps, agent, priority, timeout_s, retries, parent, client, wall = record
+        spec = _new_tuple(TaskSpec, (task_id, payload, tuple(caps), agent, priority, timeout_s,
+                                     retries, parent))
+        task = TaskRecord(spec, self._requirement(spec[2], agent), client,
+                          now, timeout_s or self.config.default_timeout_s)
+        task.submitted_at = wall - self.wall_offset
+        return task
 
     def request_stop(self) -> None:
         """Ask for a graceful stop; safe from signal handlers and other threads."""
@@ -181,9 +250,8 @@ class Broker:
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         self._running = True
-        self.started_at = self.clock()
-        logger.info("broker %s listening on %s (policy %s)", __version__, self.endpoint,
-                    self.policy.name)
+        logger.info("broker %s listening on %s (policy %s, durability %s)", __version__,
+                    self.endpoint, self.policy.name, self.journal.durability.value)
         try:
             while self._running:
                 events = dict(poller.poll(self._poll_timeout_ms()))
@@ -197,6 +265,8 @@ class Broker:
                 if now >= self._next_tick:
                     self._tick(now)
                 self._expire_deadlines(now)
+                if self._retrying:
+                    self._release_retries(now)
                 self._dispatch(now)
                 self._flush()
                 if self._stopping_since is not None:
@@ -205,6 +275,7 @@ class Broker:
             self._close()
 
     def _close(self) -> None:
+        self.journal.close()
         if self._router is not None:
             self._router.close(linger=1000)
         if self._ctx is not None:
@@ -228,6 +299,8 @@ class Broker:
             until = deadline
         if self._accepted_due and self._accepted_deadline < until:
             until = self._accepted_deadline
+        if self._retrying:
+            until = min(until, min(t.retry_at for t in self._retrying))
         return max(0, int((until - now) * 1000) + 1)
 
     # ---------------------------------------------------------------- receiving
@@ -266,14 +339,18 @@ class Broker:
                     self._handle_submit(identity, msg)
                 case Results():
                     self._handle_results(identity, agent, msg)
+                case Progress():
+                    self._handle_progress(identity, agent, msg)
                 case Heartbeat():
-                    self._handle_heartbeat(identity, agent)
+                    self._handle_heartbeat(identity, agent, msg)
                 case Ready():
                     self._handle_ready(identity, msg)
                 case Fetch():
                     self._handle_fetch(identity, msg)
                 case StatusRequest():
                     self._handle_status(identity, msg)
+                case TaskQuery():
+                    self._handle_task_query(identity, msg)
                 case Cancel():
                     self._handle_cancel(identity, msg)
                 case Disconnect():
@@ -311,6 +388,7 @@ class Broker:
 
     def _handle_submit(self, identity: bytes, msg: Submit) -> None:
         now = self.clock()
+        wall = now + self.wall_offset
         self._items_this_pass += len(msg.tasks)
         accepted: list[str] = []
         full: list[str] = []
@@ -322,6 +400,7 @@ class Broker:
         pending = self.pending
         requirements = self._requirements
         deadlines = self.deadlines
+        journal_accepted = self.journal.accepted
         for spec in msg.tasks:
             task_id = spec[0]
             existing = tasks.get(task_id) or finished.get(task_id)
@@ -340,15 +419,21 @@ class Broker:
             if pending.count >= max_pending:
                 full.append(task_id)
                 continue
-            key = (spec[2], spec[3])
-            requirement = requirements.get(key)
+            requirement = requirements.get((spec[2], spec[3]))
             if requirement is None:
                 requirement = self._requirement(spec[2], spec[3])
             timeout_s = spec[5] or default_timeout
-            task = TaskRecord(spec, requirement, identity, now, now + timeout_s)
+            task = TaskRecord(spec, requirement, identity, now, timeout_s)
             tasks[task_id] = task
             pending.push(task)
             deadlines.add(task, timeout_s)
+            journal_accepted(spec, identity, wall)
+            if spec[7] is not None:
+                parent = tasks.get(spec[7])
+                if parent is not None:
+                    if parent.children is None:
+                        parent.children = []
+                    parent.children.append(task_id)
             accepted.append(task_id)
         self.counters["submitted"] += len(msg.tasks) - len(full) - len(stopping)
         if accepted:
@@ -387,11 +472,36 @@ class Broker:
     def _handle_cancel(self, identity: bytes, msg: Cancel) -> None:
         now = self.clock()
         for task_id in msg.task_ids:
-            task = self.tasks.get(task_id)
-            if task is None:
+            self._cancel_task(task_id, "cancelled by request", now)
+
+    def _cancel_task(self, task_id: str, reason: str, now: float) -> None:
+        """Cancel a task and, depth first, the subtasks it submitted."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        children = task.children
+        self._end_by_broker(task, TaskStatus.CANCELLED, ErrorCode.CANCELLED, reason, now)
+        for child in children or ():
+            self._cancel_task(child, f"parent {task_id} was cancelled", now)
+
+    def _handle_task_query(self, identity: bytes, msg: TaskQuery) -> None:
+        wanted = set(msg.statuses) if msg.statuses else None
+        listed = []
+        for task in self.finished.newest_first():
+            if len(listed) >= msg.limit:
+                break
+            result = task.result
+            if result is None or (wanted is not None and result[1] not in wanted):
                 continue
-            self._finish_by_broker(task, TaskStatus.CANCELLED, ErrorCode.CANCELLED,
-                                   "cancelled by request", now)
+            listed.append({
+                "task_id": result[0], "status": result[1],
+                "error": None if result[3] is None else {"code": result[3], "message": result[4]},
+                "agent": result[5], "attempts": result[6],
+                "capabilities": list(task.spec[2]),
+                "finished_at": round(task.finished_at + self.wall_offset, 6),
+                "timeline": task.timeline(self.wall_offset),
+            })
+        self._outbox(identity).control.append(encode(TaskList(msg.req, listed)))
 
     def _handle_status(self, identity: bytes, msg: StatusRequest) -> None:
         until = msg.until
@@ -428,39 +538,75 @@ class Broker:
 
     def _handle_ready(self, identity: bytes, msg: Ready) -> None:
         now = self.clock()
-        previous = self.agents.get(identity)
-        if previous is not None:
-            # Re-registration on the same connection (e.g. the agent thought we died).
-            self._remove_agent(previous, "re-registered", now)
+        previous = self.agents.remove(identity)
         agent = AgentRecord(identity, msg.agent_id, msg.name, frozenset(msg.capabilities),
-                            msg.max_concurrent, now, now, now)
-        for task_id in msg.running:
-            task = self.tasks.get(task_id)
-            if task is not None and task.state is TaskState.PENDING:
-                # We had requeued it (thinking the agent dead), but it is still running
-                # there: take it back rather than run it twice.
-                task.state = TaskState.DISPATCHED
-                self.pending.discard(task)
-                task.agent = agent
-                task.dispatched_at = now
-                agent.in_flight[task_id] = task
-            elif task is not None and task.state is TaskState.DISPATCHED and task.agent is None:
-                task.agent = agent
-                agent.in_flight[task_id] = task
-            else:
-                agent.foreign_running.add(task_id)
+                            msg.max_concurrent, now, now, now,
+                            breaker=CircuitBreaker(self.config.circuit_failure_threshold,
+                                                   self.config.circuit_recovery_s, self.clock))
         self.agents.add(agent)
+        running = set(msg.running)
+        if previous is not None:
+            # Registered again on the same connection (it thought we died): what it still
+            # runs stays with it, what it does not know about was lost on the way.
+            previous.state = AgentState.DEAD
+            for task_id, task in previous.in_flight.items():
+                if task_id in running:
+                    task.agent = agent
+                    agent.in_flight[task_id] = task
+                else:
+                    task.agent = None
+                    self._orphan(task, f"agent {msg.agent_id} registered again without it",
+                                 now)
+            agent.foreign_running.update(previous.foreign_running & running)
+        for task_id in msg.running:
+            if task_id not in agent.in_flight:
+                self._claim_running(agent, task_id, now)
         self.counters["agents_registered"] += 1
         logger.info("agent %s (%s) registered: capabilities %s, max_concurrent %d",
                     msg.agent_id, msg.name, sorted(msg.capabilities), msg.max_concurrent)
         self._outbox(identity).control.append(encode(Welcome(
-            self.config.heartbeat_interval_s, self.config.heartbeat_liveness, self.endpoints)))
+            self.config.heartbeat_interval_s, self.config.heartbeat_liveness, self.endpoints,
+            self.boot_id)))
         if self._status_waiters:
             self._status_waiters = [w for w in self._status_waiters
                                     if not self._answer_waiter(w, force=False)]
 
-    def _handle_heartbeat(self, identity: bytes, agent: AgentRecord | None) -> None:
+    def _claim_running(self, agent: AgentRecord, task_id: str, now: float) -> None:
+        """The agent says it runs ``task_id``: make our books agree, or stop it there."""
+        task = self.tasks.get(task_id)
+        if task is not None and task.state is _PENDING:
+            # We had requeued it (the agent looked dead) but it is still running there:
+            # take it back rather than run it twice.
+            self.pending.discard(task)
+            self._assign(task, agent, now, new_attempt=False)
+            task.state = _RUNNING
+            task.note(now, "reclaimed", agent.agent_id)
+        elif task is not None and task.agent is agent:
+            task.last_sign = now
+            if task.state is _DISPATCHED:
+                task.state = _RUNNING
+                task.started_at = now
+        elif task_id not in agent.foreign_running:
+            # Finished, or running elsewhere now: this copy is not wanted.
+            agent.foreign_running.add(task_id)
+            self._outbox(agent.identity).cancels.append(task_id)
+
+    def _handle_progress(self, identity: bytes, agent: AgentRecord | None, msg: Progress) -> None:
         if agent is None:
+            self._outbox(identity).control.append(
+                encode(Disconnect(ErrorCode.NOT_REGISTERED.value)))
+            return
+        now = self.clock()
+        for task_id in msg.started:
+            self._claim_running(agent, task_id, now)
+        for task_id in msg.running:
+            self._claim_running(agent, task_id, now)
+
+    def _handle_heartbeat(self, identity: bytes, agent: AgentRecord | None,
+                          msg: Heartbeat) -> None:
+        if msg.role == "client":
+            self._outbox(identity).control.append(encode(Heartbeat(boot=self.boot_id)))
+        elif agent is None:
             # A heartbeat before READY: an agent that registered with a broker we do not
             # remember (we restarted). Ask it to register instead of inventing state for it.
             self._outbox(identity).control.append(
@@ -482,8 +628,6 @@ class Broker:
         self._outbox(identity).acks.extend([item[0] for item in results])
         tasks = self.tasks
         foreign = agent.foreign_running if agent is not None else None
-        finish = self._finish
-        status_of_state = _STATUS_OF_STATE
         for item in results:
             task_id = item[0]
             if foreign:
@@ -495,47 +639,109 @@ class Broker:
                 continue
             status = item[1]
             owner = task.agent
-            if owner is not None and owner.identity != identity:
-                # The task was dispatched again and an earlier holder answered first: take
-                # that result, and stop the current holder (its slot frees when it answers).
-                del owner.in_flight[task_id]
-                owner.foreign_running.add(task_id)
-                self._outbox(owner.identity).cancels.append(task_id)
-                agent_name: str | None = agent.name if agent is not None else None
-            elif owner is not None:
+            if owner is None or owner.identity != identity:
+                # An earlier attempt answering (the task was requeued or dispatched again
+                # since). Its success is as good as any: take it, and stop the current
+                # holder. Its failure is old news: the current attempt decides.
+                if status != _SUCCEEDED:
+                    self.counters["stale_results"] += 1
+                    continue
+                self._detach(task)
+                dispatched_at = task.dispatched_at
+                self._finish(task, TaskState.SUCCEEDED, _new_result((
+                    task_id, status, item[2], item[3], item[4],
+                    agent.name if agent is not None else None, task.attempts,
+                    round((dispatched_at - task.submitted_at) * 1000.0, 3)
+                    if dispatched_at else None, item[8], None)), now)
+                continue
+            else:
                 del owner.in_flight[task_id]
                 owner.record_response((now - task.dispatched_at) * 1000.0)
+                breaker = owner.breaker
                 if status == _SUCCEEDED:
                     owner.done += 1
+                    if breaker._state is not CircuitState.CLOSED or breaker.consecutive_failures:
+                        self._breaker_success(owner)
                 else:
                     owner.failed += 1
+                    if status == _FAILED_STATUS or status == _TIMED_OUT_STATUS:
+                        self._breaker_failure(owner, now)
                 if owner.state is _DRAINING and not owner.busy:
                     self._remove_agent(owner, "drained", now)
                 agent_name = owner.name
-            else:
-                agent_name = agent.name if agent is not None else None
-            if task.state is _PENDING:
-                # It was requeued (its agent presumed dead) but the result came after all.
-                self.pending.discard(task)
+            task.agent = None
+            if status != _SUCCEEDED and self._retry(task, item[3], item[4], item[9], now):
+                continue
             dispatched_at = task.dispatched_at
-            finish(task, status_of_state.get(status, _FAILED), _new_result((
+            self._finish(task, _STATE_OF_STATUS.get(status, _FAILED), _new_result((
                 task_id, status, item[2], item[3], item[4], agent_name, task.attempts,
                 round((dispatched_at - task.submitted_at) * 1000.0, 3) if dispatched_at else None,
                 item[8], None)), now)
         if agent is None:
             # Results from an unregistered peer (e.g. after our restart): accepted above,
             # and the peer is asked to register so that it gets work again.
-            self._outbox(identity).control.append(encode(Disconnect(ErrorCode.NOT_REGISTERED.value)))
+            self._outbox(identity).control.append(
+                encode(Disconnect(ErrorCode.NOT_REGISTERED.value)))
+
+    def _breaker_success(self, agent: AgentRecord) -> None:
+        was = agent.breaker.state
+        agent.breaker.record_success()
+        if was is not CircuitState.CLOSED:
+            logger.info("agent %s: circuit closed after a successful probe", agent.agent_id)
+
+    def _breaker_failure(self, agent: AgentRecord, now: float) -> None:
+        was = agent.breaker.state
+        agent.breaker.record_failure()
+        if agent.breaker.state is CircuitState.OPEN and was is not CircuitState.OPEN:
+            self.counters["circuits_opened"] += 1
+            logger.warning("agent %s: circuit open after %d failure(s) in a row; no tasks for "
+                           "%g s", agent.agent_id, agent.breaker.consecutive_failures,
+                           agent.breaker.recovery_timeout)
 
     # ------------------------------------------------------------ task endings
 
+    def _retry(self, task: TaskRecord, code: str | None, message: str | None,
+               retryable: bool | None, now: float) -> bool:
+        """Schedule another attempt if the failure allows it; True if scheduled."""
+        if retryable is None:
+            retryable = code not in NOT_RETRYABLE
+        max_retries = task.spec[6]
+        if max_retries is None:
+            max_retries = self.retry_policy.max_retries
+        if not retryable or task.attempts > max_retries or self._stopping_since is not None:
+            return False
+        delay = self.retry_policy.delay(task.attempts)
+        task.state = TaskState.RETRYING
+        task.retry_at = now + delay
+        task.note(now, "retrying", f"attempt {task.attempts} failed ({code}: {message}); "
+                                   f"retry in {delay:.2f} s")
+        self._retrying.append(task)
+        self.counters["retried"] += 1
+        return True
+
+    def _release_retries(self, now: float) -> None:
+        """Tasks whose back-off is over wait for an agent again."""
+        still = deque()
+        for task in self._retrying:
+            if task.state is not TaskState.RETRYING:
+                continue
+            if task.retry_at > now:
+                still.append(task)
+                continue
+            task.state = _PENDING
+            task.deadline = now + task.timeout_s
+            self.deadlines.add(task, task.timeout_s)
+            self.pending.push(task)
+        self._retrying = still
+
     def _finish(self, task: TaskRecord, state: TaskState, result: ResultItem, now: float) -> None:
-        """The one way a task ends: record, tell its client and watchers, retain."""
+        """The one way a task ends: record, journal, tell its client and watchers, retain."""
         task.state = state
         task.result = result
         task.finished_at = now
         del self.tasks[task.spec[0]]
         self.finished.add(task)
+        self.journal.finished(result, now + self.wall_offset)
         self.counters[state._value_] += 1
         client = task.client
         box = self._outboxes.get(client)
@@ -547,74 +753,143 @@ class Broker:
                 if watcher != client:
                     self._outbox(watcher).results.append(result)
 
-    def _finish_by_broker(self, task: TaskRecord, status: TaskStatus, code: ErrorCode,
-                          message: str, now: float) -> None:
-        """End a task the broker decided about (timeout, no agent, cancel, shutdown)."""
-        if task.state is TaskState.PENDING:
+    def _detach(self, task: TaskRecord) -> None:
+        """Take a task off its agent (which may still run it: its slot stays taken until
+        it answers the CANCEL) or out of the queue."""
+        if task.state is _PENDING:
             self.pending.discard(task)
-        elif task.state is TaskState.DISPATCHED and task.agent is not None:
-            agent = task.agent
-            agent.in_flight.pop(task.id, None)
-            # The agent may still be running it: keep its credit taken until it answers.
-            agent.foreign_running.add(task.id)
-            self._outbox(agent.identity).cancels.append(task.id)
-        result = ResultItem(task.id, status.value, b"", code.value, message,
-                            task.agent.name if task.agent else None, task.attempts,
-                            round((now - task.submitted_at) * 1000.0, 3)
-                            if task.state is TaskState.PENDING else None, None)
-        self._finish(task, _STATUS_OF_STATE[status.value], result, now)
+        agent = task.agent
+        if agent is not None:
+            agent.in_flight.pop(task.spec[0], None)
+            agent.foreign_running.add(task.spec[0])
+            self._outbox(agent.identity).cancels.append(task.spec[0])
+            task.agent = None
+
+    def _end_by_broker(self, task: TaskRecord, status: TaskStatus, code: ErrorCode,
+                       message: str, now: float, retryable: bool = False) -> None:
+        """End (or, if ``retryable`` and retries are left, retry) a task the broker decided
+        about: timeout, no agent, lost agent, cancel, shutdown."""
+        agent_name = task.agent.name if task.agent is not None else None
+        was_pending = task.state is _PENDING
+        self._detach(task)
+        if retryable and self._retry(task, code.value, message, True, now):
+            return
+        result = _new_result((task.spec[0], status.value, b"", code.value, message, agent_name,
+                              task.attempts,
+                              round((now - task.submitted_at) * 1000.0, 3) if was_pending
+                              else None, None, None))
+        self._finish(task, _STATE_OF_STATUS[status.value], result, now)
 
     def _expire_deadlines(self, now: float) -> None:
         for task in self.deadlines.pop_expired(now):
-            if task.state is TaskState.PENDING and not self.agents.eligible(task.requirement):
-                self._finish_by_broker(
-                    task, TaskStatus.FAILED, ErrorCode.NO_AGENT,
-                    f"no live agent offers {task.requirement.describe()} "
-                    f"(waited {task.timeout_s:g} s); start one or check the capability name",
-                    now)
+            if task.state is TaskState.RETRYING:
+                continue
+            if task.state is _PENDING:
+                if not self.agents.eligible(task.requirement):
+                    self._end_by_broker(
+                        task, TaskStatus.FAILED, ErrorCode.NO_AGENT,
+                        f"no live agent offers {task.requirement.describe()} (waited "
+                        f"{task.timeout_s:g} s); start one or check the capability name", now)
+                else:
+                    self._end_by_broker(
+                        task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
+                        f"waited {task.timeout_s:g} s in the queue: every agent offering "
+                        f"{task.requirement.describe()} was busy or had its circuit open", now)
             else:
-                where = "waiting in the queue" if task.state is TaskState.PENDING else "running"
-                self._finish_by_broker(task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
-                                       f"timed out after {task.timeout_s:g} s ({where})", now)
+                agent = task.agent
+                if agent is not None:
+                    self._breaker_failure(agent, now)
+                    agent.failed += 1
+                self._end_by_broker(task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
+                                    f"attempt {task.attempts} ran past its {task.timeout_s:g} s "
+                                    "timeout", now, retryable=True)
 
     # ------------------------------------------------------------------ agents
 
     def _remove_agent(self, agent: AgentRecord, reason: str, now: float) -> None:
-        """Forget an agent; its in-flight tasks go back to the front of the queue."""
+        """Forget an agent; its in-flight tasks go back to the queue (or fail, if they
+        have used up their retries)."""
         self.agents.remove(agent.identity)
         agent.state = AgentState.DEAD
-        requeued = 0
-        for task in agent.in_flight.values():
-            if task.state is TaskState.DISPATCHED:
-                task.state = TaskState.PENDING
-                task.agent = None
-                self.pending.push_front(task)
-                requeued += 1
+        orphans = list(agent.in_flight.values())
         agent.in_flight.clear()
-        self.counters["redispatched"] += requeued
+        for task in orphans:
+            task.agent = None
+            self._orphan(task, f"agent {agent.agent_id} {reason}", now)
         log = logger.warning if reason in ("dead", "unreachable") else logger.info
-        log("agent %s (%s) removed: %s; %d in-flight task(s) requeued",
-            agent.agent_id, agent.name, reason, requeued)
+        log("agent %s (%s) removed: %s; %d in-flight task(s) orphaned", agent.agent_id,
+            agent.name, reason, len(orphans))
+
+    def _orphan(self, task: TaskRecord, why: str, now: float) -> None:
+        """A task lost its agent (or its dispatch was lost): run it elsewhere, at once."""
+        max_retries = task.spec[6]
+        if max_retries is None:
+            max_retries = self.retry_policy.max_retries
+        if task.attempts > max_retries:
+            task.state = _DISPATCHED  # so that _end_by_broker does not touch the queue
+            self._end_by_broker(task, TaskStatus.FAILED, ErrorCode.AGENT_LOST,
+                                f"{why}; no retries left after {task.attempts} attempt(s)", now)
+            return
+        task.state = _PENDING
+        task.deadline = now + task.timeout_s
+        self.deadlines.add(task, task.timeout_s)
+        self.pending.push_front(task)
+        task.note(now, "requeued", why)
+        self.counters["redispatched"] += 1
 
     def _tick(self, now: float) -> None:
         self._next_tick = now + self._tick_s
-        if self._deferred_acks:
-            acks, self._deferred_acks = self._deferred_acks, {}
-            for identity, ids in acks.items():
-                self._outbox(identity).control.append(encode(Ack(ids)))
         liveness = self.liveness
+        lease_s = liveness.expiry_s
         for agent in self.agents:
             if liveness.is_dead(agent, now):
                 self.counters["agents_dead"] += 1
                 self._remove_agent(agent, "dead", now)
-            elif liveness.needs_heartbeat(agent, now) and agent.identity not in self._outboxes:
+                continue
+            if liveness.needs_heartbeat(agent, now) and agent.identity not in self._outboxes:
                 self._outbox(agent.identity).control.append(encode(Heartbeat()))
+            # A dispatch with no sign of life for a lease period was lost on the way (the
+            # agent is alive: it heartbeats). Run the task again.
+            lost = [t for t in agent.in_flight.values() if now - t.last_sign > lease_s]
+            for task in lost:
+                del agent.in_flight[task.spec[0]]
+                agent.foreign_running.add(task.spec[0])
+                self._outbox(agent.identity).cancels.append(task.spec[0])
+                task.agent = None
+                self.counters["lease_expired"] += 1
+                self._orphan(task, f"no sign of life from {agent.agent_id} for "
+                                   f"{lease_s:g} s", now)
+        if self._deferred_acks:
+            acks, self._deferred_acks = self._deferred_acks, {}
+            for identity, ids in acks.items():
+                self._outbox(identity).control.append(encode(Ack(ids)))
         if self._status_waiters:
             self._status_waiters = [w for w in self._status_waiters
                                     if not self._answer_waiter(w, force=now >= w.deadline)]
         self.finished.expire(now)
+        if self.journal.needs_compaction():
+            self._compact_journal()
+
+    def _compact_journal(self) -> None:
+        offset = self.wall_offset
+        self.journal.compact(
+            ((t.spec, t.client, t.submitted_at + offset) for t in self.tasks.values()),
+            ((t.result, t.finished_at + offset) for t in self.finished.newest_first()[::-1]
+             if t.result is not None))
+        self.counters["journal_compactions"] += 1
 
     # ------------------------------------------------------------------ dispatch
+
+    def _assign(self, task: TaskRecord, agent: AgentRecord, now: float,
+                new_attempt: bool = True) -> None:
+        task.state = _DISPATCHED
+        task.agent = agent
+        if new_attempt:
+            task.attempts += 1
+        task.dispatched_at = task.last_sign = now
+        task.deadline = now + task.timeout_s
+        self.deadlines.add(task, task.timeout_s)
+        agent.in_flight[task.spec[0]] = task
 
     def _dispatch(self, now: float) -> None:
         pending = self.pending
@@ -622,6 +897,7 @@ class Broker:
             return
         choose = self.policy.choose
         outboxes = self._outboxes
+        deadlines_add = self.deadlines.add
         for requirement in pending.requirements():
             candidates = [a for a in self.agents.eligible(requirement) if a.free > 0]
             if not candidates:
@@ -636,16 +912,23 @@ class Broker:
                 task.state = _DISPATCHED
                 task.agent = agent
                 attempts = task.attempts = task.attempts + 1
-                task.dispatched_at = now
+                task.dispatched_at = task.last_sign = now
+                timeout_s = task.timeout_s
+                task.deadline = now + timeout_s
+                deadlines_add(task, timeout_s)
                 spec = task.spec
                 in_flight = agent.in_flight
                 in_flight[spec[0]] = task
                 batch = assignments.get(agent)
                 if batch is None:
                     batch = assignments[agent] = []
-                batch.append(_new_assignment((spec[0], spec[1], attempts,
-                                              max(0.0, task.deadline - now), spec[2], spec[7])))
-                if len(in_flight) + len(agent.foreign_running) >= agent.max_concurrent:
+                batch.append(_new_assignment((spec[0], spec[1], attempts, timeout_s, spec[2],
+                                              spec[7])))
+                breaker = agent.breaker
+                if breaker._state is not CircuitState.CLOSED:
+                    breaker.probe_in_flight = True  # half-open: this task is the probe
+                    candidates.remove(agent)
+                elif len(in_flight) + len(agent.foreign_running) >= agent.max_concurrent:
                     candidates.remove(agent)
             for agent, batch in assignments.items():
                 box = outboxes.get(agent.identity)
@@ -656,6 +939,9 @@ class Broker:
     # ------------------------------------------------------------------ sending
 
     def _flush(self) -> None:
+        # Group commit: what this pass accepted and finished is written before anyone
+        # hears of it.
+        self.journal.commit()
         now = self.clock()
         if self._accepted_due and now >= self._accepted_deadline:
             self._release_accepted(self._outboxes)
@@ -675,11 +961,11 @@ class Broker:
         for identity, box in outboxes.items():
             messages: list[list[Any]] = []
             if box.accepted:
-                messages.append(encode(Accepted(box.accepted)))
+                messages.extend(encode(Accepted(part)) for part in chunks(box.accepted))
             if box.cancels:
                 messages.append(encode(Cancel(box.cancels)))
             if len(box.acks) >= MAX_BATCH_ITEMS:
-                messages.append(encode(Ack(box.acks)))
+                messages.extend(encode(Ack(part)) for part in chunks(box.acks))
                 box.acks = []
             if box.acks:
                 # Acks are not urgent: the agent only keeps results until acked. They go
@@ -739,8 +1025,8 @@ class Broker:
         self.counters["send_backpressure"] += 1
         while len(backlog) > BACKLOG_LIMIT:
             backlog.popleft()
-            # Results stay retrievable with FETCH; assignments come back by heartbeat
-            # expiry if the peer never drains.
+            # Results stay retrievable with FETCH; lost assignments come back when their
+            # lease expires.
             self.counters["send_dropped"] += 1
 
     def _peer_unreachable(self, identity: bytes, now: float) -> None:
@@ -754,19 +1040,27 @@ class Broker:
     def _begin_stop(self, now: float) -> None:
         self._stopping_since = now
         logger.info("graceful stop: draining %d task(s)", len(self.tasks))
-        for task in list(self.tasks.values()):
-            if task.state is TaskState.PENDING and not self.agents.eligible(task.requirement):
-                self._finish_by_broker(task, TaskStatus.FAILED, ErrorCode.SHUTTING_DOWN,
-                                       "the broker stopped before an agent could take it", now)
+        if self.journal.durability.value == "none":
+            for task in list(self.tasks.values()):
+                if task.state is _PENDING and not self.agents.eligible(task.requirement):
+                    self._end_by_broker(task, TaskStatus.FAILED, ErrorCode.SHUTTING_DOWN,
+                                        "the broker stopped before an agent could take it", now)
 
     def _check_stop_complete(self, now: float) -> None:
         assert self._stopping_since is not None
         timed_out = now - self._stopping_since >= self.config.drain_timeout_s
-        if self.tasks and not timed_out:
+        running = any(t.agent is not None for t in self.tasks.values())
+        dispatchable = any(t.state is _PENDING and self.agents.eligible(t.requirement)
+                           for t in self.tasks.values())
+        if (running or dispatchable) and not timed_out:
             return
-        for task in list(self.tasks.values()):
-            self._finish_by_broker(task, TaskStatus.FAILED, ErrorCode.SHUTTING_DOWN,
-                                   "the broker stopped before the task finished", now)
+        if self.journal.durability.value == "none":
+            for task in list(self.tasks.values()):
+                self._end_by_broker(task, TaskStatus.FAILED, ErrorCode.SHUTTING_DOWN,
+                                    "the broker stopped before the task finished", now)
+        elif self.tasks:
+            # Journaled: they stay open and run again when the broker comes back.
+            logger.info("graceful stop: %d open task(s) kept in the journal", len(self.tasks))
         for agent in self.agents:
             self._outbox(agent.identity).control.append(encode(Disconnect("broker_stopping")))
         self._flush()
@@ -777,11 +1071,13 @@ class Broker:
     def status(self) -> dict[str, Any]:
         """A snapshot of the broker for STATUS (the document ``orchestrator status`` prints)."""
         now = self.clock()
-        dispatched = sum(a.busy for a in self.agents)
+        states = Counter(t.state.value for t in self.tasks.values())
         return {
             "broker": {
                 "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
-                "endpoint": self.endpoint, "policy": self.policy.name,
+                "endpoint": self.endpoint, "endpoints": dict(self.endpoints),
+                "policy": self.policy.name, "boot": self.boot_id,
+                "durability": self.journal.durability.value, "journal_bytes": self.journal.size,
                 "uptime_s": round(now - self.started_at, 3),
                 "state": "stopping" if self._stopping_since is not None else "running",
             },
@@ -789,13 +1085,18 @@ class Broker:
             "queue": {"pending": self.pending.count, "max_pending": self.config.max_pending},
             "tasks": {
                 "submitted": self.counters["submitted"], "pending": self.pending.count,
-                "in_flight": dispatched,
+                "in_flight": states["dispatched"] + states["running"],
+                "running": states["running"], "retrying": states["retrying"],
                 **{s.value: self.counters[s.value] for s in
                    (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT,
                     TaskState.CANCELLED)},
+                "retried": self.counters["retried"],
                 "redispatched": self.counters["redispatched"],
+                "lease_expired": self.counters["lease_expired"],
                 "duplicate_results": self.counters["duplicate_results"],
                 "retained_results": len(self.finished),
+                "restored_open": self.counters["restored_open"],
+                "restored_results": self.counters["restored_results"],
             },
             "messages": {"in": self.counters["messages_in"], "out": self.counters["messages_out"]},
             "errors": dict(self.errors),

@@ -20,6 +20,9 @@ class TaskState(enum.Enum):
 
     PENDING = "pending"
     DISPATCHED = "dispatched"
+    RUNNING = "running"
+    #: failed or timed out, waiting out its retry back-off before it is pending again
+    RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
@@ -28,7 +31,7 @@ class TaskState(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self not in (TaskState.PENDING, TaskState.DISPATCHED)
+        return self not in _OPEN_STATES
 
 
 class TaskRecord:
@@ -39,32 +42,66 @@ class TaskRecord:
     """
 
     __slots__ = ("spec", "requirement", "client", "submitted_at", "deadline", "state", "agent",
-                 "attempts", "dispatched_at", "finished_at", "result", "watchers")
+                 "attempts", "dispatched_at", "started_at", "last_sign", "finished_at",
+                 "result", "watchers", "history", "retry_at", "timeout_s", "children")
 
     def __init__(self, spec: TaskSpec, requirement: Requirement, client: bytes,
-                 submitted_at: float, deadline: float) -> None:
+                 submitted_at: float, timeout_s: float) -> None:
         self.spec = spec
         self.requirement = requirement
         #: ROUTER identity of the client that submitted it (results are pushed there)
         self.client = client
         self.submitted_at = submitted_at
-        self.deadline = deadline
+        #: each attempt (and each wait for an agent) may take this long
+        self.timeout_s = timeout_s
+        #: when the current wait or attempt must end
+        self.deadline = submitted_at + timeout_s
         self.state = TaskState.PENDING
         self.agent: AgentRecord | None = None
         self.attempts = 0
         self.dispatched_at = 0.0
+        self.started_at = 0.0
+        #: last sign of life of the current attempt (dispatch, PROGRESS): its lease
+        self.last_sign = 0.0
         self.finished_at = 0.0
+        self.retry_at = 0.0
         self.result: ResultItem | None = None
         #: other clients waiting for this result (FETCH with wait), created on demand
         self.watchers: list[bytes] | None = None
+        #: unusual transitions (retries, re-dispatches, timeouts): (clock, event, detail)
+        self.history: list[tuple[float, str, str]] | None = None
+        #: ids of subtasks submitted by this task's agent while it ran
+        self.children: list[str] | None = None
 
     @property
     def id(self) -> str:
         return self.spec.id
 
     @property
-    def timeout_s(self) -> float:
-        return self.deadline - self.submitted_at
+    def open(self) -> bool:
+        return self.state in _OPEN_STATES
+
+    def note(self, at: float, event: str, detail: str = "") -> None:
+        """Keep an unusual transition for the task's timeline."""
+        if self.history is None:
+            self.history = []
+        self.history.append((at, event, detail))
+
+    def timeline(self, wall_offset: float) -> list[dict[str, object]]:
+        """Every transition with its wall-clock time, oldest first."""
+        events: list[tuple[float, str, str]] = [(self.submitted_at, "submitted", "")]
+        if self.history:
+            events.extend(self.history)
+        if self.dispatched_at:
+            events.append((self.dispatched_at, "dispatched",
+                           self.agent.agent_id if self.agent is not None else ""))
+        if self.started_at:
+            events.append((self.started_at, "running", ""))
+        if self.finished_at:
+            events.append((self.finished_at, self.state.value, ""))
+        events.sort(key=lambda e: e[0])
+        return [{"at": round(at + wall_offset, 6), "event": event, "detail": detail}
+                for at, event, detail in events]
 
     def add_watcher(self, identity: bytes) -> None:
         if self.watchers is None:
@@ -165,6 +202,9 @@ class FinishedResults:
         if len(self._tasks) > self.max_count:
             self._tasks.popitem(last=False)
 
+    def newest_first(self) -> list[TaskRecord]:
+        return list(reversed(self._tasks.values()))
+
     def expire(self, now: float) -> int:
         """Drop results older than the retention age; returns how many went."""
         dropped = 0
@@ -179,13 +219,14 @@ class FinishedResults:
 
 
 class Deadlines:
-    """When each open task must end, cheap for the common case of few distinct timeouts.
+    """When each open task's current wait or attempt must end.
 
-    Tasks submitted with the same timeout reach their deadlines in submission order, so
-    each distinct timeout gets a FIFO "lane": adding is an append, and finished tasks fall
-    off the front as soon as they get there. A lane thus holds tasks from its oldest
-    unfinished one on, instead of every task until its deadline (a heap with lazy
-    deletion keeps every record of the last ``timeout`` seconds alive). Past
+    Entries with the same timeout are added in time order, so each distinct timeout gets
+    a FIFO "lane": adding is an append, and entries of finished tasks fall off the front
+    as soon as they get there. A lane thus holds tasks from its oldest unfinished one on,
+    instead of every task until its deadline (a heap with lazy deletion keeps every record
+    of the last ``timeout`` seconds alive). A task whose deadline moved (a new attempt)
+    is added again; its old entry is recognised as stale by its deadline. Past
     :data:`MAX_LANES` distinct timeouts the rest go to a heap.
     """
 
@@ -193,31 +234,37 @@ class Deadlines:
     MAX_LANES = 64
 
     def __init__(self) -> None:
-        self._lanes: dict[float, deque[TaskRecord]] = {}
+        self._lanes: dict[float, deque[tuple[float, TaskRecord]]] = {}
         self._heap: list[tuple[float, int, TaskRecord]] = []
         self._sequence = itertools.count()
 
     def add(self, task: TaskRecord, timeout_s: float) -> None:
+        """Track ``task.deadline`` (set it first)."""
         lane = self._lanes.get(timeout_s)
         if lane is None:
             if len(self._lanes) >= self.MAX_LANES:
                 heapq.heappush(self._heap, (task.deadline, next(self._sequence), task))
                 return
             lane = self._lanes[timeout_s] = deque()
-        lane.append(task)
+        lane.append((task.deadline, task))
+
+    @staticmethod
+    def _live(deadline: float, task: TaskRecord) -> bool:
+        return task.state in _OPEN_STATES and task.deadline == deadline
 
     def _trim(self) -> None:
-        """Drop finished tasks from the front of every lane (and the heap)."""
+        """Drop entries of finished tasks and stale deadlines from the fronts."""
+        live = self._live
         empty = []
         for timeout_s, lane in self._lanes.items():
-            while lane and lane[0].state not in _OPEN_STATES:
+            while lane and not live(*lane[0]):
                 lane.popleft()
             if not lane:
                 empty.append(timeout_s)
         for timeout_s in empty:
             del self._lanes[timeout_s]
         heap = self._heap
-        while heap and heap[0][2].state not in _OPEN_STATES:
+        while heap and not live(heap[0][0], heap[0][2]):
             heapq.heappop(heap)
 
     def next_deadline(self) -> float | None:
@@ -225,23 +272,24 @@ class Deadlines:
         self._trim()
         earliest = self._heap[0][0] if self._heap else None
         for lane in self._lanes.values():
-            deadline = lane[0].deadline
+            deadline = lane[0][0]
             if earliest is None or deadline < earliest:
                 earliest = deadline
         return earliest
 
     def pop_expired(self, now: float) -> list[TaskRecord]:
-        """Open tasks whose deadline is at or before ``now``, removed from here."""
+        """Open tasks whose current deadline is at or before ``now``."""
+        live = self._live
         expired = []
         for lane in self._lanes.values():
-            while lane and (lane[0].state not in _OPEN_STATES or lane[0].deadline <= now):
-                task = lane.popleft()
-                if task.state in _OPEN_STATES:
+            while lane and (lane[0][0] <= now or not live(*lane[0])):
+                deadline, task = lane.popleft()
+                if live(deadline, task):
                     expired.append(task)
         heap = self._heap
-        while heap and (heap[0][2].state not in _OPEN_STATES or heap[0][0] <= now):
-            task = heapq.heappop(heap)[2]
-            if task.state in _OPEN_STATES:
+        while heap and (heap[0][0] <= now or not live(heap[0][0], heap[0][2])):
+            deadline, _, task = heapq.heappop(heap)
+            if live(deadline, task):
                 expired.append(task)
         return expired
 
@@ -249,4 +297,5 @@ class Deadlines:
         return sum(len(lane) for lane in self._lanes.values()) + len(self._heap)
 
 
-_OPEN_STATES = frozenset({TaskState.PENDING, TaskState.DISPATCHED})
+_OPEN_STATES = frozenset({TaskState.PENDING, TaskState.DISPATCHED, TaskState.RUNNING,
+                          TaskState.RETRYING})

@@ -28,6 +28,8 @@ READY_TIMEOUT_S = 20.0
 #: Heartbeat settings for tests: fast enough that dead-agent detection takes < 1 s.
 TEST_HEARTBEAT_S = 0.2
 TEST_LIVENESS = 3
+#: Retry back-off for tests: retries happen, quickly.
+TEST_RETRY_DELAY_S = 0.05
 
 
 def read_json_line(proc: subprocess.Popen[bytes], timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:
@@ -87,7 +89,9 @@ class Cluster:
         data_dir = data_dir or self.tmp_path / f"broker-{len(self.procs)}"
         full_args = ("--bind", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
                      "--heartbeat-interval", str(TEST_HEARTBEAT_S),
-                     "--heartbeat-liveness", str(TEST_LIVENESS), "--log-level", "WARNING", *args)
+                     "--heartbeat-liveness", str(TEST_LIVENESS), "--log-level", "WARNING",
+                     "--retry-base-delay", str(TEST_RETRY_DELAY_S),
+                     "--retry-max-delay", str(TEST_RETRY_DELAY_S * 4), *args)
         proc = python_process("-m", "broker", *full_args)
         self.procs.append(proc)
         info = read_json_line(proc)
