@@ -23,7 +23,7 @@ from typing import Any, Callable
 from broker.config import broker_url
 from broker.protocol import (
     Accepted, Cancel, Disconnect, Error, ErrorCode, Fetch, Heartbeat, Message, Results,
-    StatusReply, StatusRequest, Submit, TaskSpec, TaskStatus, chunks,
+    StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec, TaskStatus, chunks,
 )
 from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, WaitTimeout
 from agent_sdk.task import _MISSING, TERMINAL_STATUSES, Result, encode_payload
@@ -310,6 +310,14 @@ class Client:
         reply: StatusReply = await self._request(lambda req: StatusRequest(req), timeout)
         return reply.status
 
+    async def tasks(self, statuses: Iterable[str] | None = None, limit: int = 100,
+                    timeout: float = STATUS_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Finished tasks the broker still retains, newest first; ``statuses`` filters
+        (``["failed", "timed_out"]`` lists the dead letters with their last error)."""
+        wanted = list(statuses) if statuses is not None else None
+        reply: TaskList = await self._request(lambda req: TaskQuery(req, wanted, limit), timeout)
+        return reply.tasks
+
     async def ping(self, timeout: float = 2.0) -> None:
         """Return if the broker answers within ``timeout``, else raise BrokerUnavailable."""
         await self.status(timeout)
@@ -364,7 +372,7 @@ class Client:
                     handle = handles.get(task_id)
                     if handle is not None:
                         handle._mark_accepted()
-            case StatusReply(req):
+            case StatusReply(req) | TaskList(req):
                 future = self._requests.pop(req, None)
                 if future is not None and not future.done():
                     future.set_result(msg)
@@ -485,6 +493,10 @@ class SyncClient:
 
     def ping(self, timeout: float = 2.0) -> None:
         self._call(self.client.ping(timeout))
+
+    def tasks(self, statuses: Iterable[str] | None = None, limit: int = 100,
+              timeout: float = STATUS_TIMEOUT_S) -> list[dict[str, Any]]:
+        return self._call(self.client.tasks(statuses, limit, timeout))
 
     def wait_for_agents(self, count: int = 1, capability: str | Iterable[str] | None = None,
                         name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import click
 import orjson
 
 from broker import __version__
-from broker.config import DEFAULT_BIND, POLICIES, home_dir
+from broker.config import DEFAULT_BIND, DURABILITIES, POLICIES, home_dir
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -162,13 +162,15 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 @main.command(help=START_HELP)
 @click.option("--bind", default=DEFAULT_BIND, show_default=True, help="HOST:PORT of the broker.")
 @click.option("--policy", type=click.Choice(POLICIES), default="capability", show_default=True)
+@click.option("--durability", type=click.Choice(DURABILITIES), default="batch", show_default=True,
+              help="Journal: none, batch (survives a crash) or fsync (survives power loss).")
 @click.option("--agents", "agents_spec", default="", help="Agents to start: module:Class[=N],...")
 @click.option("--no-agents", is_flag=True, help="Start no agents (the default for now).")
 @click.option("--foreground", is_flag=True, help="Run the broker in this process.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-def start(obj: Context, bind: str, policy: str, agents_spec: str, no_agents: bool,
-          foreground: bool, as_json: bool) -> None:
+def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: str,
+          no_agents: bool, foreground: bool, as_json: bool) -> None:
     home = obj.home
     agents = [] if no_agents else _parse_agents(agents_spec)
     running = read_pid(home / "broker.pid")
@@ -180,7 +182,8 @@ def start(obj: Context, bind: str, policy: str, agents_spec: str, no_agents: boo
         else:
             click.echo(message)
         return
-    broker_args = ["-m", "broker", "--bind", bind, "--data-dir", str(home), "--policy", policy]
+    broker_args = ["-m", "broker", "--bind", bind, "--data-dir", str(home), "--policy", policy,
+                   "--durability", durability]
     if foreground:
         from broker.__main__ import main as broker_main
 
@@ -460,6 +463,41 @@ def cancel(obj: Context, task_id: str, as_json: bool) -> None:
             click.echo(f"{task_id}: {outcome['status']}")
     finally:
         client.close()
+
+
+@main.command(help="""List finished tasks the broker retains, newest first.
+
+With --failed: the dead letters, tasks that failed or timed out after their retries,
+with their last error.""")
+@click.option("--failed", is_flag=True, help="Only tasks that failed or timed out.")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["succeeded", "failed", "timed_out", "cancelled", "rejected"]),
+              help="Only tasks with this status (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.pass_obj
+def tasks(obj: Context, failed: bool, statuses: tuple[str, ...], limit: int,
+          as_json: bool) -> None:
+    wanted = list(statuses) + (["failed", "timed_out"] if failed else [])
+    client = obj.client()
+    try:
+        listed = client.tasks(wanted or None, limit, PING_TIMEOUT_S)
+    finally:
+        client.close()
+    if as_json:
+        emit_json(listed)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(listed)} task(s)", title_justify="left")
+    for column in ("task", "status", "attempts", "agent", "error"):
+        table.add_column(column)
+    for task in listed:
+        error = task["error"]
+        table.add_row(task["task_id"], task["status"], str(task["attempts"]), task["agent"] or "",
+                      f"{error['code']}: {error['message']}" if error else "")
+    Console().print(table)
 
 
 if __name__ == "__main__":
