@@ -367,7 +367,7 @@ class BaseAgent(abc.ABC):
             self._channel.request_flush()
 
     def _complete(self, task_id: str, outcome: Any, started: float) -> None:
-        run_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        run_ms = (time.perf_counter() - started) * 1000.0
         if type(outcome) is Result and not outcome.extras and outcome.status == _SUCCEEDED:
             # The common case, kept short: a plain successful result.
             item = _new_result((task_id, outcome.status, outcome.to_payload(), None, None, None,

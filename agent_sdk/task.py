@@ -16,6 +16,8 @@ from broker.protocol import ErrorCode, TaskStatus, packb, unpackb
 #: Marks "no data given" (``None`` is a valid value for data).
 _MISSING: Final[Any] = object()
 
+_SUCCEEDED: Final = TaskStatus.SUCCEEDED.value
+
 #: Statuses after which a task never changes again.
 TERMINAL_STATUSES: Final = frozenset(s.value for s in TaskStatus)
 
@@ -132,7 +134,7 @@ class Result:
         self.data = data
         self.confidence = confidence
         self.extras = extras
-        self.status: str = TaskStatus.SUCCEEDED.value
+        self.status: str = _SUCCEEDED
         self.error: TaskError | None = None
         self.task_id: str = ""
         self.agent: str | None = None

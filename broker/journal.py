@@ -10,11 +10,12 @@ in memory, so the journal is only ever read at start-up. Appending a pre-framed 
 costs about a microsecond a task; an SQLite insert plus an update about six, most of the
 broker's per-task budget.
 
-Frame: ``[length: u32 little-endian][crc32: u32][msgpack record]``. On replay a record
-whose length runs past the end of the file or whose checksum does not match ends the log
-(a torn last write): the file is truncated there and the broker starts with everything
-before it. Only records of the last, unfinished pass can be lost that way, and their
-ACCEPTED was never sent.
+Frame: ``[length: u32 little-endian][crc32: u32][msgpack array of records]``, one frame
+per commit (a loop pass): one checksum and one pack call for the whole pass instead of
+one per record. On replay a frame whose length runs past the end of the file or whose
+checksum does not match ends the log (a torn last write): the file is truncated there and
+the broker starts with everything before it. Only the last, unfinished pass can be lost
+that way, and its ACCEPTED and RESULT messages were never sent.
 
 Records (msgpack arrays):
     ``["A", id, payload, caps, agent, priority, timeout_s, max_retries, parent_id, client, wall]``
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Grow by this much, then compact.
 COMPACT_AFTER_BYTES: Final = 256 * 1024 * 1024
+#: Records per frame in a compacted log (frames stay well below memory-hungry sizes).
+COMPACT_FRAME_RECORDS: Final = 4096
 _HEADER = struct.Struct("<II")
 _packb = msgpack.Packer(use_bin_type=True).pack
 _crc32 = zlib.crc32
@@ -70,8 +73,8 @@ class Replay:
     truncated_bytes: int
 
 
-def _frame(record: list[Any]) -> bytes:
-    body = _packb(record)
+def _frame(records: list[Any]) -> bytes:
+    body = _packb(records)
     return _pack_header(len(body), _crc32(body)) + body
 
 
@@ -89,7 +92,7 @@ class Journal:
     def __init__(self, directory: Path, durability: Durability = Durability.BATCH) -> None:
         self.path = Path(directory) / self.FILE
         self.durability = durability
-        self._buffer: list[bytes] = []
+        self._buffer: list[tuple[Any, ...]] = []
         self._fd = -1
         self.size = 0
         self._compacted_size = 0
@@ -123,16 +126,19 @@ class Journal:
             if len(body) < length or _crc32(body) != crc:
                 break
             try:
-                record = msgpack.unpackb(body, raw=False, strict_map_key=False)
-            except Exception:  # noqa: BLE001 - a checksummed but undecodable record ends the log too
+                batch = msgpack.unpackb(body, raw=False, strict_map_key=False)
+            except Exception:  # noqa: BLE001 - a checksummed but undecodable frame ends the log too
+                break
+            if type(batch) is not list:
                 break
             offset = body_start + length
-            records += 1
-            kind = record[0] if type(record) is list and record else None
-            if kind == "A" and len(record) == 11:
-                accepted.setdefault(record[1], record)
-            elif kind == "R" and len(record) == 11:
-                results[record[1]] = record
+            for record in batch:
+                records += 1
+                kind = record[0] if type(record) is list and record else None
+                if kind == "A" and len(record) == 11:
+                    accepted.setdefault(record[1], record)
+                elif kind == "R" and len(record) == 11:
+                    results[record[1]] = record
         truncated = end - offset
         if truncated:
             logger.warning("journal %s: %d byte(s) of torn or corrupt tail dropped after "
@@ -150,16 +156,16 @@ class Journal:
         payload = spec[1]
         if type(payload) is not bytes:
             payload = bytes(payload)
-        self._buffer.append(_frame(["A", spec[0], payload, list(spec[2]), spec[3], spec[4],
-                                    spec[5], spec[6], spec[7], client, wall]))
+        self._buffer.append(("A", spec[0], payload, spec[2], spec[3], spec[4], spec[5],
+                             spec[6], spec[7], client, wall))
 
     def finished(self, result: Any, wall: float) -> None:
         """Record a task's final result (``result`` is a protocol ResultItem)."""
         payload = result[2]
         if type(payload) is not bytes:
             payload = bytes(payload)
-        self._buffer.append(_frame(["R", result[0], result[1], payload, result[3], result[4],
-                                    result[5], result[6], result[7], result[8], wall]))
+        self._buffer.append(("R", result[0], result[1], payload, result[3], result[4],
+                             result[5], result[6], result[7], result[8], wall))
 
     @property
     def dirty(self) -> bool:
@@ -169,8 +175,8 @@ class Journal:
         """Write what this pass recorded (one write; fsync in FSYNC mode)."""
         if not self._buffer:
             return
-        data = b"".join(self._buffer)
-        self._buffer.clear()
+        data = _frame(self._buffer)
+        self._buffer = []
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
@@ -191,8 +197,9 @@ class Journal:
             self.accepted(spec, client, wall)
         for result, wall in results:
             self.finished(result, wall)
-        data = b"".join(self._buffer)
-        self._buffer.clear()
+        data = b"".join(_frame(self._buffer[i:i + COMPACT_FRAME_RECORDS])
+                        for i in range(0, len(self._buffer), COMPACT_FRAME_RECORDS))
+        self._buffer = []
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(data)

@@ -98,7 +98,7 @@ class AgentRecord:
         return self.busy / self.max_concurrent
 
     def record_response(self, elapsed_ms: float) -> None:
-        if self.done + self.failed == 0:
+        if self.ewma_ms == 0.0:
             self.ewma_ms = elapsed_ms
         else:
             self.ewma_ms += EWMA_ALPHA * (elapsed_ms - self.ewma_ms)
