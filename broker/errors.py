@@ -31,3 +31,57 @@ class TooLarge(ProtocolError):
 
 class ConfigError(BrokerError):
     """Raised when broker configuration values are invalid."""
+
+
+class StateDecodeError(DecodeError):
+    """Raised when frames cannot be decoded into a state service message; carries the
+    request id when the header got that far, so that the refusal reaches its caller."""
+
+    def __init__(self, message: str, code: str = "bad_frame", req: int | None = None) -> None:
+        super().__init__(message, code)
+        self.req = req
+
+
+class StateRequestError(BrokerError):
+    """Raised when the state service refuses a well-formed request (a conflict, a lock
+    that is not held, a stale fencing token); ``code`` is the stable error code."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = str(getattr(code, "value", code))
+
+
+class VersionConflict(StateRequestError):
+    """Raised when a compare-and-set finds another version than the expected one."""
+
+    def __init__(self, key: str, expected: int, current: int, value: bytes | None) -> None:
+        super().__init__(f"key {key!r} is at version {current}, not the expected {expected}",
+                         "conflict")
+        self.key = key
+        self.expected = expected
+        #: the key's version now (0: it does not exist) and its encoded value
+        self.current = current
+        self.value = value
+
+
+class NotHeld(StateRequestError):
+    """Raised when a session renews or releases a lease it does not hold (any more)."""
+
+    def __init__(self, name: str, token: int) -> None:
+        super().__init__(f"lock {name!r} is not held under token {token} by this session "
+                         "(it expired or was released)", "not_held")
+        self.name = name
+        self.token = token
+
+
+class StaleToken(StateRequestError):
+    """Raised when a write is guarded by a fencing token that is not the lock's current
+    lease (its holder lost the lock, or the token was never issued)."""
+
+    def __init__(self, name: str, token: int, current: int | None) -> None:
+        held = f"the current lease is token {current}" if current else "nobody holds it now"
+        super().__init__(f"fencing token {token} of lock {name!r} is stale: {held}",
+                         "stale_token")
+        self.name = name
+        self.token = token
+        self.current = current
