@@ -119,3 +119,72 @@ class BrokerConfig:
 
     def with_changes(self, **changes: Any) -> BrokerConfig:
         return replace(self, **changes)
+
+
+#: The state service's port is the broker's plus this (5555 gives 5558).
+STATE_PORT_OFFSET: Final = 3
+#: The state store's file in the data dir.
+STATE_DB_NAME: Final = "state.db"
+
+
+def state_bind_for(broker_bind: str) -> str:
+    """The state service's default HOST:PORT for a broker bound at ``broker_bind``: the
+    same host, port + :data:`STATE_PORT_OFFSET` (port 0 stays 0: any free port)."""
+    host, port = parse_host_port(broker_bind)
+    return f"{host}:{port + STATE_PORT_OFFSET if port else 0}"
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Everything the state service can be told. Build with :meth:`from_env` or directly."""
+
+    #: HOST:PORT of its ROUTER socket; port 0 picks a free port.
+    bind: str = state_bind_for(DEFAULT_BIND)
+    data_dir: Path = field(default_factory=home_dir)
+    #: False: keep everything in memory only (``--memory``); nothing survives a restart
+    persist: bool = True
+    #: a client heartbeats after an idle interval; a session silent for
+    #: ``heartbeat_interval_s * heartbeat_liveness`` expires and its leases are released
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    #: messages read from the socket before the loop commits and replies
+    drain_batch: int = 2000
+    #: per-peer outgoing queue (messages)
+    send_hwm: int = 100_000
+    #: recent changes kept in memory, so that a watch set up again after a reconnect
+    #: gets exactly the changes it missed
+    changelog_size: int = 65_536
+    #: messages queued for a watcher whose pipe is full before its watches are cancelled
+    #: with ``watch_overflow``
+    watcher_backlog: int = 10_000
+
+    def __post_init__(self) -> None:
+        parse_host_port(self.bind)
+        if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
+            raise ConfigError("heartbeat interval must be > 0 and liveness >= 1")
+        if self.drain_batch < 1 or self.changelog_size < 1 or self.watcher_backlog < 1:
+            raise ConfigError("drain_batch, changelog_size and watcher_backlog must be positive")
+
+    @property
+    def session_expiry_s(self) -> float:
+        """Silence after which a client's session expires."""
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    @property
+    def router_endpoint(self) -> str:
+        host, port = parse_host_port(self.bind)
+        return f"tcp://{host}:{port}"
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.data_dir) / STATE_DB_NAME
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> StateConfig:
+        """Defaults, then ``ORCH_STATE_BIND``, then explicit overrides (``None`` values in
+        ``overrides`` are ignored)."""
+        env: dict[str, Any] = {}
+        if "ORCH_STATE_BIND" in os.environ:
+            env["bind"] = os.environ["ORCH_STATE_BIND"]
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**env)

@@ -1,0 +1,282 @@
+"""The state service's logic: one request in, one reply out, plus what it caused.
+
+:class:`StateStore` owns the key space, the locks and the sessions. It knows the protocol
+messages but no sockets and no clock: every call gets ``now`` from the caller's injected
+clock. What a request causes for *other* sessions (a lock handed to a waiter, a wait that
+timed out, changes for watchers) is queued and collected with :meth:`take_outgoing`.
+The socket loop (``broker/state/server.py``) only moves frames, commits to disk, and
+sends; tests drive this class directly with a fake clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from typing import Any, Callable
+
+from broker.errors import StateRequestError, VersionConflict
+from broker.heartbeat import Liveness
+from broker.protocol import (
+    MAX_EVENTS_PER_MESSAGE, MAX_LIST_BYTES, PROTOCOL_VERSION, Entry, LeaseGranted, LockAcquire,
+    LockInfo, LockList, LockRelease, LockRenew, LockTable as LockTableReply, StateDelete,
+    StateDone, StateErrorCode, StateErrorReply, StateEvents, StateGet, StateHello, StateInfo,
+    StateInfoRequest, StateItems, StateList, StateMessage, StatePing, StatePut, StateUnwatch,
+    StateValue, StateWatch, StateWelcome, chunks,
+)
+from broker.state.keyspace import KeySpace
+from broker.state.locks import Lease, LockTable, Waiter
+from broker.state.sessions import Session, SessionState, SessionTable
+
+logger = logging.getLogger(__name__)
+
+#: Replies and pushes, each addressed to a routing id.
+Outgoing = list[tuple[bytes, StateMessage]]
+
+_PING = StatePing()
+
+
+class StateStore:
+    """Keys, locks, sessions and watches of one state service.
+
+    Args:
+        liveness: the heartbeat interval and liveness sessions are held to.
+        changelog_size: recent changes kept for exact replays to returning watchers.
+        instance: an id of this run of the service (changes on every restart).
+    """
+
+    def __init__(self, liveness: Liveness, changelog_size: int = 65_536,
+                 instance: str | None = None) -> None:
+        self.liveness = liveness
+        self.keys = KeySpace(changelog_size)
+        self.locks = LockTable()
+        self.sessions = SessionTable(liveness)
+        self.instance = instance or uuid.uuid4().hex[:16]
+        #: requests served, by message type
+        self.counters: Counter[str] = Counter()
+        #: sessions opened and expired, leases and keys expired
+        self.lifecycle: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self._events: dict[tuple[bytes, int], list[Entry]] = {}
+        self._resync: set[tuple[bytes, int]] = set()
+        self._outgoing: Outgoing = []
+        #: a hook adding the server's own fields (endpoint, disk) to INFO replies
+        self.extra_info: Callable[[], dict[str, Any]] = dict
+
+    # ------------------------------------------------------------------ requests
+
+    def handle(self, identity: bytes, msg: StateMessage, now: float) -> StateMessage | None:
+        """Serve one request from ``identity``; returns its reply (None: the reply comes
+        later, as for a lock that is waited for)."""
+        if type(msg) is StateHello:
+            return self._hello(identity, msg, now)
+        session = self.sessions.get(identity)
+        req = getattr(msg, "req", None)
+        if session is None or session.state is not SessionState.ACTIVE:
+            # Not a session we serve: the client must say HELLO first (and then set its
+            # watches up again); it resends the request after that, so nothing is lost.
+            return self.error(StateErrorCode.NO_SESSION,
+                              "no session for this connection (new, expired, or the service "
+                              "restarted): send HELLO", req)
+        session.last_seen = now
+        self.counters[type(msg).__name__] += 1
+        try:
+            match msg:
+                case StateGet(req, key):
+                    record = self.keys.get(key)
+                    if record is None:
+                        return StateValue(req, key, 0, None)
+                    return StateValue(req, key, record.version, record.value)
+                case StatePut():
+                    return self._put(msg, now)
+                case StatePing():
+                    return _PING
+                case StateDelete():
+                    return self._delete(msg, now)
+                case StateList(req, prefix, after, limit, values):
+                    items, more = self.keys.list(prefix, after, limit, MAX_LIST_BYTES, values)
+                    return StateItems(req, self.keys.version, items, more)
+                case LockAcquire(req, name, ttl_s, wait_s):
+                    lease = self.locks.acquire(identity, session.name, req, name, ttl_s, wait_s,
+                                               now)
+                    return None if lease is None else LeaseGranted(req, name, lease.token, ttl_s)
+                case LockRenew(req, name, token, ttl_s):
+                    lease = self.locks.renew(identity, name, token, ttl_s, now)
+                    return LeaseGranted(req, name, lease.token, lease.ttl_s)
+                case LockRelease(req, name, token):
+                    self.locks.release(identity, name, token, now)
+                    return StateDone(req)
+                case StateWatch():
+                    return self._watch(session, msg)
+                case StateUnwatch(req, watch):
+                    existed = self.sessions.remove_watch(session, watch)
+                    self._events.pop((identity, watch), None)
+                    return StateDone(req, self.keys.version, existed)
+                case LockList(req, prefix):
+                    return LockTableReply(req, self.lock_table(prefix, now))
+                case StateInfoRequest(req):
+                    return StateInfo(req, self.info())
+        except VersionConflict as e:
+            self.errors[e.code] += 1
+            return StateErrorReply(e.code, str(e), req, e.current, e.value)
+        except StateRequestError as e:
+            return self.error(e.code, str(e), req)
+        return self.error(StateErrorCode.UNKNOWN_COMMAND,
+                          f"{type(msg).__name__} is not a request the state service accepts", req)
+
+    def error(self, code: str | StateErrorCode, message: str, req: int | None = None
+              ) -> StateErrorReply:
+        """An ERROR reply, counted under its code."""
+        code = code.value if isinstance(code, StateErrorCode) else code
+        self.errors[code] += 1
+        return StateErrorReply(code, message, req)
+
+    def _hello(self, identity: bytes, msg: StateHello, now: float) -> StateWelcome:
+        previous = self.sessions.get(identity)
+        session = self.sessions.open(identity, msg.name or (previous.name if previous else ""),
+                                     now)
+        if previous is not None:
+            for watch in previous.watches:
+                self._events.pop((identity, watch), None)
+        self.lifecycle["sessions_opened"] += 1
+        held = [(lease.name, lease.token, lease.ttl_s) for lease in self.locks.held_by(identity)]
+        if held:
+            for name, _, _ in held:
+                self.locks.leases[name].holder = session.name
+            logger.info("session %s (%s) resumed %d lease(s)", session.label, session.name,
+                        len(held))
+        return StateWelcome(msg.req, self.liveness.interval_s, self.liveness.liveness,
+                            self.keys.version, self.instance, held)
+
+    def _put(self, msg: StatePut, now: float) -> StateDone:
+        if msg.fence is not None:
+            self.locks.check_fence(msg.fence[0], msg.fence[1], now)
+        self.keys.check(msg.key, msg.expected)
+        change = self.keys.put(msg.key, msg.value, now, msg.ttl_s)
+        self._notify(change)
+        return StateDone(msg.req, change.version)
+
+    def _delete(self, msg: StateDelete, now: float) -> StateDone:
+        if msg.fence is not None:
+            self.locks.check_fence(msg.fence[0], msg.fence[1], now)
+        self.keys.check(msg.key, msg.expected)
+        change = self.keys.delete(msg.key)
+        if change is None:
+            return StateDone(msg.req, 0, False)
+        self._notify(change)
+        return StateDone(msg.req, change.version, True)
+
+    def _watch(self, session: Session, msg: StateWatch) -> StateDone:
+        self.sessions.add_watch(session, msg.req, msg.prefix)
+        if msg.since is not None:
+            replay, exact = self.keys.replay(msg.prefix, msg.since)
+            if replay:
+                self._events.setdefault((session.identity, msg.req), []).extend(replay)
+            if not exact:
+                self._resync.add((session.identity, msg.req))
+        return StateDone(msg.req, self.keys.version)
+
+    def _notify(self, change: Entry) -> None:
+        """Queue ``change`` for every watch whose prefix covers its key."""
+        events = self._events
+        for target in self.sessions.watchers_of(change.key):
+            queue = events.get(target)
+            if queue is None:
+                events[target] = [change]
+            else:
+                queue.append(change)
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> None:
+        """Expire what is due by now: leases, waits, keys with a ttl (cheap: heap tops)."""
+        expired = self.locks.expire(now)
+        if expired:
+            self.lifecycle["leases_expired"] += expired
+        for change in self.keys.expire(now):
+            self.lifecycle["keys_expired"] += 1
+            self._notify(change)
+
+    def expire_sessions(self, now: float) -> None:
+        """End sessions silent past the expiry: their leases go (to the next waiters),
+        their waits and watches are dropped. Looks at every session, so the loop calls
+        it on its regular tick rather than on every pass."""
+        for session in self.sessions.expired(now):
+            released = self.locks.release_session(session.identity, now)
+            for watch in session.watches:
+                self._events.pop((session.identity, watch), None)
+            self.lifecycle["sessions_expired"] += 1
+            logger.info("session %s (%s) expired after %.2f s of silence; %d lease(s) released",
+                        session.label, session.name, now - session.last_seen, released)
+
+    def next_deadline(self) -> float | None:
+        """The earliest lease expiry, wait deadline or key expiry (sessions are checked
+        on the loop's regular tick instead)."""
+        deadlines = [d for d in (self.locks.next_deadline(), self.keys.next_deadline())
+                     if d is not None]
+        return min(deadlines) if deadlines else None
+
+    # ------------------------------------------------------------------ output
+
+    def take_outgoing(self) -> Outgoing:
+        """Messages for other sessions caused since the last call: granted leases, failed
+        waits, and watch events (one EVENTS message per watch and batch)."""
+        out = self._outgoing
+        self._outgoing = []
+        events = self.locks.take_events()
+        for waiter, lease in events.granted:
+            out.append((waiter.session, LeaseGranted(waiter.req, lease.name, lease.token,
+                                                     lease.ttl_s)))
+        for waiter in events.timed_out:
+            out.append((waiter.session, self._lock_timeout(waiter)))
+        if self._events:
+            pending, self._events = self._events, {}
+            resync, self._resync = self._resync, set()
+            for (identity, watch), changes in pending.items():
+                first = (identity, watch) in resync
+                for part in chunks(changes, MAX_EVENTS_PER_MESSAGE):
+                    out.append((identity, StateEvents(watch, part, first)))
+                    first = False
+        return out
+
+    def _lock_timeout(self, waiter: Waiter) -> StateErrorReply:
+        return self.error(StateErrorCode.LOCK_TIMEOUT,
+                          f"lock {waiter.name!r} stayed held for {waiter.deadline - waiter.since:g} s"
+                          if waiter.deadline is not None else f"lock {waiter.name!r} timed out",
+                          waiter.req)
+
+    # ------------------------------------------------------------------ views
+
+    def lock_table(self, prefix: str, now: float) -> list[LockInfo]:
+        """Held locks under ``prefix``, by name."""
+        rows = []
+        for name in sorted(self.locks.leases):
+            if name.startswith(prefix):
+                lease: Lease = self.locks.leases[name]
+                rows.append(LockInfo(name, lease.token, lease.holder,
+                                     lease.session.decode("utf-8", "backslashreplace"),
+                                     round(max(0.0, lease.expires_at - now), 3),
+                                     self.locks.waiting(name)))
+        return rows
+
+    def info(self) -> dict[str, Any]:
+        """Counters for INFO and logs."""
+        return {
+            "protocol": PROTOCOL_VERSION, "instance": self.instance,
+            "keys": len(self.keys), "version": self.keys.version,
+            "sessions": len(self.sessions), "watches": self.sessions.watch_count,
+            "locks_held": len(self.locks.leases),
+            "requests": dict(self.counters), "lifecycle": dict(self.lifecycle),
+            "errors": dict(self.errors),
+            **self.extra_info(),
+        }
+
+    # ------------------------------------------------------------------ restore
+
+    def restore_leases(self, leases: list[tuple[str, bytes, str, int, float]],
+                       fences: dict[str, int], now: float) -> None:
+        """Leases and fencing counters from disk: every holder gets a placeholder
+        session, which its HELLO adopts, or which expires like any silent session."""
+        self.locks.load(fences, leases, now)
+        for _, session, holder, _, _ in leases:
+            self.sessions.restore(session, holder, now)
