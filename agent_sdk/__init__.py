@@ -3,6 +3,8 @@
 - :class:`BaseAgent`: subclass it and implement ``async execute(task) -> Result``.
 - :class:`Client` / :class:`SyncClient`: submit tasks and await their results.
 - :class:`Task`, :class:`Result`: what flows between them.
+- :class:`StateClient` (``agent.state``, ``client.state``): shared versioned keys,
+  compare-and-set, locks with fencing tokens, watches.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ from agent_sdk.errors import (
 )
 from broker.resilience import CircuitBreaker, CircuitBreakerOpen, CircuitState, RetryPolicy
 from agent_sdk.task import Result, Task, TaskError
+from agent_sdk.errors import (
+    LeaseLost, LockTimeout, StaleFencingToken, StateError, StateUnavailable, VersionConflict,
+)
+from agent_sdk.state import Change, Lease, StateClient, SyncStateClient, Versioned, Watch
 
 __all__ = [
     "AgentState", "BaseAgent", "BrokerUnavailable", "CircuitBreaker", "CircuitBreakerOpen",
     "CircuitState", "Client", "OrchestratorError", "PermanentFailure", "RequestRefused",
     "Result", "RetryPolicy", "SyncClient", "SyncTaskHandle", "Task", "TaskError",
     "TaskHandle", "TaskNotFound", "WaitTimeout",
+    # shared state
+    "Change", "Lease", "LeaseLost", "LockTimeout", "StaleFencingToken", "StateClient",
+    "StateError", "StateUnavailable", "SyncStateClient", "VersionConflict", "Versioned", "Watch",
 ]

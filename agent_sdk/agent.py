@@ -38,6 +38,7 @@ from broker.protocol import (
 )
 from agent_sdk.errors import PermanentFailure
 from agent_sdk.task import Result, Task
+from agent_sdk.state import StateClient, endpoint_from
 from agent_sdk.transport import Channel
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ class BaseAgent(abc.ABC):
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         self.agent_id = agent_id or f"{name}-{uuid.uuid4().hex[:10]}"
-        self.state = AgentState.STARTING
+        #: where the agent stands with the broker (``self.state`` is the shared state)
+        self.status = AgentState.STARTING
         self.broker_url = ""
         self.endpoints: dict[str, str] = {}
         self.tasks_done = 0
@@ -152,6 +154,7 @@ class BaseAgent(abc.ABC):
         #: set while no task runs as an asyncio Task (a graceful stop waits for it)
         self._idle_event = asyncio.Event()
         self._idle_event.set()
+        self._shared_state: StateClient | None = None
 
     # ------------------------------------------------------------ to override
 
@@ -169,9 +172,22 @@ class BaseAgent(abc.ABC):
 
     async def ping(self) -> dict[str, Any]:
         """Health of this agent, for checks and tests."""
-        return {"ok": self.state is AgentState.READY, "id": self.agent_id, "name": self.name,
-                "state": self.state.value, "running": len(self._running),
+        return {"ok": self.status is AgentState.READY, "id": self.agent_id, "name": self.name,
+                "state": self.status.value, "running": len(self._running),
                 "done": self.tasks_done, "failed": self.tasks_failed}
+
+    @property
+    def state(self) -> StateClient:
+        """Shared state: versioned keys, compare-and-set, ``update``, locks and watches on
+        the state service, whose endpoint the broker sends at registration (the first
+        call waits for that). See :class:`agent_sdk.state.StateClient`."""
+        if self._shared_state is None:
+            self._shared_state = StateClient(self._state_endpoint, name=self.agent_id)
+        return self._shared_state
+
+    async def _state_endpoint(self) -> str:
+        await self._registered_event.wait()
+        return endpoint_from(self.endpoints, f"the broker at {self.broker_url}")
 
     # ------------------------------------------------------------------ running
 
@@ -206,8 +222,10 @@ class BaseAgent(abc.ABC):
             for pending in [t for t in self._running.values() if t is not None]:
                 pending.cancel()
             self._channel.close()
-            self.state = AgentState.STOPPED
+            self.status = AgentState.STOPPED
             await self.on_stop()
+            if self._shared_state is not None:
+                await self._shared_state.close()
 
     def stop(self) -> None:
         """Stop taking tasks, finish running ones, say goodbye (call on the agent's loop)."""
@@ -218,7 +236,7 @@ class BaseAgent(abc.ABC):
         await asyncio.wait_for(self._registered_event.wait(), timeout)
 
     async def _drain_and_leave(self) -> None:
-        self.state = AgentState.DRAINING
+        self.status = AgentState.DRAINING
         channel = self._channel
         assert channel is not None
         channel.send(Disconnect("draining"))
@@ -234,7 +252,7 @@ class BaseAgent(abc.ABC):
 
     def _register(self, now: float) -> None:
         assert self._channel is not None
-        self.state = AgentState.REGISTERING
+        self.status = AgentState.REGISTERING
         self._last_heard = now
         self._channel.send(Ready(self.agent_id, self.name, self.capabilities,
                                  self.max_concurrent, running=tuple(self._running)))
@@ -249,7 +267,7 @@ class BaseAgent(abc.ABC):
             channel = self._channel
             if channel is None or channel.closed:
                 return
-            if self.state is AgentState.READY or self.state is AgentState.DRAINING:
+            if self.status is AgentState.READY or self.status is AgentState.DRAINING:
                 if now >= next_lease and self._running:
                     # Renew the leases of running tasks (a dispatch the broker hears
                     # nothing about is presumed lost and runs elsewhere).
@@ -259,7 +277,7 @@ class BaseAgent(abc.ABC):
                 self._resend_unacked(now)
             expiry_s = self._heartbeat_interval_s * self._heartbeat_liveness
             if now - self._last_heard > expiry_s:
-                if now >= self._next_reconnect and self.state is not AgentState.DRAINING:
+                if now >= self._next_reconnect and self.status is not AgentState.DRAINING:
                     logger.warning("agent %s: broker silent for %.1f s; reconnecting",
                                    self.agent_id, now - self._last_heard)
                     self._next_reconnect = now + self._reconnect_delay_s
@@ -304,8 +322,8 @@ class BaseAgent(abc.ABC):
         self._heartbeat_liveness = msg.heartbeat_liveness
         self.endpoints = msg.endpoints
         self._reconnect_delay_s = RECONNECT_MIN_S
-        if self.state is not AgentState.DRAINING:
-            self.state = AgentState.READY
+        if self.status is not AgentState.DRAINING:
+            self.status = AgentState.READY
         if self._unacked:
             # Results sent before a reconnect may have been lost on the way: send again;
             # the broker drops the ones it already has.
@@ -319,13 +337,13 @@ class BaseAgent(abc.ABC):
             logger.info("agent %s registered again", self.agent_id)
 
     def _on_disconnect(self, reason: str) -> None:
-        if reason == ErrorCode.NOT_REGISTERED.value and self.state is not AgentState.DRAINING:
+        if reason == ErrorCode.NOT_REGISTERED.value and self.status is not AgentState.DRAINING:
             # The broker does not know us (it restarted): register again.
             self._register(asyncio.get_running_loop().time())
         elif reason == "broker_stopping":
             logger.info("agent %s: broker is stopping; will register when it is back",
                         self.agent_id)
-            self.state = AgentState.REGISTERING
+            self.status = AgentState.REGISTERING
 
     # ------------------------------------------------------------ execution
 

@@ -27,6 +27,7 @@ from broker.protocol import (
 )
 from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, WaitTimeout
 from agent_sdk.task import _MISSING, TERMINAL_STATUSES, Result, encode_payload
+from agent_sdk.state import StateClient, endpoint_from
 from agent_sdk.transport import Channel
 
 _new_tuple = tuple.__new__
@@ -121,10 +122,12 @@ class Client:
         broker: broker URL (default ``$ORCH_BROKER`` or ``tcp://127.0.0.1:5555``).
         client_id: routing id; keep it to get results of earlier submits pushed to you.
         default_timeout_s: task timeout when ``submit`` names none (the broker's if None).
+        state_url: the state service for :attr:`state` (default: the one the broker
+            announces in its status).
     """
 
     def __init__(self, broker: str | None = None, *, client_id: str | None = None,
-                 default_timeout_s: float | None = None) -> None:
+                 default_timeout_s: float | None = None, state_url: str | None = None) -> None:
         self.url = broker or broker_url()
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self.default_timeout_s = default_timeout_s
@@ -139,6 +142,8 @@ class Client:
         self._pinger: asyncio.Task[None] | None = None
         #: the broker's boot id as last heard
         self._boot: str | None = None
+        self._state_url = state_url
+        self._shared_state: StateClient | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -157,8 +162,25 @@ class Client:
                                                   name=f"{self.client_id}-ping")
         return self._channel
 
+    @property
+    def state(self) -> StateClient:
+        """Shared state (versioned keys, CAS, ``update``, locks, watches) on the state
+        service; see :class:`agent_sdk.state.StateClient`."""
+        if self._shared_state is None:
+            self._shared_state = StateClient(self._state_url or self._state_endpoint,
+                                             name=self.client_id)
+        return self._shared_state
+
+    async def _state_endpoint(self) -> str:
+        status = await self.status()
+        return endpoint_from(status.get("broker", {}).get("endpoints"),
+                             f"the broker at {self.url}")
+
     async def close(self) -> None:
         """Send what is queued and close; pending handles stay unresolved."""
+        if self._shared_state is not None:
+            await self._shared_state.close()
+            self._shared_state = None
         if self._pinger is not None:
             self._pinger.cancel()
             await asyncio.gather(self._pinger, return_exceptions=True)

@@ -40,3 +40,67 @@ class RequestRefused(OrchestratorError):
 class PermanentFailure(OrchestratorError):
     """Raise it in ``execute`` for a failure that a retry cannot fix (bad input, say):
     the task fails at once instead of being retried."""
+
+
+class StateUnavailable(OrchestratorError):
+    """Raised when the state service did not answer within the deadline, or the
+    connection was lost while a request was out (its outcome is then unknown)."""
+
+    def __init__(self, url: str, waited_s: float, detail: str = "") -> None:
+        super().__init__(detail or f"no answer from the state service at {url} within "
+                         f"{waited_s:g} s; is it running? (`orchestrator start` runs it)")
+        self.url = url
+        self.waited_s = waited_s
+
+
+class StateError(RequestRefused):
+    """Raised when the state service refuses a request; ``code`` is the stable error code
+    (``bad_request``, ``too_large``, ...; the subclasses below have their own)."""
+
+
+class VersionConflict(StateError):
+    """Raised when a compare-and-set finds the key at another version than expected.
+
+    ``current_version`` is the key's version now (0: it does not exist) and
+    ``current_value`` its value, so a retry needs no extra read.
+    """
+
+    def __init__(self, key: str, expected_version: int, current_version: int,
+                 current_value: object = None, message: str = "") -> None:
+        super().__init__("conflict", message or f"key {key!r} is at version {current_version}, "
+                         f"not the expected {expected_version}")
+        self.key = key
+        self.expected_version = expected_version
+        self.current_version = current_version
+        self.current_value = current_value
+
+
+class LockTimeout(StateError, TimeoutError):
+    """Raised when a lock stayed held by others for the whole ``wait``."""
+
+    def __init__(self, name: str, wait_s: float | None, message: str = "") -> None:
+        super().__init__("lock_timeout", message or f"lock {name!r} not acquired within "
+                         f"{wait_s:g} s")
+        self.name = name
+        self.wait_s = wait_s
+
+
+class StaleFencingToken(StateError):
+    """Raised when a write guarded by a fencing token is refused: the token is not the
+    lock's current lease (its holder lost the lock to expiry or death)."""
+
+    def __init__(self, lock: str, token: int, message: str = "") -> None:
+        super().__init__("stale_token", message or f"fencing token {token} of lock {lock!r} "
+                         "is stale")
+        self.lock = lock
+        self.token = token
+
+
+class LeaseLost(StateError):
+    """Raised when renewing or releasing a lease the service no longer counts as held
+    (it expired, or the session holding it did)."""
+
+    def __init__(self, name: str, token: int, message: str = "") -> None:
+        super().__init__("not_held", message or f"lease {token} of lock {name!r} is lost")
+        self.name = name
+        self.token = token
