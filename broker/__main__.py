@@ -1,8 +1,12 @@
 """Run the broker alone: ``python -m broker --bind 127.0.0.1:5555 --data-dir DIR``.
 
-On start it prints one JSON line ``{"event": "ready", "endpoint": ..., "pid": ...}`` to
-stdout and writes the same document to ``DATA_DIR/broker.json``; whoever started it
-(the CLI, a test fixture) waits for that line instead of sleeping.
+On start it prints one JSON line ``{"event": "ready", "endpoint": ..., "state": ...,
+"pid": ...}`` to stdout and writes the same document to ``DATA_DIR/broker.json``; whoever
+started it (the CLI, a test fixture) waits for that line instead of sleeping.
+
+The state service runs in a thread of this process (its own socket, loop and SQLite
+connection) on ``--state-bind`` (default: the broker's port + 3, or any free port when
+that one is taken or the broker's is 0), unless ``--no-state``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import zmq
 
-from broker.config import DURABILITIES, POLICIES, BrokerConfig, home_dir
+from broker.config import (
+    DURABILITIES, POLICIES, BrokerConfig, StateConfig, home_dir, state_bind_for,
+)
 from broker.errors import ConfigError
 from broker.server import Broker
 
@@ -41,8 +48,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--circuit-recovery", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--retention", type=float, default=None, metavar="SECONDS",
                         help="keep finished results this long (default 3600)")
+    parser.add_argument("--state-bind", default=None, metavar="HOST:PORT",
+                        help="the state service's address (default: broker port + 3)")
+    parser.add_argument("--state-memory", action="store_true",
+                        help="keep the state service in memory only (nothing on disk)")
+    parser.add_argument("--no-state", action="store_true", help="do not run the state service")
     parser.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
     return parser
+
+
+def start_state_service(args: argparse.Namespace, config: BrokerConfig) -> Any:
+    """Bind the state service and run it in a thread; returns the server (None with
+    ``--no-state``).
+
+    Raises:
+        ConfigError: the state options are invalid.
+    """
+    if args.no_state:
+        return None
+    from broker.state.server import StateServer
+
+    explicit = args.state_bind or os.environ.get("ORCH_STATE_BIND")
+    state_config = StateConfig(
+        bind=explicit or state_bind_for(config.bind), data_dir=config.data_dir,
+        persist=not args.state_memory, heartbeat_interval_s=config.heartbeat_interval_s,
+        heartbeat_liveness=config.heartbeat_liveness)
+    server = StateServer(state_config)
+    # A port derived from the broker's may be taken by chance; one asked for must not be.
+    server.bind(any_port_if_taken=not explicit)
+    server.start_thread()
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot open the journal in {config.data_dir}: {e}", file=sys.stderr)
         return 1
+    try:
+        state = start_state_service(args, config)
+    except Exception as e:  # noqa: BLE001 - report any bind or load failure in one line
+        print(f"error: cannot start the state service: {e}", file=sys.stderr)
+        return 3
     broker.install_signal_handlers()
-    info = {"event": "ready", "endpoint": endpoint, "pid": os.getpid()}
+    info: dict[str, Any] = {"event": "ready", "endpoint": endpoint, "pid": os.getpid()}
+    if state is not None:
+        broker.endpoints["state"] = info["state"] = state.endpoint
     data_dir = Path(config.data_dir or home_dir())
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "broker.json").write_bytes(orjson.dumps(info))
@@ -81,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker.run()
     finally:
+        if state is not None:
+            # After the broker: agents finishing their last tasks may still use state.
+            state.stop_thread()
         # Only a clean exit gets here: a killed broker leaves its file, and the next
         # start overwrites it.
         (data_dir / "broker.json").unlink(missing_ok=True)

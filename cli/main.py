@@ -167,10 +167,15 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 @click.option("--agents", "agents_spec", default="", help="Agents to start: module:Class[=N],...")
 @click.option("--no-agents", is_flag=True, help="Start no agents (the default for now).")
 @click.option("--foreground", is_flag=True, help="Run the broker in this process.")
+@click.option("--state-bind", default=None,
+              help="HOST:PORT of the state service. Default: the broker's port + 3.")
+@click.option("--state-memory", is_flag=True, help="Keep shared state in memory only.")
+@click.option("--no-state", is_flag=True, help="Do not run the state service.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: str,
-          no_agents: bool, foreground: bool, as_json: bool) -> None:
+          no_agents: bool, foreground: bool, state_bind: str | None, state_memory: bool,
+          no_state: bool, as_json: bool) -> None:
     home = obj.home
     agents = [] if no_agents else _parse_agents(agents_spec)
     running = read_pid(home / "broker.pid")
@@ -184,6 +189,8 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
         return
     broker_args = ["-m", "broker", "--bind", bind, "--data-dir", str(home), "--policy", policy,
                    "--durability", durability]
+    broker_args += ["--state-bind", state_bind] if state_bind else []
+    broker_args += ["--state-memory"] * state_memory + ["--no-state"] * no_state
     if foreground:
         from broker.__main__ import main as broker_main
 
@@ -204,9 +211,11 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
             started.append(registered["agent_id"])
     if as_json:
         emit_json({"status": "started", "pid": proc.pid, "endpoint": info["endpoint"],
-                   "agents": started, "home": str(home)})
+                   "state": info.get("state"), "agents": started, "home": str(home)})
     else:
         click.echo(f"broker started (pid {proc.pid}) at {info['endpoint']}; data in {home}")
+        if info.get("state"):
+            click.echo(f"state service at {info['state']}")
         if started:
             click.echo(f"agents: {', '.join(started)}")
 
@@ -498,6 +507,11 @@ def tasks(obj: Context, failed: bool, statuses: tuple[str, ...], limit: int,
         table.add_row(task["task_id"], task["status"], str(task["attempts"]), task["agent"] or "",
                       f"{error['code']}: {error['message']}" if error else "")
     Console().print(table)
+
+
+from cli.state import state as _state_group  # noqa: E402 - it imports this module's helpers
+
+main.add_command(_state_group)
 
 
 if __name__ == "__main__":

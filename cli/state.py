@@ -1,0 +1,252 @@
+"""``orchestrator state``: read and write shared state, list locks, run the service alone.
+
+The state service's URL comes from ``--state URL``, else ``$ORCH_STATE``, else the
+running broker of the data dir (``broker.json``), else the broker's status.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import orjson
+
+from cli.main import (
+    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context, emit_json,
+    fail, read_broker_info,
+)
+
+STATE_HELP = """Shared state: versioned keys, locks (the state service).
+
+Values are JSON on the command line and msgpack in the store: what an agent writes with
+`self.state.set(key, {"a": 1})` reads back here as {"a": 1}, and the other way round.
+"""
+SET_HELP = """Write KEY. VALUE is parsed as JSON when it is valid JSON (`42`, `"text"`,
+`{"a": 1}`), else stored as a string; --string always stores it as a string."""
+
+
+class StateContext:
+    """The shared CLI context plus where the state service is."""
+
+    def __init__(self, base: Context, state_url: str | None) -> None:
+        self.base = base
+        self._state_url = state_url
+
+    def state_url(self) -> str:
+        """The state service's URL, or exit 3 when none can be found."""
+        if self._state_url:
+            return self._state_url
+        info = read_broker_info(self.base.home)
+        if info is not None and info.get("state"):
+            return str(info["state"])
+        from agent_sdk.state import endpoint_from
+
+        client = self.base.client()
+        try:
+            status = client.status(PING_TIMEOUT_S)
+        finally:
+            client.close()
+        try:
+            return endpoint_from(status.get("broker", {}).get("endpoints"),
+                                 f"the broker at {self.base.broker_url}")
+        except Exception as e:  # noqa: BLE001 - StateUnavailable: say why, exit 3
+            fail(str(e), EXIT_UNREACHABLE)
+
+    def client(self) -> Any:
+        """A SyncStateClient whose session is open, or exit 3."""
+        from agent_sdk import StateUnavailable, SyncStateClient
+
+        url = self.state_url()
+        client = SyncStateClient(url, name="cli", request_timeout_s=PING_TIMEOUT_S)
+        try:
+            client.connect(PING_TIMEOUT_S)
+        except StateUnavailable:
+            client.close()
+            fail(f"the state service at {url} is not answering; start it with `orchestrator "
+                 "start` or `orchestrator state serve` (or pass --state URL)", EXIT_UNREACHABLE)
+        return client
+
+
+def _print_value(value: Any) -> None:
+    if isinstance(value, str):
+        click.echo(value)
+    else:
+        emit_json(value)
+
+
+def _refused(error: Exception) -> NoReturn:
+    fail(str(error), EXIT_FAILED)
+
+
+@click.group("state", help=STATE_HELP)
+@click.option("--state", "state_url", default=None, envvar="ORCH_STATE",
+              help="State service URL. Default: the running broker's.")
+@click.pass_context
+def state(ctx: click.Context, state_url: str | None) -> None:
+    ctx.obj = StateContext(ctx.obj, state_url)
+
+
+@state.command("get", help="Print the value of KEY (exit 1 when it does not exist).")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help='Print {"key", "value", "version"}.')
+@click.pass_obj
+def get(obj: StateContext, key: str, as_json: bool) -> None:
+    client = obj.client()
+    try:
+        entry = client.get_entry(key)
+    finally:
+        client.close()
+    if not entry.exists:
+        if as_json:
+            emit_json({"key": key, "value": None, "version": 0, "exists": False})
+            sys.exit(EXIT_FAILED)
+        fail(f"no key {key!r}", EXIT_FAILED)
+    if as_json:
+        emit_json({"key": key, "value": entry.value, "version": entry.version, "exists": True})
+    else:
+        _print_value(entry.value)
+
+
+@state.command("set", help=SET_HELP)
+@click.argument("key")
+@click.argument("value")
+@click.option("--string", "as_string", is_flag=True, help="Store VALUE as a string, always.")
+@click.option("--ttl", type=click.FloatRange(min=0.001), default=None,
+              help="Delete the key after this many seconds.")
+@click.option("--expect-version", type=click.IntRange(min=0), default=None,
+              help="Write only if the key is at this version (0: only if it does not exist).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"key", "version"}.')
+@click.pass_obj
+def set_(obj: StateContext, key: str, value: str, as_string: bool, ttl: float | None,
+         expect_version: int | None, as_json: bool) -> None:
+    from agent_sdk import StateError
+
+    parsed: Any = value
+    if not as_string:
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            parsed = value
+    client = obj.client()
+    try:
+        if expect_version is None:
+            version = client.set(key, parsed, ttl=ttl)
+        else:
+            version = client.cas(key, expect_version, parsed, ttl=ttl)
+    except StateError as e:
+        _refused(e)
+    finally:
+        client.close()
+    if as_json:
+        emit_json({"key": key, "version": version})
+    else:
+        click.echo(f"{key}: version {version}")
+
+
+@state.command("del", help="Delete KEY (succeeds whether or not it existed).")
+@click.argument("key")
+@click.option("--expect-version", type=click.IntRange(min=1), default=None,
+              help="Delete only if the key is at this version.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"key", "deleted"}.')
+@click.pass_obj
+def delete(obj: StateContext, key: str, expect_version: int | None, as_json: bool) -> None:
+    from agent_sdk import StateError
+
+    client = obj.client()
+    try:
+        existed = client.delete(key, expected_version=expect_version)
+    except StateError as e:
+        _refused(e)
+    finally:
+        client.close()
+    if as_json:
+        emit_json({"key": key, "deleted": existed})
+    else:
+        click.echo(f"{key}: {'deleted' if existed else 'did not exist'}")
+
+
+@state.command("list", help="List the keys under PREFIX (all keys without one), in order.")
+@click.argument("prefix", default="")
+@click.option("--values", is_flag=True, help="Include the values.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of entries.")
+@click.pass_obj
+def list_(obj: StateContext, prefix: str, values: bool, as_json: bool) -> None:
+    client = obj.client()
+    try:
+        entries = client.list(prefix, values=values)
+    finally:
+        client.close()
+    if as_json:
+        emit_json([{"key": e.key, "version": e.version, **({"value": e.value} if values else {})}
+                   for e in entries])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(entries)} key(s)", title_justify="left")
+    table.add_column("key")
+    table.add_column("version", justify="right")
+    if values:
+        table.add_column("value")
+    for e in entries:
+        row = [e.key, str(e.version)]
+        if values:
+            row.append(e.value if isinstance(e.value, str)
+                       else orjson.dumps(e.value, default=str).decode())
+        table.add_row(*row)
+    Console().print(table)
+
+
+@state.command("locks", help="List the held locks under PREFIX: token, holder, time left.")
+@click.argument("prefix", default="")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of locks.")
+@click.pass_obj
+def locks(obj: StateContext, prefix: str, as_json: bool) -> None:
+    client = obj.client()
+    try:
+        held = client.locks(prefix)
+    finally:
+        client.close()
+    if as_json:
+        emit_json([lock._asdict() for lock in held])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(held)} lock(s) held", title_justify="left")
+    for column in ("name", "token", "holder", "session", "expires in s", "waiters"):
+        table.add_column(column, justify="right" if column in (
+            "token", "expires in s", "waiters") else "left")
+    for lock in held:
+        table.add_row(lock.name, str(lock.token), lock.holder, lock.session,
+                      f"{lock.expires_in_s:.1f}", str(lock.waiters))
+    Console().print(table)
+
+
+@state.command("serve", help="""Run the state service alone, in the foreground.
+
+Prints one JSON line {"event": "ready", "state": URL, ...} once it listens. `orchestrator
+start` already runs one beside the broker; this is for running it elsewhere.""")
+@click.option("--bind", default=None,
+              help="HOST:PORT to listen on (default 127.0.0.1:5558; port 0: any free).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where state.db lives. Default: the data dir (--home).")
+@click.option("--memory", is_flag=True, help="Keep nothing on disk.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.001), default=None,
+              help="Seconds between client heartbeats.")
+@click.option("--heartbeat-liveness", type=click.IntRange(min=1), default=None,
+              help="Missed heartbeats after which a session (and its locks) expires.")
+@click.option("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"),
+              show_default=True)
+@click.pass_obj
+def serve(obj: StateContext, bind: str | None, data_dir: Path | None, memory: bool,
+          heartbeat_interval: float | None, heartbeat_liveness: int | None, log_level: str
+          ) -> None:
+    from broker.state.__main__ import serve as run_service
+
+    code = run_service(bind, data_dir or obj.base.home, memory, heartbeat_interval,
+                       heartbeat_liveness, log_level)
+    sys.exit(code if code in (EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE) else EXIT_FAILED)
