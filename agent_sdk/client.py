@@ -340,6 +340,19 @@ class Client:
         reply: TaskList = await self._request(lambda req: TaskQuery(req, wanted, limit), timeout)
         return reply.tasks
 
+    async def trace(self, task_id: str, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+        """A task's state, timeline and subtask tree (open or finished).
+
+        Raises:
+            TaskNotFound: the broker knows no such task (or it is past retention).
+        """
+        reply: TaskList = await self._request(
+            lambda req: TaskQuery(req, None, 1, [task_id]), timeout)
+        document = reply.tasks[0] if reply.tasks else {"status": "unknown"}
+        if document.get("status") == "unknown":
+            raise TaskNotFound(task_id)
+        return document
+
     async def ping(self, timeout: float = 2.0) -> None:
         """Return if the broker answers within ``timeout``, else raise BrokerUnavailable."""
         await self.status(timeout)
@@ -519,6 +532,9 @@ class SyncClient:
     def tasks(self, statuses: Iterable[str] | None = None, limit: int = 100,
               timeout: float = STATUS_TIMEOUT_S) -> list[dict[str, Any]]:
         return self._call(self.client.tasks(statuses, limit, timeout))
+
+    def trace(self, task_id: str, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+        return self._call(self.client.trace(task_id, timeout))
 
     def wait_for_agents(self, count: int = 1, capability: str | Iterable[str] | None = None,
                         name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:

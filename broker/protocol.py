@@ -185,15 +185,17 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class TaskQuery:
-    """Client -> broker (command TASKS): list finished tasks, newest first.
+    """Client -> broker (command TASKS): list finished tasks, newest first, or (with
+    ``ids``) describe these tasks, open or finished, with their subtasks.
 
-    Header: map ``{"req", "status": [str] or nil, "limit"}``; ``status`` filters, e.g.
-    ``["failed", "timed_out"]`` for dead letters.
+    Header: map ``{"req", "status": [str] or nil, "limit", "ids": [str] or nil}``;
+    ``status`` filters, e.g. ``["failed", "timed_out"]`` for dead letters.
     """
 
     req: int
     statuses: list[str] | None = None
     limit: int = 100
+    task_ids: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,9 +436,9 @@ def encode(msg: Message) -> list[Any]:
             return _frames(Command.HEARTBEAT, _packb(header))
         case Progress(started, running):
             return _frames(Command.PROGRESS, _packb({"started": started, "running": running}))
-        case TaskQuery(req, statuses, limit):
-            return _frames(Command.TASKS,
-                           _packb({"req": req, "status": statuses, "limit": limit}))
+        case TaskQuery(req, statuses, limit, ids):
+            return _frames(Command.TASKS, _packb(
+                {"req": req, "status": statuses, "limit": limit, "ids": ids}))
         case TaskList(req, tasks):
             return _frames(Command.TASKS, _packb({"req": req, "tasks": tasks}))
         case Ready():
@@ -658,7 +660,9 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             limit = h.get("limit", 100)
             if type(limit) is not int or limit < 0:
                 raise ValueError("limit must be a non-negative integer")
-            return TaskQuery(req, None if statuses is None else _id_list(statuses), limit)
+            ids = h.get("ids")
+            return TaskQuery(req, None if statuses is None else _id_list(statuses), limit,
+                             None if ids is None else _id_list(ids))
         case Command.READY:
             return _decode_ready(header)
         case Command.WELCOME:

@@ -485,6 +485,10 @@ class Broker:
             self._cancel_task(child, f"parent {task_id} was cancelled", now)
 
     def _handle_task_query(self, identity: bytes, msg: TaskQuery) -> None:
+        if msg.task_ids is not None:
+            listed = [self._describe_task(task_id, depth=0) for task_id in msg.task_ids]
+            self._outbox(identity).control.append(encode(TaskList(msg.req, listed)))
+            return
         wanted = set(msg.statuses) if msg.statuses else None
         listed = []
         for task in self.finished.newest_first():
@@ -493,15 +497,37 @@ class Broker:
             result = task.result
             if result is None or (wanted is not None and result[1] not in wanted):
                 continue
-            listed.append({
-                "task_id": result[0], "status": result[1],
-                "error": None if result[3] is None else {"code": result[3], "message": result[4]},
-                "agent": result[5], "attempts": result[6],
-                "capabilities": list(task.spec[2]),
-                "finished_at": round(task.finished_at + self.wall_offset, 6),
-                "timeline": task.timeline(self.wall_offset),
-            })
+            listed.append(self._task_document(task))
         self._outbox(identity).control.append(encode(TaskList(msg.req, listed)))
+
+    def _task_document(self, task: TaskRecord) -> dict[str, Any]:
+        result = task.result
+        return {
+            "task_id": task.spec[0], "status": task.state.value,
+            "error": None if result is None or result[3] is None
+            else {"code": result[3], "message": result[4]},
+            "agent": result[5] if result is not None
+            else (task.agent.name if task.agent is not None else None),
+            "attempts": task.attempts, "capabilities": list(task.spec[2]),
+            "parent_id": task.spec[7],
+            "finished_at": round(task.finished_at + self.wall_offset, 6)
+            if task.finished_at else None,
+            "timeline": task.timeline(self.wall_offset),
+        }
+
+    #: how deep `trace` follows subtasks
+    TRACE_DEPTH = 8
+
+    def _describe_task(self, task_id: str, depth: int) -> dict[str, Any]:
+        """A task's document with its subtask tree (for ``orchestrator trace``)."""
+        task = self.tasks.get(task_id) or self.finished.get(task_id)
+        if task is None:
+            return {"task_id": task_id, "status": "unknown", "children": []}
+        document = self._task_document(task)
+        children = task.children or []
+        document["children"] = [self._describe_task(child, depth + 1) for child in children] \
+            if depth < self.TRACE_DEPTH else [{"task_id": c, "status": "..."} for c in children]
+        return document
 
     def _handle_status(self, identity: bytes, msg: StatusRequest) -> None:
         until = msg.until
@@ -718,6 +744,9 @@ class Broker:
         if not retryable or task.attempts > max_retries or self._stopping_since is not None:
             return False
         delay = self.retry_policy.delay(task.attempts)
+        if task.dispatched_at:
+            # The next dispatch overwrites dispatched_at: keep this attempt's in history.
+            task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
         task.state = TaskState.RETRYING
         task.retry_at = now + delay
         task.note(now, "retrying", f"attempt {task.attempts} failed ({code}: {message}); "
@@ -841,6 +870,8 @@ class Broker:
         task.deadline = now + task.timeout_s
         self.deadlines.add(task, task.timeout_s)
         self.pending.push_front(task)
+        if task.dispatched_at:
+            task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
         task.note(now, "requeued", why)
         self.counters["redispatched"] += 1
 

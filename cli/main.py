@@ -474,6 +474,47 @@ def cancel(obj: Context, task_id: str, as_json: bool) -> None:
         client.close()
 
 
+def _print_trace(document: dict[str, Any], indent: int = 0) -> None:
+    pad = "  " * indent
+    error = document.get("error")
+    line = f"{pad}{document['task_id']}  {document['status']}"
+    if document.get("agent"):
+        line += f"  on {document['agent']}"
+    if document.get("attempts"):
+        line += f"  attempts {document['attempts']}"
+    if error:
+        line += f"  ({error['code']}: {error['message']})"
+    click.echo(line)
+    start = None
+    for event in document.get("timeline", []):
+        start = event["at"] if start is None else start
+        detail = f"  {event['detail']}" if event["detail"] else ""
+        click.echo(f"{pad}  +{(event['at'] - start) * 1000:10.3f} ms  {event['event']}{detail}")
+    for child in document.get("children", []):
+        _print_trace(child, indent + 1)
+
+
+@main.command(help="Show a task's timeline (every state change) and its subtask tree.")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the trace as JSON.")
+@click.pass_obj
+def trace(obj: Context, task_id: str, as_json: bool) -> None:
+    from agent_sdk import TaskNotFound
+
+    client = obj.client()
+    try:
+        try:
+            document = client.trace(task_id, PING_TIMEOUT_S)
+        except TaskNotFound as e:
+            fail(str(e), EXIT_FAILED)
+    finally:
+        client.close()
+    if as_json:
+        emit_json(document)
+    else:
+        _print_trace(document)
+
+
 @main.command(help="""List finished tasks the broker retains, newest first.
 
 With --failed: the dead letters, tasks that failed or timed out after their retries,
