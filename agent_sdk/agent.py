@@ -38,6 +38,7 @@ from broker.protocol import (
 )
 from agent_sdk.errors import PermanentFailure
 from agent_sdk.task import Result, Task
+from agent_sdk.errors import StateUnavailable
 from agent_sdk.state import StateClient, endpoint_from
 from agent_sdk.transport import Channel
 
@@ -186,6 +187,11 @@ class BaseAgent(abc.ABC):
         return self._shared_state
 
     async def _state_endpoint(self) -> str:
+        if self._channel is None:
+            # on_start runs before registration, which tells us where the service is:
+            # waiting for it there would wait forever.
+            raise StateUnavailable("", 0.0, "self.state is reachable once the agent "
+                                   "registers: not inside on_start (start a task there)")
         await self._registered_event.wait()
         return endpoint_from(self.endpoints, f"the broker at {self.broker_url}")
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Union
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker.protocol import (
     MAX_LIST_ITEMS, MAX_VALUE_BYTES, Entry, Fence, LeaseGranted, LockAcquire, LockInfo, LockList,
@@ -53,7 +54,8 @@ from broker.protocol import (
 from broker.errors import StateDecodeError
 from broker.sockets import apply_common_options, send_frames
 from agent_sdk.errors import (
-    LeaseLost, LockTimeout, StaleFencingToken, StateError, StateUnavailable, VersionConflict,
+    LeaseLost, LockTimeout, OrchestratorError, StaleFencingToken, StateError, StateUnavailable,
+    VersionConflict,
 )
 
 logger = logging.getLogger(__name__)
@@ -359,20 +361,35 @@ class _Pending:
     epoch: int
     #: the request itself, to word its errors (which key, which lock)
     request: StateMessage | None = None
+    #: loop time after which the heartbeat loop fails it with StateUnavailable
+    deadline: float = float("inf")
+    timeout_s: float = 0.0
 
 
 class _Connection:
     """One DEALER socket driven by the asyncio loop, as ``agent_sdk.transport.Channel``
-    does for the broker, but with the state service's codec."""
+    does for the broker, but with the state service's codec.
 
-    def __init__(self, url: str, identity: bytes, on_message: Callable[[StateMessage], None]
-                 ) -> None:
+    A socket monitor reports when the TCP connection drops and when a handshake with
+    the service succeeds again: libzmq reconnects by itself after a restart of the
+    service, and the client must not tear that connection down (losing the requests on
+    it) just because the restart took longer than the heartbeat expiry.
+    """
+
+    #: the monitor events that say whether a live service is at the other end
+    _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+    def __init__(self, url: str, identity: bytes, on_message: Callable[[StateMessage], None],
+                 on_transport: Callable[[bool], None]) -> None:
         self.url = url
         self.identity = identity
         self._on_message = on_message
+        self._on_transport = on_transport
         self._loop = asyncio.get_running_loop()
         self._sock: zmq.Socket[Any] | None = None
         self._fd: int | None = None
+        self._monitor: zmq.Socket[Any] | None = None
+        self._monitor_fd: int | None = None
         self._read_scheduled = False
 
     def open(self) -> None:
@@ -382,20 +399,40 @@ class _Connection:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self._monitor = sock.get_monitor_socket(self._MONITOR_EVENTS)
+        self._monitor_fd = self._monitor.getsockopt(zmq.FD)
+        self._loop.add_reader(self._monitor_fd, self._on_monitor)
         sock.connect(self.url)
         self._sock = sock
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._on_readable)
         self._schedule_read()
+        self._loop.call_soon(self._on_monitor)
 
     def close(self) -> None:
         if self._sock is None:
             return
         if self._fd is not None:
             self._loop.remove_reader(self._fd)
+        if self._monitor is not None:
+            if self._monitor_fd is not None:
+                self._loop.remove_reader(self._monitor_fd)
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+            self._monitor_fd = None
         self._sock.close(linger=0)
         self._sock = None
         self._fd = None
+
+    def _on_monitor(self) -> None:
+        monitor = self._monitor
+        while monitor is not None and monitor is self._monitor:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_transport(event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
     def send(self, msg: StateMessage) -> None:
         """Send now; blocks only when the service stopped reading ``SEND_HWM`` messages
@@ -470,6 +507,9 @@ class StateClient:
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._reconnect_delay_s = RECONNECT_MIN_S
+        #: whether libzmq has a live connection (handshake done, not dropped since)
+        self._transport_up = False
+        self._moved_check: asyncio.Task[None] | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -480,7 +520,7 @@ class StateClient:
         Raises:
             StateUnavailable: the service did not answer within ``timeout``.
         """
-        await self._ensure_session(timeout)
+        await self._ensure_session(self.request_timeout_s if timeout is None else timeout)
         return self
 
     async def close(self) -> None:
@@ -498,9 +538,11 @@ class StateClient:
             if watch._consumer is not None:
                 watch._consumer.cancel()
         self._watches.clear()
-        for task in (self._heartbeat_task, self._hello_task):
-            if task is not None:
-                task.cancel()
+        tasks = [t for t in (self._heartbeat_task, self._hello_task, self._moved_check)
+                 if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._fail_pending(StateUnavailable(self.url, 0.0, "the state client was closed"))
         if self._conn is not None:
             self._conn.close()
@@ -705,23 +747,22 @@ class StateClient:
         timeout = self.request_timeout_s if timeout is None else timeout
         deadline = loop.time() + timeout
         while True:
-            await self._ensure_session(max(0.0, deadline - loop.time()))
+            ready = self._ready
+            if ready is None or not ready.is_set():
+                await self._ensure_session(max(0.0, deadline - loop.time()))
             conn = self._conn
             assert conn is not None
             req = next(self._req_ids)
             future: asyncio.Future[Any] = loop.create_future()
             request = make(req)
-            self._requests[req] = _Pending(future, self._epoch, request)
+            # No timer per request (on a busy client, timers were a large share of a
+            # request's cost): the heartbeat loop fails requests past their deadline.
+            self._requests[req] = _Pending(future, self._epoch, request, deadline, timeout)
             epoch = self._epoch
             try:
                 conn.send(request)
                 self._last_sent = loop.time()
-                # Not wait_for: its TimeoutError would be confused with LockTimeout (a
-                # TimeoutError too) coming out of the future.
-                done, _ = await asyncio.wait((future,), timeout=max(0.0, deadline - loop.time()))
-                if not done:
-                    raise StateUnavailable(self.url, timeout)
-                return future.result()
+                return await future
             except _NoSession:
                 # Refused unapplied: open the session again (unless a newer one already
                 # exists), then send it again.
@@ -764,25 +805,24 @@ class StateClient:
         if self._conn is None:
             if not isinstance(self._url_source, str):
                 self.url = await self._url_source()
-            self._conn = _Connection(self.url, self.session_id.encode(), self._on_message)
+            self._conn = _Connection(self.url, self.session_id.encode(), self._on_message,
+                                     self._on_transport)
             self._conn.open()
             self._last_heard = loop.time()
             if self._heartbeat_task is None:
                 self._heartbeat_task = loop.create_task(self._heartbeat_loop(),
                                                         name=f"{self.session_id}-heartbeat")
-        while True:
-            req = next(self._req_ids)
-            future: asyncio.Future[Any] = loop.create_future()
-            self._requests[req] = _Pending(future, self._epoch)
-            try:
-                self._conn.send(StateHello(req, self.name))
-                self._last_sent = loop.time()
-                welcome: StateWelcome = await future
-                break
-            except _NoSession:
-                continue  # cannot happen for HELLO; kept for symmetry with _call
-            finally:
-                self._requests.pop(req, None)
+        req = next(self._req_ids)
+        future: asyncio.Future[StateWelcome] = loop.create_future()
+        # No deadline: a silent service makes the heartbeat loop reconnect, which
+        # cancels this task, and whoever waits for the session starts a new one.
+        self._requests[req] = _Pending(future, self._epoch)
+        try:
+            self._conn.send(StateHello(req, self.name))
+            self._last_sent = loop.time()
+            welcome = await future
+        finally:
+            self._requests.pop(req, None)
         self._on_welcome(welcome)
 
     def _on_welcome(self, welcome: StateWelcome) -> None:
@@ -829,29 +869,65 @@ class StateClient:
         while not self._closed:
             await asyncio.sleep(self.heartbeat_interval_s / 2)
             now = loop.time()
+            self._expire_requests(now)
             conn = self._conn
             if conn is None:
+                # Reconnecting failed so far (the service, or the broker that says where
+                # it is, was unreachable): try again if a watch or a lease needs it.
+                if ((self._watches or self._leases) and now >= next_reconnect
+                        and (self._hello_task is None or self._hello_task.done())):
+                    next_reconnect = now + self._reconnect_delay_s
+                    self._reconnect_delay_s = min(self._reconnect_delay_s * 2, RECONNECT_MAX_S)
+                    self._hello_task = loop.create_task(self._establish_logged())
                 continue
             silence = now - self._last_heard
             if silence > self.heartbeat_interval_s * self.heartbeat_liveness:
                 if now >= next_reconnect:
-                    logger.warning("state service at %s silent for %.1f s; reconnecting",
-                                   self.url, silence)
                     next_reconnect = now + self._reconnect_delay_s
                     self._reconnect_delay_s = min(self._reconnect_delay_s * 2, RECONNECT_MAX_S)
-                    self._reconnect()
+                    if self._transport_up:
+                        # Connected as far as TCP knows, yet silent: a half-open connection
+                        # (a partition) that libzmq does not notice. Start over.
+                        logger.warning("state service at %s silent for %.1f s; reconnecting",
+                                       self.url, silence)
+                        self._reconnect()
+                    elif not isinstance(self._url_source, str) and (
+                            self._moved_check is None or self._moved_check.done()):
+                        # Disconnected: libzmq keeps reconnecting on its own, and requests
+                        # queued meanwhile go out then. Only if the service moved (a new
+                        # port after a restart) must the connection change.
+                        self._moved_check = loop.create_task(self._follow_if_moved())
                 continue
             if self.state is ConnectionState.READY and \
                     now - self._last_sent >= self.heartbeat_interval_s:
                 conn.send(StatePing())
                 self._last_sent = now
 
+    def _on_transport(self, up: bool) -> None:
+        self._transport_up = up
+        if up:
+            # A handshake with the service: it is alive, whatever it said last.
+            self._last_heard = asyncio.get_running_loop().time()
+
+    async def _follow_if_moved(self) -> None:
+        assert not isinstance(self._url_source, str)
+        try:
+            url = await self._url_source()
+        except OrchestratorError as e:
+            logger.info("cannot ask where the state service is now: %s", e)
+            return
+        if url != self.url and not self._closed:
+            logger.warning("the state service moved from %s to %s; reconnecting", self.url, url)
+            self._reconnect()
+
     def _reconnect(self) -> None:
-        """A new connection under the same routing id; what was in flight is lost."""
-        assert self._conn is not None
-        # Count silence from here: the new connection gets a whole expiry to answer.
-        self._last_heard = asyncio.get_running_loop().time()
-        self._conn.close()
+        """Drop the connection; the next HELLO makes a new one under the same routing id
+        (asking where the service is again, in case it moved). What was in flight is
+        lost."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._transport_up = False
         self._fail_pending(StateUnavailable(self.url, 0.0, "the connection to the state "
                                             "service was lost; the outcome is unknown"))
         if self._hello_task is not None:
@@ -860,7 +936,6 @@ class StateClient:
         if self._ready is not None:
             self._ready.clear()
         self.state = ConnectionState.CONNECTING
-        self._conn.open()
         if self._watches or self._leases:
             # Something to restore: do not wait for the next request to say HELLO.
             self._hello_task = asyncio.get_running_loop().create_task(self._establish_logged())
@@ -868,8 +943,15 @@ class StateClient:
     async def _establish_logged(self) -> None:
         try:
             await self._establish()
-        except StateUnavailable as e:
+        except OrchestratorError as e:
+            # StateUnavailable, or BrokerUnavailable from asking the broker where the
+            # service is; the heartbeat loop tries again.
             logger.warning("state session not restored yet: %s", e)
+
+    def _expire_requests(self, now: float) -> None:
+        for pending in [p for p in self._requests.values() if p.deadline <= now]:
+            if not pending.future.done():
+                pending.future.set_exception(StateUnavailable(self.url, pending.timeout_s))
 
     def _fail_pending(self, error: Exception) -> None:
         pending, self._requests = self._requests, {}
@@ -928,9 +1010,10 @@ class StateClient:
         pending = self._requests.get(req) if req is not None else None
         if pending is None and error.code == StateErrorCode.NO_SESSION.value:
             # A PING found the session gone (the service restarted, or we were silent too
-            # long): open it again now if watches or leases depend on it.
+            # long): open it again now if watches, leases or requests depend on it (the
+            # new WELCOME tells whether requests in flight were lost with a restart).
             self._session_lost(self._epoch)
-            if (self._watches or self._leases) and (
+            if (self._watches or self._leases or self._requests) and (
                     self._hello_task is None or self._hello_task.done()):
                 self._hello_task = asyncio.get_running_loop().create_task(
                     self._establish_logged())

@@ -442,6 +442,22 @@ def test_agents_count_tasks_with_self_state_and_clients_read_it(cluster: Cluster
     run_loop(scenario())
 
 
+def test_agent_state_used_before_registration_fails_fast_with_advice() -> None:
+    from agent_sdk import StateUnavailable
+    from tests.state_worker import CounterAgent
+
+    # Given an agent that has not started (as inside on_start, before it registers)
+    agent = CounterAgent()
+
+    async def scenario() -> None:
+        # Then self.state says why it cannot work yet, instead of waiting forever
+        with pytest.raises(StateUnavailable, match="on_start"):
+            await agent.state.get("k")
+        await agent.state.close()
+
+    run_loop(scenario())
+
+
 def orchestrator(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ORCH_HOME": str(home), "PYTHONPATH": str(ROOT)}
     env.pop("ORCH_STATE", None)

@@ -172,8 +172,13 @@ class LockTable:
                 self._end_lease(target, now)
         return expired
 
-    def take_events(self) -> LockEvents:
-        events, self._events = self._events, LockEvents()
+    def take_events(self) -> LockEvents | None:
+        """Grants and timed-out waits since the last call (None: nothing happened, the
+        common case on every pass of the loop)."""
+        events = self._events
+        if not events.granted and not events.timed_out:
+            return None
+        self._events = LockEvents()
         return events
 
     # ------------------------------------------------------------------ persistence

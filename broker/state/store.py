@@ -59,7 +59,6 @@ class StateStore:
         self.errors: Counter[str] = Counter()
         self._events: dict[tuple[bytes, int], list[Entry]] = {}
         self._resync: set[tuple[bytes, int]] = set()
-        self._outgoing: Outgoing = []
         #: a hook adding the server's own fields (endpoint, disk) to INFO replies
         self.extra_info: Callable[[], dict[str, Any]] = dict
 
@@ -221,14 +220,14 @@ class StateStore:
     def take_outgoing(self) -> Outgoing:
         """Messages for other sessions caused since the last call: granted leases, failed
         waits, and watch events (one EVENTS message per watch and batch)."""
-        out = self._outgoing
-        self._outgoing = []
+        out: Outgoing = []
         events = self.locks.take_events()
-        for waiter, lease in events.granted:
-            out.append((waiter.session, LeaseGranted(waiter.req, lease.name, lease.token,
-                                                     lease.ttl_s)))
-        for waiter in events.timed_out:
-            out.append((waiter.session, self._lock_timeout(waiter)))
+        if events is not None:
+            for waiter, lease in events.granted:
+                out.append((waiter.session, LeaseGranted(waiter.req, lease.name, lease.token,
+                                                         lease.ttl_s)))
+            for waiter in events.timed_out:
+                out.append((waiter.session, self._lock_timeout(waiter)))
         if self._events:
             pending, self._events = self._events, {}
             resync, self._resync = self._resync, set()
