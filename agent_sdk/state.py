@@ -768,9 +768,10 @@ class StateClient:
                 # exists), then send it again.
                 self._session_lost(epoch)
                 continue
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, StateUnavailable):
                 if acquire:
-                    # The grant may still come: give the lock straight back then.
+                    # Given up on, but the grant may still come: give the lock straight
+                    # back then rather than hold it, unrenewed, for a whole ttl.
                     self._abandoned_acquires.add(req)
                 raise
             finally:

@@ -724,8 +724,10 @@ MAX_LIST_ITEMS: Final = 10_000
 MAX_LIST_BYTES: Final = 16 * 1024 * 1024
 #: Longest lease a lock may be taken or renewed for, in seconds.
 MAX_LEASE_TTL_S: Final = 3600.0
-#: Most events one EVENTS message carries; a burst of changes goes in several messages.
+#: Most events, and about the most value bytes, one EVENTS message carries; a burst of
+#: changes goes in several messages (each far below :data:`MAX_FRAME_BYTES`).
 MAX_EVENTS_PER_MESSAGE: Final = 512
+MAX_EVENTS_BYTES: Final = 16 * 1024 * 1024
 
 
 class StateCommand(enum.IntEnum):

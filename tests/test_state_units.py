@@ -423,6 +423,29 @@ def test_a_watch_since_a_version_replays_exactly_or_says_resync() -> None:
     assert [e.key for e in resync.events] == ["k0", "k1", "k2"]
 
 
+def test_large_bursts_reach_watchers_in_frames_under_the_limit() -> None:
+    from broker.protocol import MAX_EVENTS_BYTES, MAX_EVENTS_PER_MESSAGE
+
+    store = new_store()
+    hello(store, b"w", 0.0)
+    store.handle(b"w", StateWatch(2, "", None), 0.0)
+    # Given 40 writes of almost 1 MiB and 1,000 small ones in one pass
+    big = b"x" * (MAX_VALUE_BYTES - 16)
+    for i in range(40):
+        store.handle(b"w", StatePut(3, f"big/{i}", big), 0.0)
+    for i in range(1000):
+        put(store, b"w", f"small/{i}", i, 0.0)
+    # Then they leave in order, in messages within both limits
+    messages = [msg for _, msg in store.take_outgoing()]
+    assert len(messages) > 3
+    for msg in messages:
+        assert isinstance(msg, StateEvents)
+        assert len(msg.events) <= MAX_EVENTS_PER_MESSAGE
+        assert sum(len(e.value or b"") for e in msg.events) <= MAX_EVENTS_BYTES
+    versions = [e.version for msg in messages for e in msg.events]  # type: ignore[attr-defined]
+    assert versions == list(range(1, 1041))
+
+
 # ------------------------------------------------------------------ persistence
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from broker.errors import StateRequestError, VersionConflict
 from broker.heartbeat import Liveness
 from broker.protocol import (
-    MAX_EVENTS_PER_MESSAGE, MAX_LIST_BYTES, PROTOCOL_VERSION, Entry, LeaseGranted, LockAcquire,
+    MAX_EVENTS_BYTES, MAX_EVENTS_PER_MESSAGE, MAX_LIST_BYTES, PROTOCOL_VERSION, Entry, LeaseGranted, LockAcquire,
     LockInfo, LockList, LockRelease, LockRenew, LockTable as LockTableReply, StateDelete,
     StateDone, StateErrorCode, StateErrorReply, StateEvents, StateGet, StateHello, StateInfo,
     StateInfoRequest, StateItems, StateList, StateMessage, StatePing, StatePut, StateUnwatch,
-    StateValue, StateWatch, StateWelcome, chunks,
+    StateValue, StateWatch, StateWelcome,
 )
 from broker.state.keyspace import KeySpace
 from broker.state.locks import Lease, LockTable, Waiter
@@ -34,6 +35,26 @@ logger = logging.getLogger(__name__)
 Outgoing = list[tuple[bytes, StateMessage]]
 
 _PING = StatePing()
+
+
+def _event_batches(changes: list[Entry]) -> Iterator[list[Entry]]:
+    """``changes`` cut into EVENTS-sized lists: at most MAX_EVENTS_PER_MESSAGE changes
+    and about MAX_EVENTS_BYTES of values each (a frame over the peer's limit would make
+    it drop the connection)."""
+    if len(changes) <= MAX_EVENTS_PER_MESSAGE and sum(
+            len(c.value) for c in changes if c.value is not None) <= MAX_EVENTS_BYTES:
+        yield changes
+        return
+    batch: list[Entry] = []
+    size = 0
+    for change in changes:
+        weight = len(change.key) + (0 if change.value is None else len(change.value))
+        if batch and (len(batch) >= MAX_EVENTS_PER_MESSAGE or size + weight > MAX_EVENTS_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(change)
+        size += weight
+    yield batch
 
 
 class StateStore:
@@ -233,7 +254,7 @@ class StateStore:
             resync, self._resync = self._resync, set()
             for (identity, watch), changes in pending.items():
                 first = (identity, watch) in resync
-                for part in chunks(changes, MAX_EVENTS_PER_MESSAGE):
+                for part in _event_batches(changes):
                     out.append((identity, StateEvents(watch, part, first)))
                     first = False
         return out
