@@ -262,17 +262,27 @@ class Broker:
                 now = self.clock()
                 if self._stop_requested and self._stopping_since is None:
                     self._begin_stop(now)
-                if now >= self._next_tick:
-                    self._tick(now)
-                self._expire_deadlines(now)
-                if self._retrying:
-                    self._release_retries(now)
-                self._dispatch(now)
-                self._flush()
+                self._timers_dispatch_flush(now)
                 if self._stopping_since is not None:
                     self._check_stop_complete(now)
         finally:
             self._close()
+
+    def _timers_dispatch_flush(self, now: float) -> None:
+        """Steps 3 to 5 of a pass. An unexpected error here is a bug in the broker, not
+        bad input; it is logged and counted, and the loop goes on rather than dropping
+        every open task with the process."""
+        try:
+            if now >= self._next_tick:
+                self._tick(now)
+            self._expire_deadlines(now)
+            if self._retrying:
+                self._release_retries(now)
+            self._dispatch(now)
+        except Exception:  # noqa: BLE001 - see the docstring
+            self.errors["internal_error"] += 1
+            logger.exception("broker timers or dispatch failed; carrying on")
+        self._flush()
 
     def _close(self) -> None:
         self.journal.close()
@@ -397,6 +407,7 @@ class Broker:
         finished = self.finished
         default_timeout = self.config.default_timeout_s
         max_pending = self.config.max_pending
+        resubmitted = 0
         pending = self.pending
         requirements = self._requirements
         deadlines = self.deadlines
@@ -407,6 +418,7 @@ class Broker:
             if existing is not None:
                 # Idempotent resubmit: same id, same task; never run it twice.
                 self.counters["resubmitted"] += 1
+                resubmitted += 1
                 accepted.append(task_id)
                 if existing.result is not None:
                     self._outbox(identity).results.append(existing.result)
@@ -435,7 +447,8 @@ class Broker:
                         parent.children = []
                     parent.children.append(task_id)
             accepted.append(task_id)
-        self.counters["submitted"] += len(msg.tasks) - len(full) - len(stopping)
+        # Resubmits of known ids are counted apart (resubmitted), not as new work.
+        self.counters["submitted"] += len(msg.tasks) - len(full) - len(stopping) - resubmitted
         if accepted:
             self._defer_accepted(identity, accepted, now)
         if full:
@@ -818,7 +831,7 @@ class Broker:
 
     def _expire_deadlines(self, now: float) -> None:
         for task in self.deadlines.pop_expired(now):
-            if task.state is TaskState.RETRYING:
+            if task.state is TaskState.RETRYING or not task.open:
                 continue
             if task.state is _PENDING:
                 if not self.agents.eligible(task.requirement):
@@ -942,11 +955,21 @@ class Broker:
                 continue
             pop = pending.popper(requirement)
             assignments: dict[AgentRecord, list[Assignment]] = {}
+            deferred: list[TaskRecord] = []
             while candidates:
                 task = pop()
                 if task is None:
                     break
                 agent = choose(candidates) if len(candidates) > 1 else candidates[0]
+                if agent.foreign_running and task.spec[0] in agent.foreign_running:
+                    # That agent still runs an earlier attempt of this task (told to cancel
+                    # it): its answer could not be told from this attempt's. Another agent,
+                    # or wait until it has answered.
+                    others = [a for a in candidates if task.spec[0] not in a.foreign_running]
+                    if not others:
+                        deferred.append(task)
+                        continue
+                    agent = choose(others) if len(others) > 1 else others[0]
                 task.state = _DISPATCHED
                 task.agent = agent
                 attempts = task.attempts = task.attempts + 1
@@ -973,6 +996,8 @@ class Broker:
                 if box is None:
                     box = outboxes[agent.identity] = Outbox()
                 box.assignments.extend(batch)
+            for task in reversed(deferred):
+                pending.push_front(task)
 
     # ------------------------------------------------------------------ sending
 

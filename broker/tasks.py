@@ -280,18 +280,20 @@ class Deadlines:
     def pop_expired(self, now: float) -> list[TaskRecord]:
         """Open tasks whose current deadline is at or before ``now``."""
         live = self._live
-        expired = []
+        expired: dict[int, TaskRecord] = {}
+        # A task requeued and dispatched again in one pass has two entries with the same
+        # deadline: report it once.
         for lane in self._lanes.values():
             while lane and (lane[0][0] <= now or not live(*lane[0])):
                 deadline, task = lane.popleft()
                 if live(deadline, task):
-                    expired.append(task)
+                    expired[id(task)] = task
         heap = self._heap
         while heap and (heap[0][0] <= now or not live(heap[0][0], heap[0][2])):
             deadline, _, task = heapq.heappop(heap)
             if live(deadline, task):
-                expired.append(task)
-        return expired
+                expired[id(task)] = task
+        return list(expired.values())
 
     def __len__(self) -> int:
         return sum(len(lane) for lane in self._lanes.values()) + len(self._heap)

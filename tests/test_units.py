@@ -163,3 +163,16 @@ def test_deadlines_fall_back_to_a_heap_past_the_lane_limit() -> None:
         records.append(record)
     assert deadlines.next_deadline() == 100.0 - (Deadlines.MAX_LANES + 4)
     assert sorted(t.id for t in deadlines.pop_expired(1000.0)) == sorted(r.id for r in records)
+
+
+def test_deadlines_report_a_task_with_two_equal_entries_once() -> None:
+    from broker.tasks import Deadlines
+
+    # Given a task requeued and dispatched again in one loop pass (same deadline twice)
+    deadlines = Deadlines()
+    record = task("twice", Requirement(frozenset()))
+    record.deadline = 5.0
+    deadlines.add(record, 5.0)
+    deadlines.add(record, 5.0)
+    # Then its expiry is reported once
+    assert deadlines.pop_expired(6.0) == [record]
