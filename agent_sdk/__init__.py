@@ -5,6 +5,9 @@
 - :class:`Task`, :class:`Result`: what flows between them.
 - :class:`StateClient` (``agent.state``, ``client.state``): shared versioned keys,
   compare-and-set, locks with fencing tokens, watches.
+- Messaging (:mod:`agent_sdk.messaging`, methods of agents and clients): ``publish`` /
+  ``subscribe`` on the bus, ``send`` / ``request`` / ``receive`` / ``on_message`` for
+  direct messages, ``agent.submit`` for subtasks.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from agent_sdk.errors import (
     LeaseLost, LockTimeout, StaleFencingToken, StateError, StateUnavailable, VersionConflict,
 )
 from agent_sdk.state import Change, Lease, StateClient, SyncStateClient, Versioned, Watch
+from agent_sdk.client import SyncSubscription
+from agent_sdk.errors import BusUnavailable, MailboxFull, NoSuchAgent, RemoteError
+from agent_sdk.messaging import BusMessage, DirectMessage, Subscription
 
 __all__ = [
     "AgentState", "BaseAgent", "BrokerUnavailable", "CircuitBreaker", "CircuitBreakerOpen",
@@ -30,4 +36,7 @@ __all__ = [
     # shared state
     "Change", "Lease", "LeaseLost", "LockTimeout", "StaleFencingToken", "StateClient",
     "StateError", "StateUnavailable", "SyncStateClient", "VersionConflict", "Versioned", "Watch",
+    # messaging
+    "BusMessage", "BusUnavailable", "DirectMessage", "MailboxFull", "NoSuchAgent",
+    "RemoteError", "Subscription", "SyncSubscription",
 ]

@@ -16,12 +16,18 @@ The agent registers with the broker, runs up to ``max_concurrent`` tasks at once
 event loop, heartbeats, and reconnects and registers again when the broker goes away.
 Results are kept until the broker acknowledges them and are sent again after a
 reconnect, so a result is not lost with a connection.
+
+Agents also talk to each other (:mod:`agent_sdk.messaging`): ``publish`` / ``subscribe``
+on the bus, ``send`` / ``request`` / ``receive`` / ``on_message`` for direct messages, and
+``await self.submit(...)`` inside ``execute`` to hand a subtask to another agent and get
+its result.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import enum
 import logging
 import signal
@@ -36,8 +42,11 @@ from broker.protocol import (
     MAX_FRAME_BYTES, Ack, Assignment, Cancel, Disconnect, Dispatch, Error, ErrorCode, Heartbeat, Message,
     Progress, Ready, ResultItem, Results, TaskStatus, Welcome, chunks,
 )
-from agent_sdk.errors import PermanentFailure
-from agent_sdk.task import Result, Task
+from broker.protocol import Direct, DirectVerdict
+from agent_sdk.client import Client
+from agent_sdk.errors import OrchestratorError, PermanentFailure
+from agent_sdk.messaging import MAILBOX_SIZE, MessagingMixin, Messenger
+from agent_sdk.task import _MISSING, Result, Task
 from agent_sdk.errors import StateUnavailable
 from agent_sdk.state import StateClient, endpoint_from
 from agent_sdk.transport import Channel
@@ -59,6 +68,12 @@ RECONNECT_MIN_S: Final = 0.1
 RECONNECT_MAX_S: Final = 5.0
 #: How long a graceful stop waits for running tasks.
 STOP_DRAIN_S: Final = 30.0
+
+#: The id of the task whose ``execute`` is running: subtasks submitted from it name it as
+#: their parent. Set around the eager first step in ``_start``; the asyncio Task that
+#: runs the rest copies the context at creation, so it stays set there too.
+_current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "orchestrator_current_task", default=None)
 
 
 class AgentState(enum.Enum):
@@ -106,7 +121,7 @@ class _Resume:
                     return stop.value
 
 
-class BaseAgent(abc.ABC):
+class BaseAgent(MessagingMixin, abc.ABC):
     """Base class of every agent.
 
     Args:
@@ -118,6 +133,8 @@ class BaseAgent(abc.ABC):
 
     #: default for ``max_concurrent`` when the constructor is not given one
     max_concurrent: int = 16
+    #: direct messages kept for ``receive`` (or in handlers) before more are dropped
+    mailbox_size: int = MAILBOX_SIZE
 
     def __init__(self, name: str, capabilities: Iterable[str] = (), *,
                  max_concurrent: int | None = None, agent_id: str | None = None) -> None:
@@ -156,6 +173,14 @@ class BaseAgent(abc.ABC):
         self._idle_event = asyncio.Event()
         self._idle_event.set()
         self._shared_state: StateClient | None = None
+        #: pub/sub and direct messages (the methods of MessagingMixin use it)
+        self.messaging = Messenger(lambda: self.agent_id, self._send_message,
+                                   self._bus_endpoints, mailbox_size=self.mailbox_size,
+                                   started=lambda: self._channel is not None)
+        #: the connection subtasks are submitted on, opened by the first ``submit``
+        self._subtasks: Client | None = None
+        #: subtasks submitted so far by each running task (their ids derive from it)
+        self._subtask_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------ to override
 
@@ -195,6 +220,46 @@ class BaseAgent(abc.ABC):
         await self._registered_event.wait()
         return endpoint_from(self.endpoints, f"the broker at {self.broker_url}")
 
+    # ------------------------------------------------------------ messaging, subtasks
+
+    def _send_message(self, msg: Message) -> None:
+        channel = self._channel
+        if channel is None or channel.closed:
+            raise OrchestratorError(f"agent {self.agent_id} is not connected: messages can "
+                                    "be sent once it runs (run, async_run)")
+        channel.send(msg)
+
+    async def _bus_endpoints(self) -> dict[str, str]:
+        await self._registered_event.wait()
+        return self.endpoints
+
+    async def submit(self, text: str | None = None, *, capabilities: Iterable[str] = (),
+                     agent: str | None = None, data: Any = _MISSING, task_id: str | None = None,
+                     timeout: float | None = None, retries: int | None = None,
+                     priority: int = 0, parent_id: str | None = None, **fields: Any) -> Result:
+        """Hand a subtask to another agent through the broker and return its result (of
+        any status: check ``result.ok``). Takes the keywords of :meth:`Client.submit`.
+
+        Called from ``execute``, the subtask's parent is the running task: cancelling
+        the parent cancels it (on its agent too). Its id is then ``<parent id>/<n>``, n
+        counting this execution's submits, so a parent that runs again (a retry, a
+        duplicate dispatch) gets the same subtasks back instead of running them again.
+        """
+        current = _current_task.get()
+        parent = parent_id if parent_id is not None else current
+        if task_id is None and parent is not None and parent == current:
+            count = self._subtask_counts.get(parent, 0) + 1
+            self._subtask_counts[parent] = count
+            task_id = f"{parent}/{count}"
+        client = self._subtasks
+        if client is None:
+            client = self._subtasks = Client(self.broker_url or None,
+                                             client_id=f"{self.agent_id}-sub")
+        handle = client.submit(text, capabilities=capabilities, agent=agent, data=data,
+                               task_id=task_id, timeout=timeout, retries=retries,
+                               priority=priority, parent_id=parent, **fields)
+        return await handle.result()
+
     # ------------------------------------------------------------------ running
 
     def run(self, broker: str | None = None) -> None:
@@ -232,6 +297,9 @@ class BaseAgent(abc.ABC):
             await self.on_stop()
             if self._shared_state is not None:
                 await self._shared_state.close()
+            await self.messaging.close()
+            if self._subtasks is not None:
+                await self._subtasks.close()
 
     def stop(self) -> None:
         """Stop taking tasks, finish running ones, say goodbye (call on the agent's loop)."""
@@ -267,6 +335,7 @@ class BaseAgent(abc.ABC):
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
         next_lease = 0.0
+        next_stats = 0.0
         while True:
             await asyncio.sleep(self._heartbeat_interval_s / 2)
             now = loop.time()
@@ -281,6 +350,15 @@ class BaseAgent(abc.ABC):
                     self._last_sent = now
                     next_lease = now + self._heartbeat_interval_s
                 self._resend_unacked(now)
+                self.messaging.expire(now)
+                if now >= next_stats:
+                    # Messaging counters (losses) go to the broker for its status, at most
+                    # once per interval and only when they changed.
+                    stats = self.messaging.stats_if_changed()
+                    if stats is not None:
+                        channel.send(Heartbeat(stats=stats))
+                        self._last_sent = now
+                        next_stats = now + self._heartbeat_interval_s
             expiry_s = self._heartbeat_interval_s * self._heartbeat_liveness
             if now - self._last_heard > expiry_s:
                 if now >= self._next_reconnect and self.status is not AgentState.DRAINING:
@@ -308,6 +386,10 @@ class BaseAgent(abc.ABC):
                 unacked = self._unacked
                 for task_id in ids:
                     unacked.pop(task_id, None)
+            case Direct():
+                self.messaging.on_direct(msg)
+            case DirectVerdict():
+                self.messaging.on_verdict(msg)
             case Heartbeat():
                 pass
             case Welcome():
@@ -327,6 +409,8 @@ class BaseAgent(abc.ABC):
         self._heartbeat_interval_s = msg.heartbeat_interval_s
         self._heartbeat_liveness = msg.heartbeat_liveness
         self.endpoints = msg.endpoints
+        self.messaging.set_endpoints(msg.endpoints)
+        self.messaging.report_again()
         self._reconnect_delay_s = RECONNECT_MIN_S
         if self.status is not AgentState.DRAINING:
             self.status = AgentState.READY
@@ -357,6 +441,15 @@ class BaseAgent(abc.ABC):
         task_id = assignment[0]
         if task_id in self._running:
             return  # a duplicate dispatch of a task already running here
+        token = _current_task.set(task_id)
+        try:
+            self._execute_now(task_id, assignment)
+        finally:
+            _current_task.reset(token)
+
+    def _execute_now(self, task_id: str, assignment: Assignment) -> None:
+        """Run ``execute`` up to its first suspension, and the rest in an asyncio Task
+        (created here, so that it keeps the current task in its context)."""
         started = time.perf_counter()
         try:
             coro = self.execute(Task.from_wire(*assignment))
@@ -384,6 +477,7 @@ class BaseAgent(abc.ABC):
         except BaseException as e:  # noqa: BLE001 - including cancellation by the broker
             outcome = e
         self._running.pop(task_id, None)
+        self._subtask_counts.pop(task_id, None)
         self._complete(task_id, outcome, started)
         if not self._running:
             self._idle_event.set()

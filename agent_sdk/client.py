@@ -9,6 +9,10 @@
 ``submit`` returns at once; submits made in the same loop iteration leave in one
 message, and results come back in batches, so one client connection carries thousands
 of tasks in flight.
+
+A client messages agents as agents do (:mod:`agent_sdk.messaging`): ``publish`` /
+``subscribe`` on the bus, ``send`` / ``request`` / ``receive`` / ``on_message`` for direct
+messages; agents reach it by its ``client_id``.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ from typing import Any, Callable
 
 from broker.config import broker_url
 from broker.protocol import (
-    Accepted, Cancel, Disconnect, Error, ErrorCode, Fetch, Heartbeat, Message, Results,
-    StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec, TaskStatus, chunks,
+    Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch, Heartbeat,
+    Message, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
+    TaskStatus, chunks,
 )
 from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, WaitTimeout
+from agent_sdk.messaging import (
+    MAILBOX_SIZE, SUBSCRIBE_TIMEOUT_S, DirectMessage, MessagingMixin, Messenger, Subscription,
+)
 from agent_sdk.task import _MISSING, TERMINAL_STATUSES, Result, encode_payload
 from agent_sdk.state import StateClient, endpoint_from
 from agent_sdk.transport import Channel
@@ -115,7 +123,7 @@ class TaskHandle:
         return f"TaskHandle({self.id!r}, {state})"
 
 
-class Client:
+class Client(MessagingMixin):
     """An asyncio client of the broker.
 
     Args:
@@ -124,10 +132,12 @@ class Client:
         default_timeout_s: task timeout when ``submit`` names none (the broker's if None).
         state_url: the state service for :attr:`state` (default: the one the broker
             announces in its status).
+        mailbox_size: direct messages kept for ``receive`` before more are dropped.
     """
 
     def __init__(self, broker: str | None = None, *, client_id: str | None = None,
-                 default_timeout_s: float | None = None, state_url: str | None = None) -> None:
+                 default_timeout_s: float | None = None, state_url: str | None = None,
+                 mailbox_size: int = MAILBOX_SIZE) -> None:
         self.url = broker or broker_url()
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
         self.default_timeout_s = default_timeout_s
@@ -144,6 +154,9 @@ class Client:
         self._boot: str | None = None
         self._state_url = state_url
         self._shared_state: StateClient | None = None
+        #: pub/sub and direct messages (the methods of MessagingMixin use it)
+        self.messaging = Messenger(lambda: self.client_id, self._send_message,
+                                   self._bus_endpoints, mailbox_size=mailbox_size)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,8 +189,16 @@ class Client:
         return endpoint_from(status.get("broker", {}).get("endpoints"),
                              f"the broker at {self.url}")
 
+    def _send_message(self, msg: Message) -> None:
+        self._ensure_open().send(msg)
+
+    async def _bus_endpoints(self) -> dict[str, str]:
+        status = await self.status()
+        return dict(status.get("broker", {}).get("endpoints") or {})
+
     async def close(self) -> None:
         """Send what is queued and close; pending handles stay unresolved."""
+        await self.messaging.close()
         if self._shared_state is not None:
             await self._shared_state.close()
             self._shared_state = None
@@ -199,6 +220,7 @@ class Client:
             channel = self._channel
             if channel is None:
                 return
+            self.messaging.expire(loop.time())
             if not self._handles:
                 continue
             channel.send(Heartbeat(role="client"))
@@ -416,6 +438,10 @@ class Client:
             case Heartbeat(boot=boot):
                 if boot:
                     self._on_boot(boot)
+            case Direct():
+                self.messaging.on_direct(msg)
+            case DirectVerdict():
+                self.messaging.on_verdict(msg)
             case Disconnect():
                 pass  # only agents register; a client has nothing to do here
 
@@ -540,6 +566,28 @@ class SyncClient:
                         name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
         return self._call(self.client.wait_for_agents(count, capability, name, timeout))
 
+    def send(self, to: str, message: Any, **options: Any) -> None:
+        self._call(self.client.send(to, message, **options))
+
+    def request(self, to: str, message: Any, **options: Any) -> Any:
+        return self._call(self.client.request(to, message, **options))
+
+    def receive(self, timeout: float | None = None) -> DirectMessage:
+        return self._call(self.client.receive(timeout))
+
+    def publish(self, topic: str, message: Any) -> None:
+        self._call(self.client.publish(topic, message))
+
+    def wait_for_subscribers(self, topic: str, timeout: float = SUBSCRIBE_TIMEOUT_S) -> None:
+        self._call(self.client.wait_for_subscribers(topic, timeout))
+
+    def subscribe(self, topic: str, timeout: float = SUBSCRIBE_TIMEOUT_S) -> SyncSubscription:
+        """Subscribe to a topic prefix; returns once the subscription is confirmed."""
+        async def subscribe() -> Subscription:
+            return await self.client.subscribe(topic).confirm(timeout)
+
+        return SyncSubscription(self._call(subscribe()), self)
+
     def close(self) -> None:
         if self._loop.is_closed():
             return
@@ -557,4 +605,21 @@ class SyncClient:
         self.close()
 
 
-__all__ = ["Client", "SyncClient", "SyncTaskHandle", "TaskHandle"]
+class SyncSubscription:
+    """Blocking view of a :class:`~agent_sdk.messaging.Subscription` (queue mode)."""
+
+    def __init__(self, subscription: Subscription, client: SyncClient) -> None:
+        self._subscription = subscription
+        self._client = client
+        self.topic = subscription.topic
+
+    def next(self, timeout: float | None = None) -> Any:
+        """The next :class:`~agent_sdk.messaging.BusMessage` (WaitTimeout after
+        ``timeout`` seconds)."""
+        return self._client._call(self._subscription.next(timeout))
+
+    def unsubscribe(self) -> None:
+        self._client._call(self._subscription.unsubscribe())
+
+
+__all__ = ["Client", "SyncClient", "SyncSubscription", "SyncTaskHandle", "TaskHandle"]

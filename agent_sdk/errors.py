@@ -42,6 +42,36 @@ class PermanentFailure(OrchestratorError):
     the task fails at once instead of being retried."""
 
 
+class NoSuchAgent(RequestRefused, LookupError):
+    """Raised when a direct message names no live agent (by id or name) and no connected
+    client: code ``no_agent``. A dead agent counts as none."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("no_agent", message)
+
+
+class MailboxFull(RequestRefused):
+    """Raised when the receiver of a direct message had no room for it (its mailbox, or
+    the broker's queue for a receiver that lags, was full): code ``mailbox_full``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("mailbox_full", message)
+
+
+class RemoteError(RequestRefused):
+    """Raised by ``request`` when the receiver's handler raised: code ``agent_error``,
+    the message starting with the exception type; ``sender`` is who answered."""
+
+    def __init__(self, message: str, sender: str | bytes | None = None) -> None:
+        super().__init__("agent_error", message)
+        self.sender = sender
+
+
+class BusUnavailable(OrchestratorError):
+    """Raised when the pub/sub bus cannot be used: the broker announces none (it runs
+    with ``--no-bus``)."""
+
+
 class StateUnavailable(OrchestratorError):
     """Raised when the state service did not answer within the deadline, or the
     connection was lost while a request was out (its outcome is then unknown)."""

@@ -24,6 +24,8 @@ import zmq
 from broker.config import (
     DURABILITIES, POLICIES, BrokerConfig, StateConfig, home_dir, state_bind_for,
 )
+from broker.bus import BusForwarder
+from broker.config import DEFAULT_BUS_HWM, BusConfig
 from broker.errors import ConfigError
 from broker.server import Broker
 
@@ -53,8 +55,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-memory", action="store_true",
                         help="keep the state service in memory only (nothing on disk)")
     parser.add_argument("--no-state", action="store_true", help="do not run the state service")
+    parser.add_argument("--bus-out", default=None, metavar="HOST:PORT",
+                        help="where bus subscribers connect (default: broker port + 1)")
+    parser.add_argument("--bus-in", default=None, metavar="HOST:PORT",
+                        help="where bus publishers connect (default: broker port + 2)")
+    parser.add_argument("--bus-hwm", type=int, default=None, metavar="N",
+                        help=f"messages queued per bus subscriber before it loses some "
+                             f"(default {DEFAULT_BUS_HWM})")
+    parser.add_argument("--bus-connect", default=None, metavar="OUT_URL,IN_URL",
+                        help="use a forwarder run elsewhere (python -m broker.bus)")
+    parser.add_argument("--no-bus", action="store_true", help="run no pub/sub forwarder")
     parser.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
     return parser
+
+
+def start_bus(args: argparse.Namespace, config: BrokerConfig, broker: Broker
+              ) -> BusForwarder | None:
+    """Run the pub/sub forwarder in a thread (unless ``--no-bus`` or ``--bus-connect``)
+    and have the broker announce it and publish its events there; returns the forwarder
+    (None when none runs in this process).
+
+    Raises:
+        ConfigError: the bus options are invalid.
+        zmq.ZMQError: a bus socket could not be bound.
+    """
+    if args.no_bus:
+        return None
+    if args.bus_connect:
+        out_url, sep, in_url = args.bus_connect.partition(",")
+        if not sep or not out_url or not in_url:
+            raise ConfigError(f"--bus-connect wants OUT_URL,IN_URL, got {args.bus_connect!r}")
+        broker.attach_bus(out_url, in_url, args.bus_hwm or DEFAULT_BUS_HWM)
+        return None
+    bus_config = BusConfig.for_broker(config.bind, out_bind=args.bus_out, in_bind=args.bus_in,
+                                      hwm=args.bus_hwm)
+    forwarder = BusForwarder(bus_config)
+    # Ports derived from the broker's may be taken by chance; ones asked for must not be.
+    forwarder.bind(any_port_if_taken=not (args.bus_out or args.bus_in))
+    forwarder.start_thread()
+    broker.attach_bus(forwarder.out_endpoint, forwarder.in_endpoint, bus_config.hwm,
+                      forwarder.statistics)
+    return forwarder
 
 
 def start_state_service(args: argparse.Namespace, config: BrokerConfig) -> Any:
@@ -111,8 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - report any bind or load failure in one line
         print(f"error: cannot start the state service: {e}", file=sys.stderr)
         return 3
+    try:
+        bus = start_bus(args, config, broker)
+    except (ConfigError, zmq.ZMQError) as e:
+        print(f"error: cannot start the bus: {e}", file=sys.stderr)
+        return 3
     broker.install_signal_handlers()
     info: dict[str, Any] = {"event": "ready", "endpoint": endpoint, "pid": os.getpid()}
+    if "bus_out" in broker.endpoints:
+        info["bus_out"] = broker.endpoints["bus_out"]
+        info["bus_in"] = broker.endpoints["bus_in"]
     if state is not None:
         broker.endpoints["state"] = info["state"] = state.endpoint
     data_dir = Path(config.data_dir or home_dir())
@@ -123,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker.run()
     finally:
+        if bus is not None:
+            bus.stop_thread()
         if state is not None:
             # After the broker: agents finishing their last tasks may still use state.
             state.stop_thread()

@@ -121,6 +121,51 @@ class BrokerConfig:
         return replace(self, **changes)
 
 
+#: The bus forwarder's ports are the broker's plus these: subscribers connect to "out"
+#: (5555 gives 5556), publishers to "in" (5557).
+BUS_OUT_PORT_OFFSET: Final = 1
+BUS_IN_PORT_OFFSET: Final = 2
+#: Messages the forwarder queues per subscriber (and per publisher) before it drops.
+DEFAULT_BUS_HWM: Final = 100_000
+
+
+def bus_binds_for(broker_bind: str) -> tuple[str, str]:
+    """The bus forwarder's default (out, in) HOST:PORTs for a broker bound at
+    ``broker_bind``: the same host, the broker's port plus the offsets (port 0 stays 0:
+    any free port)."""
+    host, port = parse_host_port(broker_bind)
+    if not port:
+        return f"{host}:0", f"{host}:0"
+    return f"{host}:{port + BUS_OUT_PORT_OFFSET}", f"{host}:{port + BUS_IN_PORT_OFFSET}"
+
+
+@dataclass(frozen=True, slots=True)
+class BusConfig:
+    """The pub/sub forwarder's settings (``broker/bus.py``)."""
+
+    #: HOST:PORT of the XPUB socket subscribers connect to; port 0 picks a free port
+    out_bind: str = bus_binds_for(DEFAULT_BIND)[0]
+    #: HOST:PORT of the XSUB socket publishers connect to
+    in_bind: str = bus_binds_for(DEFAULT_BIND)[1]
+    #: per-subscriber send queue and per-publisher receive queue, in messages; a
+    #: subscriber whose queue is full loses messages (the forwarder never waits for it)
+    hwm: int = DEFAULT_BUS_HWM
+
+    def __post_init__(self) -> None:
+        parse_host_port(self.out_bind)
+        parse_host_port(self.in_bind)
+        if self.hwm < 1:
+            raise ConfigError("the bus high-water mark must be at least 1")
+
+    @classmethod
+    def for_broker(cls, broker_bind: str, **overrides: Any) -> BusConfig:
+        """Ports derived from the broker's, then explicit overrides (``None`` ignored)."""
+        out_bind, in_bind = bus_binds_for(broker_bind)
+        values: dict[str, Any] = {"out_bind": out_bind, "in_bind": in_bind}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
 #: The state service's port is the broker's plus this (5555 gives 5558).
 STATE_PORT_OFFSET: Final = 3
 #: The state store's file in the data dir.

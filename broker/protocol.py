@@ -14,7 +14,7 @@ Every message is a ZeroMQ multipart message::
 A ROUTER socket adds the peer identity in front of frame 0 on receive and strips it on
 send; :func:`encode` and :func:`decode` never see it.
 
-Batching: the hot commands (SUBMIT, TASK, RESULT, ACCEPTED, ACK) carry a *list* of
+Batching: the hot commands (SUBMIT, TASK, RESULT, ACCEPTED, ACK, DIRECT) carry a *list* of
 items, so that one ZeroMQ message moves many tasks. Receiving a frame costs a few
 microseconds in pyzmq, unpacking a msgpack item a fraction of one, so payloads of at
 most :data:`INLINE_PAYLOAD_MAX` bytes travel inline in the header as msgpack ``bin``
@@ -109,6 +109,8 @@ class ErrorCode(str, enum.Enum):
     AGENT_ERROR = "agent_error"
     AGENT_LOST = "agent_lost"
     CANCELLED = "cancelled"
+    #: a direct message the receiver (or the broker, on its behalf) could not queue
+    MAILBOX_FULL = "mailbox_full"
 
 
 class TaskStatus(str, enum.Enum):
@@ -163,10 +165,15 @@ class Heartbeat:
     A client pings with ``{"role": "client"}``; the broker answers every client ping
     with ``{"boot": id}``, a random id per broker start, so that a client notices a
     restart and sends again what the old broker may not have kept.
+
+    An agent adds ``{"stats": {name: int}}`` (its messaging counters: bus messages lost,
+    mailbox overflows, ...) at most once per interval when they changed; the broker
+    shows them per agent in its status.
     """
 
     role: str | None = None
     boot: str | None = None
+    stats: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,9 +361,72 @@ class Error:
     task_ids: list[str] = field(default_factory=list)
 
 
+#: DirectItem flags: to every live instance of the agent name; a request (the sender
+#: awaits a reply); no acknowledgement wanted (only errors).
+DIRECT_BROADCAST: Final = 1
+DIRECT_ASK: Final = 2
+DIRECT_NO_ACK: Final = 4
+
+
+class DirectItem(NamedTuple):
+    """One direct message from a peer to another, through the broker.
+
+    Wire item (msgpack array, in field order):
+    ``[to, id, payload, re, flags, err, from]``:
+
+    - ``to``: str (or bin): an agent id, an agent name (one live instance, round-robin;
+      all of them with DIRECT_BROADCAST) or a client's routing id;
+    - ``id``: int, chosen by the sender, unique among its messages in flight;
+    - ``payload``: opaque bytes (the SDK puts msgpack there), inline or a blob frame
+      index as in SUBMIT; the broker moves it untouched;
+    - ``re``: int or nil: the ``id`` of the request this item answers;
+    - ``flags``: int, DIRECT_BROADCAST | DIRECT_ASK | DIRECT_NO_ACK (requests and
+      replies need no acknowledgement: the reply is one);
+    - ``err``: nil, or ``[code, message]`` on a reply that is an error (``mailbox_full``,
+      ``agent_error``) instead of data;
+    - ``from``: nil from senders; the broker sets the sender's routing id (str, or bin
+      when it is not UTF-8), where a reply goes.
+    """
+
+    to: str | bytes | None
+    msg_id: int
+    payload: Payload = b""
+    reply_to: int | None = None
+    flags: int = 0
+    error: tuple[str, str] | None = None
+    sender: str | bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Direct:
+    """Command DIRECT, both ways: a batch of :class:`DirectItem`. Header: array of items.
+
+    A sender's items of one loop iteration go in one message, and the broker forwards
+    them grouped per receiver, in order: as with tasks, a burst costs one message per
+    hop, not one per item.
+    """
+
+    items: list[DirectItem]
+
+
+@dataclass(frozen=True, slots=True)
+class DirectVerdict:
+    """Broker -> sender (command DIRECT): what became of the direct messages it sent
+    during one loop pass.
+
+    Header: a map (items come as an array) ``{"acks": [id], "errs": [[id, code,
+    message]]}``: ``acks`` were handed to their receivers' connections (items flagged
+    DIRECT_NO_ACK are not listed); ``errs`` were not delivered, e.g. ``no_agent`` (no
+    such agent, or it is dead) or ``mailbox_full`` (the receiver does not keep up).
+    """
+
+    acks: list[int] = field(default_factory=list)
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+
+
 Message = Union[
     Ready, Welcome, Heartbeat, Progress, TaskQuery, TaskList, Disconnect, Submit, Dispatch, Results, Accepted, Ack, Cancel,
-    Fetch, StatusRequest, StatusReply, Error,
+    Fetch, StatusRequest, StatusReply, Error, Direct, DirectVerdict,
 ]
 
 # ------------------------------------------------------------------------- encoding
@@ -425,14 +495,18 @@ def encode(msg: Message) -> list[Any]:
             return _frames(Command.ACCEPTED, _packb(ids))
         case Ack(ids):
             return _frames(Command.ACK, _packb(ids))
-        case Heartbeat(role, boot):
-            if role is None and boot is None:
+        case Direct(items):
+            return _frames(Command.DIRECT, _packb(_items_with_blobs(items, 2, blobs)), blobs)
+        case Heartbeat(role, boot, stats):
+            if role is None and boot is None and stats is None:
                 return _frames(Command.HEARTBEAT, _EMPTY_MAP)
             header: dict[str, Any] = {}
             if role is not None:
                 header["role"] = role
             if boot is not None:
                 header["boot"] = boot
+            if stats is not None:
+                header["stats"] = stats
             return _frames(Command.HEARTBEAT, _packb(header))
         case Progress(started, running):
             return _frames(Command.PROGRESS, _packb({"started": started, "running": running}))
@@ -462,6 +536,8 @@ def encode(msg: Message) -> list[Any]:
         case Error(code, message, req, ids):
             return _frames(Command.ERROR,
                            _packb({"code": code, "message": message, "req": req, "ids": ids}))
+        case DirectVerdict(acks, errors):
+            return _frames(Command.DIRECT, _packb({"acks": acks, "errs": errors}))
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -643,9 +719,12 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             return Accepted(_id_list(header))
         case Command.ACK:
             return Ack(_id_list(header))
+        case Command.DIRECT:
+            return _decode_direct(header, blobs)
         case Command.HEARTBEAT:
             h = _map(header)
-            return Heartbeat(_opt_str(h.get("role"), "role"), _opt_str(h.get("boot"), "boot"))
+            return Heartbeat(_opt_str(h.get("role"), "role"), _opt_str(h.get("boot"), "boot"),
+                             _stats(h.get("stats")))
         case Command.PROGRESS:
             h = _map(header)
             return Progress(_id_list(h.get("started", ())), _id_list(h.get("running", ())))
@@ -696,6 +775,127 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
                          list(h.get("ids") or []))
     raise DecodeError(f"command {command.name} is not accepted here",
                       code=ErrorCode.UNKNOWN_COMMAND)
+
+
+# =========================================================================================
+# Agent messaging: DIRECT headers and the pub/sub bus frames
+#
+# DIRECT (0x05) moves messages from one peer to another through the broker's ROUTER
+# (:class:`DirectItem`, :class:`Direct` and :class:`DirectVerdict` above; their decoder is
+# below). The bus does not go through the broker's loop at all: an XSUB/XPUB forwarder
+# (``broker/bus.py``) moves frames between publishers and subscribers, and ZeroMQ matches
+# subscriptions as byte prefixes of frame 0. A bus message is two frames:
+#
+#     frame 0: topic, UTF-8
+#     frame 1: msgpack map {"from": publisher id, "seq": int, "data": message}
+#
+# ``seq`` counts a publisher's messages per topic from 1; a subscriber that sees it jump
+# counts the missing ones as dropped (a queue on the way was full). A probe,
+# ``{"from": id, "probe": int}`` and no ``seq``, is what a subscriber publishes on a topic
+# it just subscribed to: receiving its own probe proves that the subscription has reached
+# the forwarder. SDK subscribers swallow probes.
+# =========================================================================================
+
+#: Topics the broker publishes on: an agent registered, an agent left (payload
+#: ``{"id", "name", "capabilities"}``, plus ``"reason"`` for left), and a task changed
+#: state (topic ``tasks.<task id>``, payload ``{"task_id", "state", "attempt", "agent",
+#: "at"}``, ``at`` in wall-clock seconds).
+BUS_AGENT_JOINED: Final = "agents.joined"
+BUS_AGENT_LEFT: Final = "agents.left"
+BUS_TASKS_PREFIX: Final = "tasks."
+#: The ``from`` of events the broker publishes.
+BUS_BROKER_SENDER: Final = "broker"
+
+
+class BusEnvelope(NamedTuple):
+    """One decoded bus message. ``probe`` is set (and ``seq`` 0) for probes."""
+
+    topic: str
+    sender: str
+    seq: int
+    data: Any
+    probe: int | None = None
+
+
+def encode_bus(topic: str, sender: str, seq: int, data: Any) -> list[bytes]:
+    """The two frames of a bus message.
+
+    Raises:
+        TypeError: ``data`` is not msgpack-encodable.
+    """
+    return [topic.encode(), _packb({"from": sender, "seq": seq, "data": data})]
+
+
+def encode_bus_probe(topic: str, sender: str, token: int) -> list[bytes]:
+    """The two frames of a subscription probe (see the section comment)."""
+    return [topic.encode(), _packb({"from": sender, "probe": token})]
+
+
+def decode_bus(frames: list[Any]) -> BusEnvelope:
+    """Decode the frames of a bus message.
+
+    Raises:
+        DecodeError: not two frames, a topic that is not UTF-8, or a bad envelope.
+    """
+    if len(frames) != 2:
+        raise DecodeError(f"a bus message has 2 frames, got {len(frames)}")
+    try:
+        topic, body = frames
+        topic = topic.decode() if type(topic) is bytes else bytes(topic).decode()
+        envelope = unpackb(body)
+        sender = envelope["from"]
+        seq = envelope.get("seq")
+        if type(sender) is str and type(seq) is int:
+            return _new_tuple(BusEnvelope, (topic, sender, seq, envelope.get("data"), None))
+        probe = envelope.get("probe")
+        if type(sender) is str and type(probe) is int:
+            return BusEnvelope(topic, sender, 0, None, probe)
+        raise ValueError("the envelope needs a string 'from' and an integer 'seq' or 'probe'")
+    except Exception as e:  # noqa: BLE001 - any codec failure is the publisher's bad frame
+        raise DecodeError(f"bad bus message: {e}") from e
+
+
+def _decode_direct(header: Any, blobs: list[Any]) -> Direct | DirectVerdict:
+    if type(header) is dict:
+        acks = header.get("acks") or ()
+        if type(acks) is not tuple or any(type(i) is not int for i in acks):
+            raise ValueError("acks must be an array of integers")
+        errors = []
+        for error in header.get("errs") or ():
+            if (type(error) is not tuple or len(error) != 3 or type(error[0]) is not int
+                    or type(error[1]) is not str or type(error[2]) is not str):
+                raise ValueError("an error must be [id, code, message]")
+            errors.append(error)
+        return DirectVerdict(list(acks), errors)
+    items = []
+    append = items.append
+    for item in _array(header):
+        if type(item) is not tuple or len(item) != 7:
+            raise ValueError("a DIRECT item must be an array of 7")
+        to, msg_id, ref, reply_to, flags, error, sender = item
+        if type(msg_id) is not int or type(flags) is not int:
+            raise ValueError("id and flags must be integers")
+        if (to is not None and type(to) is not str and type(to) is not bytes) or \
+                (sender is not None and type(sender) is not str and type(sender) is not bytes):
+            raise ValueError("to and from must be strings, bin or nil")
+        if reply_to is not None and type(reply_to) is not int:
+            raise ValueError("re must be an integer or nil")
+        if error is not None and (type(error) is not tuple or len(error) != 2
+                                  or type(error[0]) is not str or type(error[1]) is not str):
+            raise ValueError("err must be [code, message] or nil")
+        if type(ref) is not bytes:
+            item = (to, msg_id, _blob(ref, blobs), reply_to, flags, error, sender)
+        append(_new_tuple(DirectItem, item))
+    return Direct(items)
+
+
+def _stats(value: Any) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if type(value) is not dict or any(type(k) is not str or type(v) is not int
+                                      for k, v in value.items()):
+        raise ValueError("stats must be a map of string to integer")
+    return value
 
 
 # =========================================================================================

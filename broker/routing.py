@@ -71,6 +71,9 @@ class AgentRecord:
     done: int = 0
     failed: int = 0
     ewma_ms: float = 0.0
+    #: messaging counters: what the agent reports (bus messages lost, mailbox overflows)
+    #: and what the broker counts for it (direct messages refused while it lagged)
+    messaging: dict[str, int] = field(default_factory=dict)
     #: ``ewma_ms`` coarsened to power-of-two buckets: policies compare these, so that
     #: agents whose response times differ by noise count as equal and share work
     speed_bucket: int = 0
@@ -111,6 +114,7 @@ class AgentRecord:
             "state": self.state.value, "circuit": self.breaker.state.value,
             "in_flight": self.busy, "max_concurrent": self.max_concurrent,
             "done": self.done, "failed": self.failed, "latency_ms": round(self.ewma_ms, 3),
+            "messaging": dict(self.messaging),
         }
 
 
@@ -120,6 +124,8 @@ class AgentTable:
     def __init__(self) -> None:
         self.by_identity: dict[bytes, AgentRecord] = {}
         self._eligible: dict[Requirement, list[AgentRecord]] = {}
+        #: bumped on every change, so that indexes built elsewhere know when to rebuild
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self.by_identity)
@@ -133,16 +139,19 @@ class AgentTable:
     def add(self, agent: AgentRecord) -> None:
         self.by_identity[agent.identity] = agent
         self._eligible.clear()
+        self.version += 1
 
     def remove(self, identity: bytes) -> AgentRecord | None:
         agent = self.by_identity.pop(identity, None)
         if agent is not None:
             self._eligible.clear()
+            self.version += 1
         return agent
 
     def changed(self) -> None:
         """Call when an agent's state changed in a way that affects eligibility."""
         self._eligible.clear()
+        self.version += 1
 
     def eligible(self, requirement: Requirement) -> list[AgentRecord]:
         """READY agents that satisfy ``requirement`` (cached until the table changes)."""

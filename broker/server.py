@@ -33,15 +33,17 @@ from typing import Any, Callable
 import zmq
 
 from broker import __version__
+from broker.bus import EventPublisher
 from broker.config import BrokerConfig
+from broker.direct import DIRECT_BACKLOG_LIMIT, DirectRouting
 from broker.errors import DecodeError
 from broker.heartbeat import Liveness
 from broker.journal import Replay, open_journal
 from broker.protocol import (
-    MAX_BATCH_ITEMS, PROTOCOL_VERSION, Accepted, Ack, Assignment, Cancel, Disconnect, Dispatch,
-    Error, ErrorCode, Fetch, Heartbeat, Progress, Ready, ResultItem, Results, StatusReply,
-    StatusRequest, Submit, TaskList, TaskQuery, TaskSpec, TaskStatus, Welcome, chunks, decode,
-    encode,
+    DIRECT_BROADCAST, DIRECT_NO_ACK, MAX_BATCH_ITEMS, PROTOCOL_VERSION, Accepted, Ack, Assignment,
+    Cancel, Direct, DirectItem, Disconnect, Dispatch, Error, ErrorCode, Fetch, Heartbeat, Progress,
+    Ready, ResultItem, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
+    TaskStatus, Welcome, chunks, decode, encode,
 )
 from broker.resilience import CircuitBreaker, CircuitState, RetryPolicy
 from broker.routing import AgentRecord, AgentState, AgentTable, Requirement, make_policy
@@ -71,6 +73,8 @@ _DRAINING = AgentState.DRAINING
 _SUCCEEDED = TaskStatus.SUCCEEDED.value
 _FAILED_STATUS = TaskStatus.FAILED.value
 _TIMED_OUT_STATUS = TaskStatus.TIMED_OUT.value
+_NO_AGENT = ErrorCode.NO_AGENT.value
+_MAILBOX_FULL = ErrorCode.MAILBOX_FULL.value
 _new_tuple = tuple.__new__
 
 
@@ -136,6 +140,14 @@ class Broker:
         self.endpoint = ""
         #: other components' endpoints handed to agents at registration (bus, state)
         self.endpoints: dict[str, str] = {}
+        #: the broker's own events on the bus (:meth:`attach_bus`); None without a bus
+        self.events: EventPublisher | None = None
+        #: the forwarder's frame counters, when it runs in this process
+        self.bus_statistics: Callable[[], dict[str, int] | None] | None = None
+        #: somebody subscribes to task events: state changes get published. Hot paths
+        #: test this one attribute, so that task events cost nothing while nobody listens.
+        self._watch_tasks = False
+        self.direct = DirectRouting(self.agents)
         #: a new id per start: clients that see it change send again what they had open
         self.boot_id = uuid.uuid4().hex[:12]
         self.started_at = clock()
@@ -183,6 +195,23 @@ class Broker:
         self._router = router
         self.endpoint = endpoint
         return endpoint
+
+    def attach_bus(self, bus_out: str, bus_in: str, hwm: int,
+                   statistics: Callable[[], dict[str, int] | None] | None = None) -> None:
+        """Announce the bus (forwarder endpoints) to agents and clients, and publish the
+        broker's events on it. Call after :meth:`bind`.
+
+        Args:
+            bus_out: where subscribers connect (the forwarder's XPUB).
+            bus_in: where publishers connect (the forwarder's XSUB).
+            hwm: queue bound of the broker's publisher socket.
+            statistics: returns the forwarder's counters, for the status document.
+        """
+        assert self._ctx is not None, "bind() first"
+        self.endpoints["bus_out"] = bus_out
+        self.endpoints["bus_in"] = bus_in
+        self.events = EventPublisher(self._ctx, bus_in, hwm)
+        self.bus_statistics = statistics
 
     def _restore(self, replay: Replay) -> None:
         """Rebuild open tasks and retained results from the journal."""
@@ -249,6 +278,9 @@ class Broker:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        bus = self.events
+        if bus is not None:
+            poller.register(bus.socket, zmq.POLLIN)
         self._running = True
         logger.info("broker %s listening on %s (policy %s, durability %s)", __version__,
                     self.endpoint, self.policy.name, self.journal.durability.value)
@@ -259,6 +291,9 @@ class Broker:
                     self._drain(router)
                 if self._wake_r.fileno() in events:
                     self._clear_wakeups()
+                if bus is not None and bus.socket in events:
+                    bus.read_subscriptions()
+                    self._watch_tasks = bus.watching_tasks
                 now = self.clock()
                 if self._stop_requested and self._stopping_since is None:
                     self._begin_stop(now)
@@ -286,6 +321,8 @@ class Broker:
 
     def _close(self) -> None:
         self.journal.close()
+        if self.events is not None:
+            self.events.close()
         if self._router is not None:
             self._router.close(linger=1000)
         if self._ctx is not None:
@@ -349,6 +386,8 @@ class Broker:
                     self._handle_submit(identity, msg)
                 case Results():
                     self._handle_results(identity, agent, msg)
+                case Direct():
+                    self._handle_direct(identity, msg)
                 case Progress():
                     self._handle_progress(identity, agent, msg)
                 case Heartbeat():
@@ -412,6 +451,7 @@ class Broker:
         requirements = self._requirements
         deadlines = self.deadlines
         journal_accepted = self.journal.accepted
+        watch_tasks = self._watch_tasks
         for spec in msg.tasks:
             task_id = spec[0]
             existing = tasks.get(task_id) or finished.get(task_id)
@@ -440,12 +480,18 @@ class Broker:
             pending.push(task)
             deadlines.add(task, timeout_s)
             journal_accepted(spec, identity, wall)
+            if watch_tasks:
+                self._task_event(task, now)
             if spec[7] is not None:
                 parent = tasks.get(spec[7])
                 if parent is not None:
                     if parent.children is None:
                         parent.children = []
                     parent.children.append(task_id)
+                elif self._was_cancelled(spec[7]):
+                    # Submitted by a parent that was cancelled meanwhile (its agent had not
+                    # heard yet): the subtask is cancelled with it, as if it had been there.
+                    self._cancel_task(task_id, f"parent {spec[7]} was cancelled", now)
             accepted.append(task_id)
         # Resubmits of known ids are counted apart (resubmitted), not as new work.
         self.counters["submitted"] += len(msg.tasks) - len(full) - len(stopping) - resubmitted
@@ -496,6 +542,10 @@ class Broker:
         self._end_by_broker(task, TaskStatus.CANCELLED, ErrorCode.CANCELLED, reason, now)
         for child in children or ():
             self._cancel_task(child, f"parent {task_id} was cancelled", now)
+
+    def _was_cancelled(self, task_id: str) -> bool:
+        finished = self.finished.get(task_id)
+        return finished is not None and finished.state is TaskState.CANCELLED
 
     def _handle_task_query(self, identity: bytes, msg: TaskQuery) -> None:
         if msg.task_ids is not None:
@@ -573,6 +623,118 @@ class Broker:
         self._outbox(waiter.identity).control.append(encode(StatusReply(waiter.req, status)))
         return True
 
+    # ------------------------------------------------------------ direct messages
+
+    def _handle_direct(self, identity: bytes, msg: Direct) -> None:
+        """Forward a batch of direct messages, grouped per receiver and in order, payloads
+        untouched and the sender's routing id added as ``from``; the sender hears what
+        became of each in this pass's verdict. Rules in ``broker/direct.py``."""
+        direct = self.direct
+        items = msg.items
+        self._items_this_pass += len(items)
+        sender = direct.sender_ref(identity)
+        #: per item: None once delivered to some receiver, else (code, message) to report
+        outcomes: list[tuple[str, str] | None] = []
+        groups: dict[bytes, tuple[list[DirectItem], list[int]]] = {}
+        for index, item in enumerate(items):
+            to = item[0]
+            receivers, refusal = self._direct_receivers(to, bool(item[4] & DIRECT_BROADCAST))
+            outcomes.append(refusal)
+            if not receivers:
+                continue
+            forwarded = _new_tuple(DirectItem, (to, item[1], item[2], item[3], item[4], item[5],
+                                                sender))
+            for receiver in receivers:
+                group = groups.get(receiver)
+                if group is None:
+                    group = groups[receiver] = ([], [])
+                group[0].append(forwarded)
+                group[1].append(index)
+        now = self.clock()
+        for receiver, (forwarded_items, indexes) in groups.items():
+            code = self._forward_direct(
+                receiver, [encode(Direct(part)) for part in chunks(forwarded_items)], now)
+            if code == _MAILBOX_FULL:
+                agent = self.agents.get(receiver)
+                if agent is not None:
+                    agent.messaging["broker_refused"] = (agent.messaging.get("broker_refused", 0)
+                                                         + len(indexes))
+            for index in indexes:
+                if code is None:
+                    outcomes[index] = None
+                elif code == _MAILBOX_FULL and outcomes[index] is not None:
+                    outcomes[index] = (code, f"{items[index][0]!r} is not keeping up: "
+                                             f"{DIRECT_BACKLOG_LIMIT} messages already wait "
+                                             "for it in the broker")
+        routed = 0
+        for item, outcome in zip(items, outcomes):
+            if outcome is None:
+                routed += 1
+                if not item[4] & DIRECT_NO_ACK:
+                    direct.ack(identity, item[1])
+            else:
+                direct.error(identity, item[1], outcome[0], outcome[1])
+        direct.counters["routed"] += routed
+
+    def _direct_receivers(self, to: str | bytes | None, broadcast: bool
+                          ) -> tuple[list[bytes], tuple[str, str]]:
+        """The routing ids a direct message to ``to`` goes to, and what to tell its sender
+        if it reaches none of them."""
+        if to is None:
+            return [], (ErrorCode.BAD_FRAME.value,
+                        "a direct message needs 'to': an agent id, an agent name or a client id")
+        unreachable = (_NO_AGENT, f"no agent or client {to!r} is connected")
+        targets = self.direct.resolve(to, broadcast)
+        if targets is None:
+            raw = to.encode() if type(to) is str else to
+            refusal = self.direct.refusal(raw)
+            if refusal is not None:
+                return [], (_NO_AGENT, f"agent {to!r} left ({refusal})")
+            return [raw], unreachable
+        if not targets:
+            return [], (_NO_AGENT, f"no live agent named {to!r}")
+        return [agent.identity for agent in targets], unreachable
+
+    def _forward_direct(self, receiver: bytes, messages: list[list[Any]], now: float
+                        ) -> str | None:
+        """Send forwarded DIRECT messages now, or queue them behind what already waits for
+        the receiver (so that one sender's messages stay in order); returns an error code
+        when they can be neither sent nor queued."""
+        backlog = self._backlog.get(receiver)
+        if backlog:
+            if len(backlog) + len(messages) > DIRECT_BACKLOG_LIMIT:
+                return _MAILBOX_FULL
+            backlog.extend(messages)
+            self.direct.backlogged.add(receiver)
+            return None
+        router = self._router
+        for index, frames in enumerate(messages):
+            try:
+                send_frames(router, [receiver, *frames], zmq.NOBLOCK)
+            except zmq.Again:
+                self._keep_for_later(receiver, messages[index:])
+                self.direct.backlogged.add(receiver)
+                return None
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                self._peer_unreachable(receiver, now)
+                return _NO_AGENT
+        self.counters["messages_out"] += len(messages)
+        return None
+
+    def _release_direct(self, now: float) -> None:
+        """Queue this pass's verdicts, and try again to send direct messages that wait in
+        backlogs of receivers nothing else is sent to this pass."""
+        for identity, verdict in self.direct.take_verdicts():
+            self._outbox(identity).control.append(encode(verdict))
+        backlogged = self.direct.backlogged
+        for identity in list(backlogged):
+            if identity not in self._backlog:
+                backlogged.discard(identity)
+            elif identity not in self._outboxes:
+                self._send_all(identity, [], now)
+
     # ------------------------------------------------------------ agent commands
 
     def _handle_ready(self, identity: bytes, msg: Ready) -> None:
@@ -583,6 +745,7 @@ class Broker:
                             breaker=CircuitBreaker(self.config.circuit_failure_threshold,
                                                    self.config.circuit_recovery_s, self.clock))
         self.agents.add(agent)
+        self.direct.rejoined(identity)
         running = set(msg.running)
         if previous is not None:
             # Registered again on the same connection (it thought we died): what it still
@@ -603,6 +766,8 @@ class Broker:
         self.counters["agents_registered"] += 1
         logger.info("agent %s (%s) registered: capabilities %s, max_concurrent %d",
                     msg.agent_id, msg.name, sorted(msg.capabilities), msg.max_concurrent)
+        if self.events is not None:
+            self.events.agent_joined(msg.agent_id, msg.name, sorted(msg.capabilities))
         self._outbox(identity).control.append(encode(Welcome(
             self.config.heartbeat_interval_s, self.config.heartbeat_liveness, self.endpoints,
             self.boot_id)))
@@ -620,11 +785,15 @@ class Broker:
             self._assign(task, agent, now, new_attempt=False)
             task.state = _RUNNING
             task.note(now, "reclaimed", agent.agent_id)
+            if self._watch_tasks:
+                self._task_event(task, now)
         elif task is not None and task.agent is agent:
             task.last_sign = now
             if task.state is _DISPATCHED:
                 task.state = _RUNNING
                 task.started_at = now
+                if self._watch_tasks:
+                    self._task_event(task, now)
         elif task_id not in agent.foreign_running:
             # Finished, or running elsewhere now: this copy is not wanted.
             agent.foreign_running.add(task_id)
@@ -650,6 +819,8 @@ class Broker:
             # remember (we restarted). Ask it to register instead of inventing state for it.
             self._outbox(identity).control.append(
                 encode(Disconnect(ErrorCode.NOT_REGISTERED.value)))
+        elif msg.stats is not None:
+            agent.messaging.update(msg.stats)
 
     def _handle_disconnect(self, identity: bytes, agent: AgentRecord | None) -> None:
         if agent is None:
@@ -766,6 +937,8 @@ class Broker:
                                    f"retry in {delay:.2f} s")
         self._retrying.append(task)
         self.counters["retried"] += 1
+        if self._watch_tasks:
+            self._task_event(task, now)
         return True
 
     def _release_retries(self, now: float) -> None:
@@ -781,6 +954,8 @@ class Broker:
             task.deadline = now + task.timeout_s
             self.deadlines.add(task, task.timeout_s)
             self.pending.push(task)
+            if self._watch_tasks:
+                self._task_event(task, now)
         self._retrying = still
 
     def _finish(self, task: TaskRecord, state: TaskState, result: ResultItem, now: float) -> None:
@@ -792,6 +967,8 @@ class Broker:
         self.finished.add(task)
         self.journal.finished(result, now + self.wall_offset)
         self.counters[state._value_] += 1
+        if self._watch_tasks:
+            self._task_event(task, now)
         client = task.client
         box = self._outboxes.get(client)
         if box is None:
@@ -860,6 +1037,9 @@ class Broker:
         have used up their retries)."""
         self.agents.remove(agent.identity)
         agent.state = AgentState.DEAD
+        self.direct.departed(agent.identity, reason)
+        if self.events is not None:
+            self.events.agent_left(agent.agent_id, agent.name, sorted(agent.capabilities), reason)
         orphans = list(agent.in_flight.values())
         agent.in_flight.clear()
         for task in orphans:
@@ -887,6 +1067,8 @@ class Broker:
             task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
         task.note(now, "requeued", why)
         self.counters["redispatched"] += 1
+        if self._watch_tasks:
+            self._task_event(task, now)
 
     def _tick(self, now: float) -> None:
         self._next_tick = now + self._tick_s
@@ -941,6 +1123,24 @@ class Broker:
         task.deadline = now + task.timeout_s
         self.deadlines.add(task, task.timeout_s)
         agent.in_flight[task.spec[0]] = task
+        if self._watch_tasks:
+            self._task_event(task, now)
+
+    def _task_event(self, task: TaskRecord, now: float) -> None:
+        """Publish the task's new state on ``tasks.<id>``. Callers test
+        ``self._watch_tasks`` first; ``agent`` is the agent's id while the task is
+        dispatched or running, and the agent name (as in its result) once it ended."""
+        events = self.events
+        if events is None:
+            return
+        state = task.state
+        final = state.finished
+        if final:
+            agent = task.result[5] if task.result is not None else None
+        else:
+            agent = task.agent.agent_id if task.agent is not None else None
+        events.task_changed(task.spec[0], state.value, task.attempts, agent,
+                            now + self.wall_offset, final)
 
     def _dispatch(self, now: float) -> None:
         pending = self.pending
@@ -949,6 +1149,7 @@ class Broker:
         choose = self.policy.choose
         outboxes = self._outboxes
         deadlines_add = self.deadlines.add
+        watch_tasks = self._watch_tasks
         for requirement in pending.requirements():
             candidates = [a for a in self.agents.eligible(requirement) if a.free > 0]
             if not candidates:
@@ -980,6 +1181,8 @@ class Broker:
                 spec = task.spec
                 in_flight = agent.in_flight
                 in_flight[spec[0]] = task
+                if watch_tasks:
+                    self._task_event(task, now)
                 batch = assignments.get(agent)
                 if batch is None:
                     batch = assignments[agent] = []
@@ -1008,6 +1211,9 @@ class Broker:
         now = self.clock()
         if self._accepted_due and now >= self._accepted_deadline:
             self._release_accepted(self._outboxes)
+        direct = self.direct
+        if direct.backlogged or direct.has_verdicts:
+            self._release_direct(now)
         if not self._outboxes:
             return
         outboxes, self._outboxes = self._outboxes, {}
@@ -1163,4 +1369,20 @@ class Broker:
             },
             "messages": {"in": self.counters["messages_in"], "out": self.counters["messages_out"]},
             "errors": dict(self.errors),
+            "messaging": self._messaging_status(),
         }
+
+    def _messaging_status(self) -> dict[str, Any]:
+        counters = self.direct.counters
+        report: dict[str, Any] = {"direct": {
+            "routed": counters["routed"], "no_agent": counters[_NO_AGENT],
+            "mailbox_full": counters[_MAILBOX_FULL],
+            "backlogged_receivers": len(self.direct.backlogged)}}
+        if self.events is not None:
+            report["bus"] = {
+                "out": self.endpoints.get("bus_out"), "in": self.endpoints.get("bus_in"),
+                "events_published": self.events.published,
+                "subscribed_prefixes": len(self.events.prefixes),
+                "forwarder": self.bus_statistics() if self.bus_statistics is not None else None,
+            }
+        return report

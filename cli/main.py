@@ -171,11 +171,12 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
               help="HOST:PORT of the state service. Default: the broker's port + 3.")
 @click.option("--state-memory", is_flag=True, help="Keep shared state in memory only.")
 @click.option("--no-state", is_flag=True, help="Do not run the state service.")
+@click.option("--no-bus", is_flag=True, help="Do not run the pub/sub forwarder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: str,
           no_agents: bool, foreground: bool, state_bind: str | None, state_memory: bool,
-          no_state: bool, as_json: bool) -> None:
+          no_state: bool, no_bus: bool, as_json: bool) -> None:
     home = obj.home
     agents = [] if no_agents else _parse_agents(agents_spec)
     running = read_pid(home / "broker.pid")
@@ -191,6 +192,7 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
                    "--durability", durability]
     broker_args += ["--state-bind", state_bind] if state_bind else []
     broker_args += ["--state-memory"] * state_memory + ["--no-state"] * no_state
+    broker_args += ["--no-bus"] * no_bus
     if foreground:
         from broker.__main__ import main as broker_main
 
@@ -211,11 +213,15 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
             started.append(registered["agent_id"])
     if as_json:
         emit_json({"status": "started", "pid": proc.pid, "endpoint": info["endpoint"],
-                   "state": info.get("state"), "agents": started, "home": str(home)})
+                   "state": info.get("state"), "bus_out": info.get("bus_out"),
+                   "bus_in": info.get("bus_in"), "agents": started, "home": str(home)})
     else:
         click.echo(f"broker started (pid {proc.pid}) at {info['endpoint']}; data in {home}")
         if info.get("state"):
             click.echo(f"state service at {info['state']}")
+        if info.get("bus_out"):
+            click.echo(f"bus: subscribers connect to {info['bus_out']}, publishers to "
+                       f"{info['bus_in']}")
         if started:
             click.echo(f"agents: {', '.join(started)}")
 
@@ -284,15 +290,26 @@ def _status_table(status: dict[str, Any]) -> Any:
     head.add_row("tasks", "  ".join(f"{k} {v}" for k, v in tasks.items()))
     if status.get("errors"):
         head.add_row("errors", "  ".join(f"{k} {v}" for k, v in status["errors"].items()))
+    messaging = status.get("messaging") or {}
+    if messaging.get("bus"):
+        bus = messaging["bus"]
+        head.add_row("bus", f"out {bus['out']}  in {bus['in']}  "
+                            f"{bus['subscribed_prefixes']} subscribed prefix(es)")
+    if messaging.get("direct"):
+        head.add_row("direct", "  ".join(f"{k} {v}" for k, v in messaging["direct"].items()))
     agents = Table(title=f"{len(status['agents'])} agent(s)", title_justify="left")
     for column in ("name", "id", "capabilities", "state", "in flight", "done", "failed",
-                   "latency ms"):
+                   "latency ms", "msgs lost"):
         agents.add_column(column, justify="right" if column in (
-            "in flight", "done", "failed", "latency ms") else "left")
+            "in flight", "done", "failed", "latency ms", "msgs lost") else "left")
     for agent in status["agents"]:
+        counters = agent.get("messaging") or {}
+        lost = sum(counters.get(k, 0) for k in ("bus_gaps", "bus_overflow", "mailbox_dropped",
+                                                "broker_refused"))
         agents.add_row(agent["name"], agent["id"], ", ".join(agent["capabilities"]),
                        agent["state"], f"{agent['in_flight']}/{agent['max_concurrent']}",
-                       str(agent["done"]), str(agent["failed"]), f"{agent['latency_ms']:.2f}")
+                       str(agent["done"]), str(agent["failed"]), f"{agent['latency_ms']:.2f}",
+                       str(lost))
     return Group(head, agents)
 
 
