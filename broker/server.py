@@ -236,6 +236,7 @@ class Broker:
                 continue
             task = self._record_from_journal(accepted, now)
             task.note(now, "restored", "the broker restarted; dispatching again")
+            task.restored = True
             self.tasks[task_id] = task
             self.pending.push(task)
             self.deadlines.add(task, task.timeout_s)
@@ -756,7 +757,7 @@ class Broker:
                     task.agent = agent
                     agent.in_flight[task_id] = task
                 else:
-                    task.agent = None
+                    task.release_agent()
                     self._orphan(task, f"agent {msg.agent_id} registered again without it",
                                  now)
             agent.foreign_running.update(previous.foreign_running & running)
@@ -768,9 +769,11 @@ class Broker:
                     msg.agent_id, msg.name, sorted(msg.capabilities), msg.max_concurrent)
         if self.events is not None:
             self.events.agent_joined(msg.agent_id, msg.name, sorted(msg.capabilities))
-        self._outbox(identity).control.append(encode(Welcome(
+        # WELCOME goes out now, ahead of any TASK this pass may give the agent: an agent
+        # must know it is registered before it runs work (or it resends its results).
+        self._send_all(identity, [encode(Welcome(
             self.config.heartbeat_interval_s, self.config.heartbeat_liveness, self.endpoints,
-            self.boot_id)))
+            self.boot_id))], now)
         if self._status_waiters:
             self._status_waiters = [w for w in self._status_waiters
                                     if not self._answer_waiter(w, force=False)]
@@ -854,8 +857,10 @@ class Broker:
             if owner is None or owner.identity != identity:
                 # An earlier attempt answering (the task was requeued or dispatched again
                 # since). Its success is as good as any: take it, and stop the current
-                # holder. Its failure is old news: the current attempt decides.
-                if status != _SUCCEEDED:
+                # holder. Its failure is old news: the current attempt decides. Only a
+                # peer that did hold the task may answer for it (after a restart we do not
+                # know who did: then any registered agent may).
+                if status != _SUCCEEDED or not task.held_by(identity, agent is not None):
                     self.counters["stale_results"] += 1
                     continue
                 self._detach(task)
@@ -882,7 +887,7 @@ class Broker:
                 if owner.state is _DRAINING and not owner.busy:
                     self._remove_agent(owner, "drained", now)
                 agent_name = owner.name
-            task.agent = None
+            task.release_agent()
             if status != _SUCCEEDED and self._retry(task, item[3], item[4], item[9], now):
                 continue
             dispatched_at = task.dispatched_at
@@ -989,7 +994,7 @@ class Broker:
             agent.in_flight.pop(task.spec[0], None)
             agent.foreign_running.add(task.spec[0])
             self._outbox(agent.identity).cancels.append(task.spec[0])
-            task.agent = None
+            task.release_agent()
 
     def _end_by_broker(self, task: TaskRecord, status: TaskStatus, code: ErrorCode,
                        message: str, now: float, retryable: bool = False) -> None:
@@ -1043,7 +1048,7 @@ class Broker:
         orphans = list(agent.in_flight.values())
         agent.in_flight.clear()
         for task in orphans:
-            task.agent = None
+            task.release_agent()
             self._orphan(task, f"agent {agent.agent_id} {reason}", now)
         log = logger.warning if reason in ("dead", "unreachable") else logger.info
         log("agent %s (%s) removed: %s; %d in-flight task(s) orphaned", agent.agent_id,
@@ -1088,7 +1093,7 @@ class Broker:
                 del agent.in_flight[task.spec[0]]
                 agent.foreign_running.add(task.spec[0])
                 self._outbox(agent.identity).cancels.append(task.spec[0])
-                task.agent = None
+                task.release_agent()
                 self.counters["lease_expired"] += 1
                 self._orphan(task, f"no sign of life from {agent.agent_id} for "
                                    f"{lease_s:g} s", now)

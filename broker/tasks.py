@@ -43,7 +43,8 @@ class TaskRecord:
 
     __slots__ = ("spec", "requirement", "client", "submitted_at", "deadline", "state", "agent",
                  "attempts", "dispatched_at", "started_at", "last_sign", "finished_at",
-                 "result", "watchers", "history", "retry_at", "timeout_s", "children")
+                 "result", "watchers", "history", "retry_at", "timeout_s", "children",
+                 "holders", "restored")
 
     def __init__(self, spec: TaskSpec, requirement: Requirement, client: bytes,
                  submitted_at: float, timeout_s: float) -> None:
@@ -72,6 +73,10 @@ class TaskRecord:
         self.history: list[tuple[float, str, str]] | None = None
         #: ids of subtasks submitted by this task's agent while it ran
         self.children: list[str] | None = None
+        #: identities of agents that held an earlier attempt (may still answer for it)
+        self.holders: list[bytes] | None = None
+        #: rebuilt from the journal: who ran it before the restart is unknown
+        self.restored = False
 
     @property
     def id(self) -> str:
@@ -80,6 +85,22 @@ class TaskRecord:
     @property
     def open(self) -> bool:
         return self.state in _OPEN_STATES
+
+    def release_agent(self) -> None:
+        """The task leaves its agent (retry, requeue, cancel); remember who held it."""
+        agent = self.agent
+        if agent is not None:
+            if self.holders is None:
+                self.holders = [agent.identity]
+            elif agent.identity not in self.holders:
+                self.holders.append(agent.identity)
+            self.agent = None
+
+    def held_by(self, identity: bytes, registered: bool) -> bool:
+        """May ``identity`` answer for an earlier attempt of this task?"""
+        if self.holders is not None and identity in self.holders:
+            return True
+        return self.restored and registered
 
     def note(self, at: float, event: str, detail: str = "") -> None:
         """Keep an unusual transition for the task's timeline."""
