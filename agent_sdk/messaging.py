@@ -89,6 +89,9 @@ PROBE_RETRY_MAX_S: Final = 0.5
 #: ``publish`` lets the loop run once every this many calls, so that a publishing loop
 #: does not starve heartbeats and the reading of the connection.
 PUBLISH_YIELD_EVERY: Final = 256
+#: How long messages still queued in the publisher socket at ``close`` may take to leave
+#: (libzmq sends them in the background while the process runs; 0 would discard them).
+PUBLISH_LINGER_MS: Final = 2000
 #: (publisher, topic) sequence trackers and per-topic counters kept; the oldest go first
 #: (a forgotten stream restarts its count without a false gap).
 MAX_TRACKED_STREAMS: Final = 100_000
@@ -721,7 +724,7 @@ class Messenger:
                 continue
             if loop is not None and not loop.is_closed():
                 loop.remove_reader(sock.getsockopt(zmq.FD))
-            sock.close(linger=0)
+            sock.close(linger=PUBLISH_LINGER_MS if sock is self._pub else 0)
         self._sub = self._pub = None
         self._remote.clear()
 

@@ -13,6 +13,9 @@ from tests.messaging.conftest import Messaging, wait_status
 COUNT = 1000
 #: How long an agent may take to confirm its subscriptions or to receive a batch.
 AGENT_WAIT_S = 20.0
+#: Messages published right before the publisher closes (fewer than a subscription queues).
+BURST = 9_000
+PAD = b"x" * 1000
 
 
 def test_three_subscribers_each_get_all_of_their_topic_and_nothing_else(
@@ -104,6 +107,25 @@ def test_client_subscribes_by_prefix_and_unsubscribes(messaging: Messaging) -> N
     assert end.next(5).data == 7
     with pytest.raises(WaitTimeout):
         metrics.next(0.2)
+
+
+def test_messages_published_right_before_close_still_arrive(messaging: Messaging) -> None:
+    # Given a subscriber, and a publisher that has seen its subscription
+    subscriber = messaging.client()
+    news = subscriber.subscribe("burst")
+    publisher = messaging.client()
+    publisher.wait_for_subscribers("burst")
+
+    # When the publisher publishes a burst and closes at once (most of the burst is still
+    # queued in its socket then)
+    async def publish_and_close() -> None:
+        for i in range(BURST):
+            await publisher.client.publish("burst", [i, PAD])
+        await publisher.client.close()
+
+    publisher._call(publish_and_close())
+    # Then every message arrives, in order
+    assert [news.next(10).data[0] for _ in range(BURST)] == list(range(BURST))
 
 
 def test_broker_publishes_agent_and_task_events(messaging: Messaging) -> None:
