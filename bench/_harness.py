@@ -51,9 +51,10 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 @contextlib.contextmanager
-def orchestrator(agents: int, agent_concurrency: int, extra_broker_args: tuple[str, ...] = ()
-                 ) -> Iterator[str]:
-    """A broker and ``agents`` echo agents; yields the broker URL."""
+def orchestrator(agents: int, agent_concurrency: int, extra_broker_args: tuple[str, ...] = (),
+                 agent_spec: str = "bench.echo_agent:EchoAgent") -> Iterator[str]:
+    """A broker and ``agents`` agents of ``agent_spec`` (echo agents by default); yields
+    the broker URL."""
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as home:
         try:
@@ -62,7 +63,7 @@ def orchestrator(agents: int, agent_concurrency: int, extra_broker_args: tuple[s
             procs.append(broker)
             url = _read_json_line(broker)["endpoint"]
             for _ in range(agents):
-                agent = _python("-m", "agent_sdk", "run", "bench.echo_agent:EchoAgent",
+                agent = _python("-m", "agent_sdk", "run", agent_spec,
                                 "--broker", url, "--max-concurrent", str(agent_concurrency))
                 procs.append(agent)
             for agent in procs[1:]:
