@@ -342,7 +342,8 @@ class Messenger:
             BrokerUnavailable: the broker did not answer within ``timeout``.
         """
         msg_id, future = self._post(to, message, broadcast)
-        timer = asyncio.get_running_loop().call_later(timeout, _no_verdict, future, to, timeout)
+        timer = asyncio.get_running_loop().call_later(timeout, _time_out, future, to, timeout,
+                                                      False)
         try:
             await future
         finally:
@@ -366,7 +367,7 @@ class Messenger:
         self._replies[msg_id] = future
         self.counters["direct_sent"] += 1
         # A timer rather than wait_for: requests are a hot path, and wait_for costs a Task.
-        timer = loop.call_later(timeout, _time_out, future, to, timeout)
+        timer = loop.call_later(timeout, _time_out, future, to, timeout, True)
         try:
             return await future
         finally:
@@ -967,14 +968,12 @@ def _new_item(fields: tuple[Any, ...]) -> DirectItem:
     return tuple.__new__(DirectItem, fields)
 
 
-def _time_out(future: asyncio.Future[Any], to: str, timeout: float) -> None:
+def _time_out(future: asyncio.Future[Any], to: str, timeout: float, request: bool) -> None:
+    """Timer callback: no reply (request) or no verdict (send) within ``timeout``."""
     if not future.done():
-        future.set_exception(WaitTimeout(f"no reply from {to!r} within {timeout:g} s"))
-
-
-def _no_verdict(future: asyncio.Future[Any], to: str, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(BrokerUnavailable(f"{to!r} via the broker", timeout))
+        future.set_exception(
+            WaitTimeout(f"no reply from {to!r} within {timeout:g} s") if request
+            else BrokerUnavailable(f"{to!r} via the broker", timeout))
 
 
 def _encoded(message: Any) -> bytes:

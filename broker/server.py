@@ -75,6 +75,8 @@ _FAILED_STATUS = TaskStatus.FAILED.value
 _TIMED_OUT_STATUS = TaskStatus.TIMED_OUT.value
 _NO_AGENT = ErrorCode.NO_AGENT.value
 _MAILBOX_FULL = ErrorCode.MAILBOX_FULL.value
+#: A direct message's outcome until one of its receivers took it.
+_UNDELIVERED = ("", "")
 _new_tuple = tuple.__new__
 
 
@@ -635,12 +637,13 @@ class Broker:
         self._items_this_pass += len(items)
         sender = direct.sender_ref(identity)
         #: per item: None once delivered to some receiver, else (code, message) to report
+        #: (_UNDELIVERED: its receivers were not reachable; the message is built only then)
         outcomes: list[tuple[str, str] | None] = []
         groups: dict[bytes, tuple[list[DirectItem], list[int]]] = {}
         for index, item in enumerate(items):
             to = item[0]
             receivers, refusal = self._direct_receivers(to, bool(item[4] & DIRECT_BROADCAST))
-            outcomes.append(refusal)
+            outcomes.append(refusal if refusal is not None else _UNDELIVERED)
             if not receivers:
                 continue
             forwarded = _new_tuple(DirectItem, (to, item[1], item[2], item[3], item[4], item[5],
@@ -673,28 +676,29 @@ class Broker:
                 routed += 1
                 if not item[4] & DIRECT_NO_ACK:
                     direct.ack(identity, item[1])
+            elif outcome is _UNDELIVERED:
+                direct.error(identity, item[1], _NO_AGENT,
+                             f"no agent or client {item[0]!r} is connected")
             else:
                 direct.error(identity, item[1], outcome[0], outcome[1])
         direct.counters["routed"] += routed
 
     def _direct_receivers(self, to: str | bytes | None, broadcast: bool
-                          ) -> tuple[list[bytes], tuple[str, str]]:
-        """The routing ids a direct message to ``to`` goes to, and what to tell its sender
-        if it reaches none of them."""
+                          ) -> tuple[list[bytes], tuple[str, str] | None]:
+        """The routing ids a direct message to ``to`` goes to, or why there are none."""
         if to is None:
             return [], (ErrorCode.BAD_FRAME.value,
                         "a direct message needs 'to': an agent id, an agent name or a client id")
-        unreachable = (_NO_AGENT, f"no agent or client {to!r} is connected")
         targets = self.direct.resolve(to, broadcast)
         if targets is None:
             raw = to.encode() if type(to) is str else to
             refusal = self.direct.refusal(raw)
             if refusal is not None:
                 return [], (_NO_AGENT, f"agent {to!r} left ({refusal})")
-            return [raw], unreachable
+            return [raw], None
         if not targets:
             return [], (_NO_AGENT, f"no live agent named {to!r}")
-        return [agent.identity for agent in targets], unreachable
+        return [agent.identity for agent in targets], None
 
     def _forward_direct(self, receiver: bytes, messages: list[list[Any]], now: float
                         ) -> str | None:
