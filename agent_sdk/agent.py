@@ -361,6 +361,11 @@ class BaseAgent(MessagingMixin, abc.ABC):
                         next_stats = now + self._heartbeat_interval_s
             expiry_s = self._heartbeat_interval_s * self._heartbeat_liveness
             if now - self._last_heard > expiry_s:
+                # Read what is waiting first: a stall of this process (not the broker's
+                # silence) can leave the broker's messages unread past the expiry.
+                channel.read_now()
+                now = loop.time()
+            if now - self._last_heard > expiry_s:
                 if now >= self._next_reconnect and self.status is not AgentState.DRAINING:
                     logger.warning("agent %s: broker silent for %.1f s; reconnecting",
                                    self.agent_id, now - self._last_heard)

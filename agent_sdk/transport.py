@@ -147,6 +147,11 @@ class Channel:
 
     # ------------------------------------------------------------------ input
 
+    def read_now(self) -> None:
+        """Handle whatever input is waiting, now (the reader callback may be behind)."""
+        if self._sock is not None:
+            self._on_readable()
+
     def _schedule_read(self) -> None:
         if not self._read_scheduled and self._loop is not None:
             self._read_scheduled = True
