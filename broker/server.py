@@ -784,6 +784,8 @@ class Broker:
 
     def _claim_running(self, agent: AgentRecord, task_id: str, now: float) -> None:
         """The agent says it runs ``task_id``: make our books agree, or stop it there."""
+        if task_id in agent.foreign_running:
+            return  # we told it to cancel that copy; its answer is on the way
         task = self.tasks.get(task_id)
         if task is not None and task.state is _PENDING:
             # We had requeued it (the agent looked dead) but it is still running there:
