@@ -13,7 +13,7 @@ import pytest
 from agent_sdk import Client
 from broker.journal import Journal
 from tests.conftest import Cluster
-from tests.faults.checker import WireTap, check
+from tests.faults.checker import WireTap, check, read_log
 from tests.faults.support import (
     NOBODY, WAIT_S, collect, learn_boot, restart_logged, wait_status,
 )
@@ -24,7 +24,33 @@ AGENTS = "tests.faults.agents"
 BIG = 10_000
 KILL_AFTER = 1_000
 #: The whole big test must end within this (the client waits this long in all).
-BIG_DEADLINE_S = 50.0
+BIG_DEADLINE_S = 90.0
+
+
+async def explain_missing(client: Client, missing: list[Any], logs: list[Path]) -> str:
+    """What the broker and the agents know of tasks the client never got a result for."""
+    runs: dict[str, int] = {}
+    for log in logs:
+        for task_id in read_log(log):
+            runs[task_id] = runs.get(task_id, 0) + 1
+    lines = [f"{len(missing)} task(s) without a result, e.g. {[h.id for h in missing[:5]]}"]
+    for handle in missing[:5]:
+        try:
+            fetched = await client.fetch(handle.id, timeout=5)
+            known = (f"broker: {fetched.status}, attempts {fetched.attempts}, agent "
+                     f"{fetched.agent}")
+        except Exception as e:  # noqa: BLE001 - a diagnostic, whatever it finds
+            known = f"broker: {type(e).__name__}: {e}"
+        lines.append(f"  {handle.id}: accepted={handle.accepted}; ran {runs.get(handle.id, 0)}"
+                     f" time(s) on agents; {known}")
+    try:
+        status = await client.status(timeout=5)
+        lines.append(f"  broker tasks: {status['tasks']}")
+        lines.append(f"  agents: {[(a['name'], a['in_flight']) for a in status['agents']]}")
+        lines.append(f"  client boot {client._boot!r}, broker boot {status['broker']['boot']!r}")
+    except Exception as e:  # noqa: BLE001
+        lines.append(f"  status: {type(e).__name__}: {e}")
+    return "\n".join(lines)
 
 
 def test_broker_sigkill_with_10000_tasks_in_flight(cluster: Cluster, tmp_path: Path) -> None:
@@ -75,8 +101,14 @@ def test_broker_sigkill_with_10000_tasks_in_flight(cluster: Cluster, tmp_path: P
             # Then every task completes for the client (it notices the new boot id and
             # submits again what is open; the broker answers each id once)
             remaining = BIG_DEADLINE_S - (time.monotonic() - started)
-            results = await asyncio.wait_for(
-                asyncio.gather(*(h.result() for h in handles)), remaining)
+            futures = [asyncio.ensure_future(h.result()) for h in handles]
+            await asyncio.wait(futures, timeout=remaining)
+            missing = [h for h in handles if not h.done()]
+            if missing:
+                for future in futures:
+                    future.cancel()
+                raise AssertionError(await explain_missing(client, missing, logs))
+            results = [future.result() for future in futures]
             facts["elapsed_s"] = round(time.monotonic() - started, 3)
             status = await client.status()
             facts["after"] = dict(status["tasks"])
