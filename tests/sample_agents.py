@@ -37,7 +37,7 @@ class EchoAgent(BaseAgent):
         try:
             _log_execution(task)
             if self.delay_s:
-                await asyncio.sleep(self.delay_s)
+                await asyncio.sleep(self.delay_s)  # the simulated workload, not a wait
             return Result(data=task.data, agent_id=self.agent_id, peak=self.peak)
         finally:
             self.active -= 1
