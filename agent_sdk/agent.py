@@ -446,6 +446,11 @@ class BaseAgent(MessagingMixin, abc.ABC):
         task_id = assignment[0]
         if task_id in self._running:
             return  # a duplicate dispatch of a task already running here
+        done = self._unacked.get(task_id)
+        if done is not None and done[1] == _SUCCEEDED:
+            # Done here already and the broker did not hear it: the answer, not a rerun.
+            self._outgoing.append(done)
+            return
         token = _current_task.set(task_id)
         try:
             self._execute_now(task_id, assignment)
@@ -545,7 +550,11 @@ class BaseAgent(MessagingMixin, abc.ABC):
             runner = self._running.get(task_id)
             if runner is not None:
                 runner.cancel()
-            elif task_id not in self._unacked:
+            elif task_id in self._unacked:
+                # Finished here, and the broker asks again: the result was lost on the way.
+                if all(item[0] != task_id for item in self._outgoing):
+                    self._outgoing.append(self._unacked[task_id])
+            else:
                 # Never reached us (or long gone): answer so the broker frees the slot.
                 self._outgoing.append(ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
                                                  ErrorCode.CANCELLED.value,

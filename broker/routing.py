@@ -64,9 +64,11 @@ class AgentRecord:
     last_sent: float
     state: AgentState = AgentState.READY
     in_flight: dict[str, TaskRecord] = field(default_factory=dict)
-    #: tasks the agent reported running at registration that this broker does not know
-    #: (e.g. after a broker restart); they still take credit until their results come
-    foreign_running: set[str] = field(default_factory=set)
+    #: task copies the agent may still run that are not (or no longer) its to run: told
+    #: to cancel, or reported running after a restart. They take credit until the agent
+    #: answers for them, or until it has not mentioned them for a lease period (the
+    #: answer was lost: a partition, a reopened socket). Task id -> when last heard of.
+    foreign_running: dict[str, float] = field(default_factory=dict)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     done: int = 0
     failed: int = 0

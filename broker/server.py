@@ -764,7 +764,8 @@ class Broker:
                     task.release_agent()
                     self._orphan(task, f"agent {msg.agent_id} registered again without it",
                                  now)
-            agent.foreign_running.update(previous.foreign_running & running)
+            agent.foreign_running.update(
+                (task_id, now) for task_id in previous.foreign_running if task_id in running)
         for task_id in msg.running:
             if task_id not in agent.in_flight:
                 self._claim_running(agent, task_id, now)
@@ -784,8 +785,10 @@ class Broker:
 
     def _claim_running(self, agent: AgentRecord, task_id: str, now: float) -> None:
         """The agent says it runs ``task_id``: make our books agree, or stop it there."""
-        if task_id in agent.foreign_running:
-            return  # we told it to cancel that copy; its answer is on the way
+        foreign = agent.foreign_running
+        if task_id in foreign:
+            foreign[task_id] = now  # we told it to cancel that copy; it still runs it
+            return
         task = self.tasks.get(task_id)
         if task is not None and task.state is _PENDING:
             # We had requeued it (the agent looked dead) but it is still running there:
@@ -803,9 +806,9 @@ class Broker:
                 task.started_at = now
                 if self._watch_tasks:
                     self._task_event(task, now)
-        elif task_id not in agent.foreign_running:
+        else:
             # Finished, or running elsewhere now: this copy is not wanted.
-            agent.foreign_running.add(task_id)
+            foreign[task_id] = now
             self._outbox(agent.identity).cancels.append(task_id)
 
     def _handle_progress(self, identity: bytes, agent: AgentRecord | None, msg: Progress) -> None:
@@ -852,7 +855,7 @@ class Broker:
         for item in results:
             task_id = item[0]
             if foreign:
-                foreign.discard(task_id)
+                foreign.pop(task_id, None)
             task = tasks.get(task_id)
             if task is None:
                 # Already finished (a duplicate after a re-dispatch or resend) or unknown.
@@ -998,7 +1001,7 @@ class Broker:
         agent = task.agent
         if agent is not None:
             agent.in_flight.pop(task.spec[0], None)
-            agent.foreign_running.add(task.spec[0])
+            agent.foreign_running[task.spec[0]] = self.clock()
             self._outbox(agent.identity).cancels.append(task.spec[0])
             task.release_agent()
 
@@ -1097,12 +1100,21 @@ class Broker:
             lost = [t for t in agent.in_flight.values() if now - t.last_sign > lease_s]
             for task in lost:
                 del agent.in_flight[task.spec[0]]
-                agent.foreign_running.add(task.spec[0])
+                agent.foreign_running[task.spec[0]] = now
                 self._outbox(agent.identity).cancels.append(task.spec[0])
                 task.release_agent()
                 self.counters["lease_expired"] += 1
                 self._orphan(task, f"no sign of life from {agent.agent_id} for "
                                    f"{lease_s:g} s", now)
+            foreign = agent.foreign_running
+            if foreign:
+                # A copy the agent has not listed as running for a lease period has ended
+                # there and its answer was lost: free the slot rather than hold it forever.
+                ended = [task_id for task_id, seen in foreign.items() if now - seen > lease_s]
+                for task_id in ended:
+                    del foreign[task_id]
+                if ended:
+                    self.counters["lost_answers"] += len(ended)
         if self._deferred_acks:
             acks, self._deferred_acks = self._deferred_acks, {}
             for identity, ids in acks.items():
@@ -1373,6 +1385,7 @@ class Broker:
                 "retried": self.counters["retried"],
                 "redispatched": self.counters["redispatched"],
                 "lease_expired": self.counters["lease_expired"],
+                "lost_answers": self.counters["lost_answers"],
                 "duplicate_results": self.counters["duplicate_results"],
                 "retained_results": len(self.finished),
                 "restored_open": self.counters["restored_open"],

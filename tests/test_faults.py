@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,59 @@ def test_registering_agent_gets_welcome_before_tasks(cluster: Cluster) -> None:
         first, second = agent.recv(timeout=10), agent.recv(timeout=10)
     # Then the broker answers READY with WELCOME first, and only then sends the task
     assert (type(first), type(second)) == (Welcome, Dispatch)
+
+
+def _serve_raw(agent: RawPeer, until: Any, running: list[str], within: float) -> list[Any]:
+    """Act as a live agent on ``agent`` (heartbeats, and PROGRESS listing ``running``)
+    until ``until(message)`` is true of a message from the broker; returns the messages."""
+    seen: list[Any] = []
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        agent.send(Heartbeat())
+        if running:
+            agent.send(Progress(running=running))
+        msg = agent.recv(timeout=0.1)
+        while msg is not None:
+            seen.append(msg)
+            if until(msg):
+                return seen
+            msg = agent.recv(timeout=0)
+    raise AssertionError(f"the broker did not send what was awaited within {within:g} s; "
+                         f"it sent {[type(m).__name__ for m in seen]}")
+
+
+def test_a_lost_answer_to_cancel_frees_the_agent_slot_after_a_lease(cluster: Cluster) -> None:
+    # Regression: a task copy the agent was told to cancel kept its slot until the agent
+    # answered; an answer lost on the way (a partition, a reopened socket) took the slot
+    # for good, and an agent with one slot got no work again.
+    # Given a raw agent with one slot, running a task
+    broker = cluster.broker()
+    client = cluster.client(broker.url)
+    with RawPeer(broker.url, b"raw-one-slot") as agent:
+        agent.send(Ready("raw-one-slot", "raw", ("echo",), 1))
+        first = client.submit(capabilities=["echo"], data=1, timeout=60, retries=0)
+        got = _serve_raw(agent, lambda m: isinstance(m, Dispatch), [], within=10)
+        assert [a.id for a in got[-1].tasks] == [first.id]
+        agent.send(Progress(started=[first.id]))
+        # When the task is cancelled and the agent keeps running it (listing it)
+        first.cancel()
+        assert first.result(timeout=RESULT_TIMEOUT_S).status == "cancelled"
+        second = client.submit(capabilities=["echo"], data=2, timeout=60)
+        # Then the slot stays taken for as long as the agent says it runs the old copy
+        seen = _serve_raw(agent, lambda m: isinstance(m, Cancel), [first.id], within=10)
+        lease_s = 0.2 * 3
+        held = time.monotonic() + 3 * lease_s
+        while time.monotonic() < held:
+            agent.send(Heartbeat())
+            agent.send(Progress(running=[first.id]))
+            msg = agent.recv(timeout=0.1)
+            assert not isinstance(msg, Dispatch), (msg, seen)
+        # And when the agent stops listing it but its answer never comes (it was lost),
+        # the slot is freed after a lease period and the waiting task is dispatched
+        got = _serve_raw(agent, lambda m: isinstance(m, Dispatch), [], within=10)
+        assert [a.id for a in got[-1].tasks] == [second.id]
+        status, _ = agent.sync()
+        assert status["tasks"]["lost_answers"] == 1
 
 
 # ------------------------------------------------------------------ broker killed

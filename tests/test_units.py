@@ -24,7 +24,7 @@ class FakePeer:
 def agent(name: str, caps: set[str], max_concurrent: int = 4, busy: int = 0) -> AgentRecord:
     record = AgentRecord(name.encode(), name, name, frozenset(caps), max_concurrent, 0.0, 0.0, 0.0)
     for i in range(busy):
-        record.foreign_running.add(f"{name}-{i}")
+        record.foreign_running[f"{name}-{i}"] = 0.0
     return record
 
 

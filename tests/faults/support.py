@@ -55,11 +55,12 @@ def wait_until(client: SyncClient, predicate: Callable[[], bool], timeout: float
 
 
 def collect(handles: list[Any], broker: BrokerProcess | None = None,
-            timeout: float = RESULT_S) -> list[Any]:
+            timeout: float = RESULT_S, client: SyncClient | None = None) -> list[Any]:
     """The results of ``handles`` (SyncTaskHandles), in order, within ``timeout`` in all.
 
     Fails fast, with the broker's exit code, if ``broker`` dies meanwhile: a crashed
-    broker must not look like a slow one.
+    broker must not look like a slow one. With ``client``, a failure shows the broker's
+    view of the first missing task and its status (agents, task counts).
     """
     deadline = time.monotonic() + timeout
     results = []
@@ -68,7 +69,8 @@ def collect(handles: list[Any], broker: BrokerProcess | None = None,
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no result for task {handle.id} within {timeout:g} s "
-                                     f"({len(results)} of {len(handles)} arrived)")
+                                     f"({len(results)} of {len(handles)} arrived)"
+                                     + explain(client, handle.id))
             try:
                 results.append(handle.result(timeout=min(1.0, remaining)))
                 break
@@ -102,6 +104,19 @@ def learn_boot(client: SyncClient, timeout: float = WAIT_S) -> str:
     probe.cancel()
     assert probe.result(timeout=timeout).status == "cancelled"
     return boot
+
+
+def explain(client: SyncClient | None, task_id: str) -> str:
+    """The broker's view of ``task_id`` and its status, for a failure message."""
+    if client is None:
+        return ""
+    try:
+        fetched = client.fetch(task_id, timeout=5)
+        status = client.status(timeout=5)
+    except Exception as e:  # noqa: BLE001 - a diagnostic, whatever it finds
+        return f"; the broker does not say more: {type(e).__name__}: {e}"
+    return (f"; broker: {task_id} is {fetched.status} (attempts {fetched.attempts}, agent "
+            f"{fetched.agent}); tasks {status['tasks']}; agents {status['agents']}")
 
 
 def agents_by_name(status: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -55,7 +55,7 @@ def test_partitioned_only_agent_completes_every_task_once_after_the_link_returns
              for i in range(40)]
     # Then the agent comes back by itself and every task completes, once for the client
     handles = before + during + after
-    results = collect(handles, broker, timeout=45)
+    results = collect(handles, broker, timeout=45, client=client)
     assert all(r.ok and r.agent == "far" for r in results), results
     assert [r.data for r in results] == list(range(40)) * 3
     status = wait_status(client, lambda s: s["tasks"]["succeeded"] == 120, what="120 succeeded")
@@ -94,7 +94,7 @@ def test_partitioned_agent_tasks_finish_elsewhere_and_its_late_results_are_dropp
     stream = [client.submit(capabilities=["echo"], data=i, task_id=f"stream-{i}", timeout=60)
               for i in range(30)]
     # Then the held tasks run again on the near agent and complete during the partition
-    results = collect(held + stream, broker)
+    results = collect(held + stream, broker, client=client)
     assert proxy.blackholed
     assert all(r.ok and r.agent == "near" for r in results), results
     assert [r.attempts for r in results[:4]] == [2] * 4
@@ -108,7 +108,7 @@ def test_partitioned_agent_tasks_finish_elsewhere_and_its_late_results_are_dropp
     # And it takes work again; the client saw each task exactly once
     late = [client.submit(capabilities=["echo"], agent="far", data=i, task_id=f"late-{i}",
                           timeout=30, delay_s=0) for i in range(5)]
-    late_results = collect(late, broker)
+    late_results = collect(late, broker, client=client)
     assert all(r.ok and r.agent == "far" for r in late_results)
     handles = held + stream + late
     report = check([h.id for h in handles], results + late_results, [far_log, near_log],
