@@ -79,6 +79,8 @@ _current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 class AgentState(enum.Enum):
     """The agent's connection with the broker."""
 
+    __hash__ = object.__hash__  # identity, as members compare: C speed, not Enum's
+
     STARTING = "starting"
     REGISTERING = "registering"
     READY = "ready"

@@ -157,7 +157,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.status == TaskStatus.SUCCEEDED.value
+        return self.status == _SUCCEEDED
 
     @property
     def finished(self) -> bool:

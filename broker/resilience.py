@@ -75,6 +75,8 @@ class RetryPolicy:
 class CircuitState(enum.Enum):
     """Closed: calls flow. Open: calls refused. Half-open: one probe call decides."""
 
+    __hash__ = object.__hash__  # identity, as members compare: C speed, not Enum's
+
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"

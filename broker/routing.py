@@ -25,15 +25,21 @@ EWMA_ALPHA: Final = 0.2
 class AgentState(enum.Enum):
     """Where an agent is in its life with this broker."""
 
+    __hash__ = object.__hash__  # identity, as members compare: C speed, not Enum's
+
     READY = "ready"
     #: told to go (graceful stop or its own DISCONNECT): no new tasks
     DRAINING = "draining"
     DEAD = "dead"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Requirement:
-    """What a task asks of an agent: all of ``capabilities`` and, if set, this name or id."""
+    """What a task asks of an agent: all of ``capabilities`` and, if set, this name or id.
+
+    Compared and hashed by identity (at C speed: it keys the queue and the eligibility
+    cache on every task's path), so build one per distinct value: the broker interns them.
+    """
 
     capabilities: frozenset[str]
     agent: str | None = None
@@ -201,7 +207,9 @@ class LeastLoaded:
         self._turn = 0
 
     def _key(self, agent: AgentRecord) -> tuple[float, ...]:
-        return (agent.load, agent.speed_bucket)
+        # agent.load, spelled out: this runs for every candidate of every dispatch
+        return ((len(agent.in_flight) + len(agent.foreign_running)) / agent.max_concurrent,
+                agent.speed_bucket)
 
     def choose(self, candidates: list[AgentRecord]) -> AgentRecord:
         count = len(candidates)
@@ -227,7 +235,8 @@ class CapabilityFirst(LeastLoaded):
     name = "capability"
 
     def _key(self, agent: AgentRecord) -> tuple[float, ...]:
-        return (agent.load, len(agent.capabilities), agent.speed_bucket)
+        return ((len(agent.in_flight) + len(agent.foreign_running)) / agent.max_concurrent,
+                len(agent.capabilities), agent.speed_bucket)
 
 
 def make_policy(name: str) -> RoutingPolicy:

@@ -435,7 +435,14 @@ class Broker:
         key = (capabilities, agent)
         requirement = self._requirements.get(key)
         if requirement is None:
-            requirement = self._requirements[key] = Requirement(frozenset(capabilities), agent)
+            # One object per distinct value (requirements compare by identity), whatever
+            # the order the capabilities were listed in.
+            canonical = (tuple(sorted(set(capabilities))), agent)
+            requirement = self._requirements.get(canonical)
+            if requirement is None:
+                requirement = Requirement(frozenset(capabilities), agent)
+                self._requirements[canonical] = requirement
+            self._requirements[key] = requirement
         return requirement
 
     def _handle_submit(self, identity: bytes, msg: Submit) -> None:

@@ -29,6 +29,10 @@ class TaskState(enum.Enum):
     CANCELLED = "cancelled"
     REJECTED = "rejected"
 
+    # Members are singletons compared by identity: hash them by identity too (C speed)
+    # instead of Enum's Python-level hash of the name; sets of states sit on hot paths.
+    __hash__ = object.__hash__
+
     @property
     def finished(self) -> bool:
         return self not in _OPEN_STATES
@@ -177,11 +181,11 @@ class PendingQueue:
         levels = self._groups.get(requirement)
         if levels is None:
             return None
-        for priority in list(levels):
-            queue = levels[priority]
+        while levels:
+            priority, queue = next(iter(levels.items()))
             while queue:
                 task = queue.popleft()
-                if task.state is TaskState.PENDING:
+                if task.state is _PENDING:
                     self.count -= 1
                     if not queue:
                         del levels[priority]
@@ -219,9 +223,10 @@ class FinishedResults:
         return self._tasks.get(task_id)
 
     def add(self, task: TaskRecord) -> None:
-        self._tasks[task.id] = task
-        if len(self._tasks) > self.max_count:
-            self._tasks.popitem(last=False)
+        tasks = self._tasks
+        tasks[task.spec[0]] = task
+        if len(tasks) > self.max_count:
+            tasks.popitem(last=False)
 
     def newest_first(self) -> list[TaskRecord]:
         return list(reversed(self._tasks.values()))
@@ -271,7 +276,7 @@ class Deadlines:
 
     @staticmethod
     def _live(deadline: float, task: TaskRecord) -> bool:
-        return task.state in _OPEN_STATES and task.deadline == deadline
+        return task.deadline == deadline and task.state in _OPEN_STATES
 
     def _trim(self) -> None:
         """Drop entries of finished tasks and stale deadlines from the fronts."""
@@ -322,3 +327,4 @@ class Deadlines:
 
 _OPEN_STATES = frozenset({TaskState.PENDING, TaskState.DISPATCHED, TaskState.RUNNING,
                           TaskState.RETRYING})
+_PENDING = TaskState.PENDING
