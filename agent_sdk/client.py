@@ -50,16 +50,24 @@ RECOVER_AFTER_S = 5.0
 
 
 class TaskHandle:
-    """A submitted task: await its result, check it, cancel it."""
+    """A submitted task: await its result, check it, cancel it.
 
-    __slots__ = ("id", "_client", "_future", "_accepted", "_accepted_waiter", "_spec",
-                 "_sent_at")
+    The result is kept on the handle; an asyncio future exists only once somebody awaits
+    it, and :meth:`add_done_callback` callbacks run as soon as the result is in: a client
+    with thousands of tasks in flight pays for neither when it does not use them.
+    """
 
-    def __init__(self, task_id: str, client: Client, future: asyncio.Future[Result],
-                 spec: TaskSpec | None = None, sent_at: float = 0.0) -> None:
+    __slots__ = ("id", "_client", "_result", "_waiter", "_callbacks", "_accepted",
+                 "_accepted_waiter", "_spec", "_sent_at")
+
+    def __init__(self, task_id: str, client: Client, spec: TaskSpec | None = None,
+                 sent_at: float = 0.0) -> None:
         self.id = task_id
         self._client = client
-        self._future = future
+        self._result: Result | None = None
+        #: resolved with the result; made by the first awaiter
+        self._waiter: asyncio.Future[Result] | None = None
+        self._callbacks: list[Callable[[TaskHandle], Any]] | None = None
         self._accepted = False
         self._accepted_waiter: asyncio.Future[None] | None = None
         #: what was submitted, kept until the result is in, to submit it again when the
@@ -69,12 +77,27 @@ class TaskHandle:
         self._sent_at = sent_at
 
     def done(self) -> bool:
-        return self._future.done()
+        return self._result is not None
 
     @property
     def accepted(self) -> bool:
         """True once the broker confirmed it holds the task."""
         return self._accepted
+
+    def result_nowait(self) -> Result:
+        """The result of a finished task (see :meth:`done`).
+
+        Raises:
+            asyncio.InvalidStateError: the task has not finished.
+        """
+        if self._result is None:
+            raise asyncio.InvalidStateError(f"task {self.id} has not finished")
+        return self._result
+
+    def _result_waiter(self) -> asyncio.Future[Result]:
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        return self._waiter
 
     async def result(self, timeout: float | None = None) -> Result:
         """The task's final :class:`Result` (any terminal status: check ``result.ok``).
@@ -82,28 +105,35 @@ class TaskHandle:
         Raises:
             WaitTimeout: when ``timeout`` seconds pass first; the task itself goes on.
         """
-        if self._future.done():
-            return self._future.result()
+        if self._result is not None:
+            return self._result
         try:
-            return await asyncio.wait_for(asyncio.shield(self._future), timeout)
+            return await asyncio.wait_for(asyncio.shield(self._result_waiter()), timeout)
         except asyncio.TimeoutError:
             raise WaitTimeout(f"task {self.id} has no result after {timeout:g} s") from None
 
     async def wait_accepted(self, timeout: float | None = None) -> None:
         """Return once the broker confirmed it holds the task (or it already ended)."""
-        if self._accepted or self._future.done():
+        if self._accepted or self._result is not None:
             return
         if self._accepted_waiter is None:
             self._accepted_waiter = asyncio.get_running_loop().create_future()
         waiter = self._accepted_waiter
-        done, _ = await asyncio.wait([waiter, self._future], timeout=timeout,
+        done, _ = await asyncio.wait([waiter, self._result_waiter()], timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if not done:
             raise WaitTimeout(f"the broker did not confirm task {self.id} within {timeout:g} s")
 
     def add_done_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
-        """Call ``callback(handle)`` when the result is in (on the client's loop)."""
-        self._future.add_done_callback(lambda _: callback(self))
+        """Call ``callback(handle)`` once the result is in, on the client's loop: right
+        when it arrives (keep it short and non-blocking), or soon if it already has.
+        An exception in it goes to the loop's exception handler."""
+        if self._result is not None:
+            asyncio.get_running_loop().call_soon(self._run_callback, callback)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
 
     async def cancel(self) -> None:
         """Ask the broker to cancel the task; the result then says ``cancelled``."""
@@ -111,6 +141,28 @@ class TaskHandle:
 
     def __await__(self):  # type: ignore[no-untyped-def]
         return self.result().__await__()
+
+    def _resolve(self, result: Result) -> None:
+        """The result is in (the client calls this once per task)."""
+        if self._result is not None:
+            return
+        self._result = result
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+        callbacks = self._callbacks
+        if callbacks is not None:
+            self._callbacks = None
+            for callback in callbacks:
+                self._run_callback(callback)
+
+    def _run_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
+        try:
+            callback(self)
+        except Exception as e:  # noqa: BLE001 - a user callback must not stop the client
+            asyncio.get_running_loop().call_exception_handler({
+                "message": f"exception in a done callback of task {self.id}",
+                "exception": e, "handle": self})
 
     def _mark_accepted(self) -> None:
         self._accepted = True
@@ -295,7 +347,7 @@ class Client(MessagingMixin):
             task_id, encode_payload(data, fields), caps, agent, priority,
             timeout if timeout is not None else self.default_timeout_s, retries, parent_id))
         loop = self._loop
-        handle = TaskHandle(task_id, self, loop.create_future(), spec, loop.time())
+        handle = TaskHandle(task_id, self, spec, loop.time())
         self._handles[task_id] = handle
         if not self._outgoing:
             channel.request_flush()
@@ -308,7 +360,7 @@ class Client(MessagingMixin):
         channel = self._ensure_open()
         handle = self._handles.get(task_id)
         if handle is None:
-            handle = TaskHandle(task_id, self, asyncio.get_running_loop().create_future())
+            handle = TaskHandle(task_id, self)
             handle._accepted = True
             self._handles[task_id] = handle
         channel.send(Fetch(next(self._req_ids), [task_id], wait=True))
@@ -458,8 +510,8 @@ class Client(MessagingMixin):
             result = Result.from_wire(task_id, item.status, item.payload, item.error_code,
                                       item.error_message, item.agent, item.attempts,
                                       item.queued_ms, item.run_ms)
-            if handle is not None and not handle._future.done():
-                handle._future.set_result(result)
+            if handle is not None:
+                handle._resolve(result)
             for future in waiting or ():
                 if not future.done():
                     future.set_result(result)
@@ -484,10 +536,10 @@ class Client(MessagingMixin):
         for task_id in error.task_ids:
             # Refused submits (queue_full, shutting_down) end as rejected results.
             handle = self._handles.pop(task_id, None)
-            if handle is not None and not handle._future.done():
+            if handle is not None and not handle.done():
                 result = Result.failure(error.code, error.message, TaskStatus.REJECTED.value)
                 result.task_id = task_id
-                handle._future.set_result(result)
+                handle._resolve(result)
 
 
 class SyncTaskHandle:
@@ -503,6 +555,16 @@ class SyncTaskHandle:
 
     def done(self) -> bool:
         return self._handle.done()
+
+    def result_nowait(self) -> Result:
+        """The result of a finished task (see :meth:`done`)."""
+        return self._handle.result_nowait()
+
+    def add_done_callback(self, callback: Callable[[SyncTaskHandle], Any]) -> None:
+        """Call ``callback(handle)`` once the result is in. It runs on the client's
+        background thread: keep it short, and guard what it shares with yours."""
+        self._client._loop.call_soon_threadsafe(
+            self._handle.add_done_callback, lambda _: callback(self))
 
     def cancel(self) -> None:
         self._client._call(self._handle.cancel())

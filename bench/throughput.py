@@ -62,7 +62,7 @@ async def _measure_ours(url: str, tasks: int, window: int, data: bytes) -> float
 
         def on_result(handle: Any) -> None:
             state["received"] += 1
-            if not handle._future.result().ok:
+            if not handle.result_nowait().ok:
                 state["failed"] += 1
             if state["sent"] < tasks:
                 state["sent"] += 1

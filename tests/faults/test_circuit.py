@@ -94,7 +94,7 @@ def test_circuit_half_opens_after_recovery_and_closes_after_successful_probe(
     handles = [client.submit(capabilities=["work"], data=i, task_id=f"w-{i}", timeout=30)
                for i in range(20)]
     for handle in handles:
-        handle._handle.add_done_callback(note)
+        handle.add_done_callback(note)
     work = collect(handles, broker)
     surely_open = [r for r in work if arrived[r.task_id] < opened_after + 1.0]
     print(f"[circuit] {len(surely_open)} of {len(work)} tasks finished while surely open")
