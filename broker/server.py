@@ -70,6 +70,7 @@ _DISPATCHED = TaskState.DISPATCHED
 _RUNNING = TaskState.RUNNING
 _FAILED = TaskState.FAILED
 _DRAINING = AgentState.DRAINING
+_CIRCUIT_CLOSED = CircuitState.CLOSED
 _SUCCEEDED = TaskStatus.SUCCEEDED.value
 _FAILED_STATUS = TaskStatus.FAILED.value
 _TIMED_OUT_STATUS = TaskStatus.TIMED_OUT.value
@@ -894,7 +895,7 @@ class Broker:
                 breaker = owner.breaker
                 if status == _SUCCEEDED:
                     owner.done += 1
-                    if breaker._state is not CircuitState.CLOSED or breaker.consecutive_failures:
+                    if breaker._state is not _CIRCUIT_CLOSED or breaker.consecutive_failures:
                         self._breaker_success(owner)
                 else:
                     owner.failed += 1
@@ -1184,46 +1185,50 @@ class Broker:
             candidates = [a for a in self.agents.eligible(requirement) if a.free > 0]
             if not candidates:
                 continue
-            pop = pending.popper(requirement)
             assignments: dict[AgentRecord, list[Assignment]] = {}
             deferred: list[TaskRecord] = []
             while candidates:
-                task = pop()
-                if task is None:
+                # As many waiting tasks as the candidates have credit, in one call.
+                batch_of_tasks = pending.take(requirement, sum(a.free for a in candidates))
+                if not batch_of_tasks:
                     break
-                agent = choose(candidates) if len(candidates) > 1 else candidates[0]
-                if agent.foreign_running and task.spec[0] in agent.foreign_running:
-                    # That agent still runs an earlier attempt of this task (told to cancel
-                    # it): its answer could not be told from this attempt's. Another agent,
-                    # or wait until it has answered.
-                    others = [a for a in candidates if task.spec[0] not in a.foreign_running]
-                    if not others:
+                for task in batch_of_tasks:
+                    if not candidates:
                         deferred.append(task)
                         continue
-                    agent = choose(others) if len(others) > 1 else others[0]
-                task.state = _DISPATCHED
-                task.agent = agent
-                attempts = task.attempts = task.attempts + 1
-                task.dispatched_at = task.last_sign = now
-                timeout_s = task.timeout_s
-                task.deadline = now + timeout_s
-                deadlines_add(task, timeout_s)
-                spec = task.spec
-                in_flight = agent.in_flight
-                in_flight[spec[0]] = task
-                if watch_tasks:
-                    self._task_event(task, now)
-                batch = assignments.get(agent)
-                if batch is None:
-                    batch = assignments[agent] = []
-                batch.append(_new_assignment((spec[0], spec[1], attempts, timeout_s, spec[2],
-                                              spec[7])))
-                breaker = agent.breaker
-                if breaker._state is not CircuitState.CLOSED:
-                    breaker.probe_in_flight = True  # half-open: this task is the probe
-                    candidates.remove(agent)
-                elif len(in_flight) + len(agent.foreign_running) >= agent.max_concurrent:
-                    candidates.remove(agent)
+                    agent = choose(candidates) if len(candidates) > 1 else candidates[0]
+                    if agent.foreign_running and task.spec[0] in agent.foreign_running:
+                        # That agent still runs an earlier attempt of this task (told to
+                        # cancel it): its answer could not be told from this attempt's.
+                        # Another agent, or wait until it has answered.
+                        others = [a for a in candidates if task.spec[0] not in a.foreign_running]
+                        if not others:
+                            deferred.append(task)
+                            continue
+                        agent = choose(others) if len(others) > 1 else others[0]
+                    task.state = _DISPATCHED
+                    task.agent = agent
+                    attempts = task.attempts = task.attempts + 1
+                    task.dispatched_at = task.last_sign = now
+                    timeout_s = task.timeout_s
+                    task.deadline = now + timeout_s
+                    deadlines_add(task, timeout_s)
+                    spec = task.spec
+                    in_flight = agent.in_flight
+                    in_flight[spec[0]] = task
+                    if watch_tasks:
+                        self._task_event(task, now)
+                    batch = assignments.get(agent)
+                    if batch is None:
+                        batch = assignments[agent] = []
+                    batch.append(_new_assignment((spec[0], spec[1], attempts, timeout_s,
+                                                  spec[2], spec[7])))
+                    breaker = agent.breaker
+                    if breaker._state is not _CIRCUIT_CLOSED:
+                        breaker.probe_in_flight = True  # half-open: this task is the probe
+                        candidates.remove(agent)
+                    elif len(in_flight) + len(agent.foreign_running) >= agent.max_concurrent:
+                        candidates.remove(agent)
             for agent, batch in assignments.items():
                 box = outboxes.get(agent.identity)
                 if box is None:

@@ -196,9 +196,30 @@ class PendingQueue:
         del self._groups[requirement]
         return None
 
-    def popper(self, requirement: Requirement):  # type: ignore[no-untyped-def]
-        """``pop`` bound to one requirement (the dispatch loop calls it per task)."""
-        return lambda: self.pop(requirement)
+    def take(self, requirement: Requirement, limit: int) -> list[TaskRecord]:
+        """Up to ``limit`` PENDING tasks for ``requirement``, in the order :meth:`pop`
+        gives them (the dispatch loop takes a batch per pass: one call, not one a task)."""
+        levels = self._groups.get(requirement)
+        if levels is None or limit <= 0:
+            return []
+        taken: list[TaskRecord] = []
+        append = taken.append
+        emptied = []
+        for priority, queue in levels.items():
+            popleft = queue.popleft
+            while queue and len(taken) < limit:
+                task = popleft()
+                if task.state is _PENDING:
+                    append(task)
+            if queue:
+                break
+            emptied.append(priority)
+        for priority in emptied:
+            del levels[priority]
+        if not levels:
+            del self._groups[requirement]
+        self.count -= len(taken)
+        return taken
 
     def has_work(self, requirement: Requirement) -> bool:
         return requirement in self._groups
@@ -307,13 +328,19 @@ class Deadlines:
         """Open tasks whose current deadline is at or before ``now``."""
         live = self._live
         expired: dict[int, TaskRecord] = {}
+        open_states = _OPEN_STATES
         # A task requeued and dispatched again in one pass has two entries with the same
-        # deadline: report it once.
+        # deadline: report it once. (The liveness test is _live, spelled out: this loop
+        # sees every entry of every task.)
         for lane in self._lanes.values():
-            while lane and (lane[0][0] <= now or not live(*lane[0])):
-                deadline, task = lane.popleft()
-                if live(deadline, task):
+            popleft = lane.popleft
+            while lane:
+                deadline, task = lane[0]
+                if task.deadline == deadline and task.state in open_states:
+                    if deadline > now:
+                        break
                     expired[id(task)] = task
+                popleft()
         heap = self._heap
         while heap and (heap[0][0] <= now or not live(heap[0][0], heap[0][2])):
             deadline, _, task = heapq.heappop(heap)

@@ -100,6 +100,24 @@ def test_pending_queue_orders_by_priority_then_fifo_and_skips_removed() -> None:
     assert not queue.has_work(requirement)
 
 
+def test_pending_queue_takes_a_batch_in_pop_order_up_to_the_limit() -> None:
+    queue = PendingQueue()
+    requirement = Requirement(frozenset({"echo"}))
+    lows = [task(f"low{i}", requirement) for i in range(4)]
+    highs = [task(f"high{i}", requirement, 5) for i in range(2)]
+    for t in lows + highs:
+        queue.push(t)
+    lows[1].state = TaskState.CANCELLED
+    queue.discard(lows[1])
+    # Then the higher priority first, FIFO within it, skipping the cancelled task
+    assert queue.take(requirement, 3) == [highs[0], highs[1], lows[0]]
+    assert len(queue) == 2
+    assert queue.take(requirement, 0) == []
+    assert queue.take(requirement, 10) == [lows[2], lows[3]]
+    assert len(queue) == 0 and not queue.has_work(requirement)
+    assert queue.take(requirement, 10) == []
+
+
 def test_requeued_task_goes_first() -> None:
     queue = PendingQueue()
     requirement = Requirement(frozenset())
