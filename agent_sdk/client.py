@@ -49,6 +49,11 @@ PING_INTERVAL_S = 1.0
 RECOVER_AFTER_S = 5.0
 
 
+def _expire_waiter(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
+
+
 class TaskHandle:
     """A submitted task: await its result, check it, cancel it.
 
@@ -57,7 +62,7 @@ class TaskHandle:
     with thousands of tasks in flight pays for neither when it does not use them.
     """
 
-    __slots__ = ("id", "_client", "_result", "_waiter", "_callbacks", "_accepted",
+    __slots__ = ("id", "_client", "_result", "_waiters", "_callbacks", "_accepted",
                  "_accepted_waiter", "_spec", "_sent_at")
 
     def __init__(self, task_id: str, client: Client, spec: TaskSpec | None = None,
@@ -65,8 +70,9 @@ class TaskHandle:
         self.id = task_id
         self._client = client
         self._result: Result | None = None
-        #: resolved with the result; made by the first awaiter
-        self._waiter: asyncio.Future[Result] | None = None
+        #: one future per pending awaiter, resolved with the result (a waiter that times
+        #: out or is cancelled takes only its own future with it)
+        self._waiters: list[asyncio.Future[Result]] | None = None
         self._callbacks: list[Callable[[TaskHandle], Any]] | None = None
         self._accepted = False
         self._accepted_waiter: asyncio.Future[None] | None = None
@@ -94,10 +100,17 @@ class TaskHandle:
             raise asyncio.InvalidStateError(f"task {self.id} has not finished")
         return self._result
 
-    def _result_waiter(self) -> asyncio.Future[Result]:
-        if self._waiter is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-        return self._waiter
+    def _new_waiter(self) -> asyncio.Future[Result]:
+        waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def _drop_waiter(self, waiter: asyncio.Future[Result]) -> None:
+        if self._waiters is not None and waiter in self._waiters:
+            self._waiters.remove(waiter)
 
     async def result(self, timeout: float | None = None) -> Result:
         """The task's final :class:`Result` (any terminal status: check ``result.ok``).
@@ -107,10 +120,20 @@ class TaskHandle:
         """
         if self._result is not None:
             return self._result
+        # A future of its own and a plain timer, rather than wait_for(shield(...)): the
+        # result then wakes the caller in one loop iteration instead of three.
+        waiter = self._new_waiter()
+        timer = None
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(timeout, _expire_waiter, waiter)
         try:
-            return await asyncio.wait_for(asyncio.shield(self._result_waiter()), timeout)
+            return await waiter
         except asyncio.TimeoutError:
             raise WaitTimeout(f"task {self.id} has no result after {timeout:g} s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._drop_waiter(waiter)
 
     async def wait_accepted(self, timeout: float | None = None) -> None:
         """Return once the broker confirmed it holds the task (or it already ended)."""
@@ -119,8 +142,12 @@ class TaskHandle:
         if self._accepted_waiter is None:
             self._accepted_waiter = asyncio.get_running_loop().create_future()
         waiter = self._accepted_waiter
-        done, _ = await asyncio.wait([waiter, self._result_waiter()], timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        finished = self._new_waiter()
+        try:
+            done, _ = await asyncio.wait([waiter, finished], timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._drop_waiter(finished)
         if not done:
             raise WaitTimeout(f"the broker did not confirm task {self.id} within {timeout:g} s")
 
@@ -147,9 +174,12 @@ class TaskHandle:
         if self._result is not None:
             return
         self._result = result
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(result)
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(result)
         callbacks = self._callbacks
         if callbacks is not None:
             self._callbacks = None

@@ -92,7 +92,7 @@ def test_an_exception_in_a_callback_is_reported_and_the_client_goes_on(
     assert following.ok and following.data == 2
 
 
-def test_many_awaiters_of_one_handle_get_the_same_result(cluster: Cluster) -> None:
+def test_many_awaiters_of_one_handle_get_the_same_result_whatever_the_others_do(cluster: Cluster) -> None:
     broker = cluster.broker()
     cluster.agent(broker.url)
 
@@ -102,6 +102,12 @@ def test_many_awaiters_of_one_handle_get_the_same_result(cluster: Cluster) -> No
             # One waiter times out first; that must not spoil the others
             with pytest.raises(WaitTimeout):
                 await handle.result(timeout=0.0)
+            # Nor must one that is cancelled
+            cancelled = asyncio.ensure_future(handle.result())
+            await asyncio.sleep(0)  # let it start waiting (an ordering step, not a timing one)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
             return await asyncio.gather(*(handle.result(timeout=RESULT_S) for _ in range(3)))
     results = run_loop(scenario())
     assert [r.data for r in results] == [[1, 2]] * 3
