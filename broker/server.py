@@ -79,6 +79,8 @@ _MAILBOX_FULL = ErrorCode.MAILBOX_FULL.value
 #: A direct message's outcome until one of its receivers took it.
 _UNDELIVERED = ("", "")
 _new_tuple = tuple.__new__
+_ZMQ_EVENTS = zmq.EVENTS
+_POLLIN = zmq.POLLIN
 
 
 def _new_result(fields: tuple[Any, ...]) -> ResultItem:
@@ -364,11 +366,17 @@ class Broker:
         # Stop after a batch worth of items, so that dispatch and flush run and the agents
         # start working while the rest of a burst is still waiting in the socket.
         item_budget = MAX_BATCH_ITEMS * 2
+        events = router.getsockopt
         try:
             while received < self.config.drain_batch and self._items_this_pass < item_budget:
                 frames = recv(zmq.NOBLOCK)
                 received += 1
                 handle(frames)
+                # Asking whether more is queued costs a fraction of the zmq.Again that
+                # an empty recv raises (about 5 against 19 us when the cache is cold,
+                # as it is on every pass of a lightly loaded broker).
+                if not events(_ZMQ_EVENTS) & _POLLIN:
+                    break
         except zmq.Again:
             pass
         self.counters["messages_in"] += received
