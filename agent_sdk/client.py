@@ -28,7 +28,7 @@ from broker.config import broker_url
 from broker.protocol import (
     Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch, Heartbeat,
     Message, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
-    TaskStatus, chunks,
+    TaskStatus, chunks, packb,
 )
 from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, WaitTimeout
 from agent_sdk.messaging import (
@@ -184,15 +184,21 @@ class TaskHandle:
         if callbacks is not None:
             self._callbacks = None
             for callback in callbacks:
-                self._run_callback(callback)
+                try:
+                    callback(self)
+                except Exception as e:  # noqa: BLE001 - as in _run_callback, inlined
+                    self._report_callback_error(e)
 
     def _run_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
         try:
             callback(self)
         except Exception as e:  # noqa: BLE001 - a user callback must not stop the client
-            asyncio.get_running_loop().call_exception_handler({
-                "message": f"exception in a done callback of task {self.id}",
-                "exception": e, "handle": self})
+            self._report_callback_error(e)
+
+    def _report_callback_error(self, error: Exception) -> None:
+        asyncio.get_running_loop().call_exception_handler({
+            "message": f"exception in a done callback of task {self.id}",
+            "exception": error, "handle": self})
 
     def _mark_accepted(self) -> None:
         self._accepted = True
@@ -373,8 +379,10 @@ class Client(MessagingMixin):
         if text is not None:
             fields["text"] = text
         caps = (capabilities,) if isinstance(capabilities, str) else tuple(capabilities)
+        payload = packb({"data": data}) if not fields and data is not _MISSING \
+            else encode_payload(data, fields)
         spec = _new_tuple(TaskSpec, (
-            task_id, encode_payload(data, fields), caps, agent, priority,
+            task_id, payload, caps, agent, priority,
             timeout if timeout is not None else self.default_timeout_s, retries, parent_id))
         loop = self._loop
         handle = TaskHandle(task_id, self, spec, loop.time())
