@@ -12,6 +12,7 @@ that one is taken or the broker's is 0), unless ``--no-state``.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -121,6 +122,20 @@ def start_state_service(args: argparse.Namespace, config: BrokerConfig) -> Any:
     return server
 
 
+def tune_garbage_collector() -> None:
+    """Collect cycles far less often than Python's default (every 700 allocations).
+
+    The broker allocates a few container objects per task and keeps finished ones for
+    retention; with the default thresholds the cyclic collector traversed them again and
+    again (15% of the broker's samples in a native py-spy profile of the throughput
+    benchmark). Its own structures hold no cycles that outlive a task (they are broken
+    when a task ends), so rare collections lose nothing. Objects alive at start-up
+    (modules, configuration) are frozen out of collection altogether.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -169,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     (data_dir / "broker.json").write_bytes(orjson.dumps(info))
     sys.stdout.write(orjson.dumps(info).decode() + "\n")
     sys.stdout.flush()
+    tune_garbage_collector()
     try:
         broker.run()
     finally:
