@@ -21,14 +21,13 @@ import zmq
 
 from broker.errors import DecodeError, TooLarge
 from broker.protocol import MAX_FRAME_BYTES, Message, decode, encode
-from broker.sockets import apply_common_options, send_frames
+from broker.sockets import apply_common_options, has_input, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
 #: Messages handled per wake-up before yielding to other callbacks.
 DRAIN_BATCH = 1000
-_ZMQ_EVENTS = zmq.EVENTS
-_POLLIN = zmq.POLLIN
+_NOBLOCK = int(zmq.NOBLOCK)
 #: Outgoing queue of the DEALER; batching keeps messages few.
 SEND_HWM = 100_000
 
@@ -168,14 +167,12 @@ class Channel:
             self._retry_blocked()
         handle = self._on_message
         received = 0
-        recv = sock.recv_multipart
-        events = sock.getsockopt
         try:
             # Ask whether input is queued rather than recv into a zmq.Again: the check
             # costs a fraction of the exception (see broker.server's _drain).
-            while received < DRAIN_BATCH and events(_ZMQ_EVENTS) & _POLLIN:
+            while received < DRAIN_BATCH and has_input(sock):
                 try:
-                    frames = recv(zmq.NOBLOCK)
+                    frames = recv_frames(sock, _NOBLOCK)
                 except zmq.Again:
                     break
                 received += 1

@@ -1,4 +1,5 @@
-"""Socket helpers shared by the broker and the SDK: fast multipart send, common options.
+"""Socket helpers shared by the broker and the SDK: fast multipart send and receive,
+common options.
 
 pyzmq's ``send_multipart`` spends about 3 us per frame in Python-level checks; the
 backend ``Socket.send`` with integer flags about 0.5 us. On the hot path that is most of
@@ -15,7 +16,12 @@ import zmq
 from broker.protocol import MAX_FRAME_BYTES
 
 _backend_send = zmq.backend.Socket.send
+_backend_recv = zmq.backend.Socket.recv
+_backend_get = zmq.backend.Socket.get
 _SNDMORE = zmq.SNDMORE
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
@@ -29,6 +35,21 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
     for index in range(last):
         _backend_send(sock, frames[index], more)
     _backend_send(sock, frames[last], flags)
+
+
+def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
+    """Receive one multipart message as a list of bytes (``recv_multipart``, through the
+    backend: the sugar version spends several us per frame in Python-level checks)."""
+    frames = [_backend_recv(sock, flags)]
+    while _backend_get(sock, _RCVMORE):
+        frames.append(_backend_recv(sock, flags))
+    return frames
+
+
+def has_input(sock: zmq.Socket[Any]) -> bool:
+    """Is a message waiting? (ZMQ_EVENTS through the backend; it also resets the
+    edge-triggered FD, so a reader may stop when this says no.)"""
+    return bool(_backend_get(sock, _EVENTS) & _POLLIN)
 
 
 def apply_common_options(sock: zmq.Socket[Any], hwm: int) -> None:
