@@ -445,39 +445,34 @@ class BaseAgent(MessagingMixin, abc.ABC):
     # ------------------------------------------------------------ execution
 
     def _start(self, assignment: Assignment) -> None:
+        """Run ``execute`` up to its first suspension, and the rest in an asyncio Task
+        (created here, with the current task set, so that its context keeps it)."""
         task_id = assignment[0]
         if task_id in self._running:
             return  # a duplicate dispatch of a task already running here
-        done = self._unacked.get(task_id)
-        if done is not None and done[1] == _SUCCEEDED:
-            # Done here already and the broker did not hear it: the answer, not a rerun.
-            self._outgoing.append(done)
-            return
+        if self._unacked:
+            done = self._unacked.get(task_id)
+            if done is not None and done[1] == _SUCCEEDED:
+                # Done here already and the broker did not hear it: the answer, not a rerun.
+                self._outgoing.append(done)
+                return
         token = _current_task.set(task_id)
-        try:
-            self._execute_now(task_id, assignment)
-        finally:
-            _current_task.reset(token)
-
-    def _execute_now(self, task_id: str, assignment: Assignment) -> None:
-        """Run ``execute`` up to its first suspension, and the rest in an asyncio Task
-        (created here, so that it keeps the current task in its context)."""
         started = time.perf_counter()
         try:
-            coro = self.execute(Task.from_wire(*assignment))
-        except Exception as e:  # noqa: BLE001 - a bad payload fails its task only
-            self._complete(task_id, e, started)
-            return
-        try:
-            first = coro.send(None)
-        except StopIteration as done:
-            self._complete(task_id, done.value, started)
-            return
-        except BaseException as e:  # noqa: BLE001 - execute's errors belong to the task
-            self._complete(task_id, e, started)
-            return
-        runner = asyncio.get_running_loop().create_task(self._finish_later(task_id, coro, first,
-                                                                           started))
+            try:
+                coro = self.execute(Task.from_wire(*assignment))
+                first = coro.send(None)
+            except StopIteration as done_now:
+                self._complete(task_id, done_now.value, started)
+                return
+            except BaseException as e:  # noqa: BLE001 - execute's errors belong to the task
+                # (a payload that cannot be decoded fails its task the same way)
+                self._complete(task_id, e, started)
+                return
+            runner = asyncio.get_running_loop().create_task(
+                self._finish_later(task_id, coro, first, started))
+        finally:
+            _current_task.reset(token)
         self._running[task_id] = runner
         self._started.append(task_id)
         self._idle_event.clear()
