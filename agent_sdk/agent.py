@@ -424,8 +424,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
         if self._unacked:
             # Results sent before a reconnect may have been lost on the way: send again;
             # the broker drops the ones it already has.
-            queued = {item.task_id for item in self._outgoing}
-            self._outgoing.extend(r for r in self._unacked.values() if r.task_id not in queued)
+            self._send_again(list(self._unacked.values()))
             self._flush()
         if first:
             self._registered_event.set()
@@ -454,7 +453,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
             done = self._unacked.get(task_id)
             if done is not None and done[1] == _SUCCEEDED:
                 # Done here already and the broker did not hear it: the answer, not a rerun.
-                self._outgoing.append(done)
+                self._send_again([done])
                 return
         token = _current_task.set(task_id)
         started = time.perf_counter()
@@ -549,8 +548,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
                 runner.cancel()
             elif task_id in self._unacked:
                 # Finished here, and the broker asks again: the result was lost on the way.
-                if all(item[0] != task_id for item in self._outgoing):
-                    self._outgoing.append(self._unacked[task_id])
+                self._send_again([self._unacked[task_id]])
             else:
                 # Never reached us (or long gone): answer so the broker frees the slot.
                 self._outgoing.append(ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
@@ -574,6 +572,11 @@ class BaseAgent(MessagingMixin, abc.ABC):
             self._sent_log.append((now, [item[0] for item in batch]))
             self._last_sent = now
 
+    def _send_again(self, kept: list[ResultItem]) -> None:
+        """Queue kept (unacknowledged) results for the next flush, unless already queued."""
+        queued = {item[0] for item in self._outgoing}
+        self._outgoing.extend(item for item in kept if item[0] not in queued)
+
     def _resend_unacked(self, now: float) -> None:
         """Send again results the broker has not acknowledged for a while: a message
         sent just before a partition is lost without an error (the broker drops the
@@ -588,6 +591,6 @@ class BaseAgent(MessagingMixin, abc.ABC):
         if again:
             logger.info("agent %s: sending %d unacknowledged result(s) again", self.agent_id,
                         len(again))
-            self._outgoing.extend(again)
+            self._send_again(again)
             self._flush()
 

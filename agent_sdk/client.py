@@ -184,21 +184,15 @@ class TaskHandle:
         if callbacks is not None:
             self._callbacks = None
             for callback in callbacks:
-                try:
-                    callback(self)
-                except Exception as e:  # noqa: BLE001 - as in _run_callback, inlined
-                    self._report_callback_error(e)
+                self._run_callback(callback)
 
     def _run_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
         try:
             callback(self)
         except Exception as e:  # noqa: BLE001 - a user callback must not stop the client
-            self._report_callback_error(e)
-
-    def _report_callback_error(self, error: Exception) -> None:
-        asyncio.get_running_loop().call_exception_handler({
-            "message": f"exception in a done callback of task {self.id}",
-            "exception": error, "handle": self})
+            asyncio.get_running_loop().call_exception_handler({
+                "message": f"exception in a done callback of task {self.id}",
+                "exception": e, "handle": self})
 
     def _mark_accepted(self) -> None:
         self._accepted = True

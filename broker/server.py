@@ -464,7 +464,6 @@ class Broker:
         max_pending = self.config.max_pending
         resubmitted = 0
         pending = self.pending
-        requirements = self._requirements
         deadlines = self.deadlines
         journal_accepted = self.journal.accepted
         watch_tasks = self._watch_tasks
@@ -494,9 +493,7 @@ class Broker:
             # freshly decoded strings is cheaper than hashing them into a key.
             if spec[2] != last_caps or spec[3] != last_agent:
                 last_caps, last_agent = spec[2], spec[3]
-                requirement = requirements.get((last_caps, last_agent))
-                if requirement is None:
-                    requirement = self._requirement(last_caps, last_agent)
+                requirement = self._requirement(last_caps, last_agent)
             timeout_s = spec[5] or default_timeout
             task = TaskRecord(spec, requirement, identity, now, timeout_s)
             tasks[task_id] = task

@@ -103,8 +103,14 @@ def test_many_awaiters_of_one_handle_get_the_same_result_whatever_the_others_do(
             with pytest.raises(WaitTimeout):
                 await handle.result(timeout=0.0)
             # Nor must one that is cancelled
-            cancelled = asyncio.ensure_future(handle.result())
-            await asyncio.sleep(0)  # let it start waiting (an ordering step, not a timing one)
+            waiting = asyncio.Event()
+
+            async def wait_for_result() -> Any:
+                waiting.set()  # set, then straight into handle.result() in the same step
+                return await handle.result()
+
+            cancelled = asyncio.ensure_future(wait_for_result())
+            await asyncio.wait_for(waiting.wait(), RESULT_S)
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
