@@ -54,7 +54,7 @@ from broker.protocol import (
     unpackb,
 )
 from broker.bus import PrefixSet
-from broker.sockets import apply_common_options, send_frames
+from broker.sockets import NOBLOCK, apply_common_options, send_frames
 from agent_sdk.errors import (
     BrokerUnavailable, BusUnavailable, MailboxFull, NoSuchAgent, RemoteError, RequestRefused,
     WaitTimeout,
@@ -611,7 +611,7 @@ class Messenger:
         frames = encode_bus(topic, self._peer_id(), seq, message)
         if len(frames[1]) > MAX_FRAME_BYTES:
             raise TooLarge(len(frames[1]), MAX_FRAME_BYTES)
-        send_frames(pub, frames, zmq.NOBLOCK)
+        send_frames(pub, frames, NOBLOCK)
         self.counters["bus_published"] += 1
         # A send can swallow the edge that announces subscription changes: look again.
         if not self._pub_read_scheduled:
@@ -749,8 +749,7 @@ class Messenger:
             while True:
                 pub = self._pub
                 if pub is not None:
-                    send_frames(pub, encode_bus_probe(topic, self._peer_id(), token),
-                                zmq.NOBLOCK)
+                    send_frames(pub, encode_bus_probe(topic, self._peer_id(), token), NOBLOCK)
                     self._schedule_pub_read()
                 left = deadline - loop.time()
                 if left <= 0:

@@ -120,10 +120,16 @@ class Channel:
             self._blocked.append(frames)
             return
         try:
-            send_frames(sock, frames, zmq.NOBLOCK)
+            send_frames(sock, frames, _NOBLOCK)
         except zmq.Again:
             self._blocked.append(frames)
-        self._schedule_read()
+            self._schedule_read()
+            return
+        # A send can consume the edge of the FD for a message that arrived meanwhile:
+        # asking ZMQ_EVENTS re-arms it, and a read is scheduled only if input waits
+        # (a loop iteration and a callback per send cost more than the check).
+        if has_input(sock):
+            self._schedule_read()
 
     def request_flush(self) -> None:
         """Ask for the owner's ``on_flush`` on the next loop iteration (once)."""
@@ -141,7 +147,7 @@ class Channel:
         blocked = self._blocked
         while blocked and sock is not None:
             try:
-                send_frames(sock, blocked[0], zmq.NOBLOCK)
+                send_frames(sock, blocked[0], _NOBLOCK)
             except zmq.Again:
                 return
             blocked.popleft()

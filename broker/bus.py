@@ -45,7 +45,7 @@ from broker.config import BusConfig, parse_host_port
 from broker.protocol import (
     BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER, BUS_TASKS_PREFIX, encode_bus,
 )
-from broker.sockets import apply_common_options, send_frames
+from broker.sockets import NOBLOCK, apply_common_options, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class EventPublisher:
             self._seq[topic] = seq
         # An XPUB drops rather than block when the forwarder does not keep up, so the
         # broker never waits on the bus.
-        send_frames(self.socket, encode_bus(topic, BUS_BROKER_SENDER, seq, data), zmq.NOBLOCK)
+        send_frames(self.socket, encode_bus(topic, BUS_BROKER_SENDER, seq, data), NOBLOCK)
         self.published += 1
 
     def task_changed(self, task_id: str, state: str, attempt: int, agent: str | None,

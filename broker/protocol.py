@@ -28,6 +28,7 @@ moves the bytes object (or the ``zmq.Frame``) from the incoming item to the outg
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Union
 
@@ -684,6 +685,16 @@ def decode(frames: list[Any]) -> Message:
     """
     if len(frames) < 3:
         raise DecodeError(f"a message has at least 3 frames, got {len(frames)}")
+    # The batch commands (nearly every message) skip the Command enum and the match:
+    # a dict lookup on the command frame's bytes costs a fraction of both.
+    hot = _HOT_DECODERS.get(frames[1]) if type(frames[1]) is bytes else None
+    if hot is not None and frames[0] == SIGNATURE:
+        try:
+            return hot(_unpack_header(frames[2]), frames[3:])
+        except DecodeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any codec failure is the peer's bad frame
+            raise DecodeError(f"bad {Command(frames[1][0]).name} header: {e}") from e
     signature = bytes(frames[0])
     if signature != SIGNATURE:
         if signature.startswith(b"ORCH"):
@@ -705,6 +716,14 @@ def decode(frames: list[Any]) -> Message:
         raise
     except Exception as e:  # noqa: BLE001 - any codec failure is the peer's bad frame
         raise DecodeError(f"bad {command.name} header: {e}") from e
+
+
+#: Decoders of the commands that carry batches, by command frame.
+_HOT_DECODERS: Final[dict[bytes, Callable[[Any, list[Any]], Message]]] = {
+    COMMAND_FRAMES[Command.SUBMIT]: _decode_submit,
+    COMMAND_FRAMES[Command.RESULT]: _decode_results,
+    COMMAND_FRAMES[Command.TASK]: _decode_dispatch,
+}
 
 
 def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
+from zmq.backend import zmq_poll
 
 from broker import __version__
 from broker.bus import EventPublisher
@@ -80,6 +81,7 @@ _MAILBOX_FULL = ErrorCode.MAILBOX_FULL.value
 _UNDELIVERED = ("", "")
 _new_tuple = tuple.__new__
 _NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
 
 
 def _new_result(fields: tuple[Any, ...]) -> ResultItem:
@@ -280,25 +282,28 @@ class Broker:
             self.bind()
         router = self._router
         assert router is not None
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        wake_fd = self._wake_r.fileno()
         bus = self.events
-        if bus is not None:
-            poller.register(bus.socket, zmq.POLLIN)
+        bus_socket = bus.socket if bus is not None else None
+        # zmq_poll itself, not zmq.Poller: the sugar's per-call conversions are a few
+        # microseconds of every pass.
+        watched: list[tuple[Any, int]] = [(router, _POLLIN), (wake_fd, _POLLIN)]
+        if bus_socket is not None:
+            watched.append((bus_socket, _POLLIN))
         self._running = True
         logger.info("broker %s listening on %s (policy %s, durability %s)", __version__,
                     self.endpoint, self.policy.name, self.journal.durability.value)
         try:
             while self._running:
-                events = dict(poller.poll(self._poll_timeout_ms()))
-                if router in events:
-                    self._drain(router)
-                if self._wake_r.fileno() in events:
-                    self._clear_wakeups()
-                if bus is not None and bus.socket in events:
-                    bus.read_subscriptions()
-                    self._watch_tasks = bus.watching_tasks
+                for source, _ in zmq_poll(watched, self._poll_timeout_ms()):
+                    if source is router:
+                        self._drain(router)
+                    elif source is bus_socket:
+                        assert bus is not None
+                        bus.read_subscriptions()
+                        self._watch_tasks = bus.watching_tasks
+                    else:
+                        self._clear_wakeups()
                 now = self.clock()
                 if self._stop_requested and self._stopping_since is None:
                     self._begin_stop(now)
@@ -732,7 +737,7 @@ class Broker:
         router = self._router
         for index, frames in enumerate(messages):
             try:
-                send_frames(router, [receiver, *frames], zmq.NOBLOCK)
+                send_frames(router, [receiver, *frames], _NOBLOCK)
             except zmq.Again:
                 self._keep_for_later(receiver, messages[index:])
                 self.direct.backlogged.add(receiver)
@@ -1249,24 +1254,28 @@ class Broker:
     # ------------------------------------------------------------------ sending
 
     def _flush(self) -> None:
-        # Group commit: what this pass accepted and finished is written before anyone
-        # hears of it.
-        self.journal.commit()
         now = self.clock()
-        if self._accepted_due and now >= self._accepted_deadline:
-            self._release_accepted(self._outboxes)
-        direct = self.direct
-        if direct.backlogged or direct.has_verdicts:
-            self._release_direct(now)
-        if not self._outboxes:
-            return
-        outboxes, self._outboxes = self._outboxes, {}
+        outboxes = self._outboxes
         # Work first: every send costs a syscall and maybe a wake-up, so what is on a
         # task's critical path (assignments, then results) leaves before bookkeeping.
-        for identity, box in outboxes.items():
+        # Assignments may leave before the journal write: a task is promised to nobody
+        # until its ACCEPTED (or RESULT) goes out, and those wait for the write below.
+        for identity, box in list(outboxes.items()):  # a dead peer can add outboxes
             if box.assignments:
                 self._send_all(identity, [encode(Dispatch(part))
                                           for part in chunks(box.assignments)], now)
+                box.assignments = []
+        # Group commit: what this pass accepted and finished is written before anyone
+        # hears of it.
+        self.journal.commit()
+        if self._accepted_due and now >= self._accepted_deadline:
+            self._release_accepted(outboxes)
+        direct = self.direct
+        if direct.backlogged or direct.has_verdicts:
+            self._release_direct(now)
+        if not outboxes:
+            return
+        self._outboxes = {}
         for identity, box in outboxes.items():
             if box.results:
                 self._send_all(identity, [encode(Results(part))
@@ -1316,7 +1325,7 @@ class Broker:
             backlog.clear()
         for index, frames in enumerate(messages):
             try:
-                send_frames(router, [identity, *frames], zmq.NOBLOCK)
+                send_frames(router, [identity, *frames], _NOBLOCK)
             except zmq.Again:
                 self._keep_for_later(identity, messages[index:])
                 return

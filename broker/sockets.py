@@ -18,7 +18,9 @@ from broker.protocol import MAX_FRAME_BYTES
 _backend_send = zmq.backend.Socket.send
 _backend_recv = zmq.backend.Socket.recv
 _backend_get = zmq.backend.Socket.get
-_SNDMORE = zmq.SNDMORE
+# Plain ints: zmq's Flag enums make every ``|`` an enum call (microseconds per send).
+_SNDMORE = int(zmq.SNDMORE)
+NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)

@@ -31,7 +31,7 @@ from broker.config import StateConfig
 from broker.errors import StateDecodeError
 from broker.heartbeat import Liveness
 from broker.protocol import StateErrorCode, decode_state, encode_state
-from broker.sockets import apply_common_options, send_frames
+from broker.sockets import NOBLOCK, apply_common_options, send_frames
 from broker.state.persistence import StatePersistence
 from broker.state.store import StateStore
 
@@ -270,7 +270,7 @@ class StateServer:
                 backlog.clear()
             for index, frames in enumerate(messages):
                 try:
-                    send_frames(router, [identity, *frames], zmq.NOBLOCK)
+                    send_frames(router, [identity, *frames], NOBLOCK)
                 except zmq.Again:
                     self._keep_for_later(identity, messages[index:])
                     break
