@@ -21,7 +21,6 @@ _backend_get = zmq.backend.Socket.get
 # Plain ints: zmq's Flag enums make every ``|`` an enum call (microseconds per send).
 _SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -41,10 +40,16 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     """Receive one multipart message as a list of bytes (``recv_multipart``, through the
-    backend: the sugar version spends several us per frame in Python-level checks)."""
-    frames = [_backend_recv(sock, flags)]
-    while _backend_get(sock, _RCVMORE):
-        frames.append(_backend_recv(sock, flags))
+    backend: the sugar version spends several us per frame in Python-level checks).
+
+    Frames are received as ``zmq.Frame`` and asked ``.more``: pyzmq's ``get(RCVMORE)``
+    converts the option to an enum on every call, and a 4-frame message cost 6-11 us
+    that way against 4 us with frames."""
+    frame = _backend_recv(sock, flags, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _backend_recv(sock, flags, False)
+        frames.append(frame.bytes)
     return frames
 
 
