@@ -165,8 +165,8 @@ class Broker:
         self._backlog: dict[bytes, deque[list[Any]]] = {}
         self._status_waiters: list[StatusWaiter] = []
         self._deferred_acks: dict[bytes, list[str]] = {}
-        self._accepted_due: dict[bytes, list[str]] = {}
-        self._accepted_deadline = 0.0
+        #: ACCEPTED owed, per SUBMIT: (when it is due, client, task ids), oldest first
+        self._accepted_due: deque[tuple[float, bytes, list[str]]] = deque()
         self._tick_s = config.heartbeat_interval_s / TICKS_PER_INTERVAL
         self._next_tick = 0.0
         self._stop_requested = False
@@ -354,8 +354,8 @@ class Broker:
         deadline = self.deadlines.next_deadline()
         if deadline is not None and deadline < until:
             until = deadline
-        if self._accepted_due and self._accepted_deadline < until:
-            until = self._accepted_deadline
+        if self._accepted_due and self._accepted_due[0][0] < until:
+            until = self._accepted_due[0][0]
         if self._retrying:
             until = min(until, min(t.retry_at for t in self._retrying))
         return max(0, int((until - now) * 1000) + 1)
@@ -1268,8 +1268,8 @@ class Broker:
         # Group commit: what this pass accepted and finished is written before anyone
         # hears of it.
         self.journal.commit()
-        if self._accepted_due and now >= self._accepted_deadline:
-            self._release_accepted(outboxes)
+        if self._accepted_due and now >= self._accepted_due[0][0]:
+            self._release_accepted(outboxes, now)
         direct = self.direct
         if direct.backlogged or direct.has_verdicts:
             self._release_direct(now)
@@ -1300,15 +1300,16 @@ class Broker:
     def _defer_accepted(self, identity: bytes, task_ids: list[str], now: float) -> None:
         """ACCEPTED waits ACCEPT_DELAY_S: a task that finishes by then needs none (its
         result says more), and the rest go in fewer, larger messages. On a 2-core machine
-        an extra wake-up of the client costs the other processes' time."""
-        if not self._accepted_due:
-            self._accepted_deadline = now + ACCEPT_DELAY_S
-        self._accepted_due.setdefault(identity, []).extend(task_ids)
+        an extra wake-up of the client costs the other processes' time. Each SUBMIT waits
+        its own delay: a shared deadline would confirm the tasks of a later SUBMIT early,
+        and a client sending one task at a time would get an ACCEPTED for every few."""
+        self._accepted_due.append((now + ACCEPT_DELAY_S, identity, task_ids))
 
-    def _release_accepted(self, outboxes: dict[bytes, Outbox]) -> None:
-        due, self._accepted_due = self._accepted_due, {}
+    def _release_accepted(self, outboxes: dict[bytes, Outbox], now: float) -> None:
+        due = self._accepted_due
         tasks = self.tasks
-        for identity, ids in due.items():
+        while due and due[0][0] <= now:
+            _, identity, ids = due.popleft()
             still_open = [task_id for task_id in ids if task_id in tasks]
             if still_open:
                 box = outboxes.get(identity)
