@@ -523,3 +523,28 @@ def test_decode_bus_of_arbitrary_frames_only_raises_decode_error(frames: list[by
         assert e.code == "bad_frame"
     else:
         assert isinstance(envelope, BusEnvelope)
+
+
+def test_recv_frames_returns_whole_messages_one_at_a_time() -> None:
+    """recv_frames ends a message where libzmq says it ends (frame ``.more``), whatever
+    its frame count, and leaves the next message whole."""
+    from broker.sockets import NOBLOCK, has_input, recv_frames, send_frames
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        router.setsockopt(zmq.RCVTIMEO, 5000)  # a lost frame fails the test, not hangs it
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.setsockopt(zmq.ROUTING_ID, b"peer")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        messages = [[b"one"], [b"", b"", b""], [b"a", b"b" * 100_000, b"c", b"d", b"e"]]
+        for frames in messages:
+            send_frames(dealer, frames, NOBLOCK)
+        assert router.poll(5000)
+        for frames in messages:
+            assert recv_frames(router) == [b"peer", *frames]
+        assert not has_input(router)
+    finally:
+        dealer.close(linger=0)
+        router.close(linger=0)
