@@ -591,7 +591,7 @@ _new_tuple = tuple.__new__
 
 
 def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
-    tasks = []
+    tasks: list[TaskSpec] = []
     append = tasks.append
     for item in _array(header):
         if type(item) is not tuple or len(item) != 8:
@@ -617,7 +617,7 @@ def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
 
 
 def _decode_results(header: Any, blobs: list[Any]) -> Results:
-    results = []
+    results: list[ResultItem] = []
     append = results.append
     for item in _array(header):
         if type(item) is not tuple or len(item) != 10:
@@ -886,7 +886,7 @@ def _decode_direct(header: Any, blobs: list[Any]) -> Direct | DirectVerdict:
                 raise ValueError("an error must be [id, code, message]")
             errors.append(error)
         return DirectVerdict(list(acks), errors)
-    items = []
+    items: list[Any] = []
     append = items.append
     for item in _array(header):
         if type(item) is not tuple or len(item) != 7:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import zmq
 from zmq.backend import zmq_poll
 
-from broker import __version__
+from broker import __version__, compiled
 from broker.bus import EventPublisher
 from broker.config import BrokerConfig
 from broker.direct import DIRECT_BACKLOG_LIMIT, DirectRouting
@@ -274,7 +274,10 @@ class Broker:
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT ask for a graceful stop (main thread only)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.request_stop())
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.request_stop()
 
     def run(self) -> None:
         """Serve until a graceful stop completes."""
@@ -500,7 +503,7 @@ class Broker:
                 last_caps, last_agent = spec[2], spec[3]
                 requirement = self._requirement(last_caps, last_agent)
             timeout_s = spec[5] or default_timeout
-            task = TaskRecord(spec, requirement, identity, now, timeout_s)
+            task = TaskRecord(spec, requirement, identity, now, timeout_s)  # type: ignore[arg-type]  # set above
             tasks[task_id] = task
             pending.push(task)
             deadlines.add(task, timeout_s)
@@ -698,7 +701,7 @@ class Broker:
                 routed += 1
                 if not item[4] & DIRECT_NO_ACK:
                     direct.ack(identity, item[1])
-            elif outcome is _UNDELIVERED:
+            elif outcome == _UNDELIVERED:  # a value, not an identity: compiled code copies tuples
                 direct.error(identity, item[1], _NO_AGENT,
                              f"no agent or client {item[0]!r} is connected")
             else:
@@ -713,7 +716,7 @@ class Broker:
                         "a direct message needs 'to': an agent id, an agent name or a client id")
         targets = self.direct.resolve(to, broadcast)
         if targets is None:
-            raw = to.encode() if type(to) is str else to
+            raw = to.encode() if isinstance(to, str) else to
             refusal = self.direct.refusal(raw)
             if refusal is not None:
                 return [], (_NO_AGENT, f"agent {to!r} left ({refusal})")
@@ -735,6 +738,7 @@ class Broker:
             self.direct.backlogged.add(receiver)
             return None
         router = self._router
+        assert router is not None
         for index, frames in enumerate(messages):
             try:
                 send_frames(router, [receiver, *frames], _NOBLOCK)
@@ -979,7 +983,7 @@ class Broker:
 
     def _release_retries(self, now: float) -> None:
         """Tasks whose back-off is over wait for an agent again."""
-        still = deque()
+        still: deque[TaskRecord] = deque()
         for task in self._retrying:
             if task.state is not TaskState.RETRYING:
                 continue
@@ -1319,6 +1323,7 @@ class Broker:
 
     def _send_all(self, identity: bytes, messages: list[list[Any]], now: float) -> None:
         router = self._router
+        assert router is not None
         backlog = self._backlog.get(identity)
         if backlog:
             backlog.extend(messages)
@@ -1398,6 +1403,7 @@ class Broker:
         return {
             "broker": {
                 "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+                "compiled": compiled,
                 "endpoint": self.endpoint, "endpoints": dict(self.endpoints),
                 "policy": self.policy.name, "boot": self.boot_id,
                 "durability": self.journal.durability.value, "journal_bytes": self.journal.size,

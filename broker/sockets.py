@@ -56,7 +56,8 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
 def has_input(sock: zmq.Socket[Any]) -> bool:
     """Is a message waiting? (ZMQ_EVENTS through the backend; it also resets the
     edge-triggered FD, so a reader may stop when this says no.)"""
-    return bool(_backend_get(sock, _EVENTS) & _POLLIN)
+    events: Any = _backend_get(sock, _EVENTS)
+    return bool(events & _POLLIN)
 
 
 def apply_common_options(sock: zmq.Socket[Any], hwm: int) -> None:

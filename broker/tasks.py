@@ -6,7 +6,7 @@ import enum
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from broker.protocol import ResultItem, TaskSpec
 from broker.routing import Requirement
@@ -278,7 +278,7 @@ class Deadlines:
     """
 
     #: distinct timeouts that get a lane of their own
-    MAX_LANES = 64
+    MAX_LANES: ClassVar[int] = 64
 
     def __init__(self) -> None:
         self._lanes: dict[float, deque[tuple[float, TaskRecord]]] = {}
