@@ -584,7 +584,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
         resend_after_s = self._heartbeat_interval_s * self._heartbeat_liveness
         log = self._sent_log
         unacked = self._unacked
-        again = []
+        again: list[ResultItem] = []
         while log and now - log[0][0] > resend_after_s:
             _, ids = log.popleft()
             again.extend(unacked[task_id] for task_id in ids if task_id in unacked)

@@ -144,7 +144,8 @@ class TaskHandle:
         waiter = self._accepted_waiter
         finished = self._new_waiter()
         try:
-            done, _ = await asyncio.wait([waiter, finished], timeout=timeout,
+            either: list[asyncio.Future[Any]] = [waiter, finished]
+            done, _ = await asyncio.wait(either, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._drop_waiter(finished)
@@ -379,6 +380,7 @@ class Client(MessagingMixin):
             task_id, payload, caps, agent, priority,
             timeout if timeout is not None else self.default_timeout_s, retries, parent_id))
         loop = self._loop
+        assert loop is not None  # set by _ensure_open
         handle = TaskHandle(task_id, self, spec, loop.time())
         self._handles[task_id] = handle
         if not self._outgoing:
@@ -616,9 +618,9 @@ class SyncClient:
         from agent_sdk.loop import new_event_loop
 
         self._loop = new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="orchestrator-client",
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="orchestrator-client",
                                         daemon=True)
-        self._thread.start()
+        self._loop_thread.start()
         self.client = Client(broker, **options)
         self._call(self.client.connect())
 
@@ -689,7 +691,7 @@ class SyncClient:
             self._call(self.client.close())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+            self._loop_thread.join(timeout=5)
             self._loop.close()
 
     def __enter__(self) -> SyncClient:

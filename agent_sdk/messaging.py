@@ -700,7 +700,7 @@ class Messenger:
     def _open_bus(self) -> None:
         assert self._bus_urls is not None
         loop = self._loop = asyncio.get_running_loop()
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         sub = ctx.socket(zmq.SUB)
         pub = ctx.socket(zmq.XPUB)
         for sock in (sub, pub):
@@ -724,7 +724,8 @@ class Messenger:
             if sock is None:
                 continue
             if loop is not None and not loop.is_closed():
-                loop.remove_reader(sock.getsockopt(zmq.FD))
+                fd: Any = sock.getsockopt(zmq.FD)
+                loop.remove_reader(fd)
             sock.close(linger=PUBLISH_LINGER_MS if sock is self._pub else 0)
         self._sub = self._pub = None
         self._remote.clear()

@@ -393,19 +393,21 @@ class _Connection:
         self._read_scheduled = False
 
     def open(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         apply_common_options(sock, SEND_HWM)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self._monitor = sock.get_monitor_socket(self._MONITOR_EVENTS)
-        self._monitor_fd = self._monitor.getsockopt(zmq.FD)
-        self._loop.add_reader(self._monitor_fd, self._on_monitor)
+        monitor_fd: Any = self._monitor.getsockopt(zmq.FD)
+        self._monitor_fd = monitor_fd
+        self._loop.add_reader(monitor_fd, self._on_monitor)
         sock.connect(self.url)
         self._sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._on_readable)
+        fd: Any = sock.getsockopt(zmq.FD)
+        self._fd = fd
+        self._loop.add_reader(fd, self._on_readable)
         self._schedule_read()
         self._loop.call_soon(self._on_monitor)
 
@@ -984,8 +986,8 @@ class StateClient:
                 if self._conn is not None:
                     self._conn.send(LockRelease(next(self._req_ids), msg.name, msg.token))
             case _:
-                req = getattr(msg, "req", None)
-                if req is None or not self._resolve(req, msg):
+                reply_to: int | None = getattr(msg, "req", None)
+                if reply_to is None or not self._resolve(reply_to, msg):
                     if logger.isEnabledFor(logging.DEBUG):
                         logger.debug("unexpected %s from the state service", type(msg).__name__)
 

@@ -73,7 +73,7 @@ class Channel:
     def open(self) -> None:
         """Create the socket, connect and start watching it (call inside the loop)."""
         self._loop = asyncio.get_running_loop()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         apply_common_options(sock, SEND_HWM)
         sock.setsockopt(zmq.LINGER, 0)
@@ -81,8 +81,9 @@ class Channel:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.connect(self.url)
         self._sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._on_readable)
+        fd: Any = sock.getsockopt(zmq.FD)
+        self._fd = fd
+        self._loop.add_reader(fd, self._on_readable)
         self.closed = False
         self._schedule_read()
 

@@ -16,23 +16,33 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-#: The modules mypyc compiles, relative to this package.
-COMPILED_MODULES: tuple[str, ...] = ("sockets", "tasks", "routing", "protocol", "server")
+#: The modules mypyc compiles: the broker's per-message code (agents and clients use the
+#: compiled protocol and socket helpers too).
+COMPILED_MODULES: tuple[str, ...] = (
+    "broker.sockets", "broker.tasks", "broker.routing", "broker.protocol", "broker.server",
+)
 PACKAGE_DIR = Path(__file__).resolve().parent
+#: Where ``broker`` and ``agent_sdk`` live.
+PROJECT_DIR = PACKAGE_DIR.parent
+#: The build: ``broker/`` with the extensions, beside their shared runtime library.
 NATIVE_DIR = PACKAGE_DIR / "_native"
 NATIVE_MANIFEST = "manifest.json"
 #: Set to run the Python source even when a fresh build exists.
 PURE_PYTHON_ENV = "ORCH_PURE_PYTHON"
 
 
-def source_digests(package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
+def module_source(name: str, project_dir: Path = PROJECT_DIR) -> Path:
+    return project_dir.joinpath(*name.split(".")).with_suffix(".py")
+
+
+def source_digests(project_dir: Path = PROJECT_DIR) -> dict[str, str]:
     """SHA-256 of each compiled module's source, by module name."""
-    return {name: hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest()
+    return {name: hashlib.sha256(module_source(name, project_dir).read_bytes()).hexdigest()
             for name in COMPILED_MODULES}
 
 
 def native_check(native_dir: Path = NATIVE_DIR,
-                 package_dir: Path = PACKAGE_DIR) -> tuple[bool, str]:
+                 project_dir: Path = PROJECT_DIR) -> tuple[bool, str]:
     """Whether the build in ``native_dir`` may be loaded, and why (not)."""
     if os.environ.get(PURE_PYTHON_ENV):
         return False, f"{PURE_PYTHON_ENV} is set"
@@ -45,7 +55,7 @@ def native_check(native_dir: Path = NATIVE_DIR,
     if manifest.get("python") != sys.implementation.cache_tag:
         return False, (f"built for {manifest.get('python')}, "
                        f"running {sys.implementation.cache_tag}")
-    if manifest.get("modules") != source_digests(package_dir):
+    if manifest.get("modules") != source_digests(project_dir):
         return False, "the source changed since the build"
     return True, "fresh"
 

@@ -1,11 +1,15 @@
 """Compiled hot paths: ``python -m broker.native build|status|clean``.
 
-The broker's per-message code (``broker.sockets``, ``tasks``, ``routing``, ``protocol``
-and ``server``) is plain, fully typed Python; mypyc compiles the same source to a C
-extension. On the 2-core development VM that cut the broker's CPU per task from 24-28
-to 17-19 us and raised the throughput benchmark from 0.41-0.50 to 0.64 of ``zmq.proxy``
-(see docs/performance.md). Agents and clients use the compiled protocol and socket
-helpers too.
+The broker's per-message code (:data:`broker.COMPILED_MODULES`: its sockets, tasks,
+routing, protocol and server modules) is plain, fully typed Python; mypyc compiles the
+same source to C extensions, which agents and clients use too (protocol and sockets).
+On the 2-core development VM that cut the broker's CPU per task from 24-28 to 17-19 us
+and raised the throughput benchmark from 0.41-0.50 to 0.64 of ``zmq.proxy``
+(docs/performance.md).
+
+Only the broker's modules: compiled code checks at run time the types that typeshed
+gives third-party calls, and the SDK's asyncio code met a loop whose ``remove_reader``
+returns None where typeshed says bool.
 
 ``build`` writes the extensions to ``broker/_native/`` with a manifest of the source
 hashes they were built from. ``broker/__init__.py`` loads them only while every hash
@@ -30,11 +34,12 @@ import orjson
 
 import broker
 from broker import (
-    COMPILED_MODULES, NATIVE_DIR, NATIVE_MANIFEST, PACKAGE_DIR, native_check, source_digests,
+    COMPILED_MODULES, NATIVE_DIR, NATIVE_MANIFEST, PROJECT_DIR, module_source, native_check,
+    source_digests,
 )
 
 
-def build(native_dir: Path = NATIVE_DIR, package_dir: Path = PACKAGE_DIR) -> None:
+def build(native_dir: Path = NATIVE_DIR, project_dir: Path = PROJECT_DIR) -> None:
     """Compile :data:`COMPILED_MODULES` into ``native_dir`` (replaced atomically).
 
     Raises:
@@ -44,17 +49,17 @@ def build(native_dir: Path = NATIVE_DIR, package_dir: Path = PACKAGE_DIR) -> Non
     from mypyc.build import mypycify  # the dev extra installs mypy
     from setuptools import Distribution
 
-    digests = source_digests(package_dir)
-    root = package_dir.parent
+    digests = source_digests(project_dir)
     with tempfile.TemporaryDirectory(prefix="orch-native-") as scratch:
-        staging = Path(tempfile.mkdtemp(prefix="_native.", dir=package_dir))
+        staging = Path(tempfile.mkdtemp(prefix="_native.", dir=native_dir.parent))
         cwd = os.getcwd()
         try:
             # mypycify names modules after paths relative to the working directory.
-            os.chdir(root)
+            os.chdir(project_dir)
             try:
                 extensions = mypycify(
-                    [f"{package_dir.name}/{name}.py" for name in COMPILED_MODULES],
+                    [str(module_source(name, project_dir).relative_to(project_dir))
+                     for name in COMPILED_MODULES],
                     opt_level="3", target_dir=str(Path(scratch) / "c"),
                     group_name="orchestrator_broker")
             except SystemExit as e:  # mypyc exits when type checking fails
@@ -90,7 +95,7 @@ def clean(native_dir: Path = NATIVE_DIR) -> bool:
 def status() -> dict[str, Any]:
     usable, why = native_check()
     return {"built": (NATIVE_DIR / NATIVE_MANIFEST).exists(), "usable": usable, "reason": why,
-            "loaded": broker.compiled, "modules": [f"broker.{m}" for m in COMPILED_MODULES],
+            "loaded": broker.compiled, "modules": list(COMPILED_MODULES),
             "directory": str(NATIVE_DIR)}
 
 

@@ -9,23 +9,27 @@ from pathlib import Path
 
 import pytest
 
-from broker import COMPILED_MODULES, NATIVE_MANIFEST, PURE_PYTHON_ENV, native_check, source_digests
+from broker import (
+    COMPILED_MODULES, NATIVE_MANIFEST, PURE_PYTHON_ENV, module_source, native_check,
+    source_digests,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def fake_build(tmp_path: Path, **overrides: object) -> tuple[Path, Path]:
-    """A package dir with the compiled modules' sources and a manifest of their hashes."""
-    package = tmp_path / "pkg"
-    package.mkdir()
+    """A project dir with the compiled modules' sources and a manifest of their hashes."""
+    project = tmp_path / "project"
     for name in COMPILED_MODULES:
-        (package / f"{name}.py").write_text(f"# {name}\n")
+        source = module_source(name, project)
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text(f"# {name}\n")
     native = tmp_path / "native"
     native.mkdir()
-    manifest = {"python": sys.implementation.cache_tag, "modules": source_digests(package)}
+    manifest = {"python": sys.implementation.cache_tag, "modules": source_digests(project)}
     manifest.update(overrides)
     (native / NATIVE_MANIFEST).write_text(json.dumps(manifest))
-    return native, package
+    return native, project
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +44,7 @@ def test_a_build_matching_the_source_is_used(tmp_path: Path) -> None:
 
 def test_an_edited_source_disables_the_build(tmp_path: Path) -> None:
     native, package = fake_build(tmp_path)
-    (package / "server.py").write_text("# server, edited\n")
+    module_source("broker.server", package).write_text("# server, edited\n")
     assert native_check(native, package) == (False, "the source changed since the build")
 
 
@@ -68,13 +72,13 @@ def test_the_environment_switch_forces_python(tmp_path: Path,
 def test_a_process_loads_what_the_check_says() -> None:
     """In a fresh interpreter: compiled modules come from broker/_native exactly when the
     real build is fresh, and never with the environment switch."""
-    probe = ("import broker, broker.server as s; "
-             "print(broker.compiled, s.__file__.endswith('.py'))")
+    probe = ("import broker, broker.server as s, broker.journal as j; "
+             "print(broker.compiled, s.__file__.endswith('.py'), j.__file__.endswith('.py'))")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     usable = native_check()[0]
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == [str(usable), str(not usable)]
+    assert out == [str(usable), str(not usable), "True"]  # journal is never compiled
     out = subprocess.run([sys.executable, "-c", probe], env={**env, PURE_PYTHON_ENV: "1"},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "True"]
+    assert out == ["False", "True", "True"]
