@@ -122,10 +122,14 @@ class Cluster:
         return client
 
     def close(self) -> None:
-        for client in self.clients:
-            client.close()
-        for proc in self.procs:
-            kill(proc)
+        # Processes die even when closing a client fails: otherwise every broker and
+        # agent of a test that broke its client outlives the run.
+        try:
+            for client in self.clients:
+                client.close()
+        finally:
+            for proc in self.procs:
+                kill(proc)
 
 
 @pytest.fixture
