@@ -13,6 +13,7 @@ from broker import (
     COMPILED_MODULES, NATIVE_MANIFEST, PURE_PYTHON_ENV, module_source, native_check,
     source_digests,
 )
+from tests.conftest import Cluster, python_process, read_json_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,3 +83,23 @@ def test_a_process_loads_what_the_check_says() -> None:
     out = subprocess.run([sys.executable, "-c", probe], env={**env, PURE_PYTHON_ENV: "1"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
+
+
+@pytest.mark.parametrize("pure", [True, False])
+def test_a_broker_serves_tasks_as_python_and_compiled(cluster: Cluster, tmp_path: Path,
+                                                      pure: bool) -> None:
+    """The fallback is a whole working broker, not only an import: with the switch set
+    (and, when a build exists, without it) a broker process and an agent serve a task,
+    and STATUS says which code ran."""
+    if not pure and not native_check()[0]:
+        pytest.skip("no fresh compiled build here (python -m broker.native build)")
+    env = {PURE_PYTHON_ENV: "1"} if pure else {}
+    broker_proc = python_process("-m", "broker", "--bind", "127.0.0.1:0", "--data-dir",
+                                 str(tmp_path / "data"), "--log-level", "WARNING", env=env)
+    cluster.procs.append(broker_proc)
+    url = read_json_line(broker_proc)["endpoint"]
+    cluster.agent(url)
+    client = cluster.client(url)
+    result = client.submit(capabilities=["echo"], data={"n": 7}).result(timeout=30)
+    assert result.ok and result.data == {"n": 7}
+    assert client.status()["broker"]["compiled"] is (not pure)
