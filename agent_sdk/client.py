@@ -28,7 +28,7 @@ from broker.config import broker_url
 from broker.protocol import (
     Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch, Heartbeat,
     Message, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
-    TaskStatus, chunks, packb,
+    TaskStatus, chunks,
 )
 from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, WaitTimeout
 from agent_sdk.messaging import (
@@ -374,10 +374,8 @@ class Client(MessagingMixin):
         if text is not None:
             fields["text"] = text
         caps = (capabilities,) if isinstance(capabilities, str) else tuple(capabilities)
-        payload = packb({"data": data}) if not fields and data is not _MISSING \
-            else encode_payload(data, fields)
         spec = _new_tuple(TaskSpec, (
-            task_id, payload, caps, agent, priority,
+            task_id, encode_payload(data, fields), caps, agent, priority,
             timeout if timeout is not None else self.default_timeout_s, retries, parent_id))
         loop = self._loop
         assert loop is not None  # set by _ensure_open
@@ -618,8 +616,8 @@ class SyncClient:
         from agent_sdk.loop import new_event_loop
 
         self._loop = new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="orchestrator-client",
-                                        daemon=True)
+        self._loop_thread = threading.Thread(target=self._loop.run_forever,
+                                             name="orchestrator-client", daemon=True)
         self._loop_thread.start()
         self.client = Client(broker, **options)
         self._call(self.client.connect())

@@ -21,13 +21,12 @@ import zmq
 
 from broker.errors import DecodeError, TooLarge
 from broker.protocol import MAX_FRAME_BYTES, Message, decode, encode
-from broker.sockets import apply_common_options, has_input, recv_frames, send_frames
+from broker.sockets import NOBLOCK, apply_common_options, has_input, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
 #: Messages handled per wake-up before yielding to other callbacks.
 DRAIN_BATCH = 1000
-_NOBLOCK = int(zmq.NOBLOCK)
 #: Outgoing queue of the DEALER; batching keeps messages few.
 SEND_HWM = 100_000
 
@@ -121,7 +120,7 @@ class Channel:
             self._blocked.append(frames)
             return
         try:
-            send_frames(sock, frames, _NOBLOCK)
+            send_frames(sock, frames, NOBLOCK)
         except zmq.Again:
             self._blocked.append(frames)
             self._schedule_read()
@@ -148,7 +147,7 @@ class Channel:
         blocked = self._blocked
         while blocked and sock is not None:
             try:
-                send_frames(sock, blocked[0], _NOBLOCK)
+                send_frames(sock, blocked[0], NOBLOCK)
             except zmq.Again:
                 return
             blocked.popleft()
@@ -179,7 +178,7 @@ class Channel:
             # costs a fraction of the exception (see broker.server's _drain).
             while received < DRAIN_BATCH and has_input(sock):
                 try:
-                    frames = recv_frames(sock, _NOBLOCK)
+                    frames = recv_frames(sock, NOBLOCK)
                 except zmq.Again:
                     break
                 received += 1

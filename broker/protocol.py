@@ -689,12 +689,23 @@ def decode(frames: list[Any]) -> Message:
     # a dict lookup on the command frame's bytes costs a fraction of both.
     hot = _HOT_DECODERS.get(frames[1]) if type(frames[1]) is bytes else None
     if hot is not None and frames[0] == SIGNATURE:
-        try:
-            return hot(_unpack_header(frames[2]), frames[3:])
-        except DecodeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any codec failure is the peer's bad frame
-            raise DecodeError(f"bad {Command(frames[1][0]).name} header: {e}") from e
+        command, batch_decoder = hot
+    else:
+        command, batch_decoder = _command(frames), None
+    try:
+        header = _unpack_header(frames[2])
+        if batch_decoder is not None:
+            return batch_decoder(header, frames[3:])
+        return _decode_header(command, header, frames[3:])
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any codec failure is the peer's bad frame
+        raise DecodeError(f"bad {command.name} header: {e}") from e
+
+
+def _command(frames: list[Any]) -> Command:
+    """The message's command, from its signature and command frames; each fault raises
+    with its stable error code."""
     signature = bytes(frames[0])
     if signature != SIGNATURE:
         if signature.startswith(b"ORCH"):
@@ -705,24 +716,17 @@ def decode(frames: list[Any]) -> Message:
     if len(command_frame) != 1:
         raise DecodeError("frame 1 must be a single command byte")
     try:
-        command = Command(command_frame[0])
+        return Command(command_frame[0])
     except ValueError:
         raise DecodeError(f"unknown command 0x{command_frame[0]:02x}",
                           code=ErrorCode.UNKNOWN_COMMAND) from None
-    try:
-        header = _unpack_header(frames[2])
-        return _decode_header(command, header, frames[3:])
-    except DecodeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any codec failure is the peer's bad frame
-        raise DecodeError(f"bad {command.name} header: {e}") from e
 
 
-#: Decoders of the commands that carry batches, by command frame.
-_HOT_DECODERS: Final[dict[bytes, Callable[[Any, list[Any]], Message]]] = {
-    COMMAND_FRAMES[Command.SUBMIT]: _decode_submit,
-    COMMAND_FRAMES[Command.RESULT]: _decode_results,
-    COMMAND_FRAMES[Command.TASK]: _decode_dispatch,
+#: The commands that carry batches and their decoders, by command frame.
+_HOT_DECODERS: Final[dict[bytes, tuple[Command, Callable[[Any, list[Any]], Message]]]] = {
+    COMMAND_FRAMES[Command.SUBMIT]: (Command.SUBMIT, _decode_submit),
+    COMMAND_FRAMES[Command.RESULT]: (Command.RESULT, _decode_results),
+    COMMAND_FRAMES[Command.TASK]: (Command.TASK, _decode_dispatch),
 }
 
 

@@ -207,9 +207,7 @@ class LeastLoaded:
         self._turn = 0
 
     def _key(self, agent: AgentRecord) -> tuple[float, ...]:
-        # agent.load, spelled out: this runs for every candidate of every dispatch
-        return ((len(agent.in_flight) + len(agent.foreign_running)) / agent.max_concurrent,
-                agent.speed_bucket)
+        return (agent.load, agent.speed_bucket)
 
     def choose(self, candidates: list[AgentRecord]) -> AgentRecord:
         count = len(candidates)
@@ -235,8 +233,7 @@ class CapabilityFirst(LeastLoaded):
     name = "capability"
 
     def _key(self, agent: AgentRecord) -> tuple[float, ...]:
-        return ((len(agent.in_flight) + len(agent.foreign_running)) / agent.max_concurrent,
-                len(agent.capabilities), agent.speed_bucket)
+        return (agent.load, len(agent.capabilities), agent.speed_bucket)
 
 
 def make_policy(name: str) -> RoutingPolicy:

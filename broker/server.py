@@ -48,7 +48,7 @@ from broker.protocol import (
 )
 from broker.resilience import CircuitBreaker, CircuitState, RetryPolicy
 from broker.routing import AgentRecord, AgentState, AgentTable, Requirement, make_policy
-from broker.sockets import apply_common_options, has_input, recv_frames, send_frames
+from broker.sockets import NOBLOCK, apply_common_options, has_input, recv_frames, send_frames
 from broker.tasks import Deadlines, FinishedResults, PendingQueue, TaskRecord, TaskState
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ _MAILBOX_FULL = ErrorCode.MAILBOX_FULL.value
 #: A direct message's outcome until one of its receivers took it.
 _UNDELIVERED = ("", "")
 _new_tuple = tuple.__new__
-_NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 
 
@@ -374,7 +373,7 @@ class Broker:
         item_budget = MAX_BATCH_ITEMS * 2
         try:
             while received < self.config.drain_batch and self._items_this_pass < item_budget:
-                frames = recv_frames(router, _NOBLOCK)
+                frames = recv_frames(router, NOBLOCK)
                 received += 1
                 handle(frames)
                 # Asking whether more is queued costs a fraction of the zmq.Again that
@@ -477,7 +476,7 @@ class Broker:
         watch_tasks = self._watch_tasks
         last_caps: tuple[str, ...] | None = None
         last_agent: str | None = None
-        requirement: Requirement | None = None
+        requirement: Requirement  # bound on the first task: last_caps starts as None
         for spec in msg.tasks:
             task_id = spec[0]
             existing = tasks.get(task_id) or finished.get(task_id)
@@ -503,7 +502,7 @@ class Broker:
                 last_caps, last_agent = spec[2], spec[3]
                 requirement = self._requirement(last_caps, last_agent)
             timeout_s = spec[5] or default_timeout
-            task = TaskRecord(spec, requirement, identity, now, timeout_s)  # type: ignore[arg-type]  # set above
+            task = TaskRecord(spec, requirement, identity, now, timeout_s)
             tasks[task_id] = task
             pending.push(task)
             deadlines.add(task, timeout_s)
@@ -741,7 +740,7 @@ class Broker:
         assert router is not None
         for index, frames in enumerate(messages):
             try:
-                send_frames(router, [receiver, *frames], _NOBLOCK)
+                send_frames(router, [receiver, *frames], NOBLOCK)
             except zmq.Again:
                 self._keep_for_later(receiver, messages[index:])
                 self.direct.backlogged.add(receiver)
@@ -1331,7 +1330,7 @@ class Broker:
             backlog.clear()
         for index, frames in enumerate(messages):
             try:
-                send_frames(router, [identity, *frames], _NOBLOCK)
+                send_frames(router, [identity, *frames], NOBLOCK)
             except zmq.Again:
                 self._keep_for_later(identity, messages[index:])
                 return

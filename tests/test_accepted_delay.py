@@ -43,7 +43,8 @@ def wired(tmp_path: Path) -> Iterator[tuple[Broker, Clock, zmq.Socket[Any]]]:
 def submit(broker: Broker, client: zmq.Socket[Any], *task_ids: str) -> None:
     """Send a SUBMIT (for a capability no agent has, so the tasks stay open) and let the
     broker handle it in one pass."""
-    specs = [TaskSpec(task_id, b"\x80", ("nobody-has-this",), None, 0, 60.0) for task_id in task_ids]
+    specs = [TaskSpec(task_id, b"\x80", ("nobody-has-this",), None, 0, 60.0)
+             for task_id in task_ids]
     send_frames(client, encode(Submit(specs)))
     router = broker._router
     assert router is not None
