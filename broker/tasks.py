@@ -178,27 +178,13 @@ class PendingQueue:
 
     def pop(self, requirement: Requirement) -> TaskRecord | None:
         """The next PENDING task for ``requirement``, or None."""
-        levels = self._groups.get(requirement)
-        if levels is None:
-            return None
-        while levels:
-            priority, queue = next(iter(levels.items()))
-            while queue:
-                task = queue.popleft()
-                if task.state is _PENDING:
-                    self.count -= 1
-                    if not queue:
-                        del levels[priority]
-                        if not levels:
-                            del self._groups[requirement]
-                    return task
-            del levels[priority]
-        del self._groups[requirement]
-        return None
+        taken = self.take(requirement, 1)
+        return taken[0] if taken else None
 
     def take(self, requirement: Requirement, limit: int) -> list[TaskRecord]:
-        """Up to ``limit`` PENDING tasks for ``requirement``, in the order :meth:`pop`
-        gives them (the dispatch loop takes a batch per pass: one call, not one a task)."""
+        """Up to ``limit`` PENDING tasks for ``requirement``: highest priority first, FIFO
+        within a priority (the dispatch loop takes a batch per pass: one call, not one a
+        task)."""
         levels = self._groups.get(requirement)
         if levels is None or limit <= 0:
             return []
@@ -328,15 +314,13 @@ class Deadlines:
         """Open tasks whose current deadline is at or before ``now``."""
         live = self._live
         expired: dict[int, TaskRecord] = {}
-        open_states = _OPEN_STATES
         # A task requeued and dispatched again in one pass has two entries with the same
-        # deadline: report it once. (The liveness test is _live, spelled out: this loop
-        # sees every entry of every task.)
+        # deadline: report it once.
         for lane in self._lanes.values():
             popleft = lane.popleft
             while lane:
                 deadline, task = lane[0]
-                if task.deadline == deadline and task.state in open_states:
+                if live(deadline, task):
                     if deadline > now:
                         break
                     expired[id(task)] = task
