@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from broker.config import BrokerConfig
-from broker.protocol import Accepted, Submit, TaskSpec, decode, encode
+from broker.protocol import Accepted, Cancel, Submit, TaskSpec, decode, encode
 from broker.server import ACCEPT_DELAY_S, Broker
 from broker.sockets import has_input, recv_frames, send_frames
 
@@ -101,3 +101,20 @@ def test_the_poll_timeout_wakes_the_broker_for_the_oldest_owed_accepted(wired: A
     submit(broker, client, "b")
     # a is due in half the delay: the loop must not sleep longer than that
     assert broker._poll_timeout_ms() <= int(ACCEPT_DELAY_S / 2 * 1000) + 1
+
+
+def test_a_submit_whose_tasks_all_ended_no_longer_wakes_the_broker(wired: Any) -> None:
+    broker, clock, client = wired
+    submit(broker, client, "a")
+    assert broker._poll_timeout_ms() <= int(ACCEPT_DELAY_S * 1000) + 1
+    # The task ends (cancelled) before its ACCEPTED is due: its RESULT said more, and
+    # waking up for it would cost a pass in the middle of the next round trip.
+    send_frames(client, encode(Cancel(["a"])))
+    router = broker._router
+    assert router is not None
+    assert router.poll(5000), "the CANCEL did not reach the broker"
+    broker._drain(router)
+    broker._timers_dispatch_flush(broker.clock())
+    assert "a" not in broker.tasks
+    assert broker._poll_timeout_ms() > int(ACCEPT_DELAY_S * 1000) + 1
+    assert not broker._accepted_due
