@@ -25,8 +25,9 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 from broker.config import broker_url
+from broker.errors import TooLarge
 from broker.protocol import (
-    Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch, Heartbeat,
+    MAX_FRAME_BYTES, Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch, Heartbeat,
     Message, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
     TaskStatus, chunks,
 )
@@ -374,14 +375,26 @@ class Client(MessagingMixin):
         if text is not None:
             fields["text"] = text
         caps = (capabilities,) if isinstance(capabilities, str) else tuple(capabilities)
+        payload = encode_payload(data, fields)
+        if len(payload) > MAX_FRAME_BYTES:
+            # Refused here, not on the way out: the caller hears it, and no handle waits
+            # for a task that never left.
+            raise TooLarge(len(payload), MAX_FRAME_BYTES)
         spec = _new_tuple(TaskSpec, (
-            task_id, encode_payload(data, fields), caps, agent, priority,
+            task_id, payload, caps, agent, priority,
             timeout if timeout is not None else self.default_timeout_s, retries, parent_id))
         loop = self._loop
         assert loop is not None  # set by _ensure_open
         handle = TaskHandle(task_id, self, spec, loop.time())
-        self._handles[task_id] = handle
+        handles = self._handles
+        handles[task_id] = handle
         if not self._outgoing:
+            if len(handles) == 1:
+                # Nothing else in flight: no batch to wait for, and sending now saves
+                # the loop iteration a flush would take (a latency-bound caller waits
+                # on every one of them).
+                channel.send(Submit([spec]))
+                return handle
             channel.request_flush()
         self._outgoing.append(spec)
         return handle

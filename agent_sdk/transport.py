@@ -66,6 +66,8 @@ class Channel:
         self._fd: int | None = None
         self._flush_scheduled = False
         self._read_scheduled = False
+        #: inside the read loop, which asks ZMQ_EVENTS after each message
+        self._reading = False
         self._blocked: deque[list[Any]] = deque()
         self.closed = False
 
@@ -127,8 +129,9 @@ class Channel:
             return
         # A send can consume the edge of the FD for a message that arrived meanwhile:
         # asking ZMQ_EVENTS re-arms it, and a read is scheduled only if input waits
-        # (a loop iteration and a callback per send cost more than the check).
-        if has_input(sock):
+        # (a loop iteration and a callback per send cost more than the check). The read
+        # loop asks after every message anyway: a send from its handlers needs no check.
+        if not self._reading and has_input(sock):
             self._schedule_read()
 
     def request_flush(self) -> None:
@@ -173,6 +176,7 @@ class Channel:
             self._retry_blocked()
         handle = self._on_message
         received = 0
+        self._reading = True
         try:
             # Ask whether input is queued rather than recv into a zmq.Again: the check
             # costs a fraction of the exception (see broker.server's _drain).
@@ -193,7 +197,14 @@ class Channel:
                 # Answer each message's batch at once: the broker gets the first results
                 # while later messages are still being worked on.
                 self._on_flush()
+        except BaseException:
+            # A handler failed, maybe after a send took the FD's edge: read on soon
+            # rather than wait for another message to arrive.
+            self._schedule_read()
+            raise
         finally:
+            # Sends from here on check for input themselves: the loop above has ended.
+            self._reading = False
             if received and not self.closed:
                 self._on_flush()
         if received >= DRAIN_BATCH or self._blocked:

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import zmq
 
 from agent_sdk import Client
 from agent_sdk.client import TaskHandle
 from agent_sdk.errors import WaitTimeout
 from agent_sdk.loop import run as run_loop
+from broker.errors import TooLarge
+from broker.protocol import MAX_FRAME_BYTES, Submit, decode
+from broker.sockets import recv_frames
 from tests.conftest import Cluster
 
 RESULT_S = 30.0
@@ -136,3 +141,65 @@ def test_sync_handle_callback_runs_on_the_client_thread(cluster: Cluster) -> Non
     assert arrived.wait(RESULT_S)
     assert seen == [(handle.id, "sync", "orchestrator-client")]
     assert handle.done() and handle.result_nowait().data == "sync"
+
+
+@pytest.fixture
+def fake_broker() -> Iterator[zmq.Socket[Any]]:
+    """A bare ROUTER standing in for the broker: the test reads what the client sends."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:0")
+    try:
+        yield router
+    finally:
+        router.close(linger=0)
+
+
+def next_submit(router: zmq.Socket[Any], timeout_ms: int) -> Submit | None:
+    """The next SUBMIT the client sent (its pings are skipped), or None after the wait."""
+    while router.poll(timeout_ms):
+        msg = decode(recv_frames(router)[1:])
+        if isinstance(msg, Submit):
+            return msg
+    return None
+
+
+def test_a_lone_task_leaves_at_once_and_tasks_behind_it_go_in_one_batch(
+        fake_broker: zmq.Socket[Any]) -> None:
+    url = fake_broker.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        async with Client(url) as client:
+            lone = client.submit(capabilities=["echo"], data=1)
+            # No await since: with nothing else in flight, submit sent it itself (the
+            # blocking wait below holds the loop, so no flush could have run).
+            first = next_submit(fake_broker, 5000)
+            assert first is not None, "a lone task waited for the loop's flush"
+            second = client.submit(capabilities=["echo"], data=2)
+            third = client.submit(capabilities=["echo"], data=3)
+            # With a task in flight, tasks wait for the flush and leave together.
+            batch = await asyncio.get_running_loop().run_in_executor(
+                None, next_submit, fake_broker, 5000)
+            assert batch is not None, "the batched tasks were never flushed"
+            return ([spec.id for spec in first.tasks], [spec.id for spec in batch.tasks],
+                    [lone.id, second.id, third.id])
+    first_ids, batch_ids, handle_ids = run_loop(scenario())
+    assert first_ids == handle_ids[:1]
+    assert batch_ids == handle_ids[1:]
+
+
+def test_an_oversized_payload_is_refused_by_submit_and_leaves_nothing_behind(
+        fake_broker: zmq.Socket[Any]) -> None:
+    url = fake_broker.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    async def scenario() -> list[str]:
+        async with Client(url) as client:
+            with pytest.raises(TooLarge) as refused:
+                client.submit(capabilities=["echo"], data=b"x" * (MAX_FRAME_BYTES + 1))
+            assert refused.value.code == "too_large"
+            # No handle waits for it: the next task is alone in flight and leaves at once.
+            after = client.submit(capabilities=["echo"], data="small")
+            sent = next_submit(fake_broker, 5000)
+            assert sent is not None
+            return [spec.id for spec in sent.tasks] + [after.id]
+    ids = run_loop(scenario())
+    assert ids[0] == ids[1]
