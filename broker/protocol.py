@@ -478,6 +478,19 @@ def _frames(command: Command, header: bytes, blobs: list[Any] | None = None) -> 
     return frames
 
 
+def encode_results(items: list[ResultItem]) -> list[Any]:
+    """``encode(Results(items))``, without building the message first (the broker's
+    per-pass output: a dataclass costs an interpreted ``__init__`` even when compiled)."""
+    blobs: list[Any] = []
+    return _frames(Command.RESULT, _packb(_items_with_blobs(items, 2, blobs)), blobs)
+
+
+def encode_dispatch(assignments: list[Assignment]) -> list[Any]:
+    """``encode(Dispatch(assignments))``, without building the message first."""
+    blobs: list[Any] = []
+    return _frames(Command.TASK, _packb(_items_with_blobs(assignments, 1, blobs)), blobs)
+
+
 def encode(msg: Message) -> list[Any]:
     """Encode a message into its frames (without the ROUTER identity frame).
 
@@ -487,9 +500,9 @@ def encode(msg: Message) -> list[Any]:
     blobs: list[Any] = []
     match msg:
         case Results(results):
-            return _frames(Command.RESULT, _packb(_items_with_blobs(results, 2, blobs)), blobs)
+            return encode_results(results)
         case Dispatch(tasks):
-            return _frames(Command.TASK, _packb(_items_with_blobs(tasks, 1, blobs)), blobs)
+            return encode_dispatch(tasks)
         case Submit(tasks):
             return _frames(Command.SUBMIT, _packb(_items_with_blobs(tasks, 1, blobs)), blobs)
         case Accepted(ids):

@@ -28,7 +28,7 @@ import socket
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
@@ -42,9 +42,9 @@ from broker.heartbeat import Liveness
 from broker.journal import Replay, open_journal
 from broker.protocol import (
     DIRECT_BROADCAST, DIRECT_NO_ACK, MAX_BATCH_ITEMS, PROTOCOL_VERSION, Accepted, Ack, Assignment,
-    Cancel, Direct, DirectItem, Disconnect, Dispatch, Error, ErrorCode, Fetch, Heartbeat, Progress,
+    Cancel, Direct, DirectItem, Disconnect, Error, ErrorCode, Fetch, Heartbeat, Progress,
     Ready, ResultItem, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
-    TaskStatus, Welcome, chunks, decode, encode,
+    TaskStatus, Welcome, chunks, decode, encode, encode_dispatch, encode_results,
 )
 from broker.resilience import CircuitBreaker, CircuitState, RetryPolicy
 from broker.routing import AgentRecord, AgentState, AgentTable, Requirement, make_policy
@@ -99,17 +99,22 @@ _STATE_OF_STATUS = {
 }
 
 
-@dataclass(slots=True)
 class Outbox:
-    """What one peer will be sent at the end of this pass, batched per command."""
+    """What one peer will be sent at the end of this pass, batched per command.
 
-    assignments: list[Assignment] = field(default_factory=list)
-    results: list[ResultItem] = field(default_factory=list)
-    accepted: list[str] = field(default_factory=list)
-    acks: list[str] = field(default_factory=list)
-    cancels: list[str] = field(default_factory=list)
-    #: already-encoded control messages (errors, status replies, heartbeats), in order
-    control: list[list[Any]] = field(default_factory=list)
+    A plain class, not a dataclass: one is made per peer per pass, and a dataclass's
+    ``__init__`` stays interpreted (with a call per default factory) when compiled."""
+
+    __slots__ = ("assignments", "results", "accepted", "acks", "cancels", "control")
+
+    def __init__(self) -> None:
+        self.assignments: list[Assignment] = []
+        self.results: list[ResultItem] = []
+        self.accepted: list[str] = []
+        self.acks: list[str] = []
+        self.cancels: list[str] = []
+        #: already-encoded control messages (errors, status replies, heartbeats), in order
+        self.control: list[list[Any]] = []
 
 
 @dataclass(slots=True)
@@ -1288,7 +1293,7 @@ class Broker:
         # until its ACCEPTED (or RESULT) goes out, and those wait for the write below.
         for identity, box in list(outboxes.items()):  # a dead peer can add outboxes
             if box.assignments:
-                self._send_all(identity, [encode(Dispatch(part))
+                self._send_all(identity, [encode_dispatch(part)
                                           for part in chunks(box.assignments)], now)
                 box.assignments = []
         # Group commit: what this pass accepted and finished is written before anyone
@@ -1304,7 +1309,7 @@ class Broker:
         self._outboxes = {}
         for identity, box in outboxes.items():
             if box.results:
-                self._send_all(identity, [encode(Results(part))
+                self._send_all(identity, [encode_results(part)
                                           for part in chunks(box.results)], now)
         for identity, box in outboxes.items():
             messages: list[list[Any]] = []
