@@ -13,14 +13,14 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
 from agent_sdk.agent import BaseAgent
 
 
-def load_agent_class(spec: str) -> type[BaseAgent]:
+def load_agent_class(spec: str) -> Callable[[], BaseAgent]:
     """Import ``module:Class`` and check it is a BaseAgent subclass.
 
     Raises:
@@ -42,7 +42,12 @@ def load_agent_class(spec: str) -> type[BaseAgent]:
 def build_agent(spec: str, name: str | None = None, capabilities: list[str] | None = None,
                 max_concurrent: int | None = None) -> BaseAgent:
     """Instantiate ``module:Class`` and apply command-line overrides."""
-    agent = load_agent_class(spec)()
+    agent_class = load_agent_class(spec)
+    try:
+        agent = agent_class()
+    except TypeError as e:
+        raise ValueError(f"{spec!r} must be constructible without arguments "
+                         f"(give __init__ defaults): {e}") from e
     if name:
         agent.name = name
         agent.agent_id = f"{name}-{agent.agent_id.rsplit('-', 1)[-1]}"

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from agent_sdk import BaseAgent, Result, Task
+from agent_sdk.__main__ import build_agent
 from broker.config import BrokerConfig, parse_host_port
 from broker.errors import ConfigError
 from broker.heartbeat import Liveness
@@ -194,3 +196,21 @@ def test_deadlines_report_a_task_with_two_equal_entries_once() -> None:
     deadlines.add(record, 5.0)
     # Then its expiry is reported once
     assert deadlines.pop_expired(6.0) == [record]
+
+
+class NeedsArguments(BaseAgent):
+    """An agent `python -m agent_sdk run` cannot build: its constructor wants a value."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(name="needs-arguments")
+        self.model = model
+
+    async def execute(self, task: Task) -> Result:
+        return Result(data=self.model)
+
+
+def test_an_agent_class_that_needs_arguments_gets_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="constructible without arguments"):
+        build_agent("tests.test_units:NeedsArguments")
+    with pytest.raises(ValueError, match="not a BaseAgent subclass"):
+        build_agent("tests.test_units:Counter")

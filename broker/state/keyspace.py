@@ -13,6 +13,7 @@ it with a fake clock.
 from __future__ import annotations
 
 import bisect
+import builtins  # KeySpace.list hides the builtin inside the class
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -80,7 +81,7 @@ class KeySpace:
             size += len(record.value) if values else 0
         return items, False
 
-    def _sorted_keys(self) -> list[str]:
+    def _sorted_keys(self) -> builtins.list[str]:
         # Sorted lazily: writes of new keys are far more frequent than listings.
         if self._sorted is None:
             self._sorted = sorted(self.records)
@@ -138,7 +139,7 @@ class KeySpace:
     def next_deadline(self) -> float | None:
         return self._expiries[0][0] if self._expiries else None
 
-    def expire(self, now: float) -> list[Entry]:
+    def expire(self, now: float) -> builtins.list[Entry]:
         """Delete every key whose ttl has passed; returns the deletions."""
         expiries = self._expiries
         deleted = []
@@ -154,7 +155,7 @@ class KeySpace:
 
     # -------------------------------------------------------------- watchers
 
-    def replay(self, prefix: str, since: int) -> tuple[list[Entry], bool]:
+    def replay(self, prefix: str, since: int) -> tuple[builtins.list[Entry], bool]:
         """Changes under ``prefix`` after version ``since``, in version order.
 
         Returns the changes and whether they are exact. When ``since`` is older than the

@@ -262,6 +262,7 @@ class StateServer:
             return
         outboxes, self._outboxes = self._outboxes, {}
         router = self._router
+        assert router is not None  # bound before the loop runs
         for identity, messages in outboxes.items():
             backlog = self._backlog.get(identity)
             if backlog:
