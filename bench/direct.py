@@ -50,7 +50,7 @@ class DirectEchoAgent(BaseAgent):
 
 
 def baseline_latency(url: str, requests: int, payload: bytes) -> list[float]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(url)
     try:
         samples = []
@@ -67,7 +67,7 @@ def baseline_latency(url: str, requests: int, payload: bytes) -> list[float]:
 
 def baseline_rate(url: str, requests: int, window: int, payload: bytes) -> float:
     """Round trips/s of a DEALER keeping ``window`` requests in flight."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     sock.sndhwm = sock.rcvhwm = 100_000
     sock.connect(url)
     try:

@@ -108,7 +108,7 @@ def measure_ours(count: int, payload: bytes, hwm: int) -> dict[str, Any]:
 
 
 def _raw_subscriber(url: str, topic: str, count: int) -> dict[str, Any]:
-    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
     sock.rcvhwm = DEFAULT_BUS_HWM
     sock.rcvtimeo = int(IDLE_S * 1000)
     sock.connect(url)
@@ -154,7 +154,7 @@ def measure_baseline(count: int, payload: bytes, hwm: int) -> dict[str, Any]:
     try:
         endpoints = _read_json_line(proxy)
         subscribers = _start_subscribers("raw-sub", endpoints["out"], count, wait=False)
-        pub = zmq.Context.instance().socket(zmq.PUB)
+        pub: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.PUB)
         pub.sndhwm = hwm
         pub.connect(endpoints["in"])
         packb = msgpack.packb

@@ -78,7 +78,7 @@ def _json_line(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
 def _baseline_round_trips(round_trips: int) -> float:
     """Sequential raw ZeroMQ round trips per second (100-byte payloads)."""
     with baseline(1) as url:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
         sock.connect(url)
         try:
             for _ in range(WARMUP):

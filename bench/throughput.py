@@ -29,7 +29,7 @@ from bench._harness import baseline, median, orchestrator, zmq_version  # noqa: 
 
 def measure_baseline(url: str, tasks: int, window: int, payload: bytes) -> float:
     """Round trips/s of a DEALER client keeping ``window`` messages in flight."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.sndhwm = sock.rcvhwm = 100_000
     sock.connect(url)

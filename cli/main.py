@@ -567,8 +567,10 @@ def tasks(obj: Context, failed: bool, statuses: tuple[str, ...], limit: int,
     Console().print(table)
 
 
-from cli.state import state as _state_group  # noqa: E402 - it imports this module's helpers
+from cli.bench import bench as _bench_group  # noqa: E402 - it imports this module's helpers
+from cli.state import state as _state_group  # noqa: E402
 
+main.add_command(_bench_group)
 main.add_command(_state_group)
 
 

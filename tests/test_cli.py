@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from tests.conftest import ROOT
 
@@ -114,3 +115,26 @@ def test_every_command_has_help(home: Path) -> None:
     for command in ("start", "stop", "status", "submit", "result", "cancel"):
         shown = orchestrator(home, command, "--help")
         assert shown.returncode == 0 and "Usage:" in shown.stdout, command
+
+
+def test_bench_commands_print_the_scripts_json(home: Path) -> None:
+    latency = orchestrator(home, "bench", "latency", "--tasks", "20", "--json")
+    assert latency.returncode == 0, latency.stderr
+    report = as_json(latency)
+    assert report["tasks"] == 20 and report["p50_us"] > 0 and report["baseline_p50_us"] > 0
+    throughput = orchestrator(home, "bench", "throughput", "--tasks", "300", "--agents", "1",
+                              "--window", "20", "--json")
+    assert throughput.returncode == 0, throughput.stderr
+    report = as_json(throughput)
+    assert report["tasks"] == 300 and report["tasks_per_s"] > 0 and report["ratio"] > 0
+
+
+def test_bench_without_the_scripts_says_where_they_are(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import cli.bench
+    from cli.main import main
+
+    monkeypatch.setattr(cli.bench, "BENCH_DIR", tmp_path / "bench")
+    outcome = CliRunner().invoke(main, ["bench", "latency", "--json"])
+    assert outcome.exit_code == 2
+    assert "ship with the source checkout" in outcome.output

@@ -1,0 +1,103 @@
+"""``orchestrator bench``: the benchmark suites of ``bench/``, ours against raw ZeroMQ in
+the same run.
+
+Each command runs its script in a process of its own (the scripts start and kill their
+brokers, agents and baseline devices) and prints what the script prints: a table, or one
+JSON document with ``--json``. The scripts ship with the source checkout, not with an
+installed package.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+BENCH_HELP = """Run a benchmark suite: Orchestrator through its public Client and BaseAgent,
+and the raw-ZeroMQ baseline (a zmq.proxy device between DEALER clients and DEALER echo
+workers) in the same run, alternating when repeated. Compare ratios only: the machine's
+noise moves absolute numbers between runs."""
+
+
+def _run(script: str, args: list[str], as_json: bool, what: str) -> None:
+    # (imported here: cli.main registers this group when it is imported)
+    from cli.main import EXIT_FAILED, EXIT_USAGE, fail
+
+    path = BENCH_DIR / script
+    if not path.is_file():
+        fail(f"{path} not found: the benchmarks ship with the source checkout; run "
+             "orchestrator from a clone (./orchestrator.sh bench ...)", EXIT_USAGE)
+    command = [sys.executable, str(path), *args, *(["--json"] if as_json else [])]
+    # Progress on stderr, so that stdout stays the script's own output (one JSON
+    # document with --json).
+    with Console(stderr=True).status(f"{what} (ours and the baseline, alternating)..."):
+        proc = subprocess.run(command, cwd=BENCH_DIR.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        fail(f"the {script} benchmark failed (exit {proc.returncode}); its output is above",
+             EXIT_FAILED)
+    sys.stdout.write(proc.stdout)
+
+
+def _common(function: F) -> F:
+    for option in reversed([
+        click.option("--payload-bytes", type=click.IntRange(min=1), default=100,
+                     show_default=True, help="Bytes of payload per task."),
+        click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Alternate ours and the baseline N times; medians are reported."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+    ]):
+        function = option(function)
+    return function
+
+
+bench: click.Group = click.Group("bench", help=BENCH_HELP)
+
+
+@bench.command(help="""Tasks per second with a window of tasks in flight, against zmq.proxy
+round trips per second (the standard workload: 50,000 tasks, window 500, 2 agents).""")
+@click.option("--tasks", type=click.IntRange(min=1), default=50_000, show_default=True)
+@click.option("--agents", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Echo agent processes (and baseline workers).")
+@click.option("--window", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Tasks in flight at once.")
+@click.option("--durability", default="batch", show_default=True,
+              help="Broker journal mode(s), comma-separated: none,batch,fsync.")
+@_common
+def throughput(tasks: int, agents: int, window: int, durability: str, payload_bytes: int,
+               repeat: int, as_json: bool) -> None:
+    _run("throughput.py", ["--tasks", str(tasks), "--agents", str(agents), "--window",
+                           str(window), "--durability", durability, "--payload-bytes",
+                           str(payload_bytes), "--repeat", str(repeat)], as_json,
+         f"throughput: {tasks} tasks, window {window}, {agents} agent(s)")
+
+
+@bench.command(help="""p50 and p99 of sequential round trips through one agent, against
+zmq.proxy's (the standard workload: 5,000 round trips).""")
+@click.option("--tasks", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Round trips measured (after a warm-up).")
+@_common
+def latency(tasks: int, payload_bytes: int, repeat: int, as_json: bool) -> None:
+    _run("latency.py", ["--tasks", str(tasks), "--payload-bytes", str(payload_bytes),
+                        "--repeat", str(repeat)], as_json, f"latency: {tasks} round trips")
+
+
+@bench.command("latency-floor", help="""The latency benchmark next to a forwarding-only
+Python broker (no journal, no task table, no routing), with bare protocol endpoints and
+with the SDK's: what any Python broker costs here, against what Orchestrator costs.""")
+@click.option("--tasks", type=click.IntRange(min=1), default=3000, show_default=True,
+              help="Round trips measured per set-up (after a warm-up).")
+@_common
+def latency_floor(tasks: int, payload_bytes: int, repeat: int, as_json: bool) -> None:
+    _run("latency_floor.py", ["--tasks", str(tasks), "--payload-bytes", str(payload_bytes),
+                              "--repeat", str(repeat)], as_json,
+         f"latency floor: 4 set-ups x {tasks} round trips")
