@@ -27,9 +27,9 @@ from typing import Any, Callable
 from broker.config import broker_url
 from broker.errors import TooLarge
 from broker.protocol import (
-    MAX_FRAME_BYTES, Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch, Heartbeat,
-    Message, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
-    TaskStatus, chunks,
+    MAX_FRAME_BYTES, Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode,
+    Fetch, Heartbeat, Message, Results, StatusReply, StatusRequest, Submit, TaskList,
+    TaskQuery, TaskSpec, TaskStatus, chunks,
 )
 from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, WaitTimeout
 from agent_sdk.messaging import (

@@ -2,7 +2,7 @@
 
 Each pass of the loop (:meth:`Broker.run`):
 
-1. waits for input or the next timer (heartbeat tick, task deadline, retry);
+1. waits in poll(2) for input or the next timer (heartbeat tick, task deadline, retry);
 2. drains a batch of messages without blocking, calling one handler each;
 3. runs due timers: dead agents and expired leases, heartbeats, deadlines, retries;
 4. dispatches pending tasks to agents with credit;
@@ -21,8 +21,8 @@ last. Every path to an end goes through :meth:`Broker._finish`.
 from __future__ import annotations
 
 import logging
-import select
 import os
+import select
 import signal
 import socket
 import time
@@ -1338,9 +1338,9 @@ class Broker:
 
     def _next_accepted_due(self) -> float | None:
         """When the next ACCEPTED is due. SUBMITs whose tasks all finished meanwhile are
-        dropped first: their RESULT said more, and waking up for them would cost a pass in
-        the middle of a later round trip (a client sending one task at a time finishes each
-        well within the delay, so it would be every round trip)."""
+        dropped first: their RESULT said more, and a wake-up for them is a pass for nothing
+        (a client submitting one quick task every few milliseconds would cost the broker
+        one more pass per task)."""
         due = self._accepted_due
         tasks = self.tasks
         while due:
