@@ -42,9 +42,14 @@ def measure_baseline(url: str, tasks: int, payload: bytes) -> list[float]:
         sock.close(linger=0)
 
 
-async def _measure_ours(url: str, tasks: int, payload: bytes) -> list[float]:
+async def measure_ours(url: str, tasks: int, payload: bytes,
+                       wait_for_agent: bool = True) -> list[float]:
+    """Round trips through the SDK's Client. ``wait_for_agent=False`` is for a broker
+    that answers no STATUS (bench/latency_floor.py's forwarder, whose agent registered
+    before it returns)."""
     async with Client(url) as client:
-        await client.wait_for_agents(1, "echo", timeout=30)
+        if wait_for_agent:
+            await client.wait_for_agents(1, "echo", timeout=30)
         samples = []
         for i in range(WARMUP + tasks):
             started = time.perf_counter()
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         base["p50"].append(percentile(samples, 0.50))
         base["p99"].append(percentile(samples, 0.99))
         with orchestrator(1, 16) as url:
-            samples = sorted(run_loop(_measure_ours(url, args.tasks, payload)))
+            samples = sorted(run_loop(measure_ours(url, args.tasks, payload)))
         ours["p50"].append(percentile(samples, 0.50))
         ours["p99"].append(percentile(samples, 0.99))
     report = {

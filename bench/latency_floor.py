@@ -37,12 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson  # noqa: E402
 import zmq  # noqa: E402
 
-from agent_sdk import Client  # noqa: E402
 from agent_sdk.loop import run as run_loop  # noqa: E402
 from bench._harness import (  # noqa: E402
     _python, _read_json_line, _stop, baseline, median, orchestrator, percentile, zmq_version,
 )
-from bench.latency import WARMUP, measure_baseline  # noqa: E402
+from bench.latency import WARMUP, measure_baseline, measure_ours  # noqa: E402
 from broker.protocol import (  # noqa: E402
     Ack, Assignment, Dispatch, Ready, ResultItem, Results, Submit, TaskSpec, Welcome, decode,
     encode, packb,
@@ -142,22 +141,6 @@ def measure_bare(url: str, tasks: int, payload: bytes) -> list[float]:
         sock.close(linger=0)
 
 
-async def measure_sdk(url: str, tasks: int, payload: bytes, wait_for_agent: bool) -> list[float]:
-    """Round trips through the SDK's Client, as ``bench/latency.py`` measures them."""
-    async with Client(url) as client:
-        if wait_for_agent:
-            await client.wait_for_agents(1, "echo", timeout=30)
-        samples = []
-        for i in range(WARMUP + tasks):
-            started = time.perf_counter()
-            result = await client.submit(capabilities=["echo"], data=payload).result(timeout=30)
-            if i >= WARMUP:
-                samples.append((time.perf_counter() - started) * 1e6)
-            if not result.ok:
-                raise RuntimeError(f"task failed during the benchmark: {result.error}")
-        return samples
-
-
 def measure(setup: str, tasks: int, payload: bytes) -> list[float]:
     if setup == "baseline":
         with baseline(1) as url:
@@ -167,9 +150,9 @@ def measure(setup: str, tasks: int, payload: bytes) -> list[float]:
             return measure_bare(url, tasks, payload)
     if setup == "forwarder_sdk":
         with forwarder(sdk_agent=True) as url:
-            return run_loop(measure_sdk(url, tasks, payload, wait_for_agent=False))
+            return run_loop(measure_ours(url, tasks, payload, wait_for_agent=False))
     with orchestrator(1, 16) as url:
-        return run_loop(measure_sdk(url, tasks, payload, wait_for_agent=True))
+        return run_loop(measure_ours(url, tasks, payload))
 
 
 def main(argv: list[str] | None = None) -> int:
