@@ -38,11 +38,13 @@ from collections.abc import Coroutine, Generator, Iterable
 from typing import Any, Final
 
 from broker.config import broker_url
-from broker.protocol import (
-    MAX_FRAME_BYTES, Ack, Assignment, Cancel, Disconnect, Dispatch, Error, ErrorCode, Heartbeat, Message,
-    Progress, Ready, ResultItem, Results, TaskStatus, Welcome, chunks,
+from wire.codec import chunks
+from wire.limits import MAX_FRAME_BYTES
+from wire.tasks import (
+    Ack, Assignment, Cancel, Disconnect, Dispatch, Error, ErrorCode, Heartbeat, Message,
+    Progress, Ready, ResultItem, Results, TaskStatus, Welcome,
 )
-from broker.protocol import Direct, DirectVerdict
+from wire.tasks import Direct, DirectVerdict
 from agent_sdk.client import Client
 from agent_sdk.errors import OrchestratorError, PermanentFailure
 from agent_sdk.messaging import MAILBOX_SIZE, MessagingMixin, Messenger

@@ -25,11 +25,13 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 from broker.config import broker_url
-from broker.errors import TooLarge
-from broker.protocol import (
-    MAX_FRAME_BYTES, Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode,
-    Fetch, Heartbeat, Message, Results, StatusReply, StatusRequest, Submit, TaskList,
-    TaskQuery, TaskSpec, TaskStatus, chunks,
+from wire.errors import TooLarge
+from wire.codec import chunks
+from wire.limits import MAX_FRAME_BYTES
+from wire.tasks import (
+    Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch, Heartbeat,
+    Message, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
+    TaskStatus,
 )
 from agent_sdk.errors import BrokerUnavailable, RequestRefused, TaskNotFound, WaitTimeout
 from agent_sdk.messaging import (

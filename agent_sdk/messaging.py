@@ -47,14 +47,16 @@ from typing import Any, Final
 
 import zmq
 
-from broker.errors import DecodeError, TooLarge
-from broker.protocol import (
-    DIRECT_ASK, DIRECT_BROADCAST, DIRECT_NO_ACK, MAX_FRAME_BYTES, Direct, DirectItem,
-    DirectVerdict, ErrorCode, Message, chunks, decode_bus, encode_bus, encode_bus_probe, packb,
-    unpackb,
+from wire.errors import DecodeError, TooLarge
+from wire.bus import decode_bus, encode_bus, encode_bus_probe
+from wire.codec import chunks, packb, unpackb
+from wire.limits import MAX_FRAME_BYTES
+from wire.tasks import (
+    Direct, DIRECT_ASK, DIRECT_BROADCAST, DIRECT_NO_ACK, DirectItem, DirectVerdict, ErrorCode,
+    Message,
 )
-from broker.bus import PrefixSet
-from broker.sockets import NOBLOCK, apply_common_options, send_frames
+from wire.bus import PrefixSet
+from wire.sockets import apply_common_options, NOBLOCK, send_frames
 from agent_sdk.errors import (
     BrokerUnavailable, BusUnavailable, MailboxFull, NoSuchAgent, RemoteError, RequestRefused,
     WaitTimeout,

@@ -44,15 +44,16 @@ from typing import Any, Final, Union
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from broker.protocol import (
-    MAX_LIST_ITEMS, MAX_VALUE_BYTES, Entry, Fence, LeaseGranted, LockAcquire, LockInfo, LockList,
-    LockRelease, LockRenew, LockTable, StateDelete, StateDone, StateErrorCode, StateErrorReply,
-    StateEvents, StateGet, StateHello, StateInfo, StateInfoRequest, StateItems, StateList,
-    StateMessage, StatePing, StatePut, StateUnwatch, StateValue, StateWatch, StateWelcome,
-    decode_state, encode_state, packb, unpackb,
+from wire.codec import packb, unpackb
+from wire.state import (
+    decode_state, encode_state, Entry, Fence, LeaseGranted, LockAcquire, LockInfo, LockList,
+    LockRelease, LockRenew, LockTable, MAX_LIST_ITEMS, MAX_VALUE_BYTES, StateDelete, StateDone,
+    StateErrorCode, StateErrorReply, StateEvents, StateGet, StateHello, StateInfo,
+    StateInfoRequest, StateItems, StateList, StateMessage, StatePing, StatePut, StateUnwatch,
+    StateValue, StateWatch, StateWelcome,
 )
-from broker.errors import StateDecodeError
-from broker.sockets import apply_common_options, send_frames
+from wire.errors import StateDecodeError
+from wire.sockets import apply_common_options, send_frames
 from agent_sdk.errors import (
     LeaseLost, LockTimeout, OrchestratorError, StaleFencingToken, StateError, StateUnavailable,
     VersionConflict,

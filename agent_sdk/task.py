@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from broker.protocol import ErrorCode, TaskStatus, packb, unpackb
+from wire.codec import packb, unpackb
+from wire.tasks import ErrorCode, TaskStatus
 
 #: Marks "no data given" (``None`` is a valid value for data).
 _MISSING: Final[Any] = object()

@@ -19,9 +19,10 @@ from typing import Any, Callable, Protocol
 
 import zmq
 
-from broker.errors import DecodeError, TooLarge
-from broker.protocol import MAX_FRAME_BYTES, Message, decode, encode
-from broker.sockets import NOBLOCK, apply_common_options, has_input, recv_frames, send_frames
+from wire.errors import DecodeError, TooLarge
+from wire.limits import MAX_FRAME_BYTES
+from wire.tasks import decode, encode, Message
+from wire.sockets import apply_common_options, has_input, NOBLOCK, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.protocol import Dispatch, Results, ResultItem, Submit, TaskSpec, Assignment, decode, encode
+from wire.tasks import Assignment, decode, Dispatch, encode, ResultItem, Results, Submit, TaskSpec
 from broker.config import POLICIES
 from broker.routing import AgentRecord, make_policy
 

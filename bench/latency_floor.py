@@ -42,11 +42,12 @@ from bench._harness import (  # noqa: E402
     _python, _read_json_line, _stop, baseline, median, orchestrator, percentile, zmq_version,
 )
 from bench.latency import WARMUP, measure_baseline, measure_ours  # noqa: E402
-from broker.protocol import (  # noqa: E402
+from wire.codec import packb  # noqa: E402
+from wire.sockets import recv_frames, send_frames  # noqa: E402
+from wire.tasks import (  # noqa: E402
     Ack, Assignment, Dispatch, Ready, ResultItem, Results, Submit, TaskSpec, Welcome, decode,
-    encode, packb,
+    encode,
 )
-from broker.sockets import recv_frames, send_frames  # noqa: E402
 
 SETUPS = ("baseline", "forwarder", "forwarder_sdk", "orchestrator")
 #: The forwarder acknowledges results in batches, as the broker does (an ACK per result

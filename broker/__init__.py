@@ -2,78 +2,57 @@
 
 On import, the package looks for a compiled build of its hot modules (``python -m
 broker.native build``, run by ``./setup.sh``) and uses it only while it matches the
-source exactly; see :mod:`broker.native`.
+source exactly, and only when the ``wire`` build it was compiled against is loaded too;
+see :mod:`wire.native_build` and :mod:`broker.native`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import sys
-import warnings
 from pathlib import Path
+
+import wire
+from wire.native_build import NATIVE_MANIFEST, PURE_PYTHON_ENV, NativeBuild
+from wire.native_build import module_source as _module_source
 
 __version__ = "0.1.0"
 
-#: The modules mypyc compiles: the broker's per-message code (agents and clients use the
-#: compiled protocol and socket helpers too).
-COMPILED_MODULES: tuple[str, ...] = (
-    "broker.sockets", "broker.tasks", "broker.routing", "broker.protocol", "broker.server",
+#: The broker's per-message modules, compiled as the mypyc group ``orchestrator_broker``
+#: against the ``wire`` group (whose sources the build's manifest covers too).
+BROKER_BUILD = NativeBuild(
+    package="broker",
+    modules=("broker.tasks", "broker.routing", "broker.server"),
+    group="orchestrator_broker",
+    requires=(wire.WIRE_BUILD,),
 )
+#: Every module of the build, ``wire``'s included.
+COMPILED_MODULES: tuple[str, ...] = BROKER_BUILD.all_modules()
 PACKAGE_DIR = Path(__file__).resolve().parent
-#: Where ``broker`` and ``agent_sdk`` live.
+#: Where ``broker``, ``wire`` and ``agent_sdk`` live.
 PROJECT_DIR = PACKAGE_DIR.parent
 #: The build: ``broker/`` with the extensions, beside their shared runtime library.
-NATIVE_DIR = PACKAGE_DIR / "_native"
-NATIVE_MANIFEST = "manifest.json"
-#: Set to run the Python source even when a fresh build exists.
-PURE_PYTHON_ENV = "ORCH_PURE_PYTHON"
+NATIVE_DIR = BROKER_BUILD.native_dir
+
+__all__ = [
+    "BROKER_BUILD", "COMPILED_MODULES", "NATIVE_DIR", "NATIVE_MANIFEST", "PROJECT_DIR",
+    "PURE_PYTHON_ENV", "compiled", "module_source", "native_check", "source_digests",
+]
 
 
 def module_source(name: str, project_dir: Path = PROJECT_DIR) -> Path:
-    return project_dir.joinpath(*name.split(".")).with_suffix(".py")
+    """The source file of dotted module ``name`` under ``project_dir``."""
+    return _module_source(name, project_dir)
 
 
 def source_digests(project_dir: Path = PROJECT_DIR) -> dict[str, str]:
-    """SHA-256 of each compiled module's source, by module name."""
-    return {name: hashlib.sha256(module_source(name, project_dir).read_bytes()).hexdigest()
-            for name in COMPILED_MODULES}
+    """SHA-256 of each compiled module's source (``wire``'s included), by module name."""
+    return BROKER_BUILD.source_digests(project_dir)
 
 
 def native_check(native_dir: Path = NATIVE_DIR,
                  project_dir: Path = PROJECT_DIR) -> tuple[bool, str]:
-    """Whether the build in ``native_dir`` may be loaded, and why (not)."""
-    if os.environ.get(PURE_PYTHON_ENV):
-        return False, f"{PURE_PYTHON_ENV} is set"
-    try:
-        manifest = json.loads((native_dir / NATIVE_MANIFEST).read_text())
-    except FileNotFoundError:
-        return False, "not built"
-    except (OSError, ValueError) as e:
-        return False, f"unreadable manifest: {e}"
-    if manifest.get("python") != sys.implementation.cache_tag:
-        return False, (f"built for {manifest.get('python')}, "
-                       f"running {sys.implementation.cache_tag}")
-    if manifest.get("modules") != source_digests(project_dir):
-        return False, "the source changed since the build"
-    return True, "fresh"
+    """Whether the broker build in ``native_dir`` may be loaded, and why (not)."""
+    return BROKER_BUILD.check(native_dir, project_dir)
 
 
-def _use_native() -> bool:
-    usable, why = native_check()
-    if not usable:
-        if (NATIVE_DIR / NATIVE_MANIFEST).exists() and not os.environ.get(PURE_PYTHON_ENV):
-            warnings.warn(f"broker: not loading the compiled hot paths ({why}); running the "
-                          "Python source. Rebuild: python -m broker.native build",
-                          RuntimeWarning, stacklevel=2)
-        return False
-    # The extensions of broker/_native/broker shadow the sources; their shared runtime
-    # library sits in broker/_native itself and is imported by name.
-    sys.path.append(str(NATIVE_DIR))
-    __path__.insert(0, str(NATIVE_DIR / "broker"))  # type: ignore[name-defined]  # noqa: F821
-    return True
-
-
-#: Whether this process runs the compiled build of :data:`COMPILED_MODULES`.
-compiled: bool = _use_native()
+#: Whether this process runs the compiled build of :data:`BROKER_BUILD`.
+compiled: bool = BROKER_BUILD.load(__path__, required_loaded=wire.compiled)  # noqa: F821

@@ -35,68 +35,23 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any, Final
 
 import orjson
 import zmq
 
 from broker.config import BusConfig, parse_host_port
-from broker.protocol import (
-    BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER, BUS_TASKS_PREFIX, encode_bus,
+from wire.bus import (
+    BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER, BUS_TASKS_PREFIX, PrefixSet, encode_bus,
 )
-from broker.sockets import NOBLOCK, apply_common_options, send_frames
+from wire.sockets import NOBLOCK, apply_common_options, send_frames
 
 logger = logging.getLogger(__name__)
 
 #: How long a statistics request to the forwarder thread may take (the broker's status
 #: waits for it).
 STATISTICS_TIMEOUT_MS: Final = 200
-#: The first byte of the messages an XPUB receives: subscribe, unsubscribe.
-_SUBSCRIBE: Final = 1
-_UNSUBSCRIBE: Final = 0
 _TASKS_PREFIX_BYTES: Final = BUS_TASKS_PREFIX.encode()
-
-
-class PrefixSet:
-    """The subscribed prefixes as an XPUB hears them (``b"\\x01prefix"`` subscribes,
-    ``b"\\x00prefix"`` unsubscribes), counted so that a repeated subscription needs as
-    many unsubscriptions."""
-
-    def __init__(self) -> None:
-        self._counts: dict[bytes, int] = {}
-
-    def apply(self, message: bytes) -> bool:
-        """Take one (un)subscription message; True when the set of prefixes changed."""
-        if not message or message[0] not in (_SUBSCRIBE, _UNSUBSCRIBE):
-            return False
-        prefix = bytes(message[1:])
-        count = self._counts.get(prefix, 0)
-        if message[0] == _SUBSCRIBE:
-            self._counts[prefix] = count + 1
-            return count == 0
-        if count <= 1:
-            self._counts.pop(prefix, None)
-            return count == 1
-        self._counts[prefix] = count - 1
-        return False
-
-    def clear(self) -> None:
-        self._counts.clear()
-
-    def __len__(self) -> int:
-        return len(self._counts)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(list(self._counts))
-
-    def matches(self, topic: bytes) -> bool:
-        """Would a message on ``topic`` reach somebody?"""
-        return any(topic.startswith(prefix) for prefix in self._counts)
-
-    def overlapping(self, prefix: bytes) -> list[bytes]:
-        """Subscribed prefixes that match some topic starting with ``prefix``."""
-        return [p for p in self._counts if p.startswith(prefix) or prefix.startswith(p)]
 
 
 class BusForwarder:

@@ -1,45 +1,29 @@
-"""Exceptions of the broker package; :class:`BrokerError` is the root of all of them."""
+"""Exceptions of the broker package; :class:`BrokerError` is the root of its own.
+
+The wire errors (:class:`~wire.errors.DecodeError`, :class:`~wire.errors.TooLarge`,
+:class:`~wire.errors.StateDecodeError`, all :class:`~wire.errors.WireError`) live in
+``wire.errors`` and are re-exported here for one release.
+"""
 
 from __future__ import annotations
+
+from wire.errors import DecodeError, StateDecodeError, TooLarge, WireError
+
+#: The old name of the wire errors' root.
+ProtocolError = WireError
+
+__all__ = [
+    "BrokerError", "ConfigError", "DecodeError", "NotHeld", "ProtocolError", "StaleToken",
+    "StateDecodeError", "StateRequestError", "TooLarge", "VersionConflict", "WireError",
+]
 
 
 class BrokerError(Exception):
     """Raised for any failure the broker package reports on purpose."""
 
 
-class ProtocolError(BrokerError):
-    """Raised when a peer breaks the wire protocol."""
-
-    def __init__(self, message: str, code: str = "bad_frame") -> None:
-        super().__init__(message)
-        #: the stable error code sent back to the peer (see ``protocol.ErrorCode``)
-        self.code = str(getattr(code, "value", code))
-
-
-class DecodeError(ProtocolError):
-    """Raised when frames cannot be decoded into a protocol message."""
-
-
-class TooLarge(ProtocolError):
-    """Raised when a frame is bigger than the protocol's ``MAX_FRAME_BYTES``."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes", "too_large")
-        self.size = size
-        self.limit = limit
-
-
 class ConfigError(BrokerError):
     """Raised when broker configuration values are invalid."""
-
-
-class StateDecodeError(DecodeError):
-    """Raised when frames cannot be decoded into a state service message; carries the
-    request id when the header got that far, so that the refusal reaches its caller."""
-
-    def __init__(self, message: str, code: str = "bad_frame", req: int | None = None) -> None:
-        super().__init__(message, code)
-        self.req = req
 
 
 class StateRequestError(BrokerError):

@@ -1,19 +1,20 @@
 """Compiled hot paths: ``python -m broker.native build|status|clean``.
 
-The broker's per-message code (:data:`broker.COMPILED_MODULES`: its sockets, tasks,
-routing, protocol and server modules) is plain, fully typed Python; mypyc compiles the
-same source to C extensions, which agents and clients use too (protocol and sockets).
+The per-message code (:data:`broker.COMPILED_MODULES`: the ``wire`` package's codecs and
+socket helpers, and the broker's task engine and server) is plain, fully typed Python;
+mypyc compiles the same source to C extensions, in two groups: ``wire`` (which agents
+and clients load too) and ``broker`` (compiled against it, loaded only by the broker).
 On the 2-core development VM that cut the broker's CPU per task from 24-28 to 17-19 us
 and raised the throughput benchmark from 0.41-0.50 to 0.64 of ``zmq.proxy``
 (docs/performance.md).
 
-Only the broker's modules: compiled code checks at run time the types that typeshed
+Not the SDK: compiled code checks at run time the types that typeshed
 gives third-party calls, and the SDK's asyncio code met a loop whose ``remove_reader``
 returns None where typeshed says bool.
 
-``build`` writes the extensions to ``broker/_native/`` with a manifest of the source
-hashes they were built from. ``broker/__init__.py`` loads them only while every hash
-still matches (and the interpreter is the one they were built for); otherwise it warns
+``build`` writes the extensions to ``wire/_native/`` and ``broker/_native/``, each with a
+manifest of the source hashes it was built from. Each package's ``__init__`` loads its
+build only while every hash still matches (and the interpreter is the one they were built for); otherwise it warns
 and runs the Python source, so an edit is never shadowed by a stale build. Set
 ``ORCH_PURE_PYTHON=1`` to run the source regardless. ``./setup.sh`` builds when a
 compiler and mypy are available and carries on in pure Python when not.
@@ -33,14 +34,31 @@ from typing import Any
 import orjson
 
 import broker
-from broker import (
-    COMPILED_MODULES, NATIVE_DIR, NATIVE_MANIFEST, PROJECT_DIR, module_source, native_check,
-    source_digests,
-)
+import wire
+from broker import BROKER_BUILD, COMPILED_MODULES, NATIVE_DIR, PROJECT_DIR, native_check
+from wire.native_build import NATIVE_MANIFEST, NativeBuild, module_source
 
 
-def build(native_dir: Path = NATIVE_DIR, project_dir: Path = PROJECT_DIR) -> None:
-    """Compile :data:`COMPILED_MODULES` into ``native_dir`` (replaced atomically).
+def _install(staging: Path, build: NativeBuild, digests: dict[str, str]) -> None:
+    """Move one group's extensions and shared library from the build output into the
+    package's ``_native`` directory, with its manifest, replacing any older build."""
+    target = Path(tempfile.mkdtemp(prefix="_native.", dir=build.package_dir))
+    try:
+        shutil.move(str(staging / build.package), str(target / build.package))
+        for library in staging.glob(f"{build.group}__mypyc*"):
+            shutil.move(str(library), str(target / library.name))
+        (target / NATIVE_MANIFEST).write_text(json.dumps(
+            {"python": sys.implementation.cache_tag, "modules": digests}, indent=1))
+        if build.native_dir.exists():
+            shutil.rmtree(build.native_dir)
+        target.rename(build.native_dir)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def build(project_dir: Path = PROJECT_DIR) -> None:
+    """Compile :data:`wire.WIRE_BUILD` and :data:`broker.BROKER_BUILD`, one mypyc group
+    each (so that an agent loads no broker code), into their ``_native`` directories.
 
     Raises:
         RuntimeError: mypyc or the C compiler failed (their output says why).
@@ -49,19 +67,20 @@ def build(native_dir: Path = NATIVE_DIR, project_dir: Path = PROJECT_DIR) -> Non
     from mypyc.build import mypycify  # the dev extra installs mypy
     from setuptools import Distribution
 
-    digests = source_digests(project_dir)
+    builds = (wire.WIRE_BUILD, BROKER_BUILD)
+    digests = {b.package: b.source_digests(project_dir) for b in builds}
     with tempfile.TemporaryDirectory(prefix="orch-native-") as scratch:
-        staging = Path(tempfile.mkdtemp(prefix="_native.", dir=native_dir.parent))
+        staging = Path(scratch) / "lib"
         cwd = os.getcwd()
         try:
             # mypycify names modules after paths relative to the working directory.
             os.chdir(project_dir)
+            groups: list[tuple[list[str], str | None]] = [([str(module_source(name, project_dir).relative_to(project_dir))
+                        for name in b.modules], b.group) for b in builds]
             try:
-                extensions = mypycify(
-                    [str(module_source(name, project_dir).relative_to(project_dir))
-                     for name in COMPILED_MODULES],
-                    opt_level="3", target_dir=str(Path(scratch) / "c"),
-                    group_name="orchestrator_broker")
+                extensions = mypycify([path for paths, _ in groups for path in paths],
+                                      opt_level="3", target_dir=str(Path(scratch) / "c"),
+                                      separate=groups)
             except SystemExit as e:  # mypyc exits when type checking fails
                 raise RuntimeError(f"mypyc refused the source (exit {e.code}); "
                                    "see the type errors above") from e
@@ -74,29 +93,31 @@ def build(native_dir: Path = NATIVE_DIR, project_dir: Path = PROJECT_DIR) -> Non
                 distribution.run_command("build_ext")
             except SystemExit as e:  # distutils reports compiler failures this way
                 raise RuntimeError(f"compiling the hot modules failed: {e}") from e
-            (staging / NATIVE_MANIFEST).write_text(json.dumps(
-                {"python": sys.implementation.cache_tag, "modules": digests}, indent=1))
-            if native_dir.exists():
-                shutil.rmtree(native_dir)
-            staging.rename(native_dir)
         finally:
             os.chdir(cwd)
-            shutil.rmtree(staging, ignore_errors=True)
+        for b in builds:
+            _install(staging, b, digests[b.package])
 
 
-def clean(native_dir: Path = NATIVE_DIR) -> bool:
-    """Remove the build; True when there was one."""
-    if not native_dir.exists():
-        return False
-    shutil.rmtree(native_dir)
-    return True
+def clean() -> bool:
+    """Remove both builds; True when there was one."""
+    removed = False
+    for directory in (wire.WIRE_BUILD.native_dir, NATIVE_DIR):
+        if directory.exists():
+            shutil.rmtree(directory)
+            removed = True
+    return removed
 
 
 def status() -> dict[str, Any]:
+    """Whether fresh builds exist and whether this process loaded them."""
     usable, why = native_check()
+    wire_usable, wire_why = wire.WIRE_BUILD.check()
     return {"built": (NATIVE_DIR / NATIVE_MANIFEST).exists(), "usable": usable, "reason": why,
             "loaded": broker.compiled, "modules": list(COMPILED_MODULES),
-            "directory": str(NATIVE_DIR)}
+            "directory": str(NATIVE_DIR),
+            "wire": {"usable": wire_usable, "reason": wire_why, "loaded": wire.compiled,
+                     "directory": str(wire.WIRE_BUILD.native_dir)}}
 
 
 def main(argv: list[str] | None = None) -> int:

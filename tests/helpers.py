@@ -9,7 +9,7 @@ from typing import Any
 import zmq
 
 from agent_sdk import SyncClient
-from broker.protocol import StatusReply, StatusRequest, decode, encode
+from wire.tasks import decode, encode, StatusReply, StatusRequest
 
 #: Default deadline of :func:`wait_status`.
 WAIT_TIMEOUT_S = 10.0

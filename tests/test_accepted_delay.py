@@ -12,9 +12,9 @@ import pytest
 import zmq
 
 from broker.config import BrokerConfig
-from broker.protocol import Accepted, Cancel, Submit, TaskSpec, decode, encode
+from wire.tasks import Accepted, Cancel, decode, encode, Submit, TaskSpec
 from broker.server import ACCEPT_DELAY_S, Broker
-from broker.sockets import has_input, recv_frames, send_frames
+from wire.sockets import has_input, recv_frames, send_frames
 
 
 class Clock:

@@ -17,9 +17,10 @@ from agent_sdk import Client
 from agent_sdk.client import TaskHandle
 from agent_sdk.errors import WaitTimeout
 from agent_sdk.loop import run as run_loop
-from broker.errors import TooLarge
-from broker.protocol import MAX_FRAME_BYTES, Submit, decode
-from broker.sockets import recv_frames
+from wire.errors import TooLarge
+from wire.limits import MAX_FRAME_BYTES
+from wire.tasks import decode, Submit
+from wire.sockets import recv_frames
 from tests.conftest import Cluster
 
 RESULT_S = 30.0

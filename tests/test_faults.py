@@ -15,12 +15,13 @@ from typing import Any
 
 import msgpack
 
-from broker.errors import DecodeError
-from broker.protocol import (
-    INLINE_PAYLOAD_MAX, SIGNATURE, Accepted, Ack, Assignment, Cancel, Command, Direct,
-    DirectVerdict, Disconnect, Dispatch, Error, Fetch, Heartbeat, Progress, Ready, ResultItem,
-    Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec, Welcome, decode,
-    encode, packb,
+from wire.errors import DecodeError
+from wire.codec import packb
+from wire.limits import INLINE_PAYLOAD_MAX, SIGNATURE
+from wire.tasks import (
+    Accepted, Ack, Assignment, Cancel, Command, decode, Direct, DirectVerdict, Disconnect,
+    Dispatch, encode, Error, Fetch, Heartbeat, Progress, Ready, ResultItem, Results,
+    StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec, Welcome,
 )
 from tests.conftest import Cluster
 from tests.helpers import RawPeer, in_flight_of, wait_finished, wait_status

@@ -13,17 +13,22 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.errors import DecodeError, StateDecodeError
-from broker.protocol import (
-    INLINE_PAYLOAD_MAX, MAX_KEY_BYTES, MAX_VALUE_BYTES, SIGNATURE, Accepted, Ack, Assignment,
-    BusEnvelope, Cancel, Command, DIRECT_ASK, DIRECT_BROADCAST, DIRECT_NO_ACK, Direct,
-    DirectItem, DirectVerdict, Disconnect, Dispatch, Entry, Error,
-    ErrorCode, Fetch, Heartbeat, LeaseGranted, LockAcquire, LockInfo, LockList, LockRelease,
-    LockRenew, LockTable, Progress, Ready, ResultItem, Results, StateCommand, StateDelete,
-    StateDone, StateErrorReply, StateEvents, StateGet, StateHello, StateInfo, StateInfoRequest,
-    StateItems, StateList, StatePing, StatePut, StateUnwatch, StateValue, StateWatch,
-    StateWelcome, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec, Welcome,
-    decode, decode_bus, decode_state, encode, encode_bus, encode_bus_probe, encode_state, packb,
+from wire.errors import DecodeError, StateDecodeError
+from wire.bus import BusEnvelope, decode_bus, encode_bus, encode_bus_probe
+from wire.codec import packb
+from wire.limits import INLINE_PAYLOAD_MAX, SIGNATURE
+from wire.state import (
+    decode_state, encode_state, Entry, LeaseGranted, LockAcquire, LockInfo, LockList,
+    LockRelease, LockRenew, LockTable, MAX_KEY_BYTES, MAX_VALUE_BYTES, StateCommand,
+    StateDelete, StateDone, StateErrorReply, StateEvents, StateGet, StateHello, StateInfo,
+    StateInfoRequest, StateItems, StateList, StatePing, StatePut, StateUnwatch, StateValue,
+    StateWatch, StateWelcome,
+)
+from wire.tasks import (
+    Accepted, Ack, Assignment, Cancel, Command, decode, Direct, DIRECT_ASK, DIRECT_BROADCAST,
+    DIRECT_NO_ACK, DirectItem, DirectVerdict, Disconnect, Dispatch, encode, Error, ErrorCode,
+    Fetch, Heartbeat, Progress, Ready, ResultItem, Results, StatusReply, StatusRequest, Submit,
+    TaskList, TaskQuery, TaskSpec, Welcome,
 )
 
 BIG = INLINE_PAYLOAD_MAX + 1
@@ -135,7 +140,7 @@ def test_every_message_type_round_trips(msg: Any) -> None:
 
 def test_round_trip_covers_every_message_class() -> None:
     # Given the Message union of the protocol
-    from broker.protocol import Message
+    from wire.tasks import Message
 
     # Then EVERY_MESSAGE has at least one instance of each member
     assert set(Message.__args__) == {type(m) for m in EVERY_MESSAGE}
@@ -152,7 +157,7 @@ def test_every_state_message_type_round_trips(msg: Any) -> None:
 
 
 def test_state_round_trip_covers_every_state_message_class() -> None:
-    from broker.protocol import StateMessage
+    from wire.state import StateMessage
 
     assert set(StateMessage.__args__) == {type(m) for m in EVERY_STATE_MESSAGE}
 
@@ -528,7 +533,7 @@ def test_decode_bus_of_arbitrary_frames_only_raises_decode_error(frames: list[by
 def test_recv_frames_returns_whole_messages_one_at_a_time() -> None:
     """recv_frames ends a message where libzmq says it ends (frame ``.more``), whatever
     its frame count, and leaves the next message whole."""
-    from broker.sockets import NOBLOCK, has_input, recv_frames, send_frames
+    from wire.sockets import has_input, NOBLOCK, recv_frames, send_frames
 
     ctx = zmq.Context.instance()
     router = ctx.socket(zmq.ROUTER)

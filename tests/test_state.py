@@ -27,9 +27,10 @@ from agent_sdk import (
     Change, Client, LockTimeout, StaleFencingToken, StateClient, StateError, VersionConflict,
 )
 from agent_sdk.loop import run as run_loop
-from broker.protocol import (
-    MAX_VALUE_BYTES, SIGNATURE, StateCommand, StateErrorReply, StateInfo, StateWelcome,
-    decode_state, packb,
+from wire.codec import packb
+from wire.limits import SIGNATURE
+from wire.state import (
+    decode_state, MAX_VALUE_BYTES, StateCommand, StateErrorReply, StateInfo, StateWelcome,
 )
 from tests.conftest import ROOT, TEST_HEARTBEAT_S, TEST_LIVENESS, BrokerProcess, Cluster, read_json_line
 

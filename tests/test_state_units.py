@@ -13,16 +13,19 @@ from typing import Any
 import pytest
 
 from broker.config import StateConfig, state_bind_for
-from broker.errors import StateDecodeError
+from wire.errors import StateDecodeError
 from broker.heartbeat import Liveness
-from broker.protocol import (
-    MAX_VALUE_BYTES, SIGNATURE, Entry, LeaseGranted, LockAcquire, LockInfo, LockList,
-    LockRelease, LockRenew, LockTable, StateCommand, StateDelete, StateDone, StateErrorReply,
-    StateEvents, StateGet, StateHello, StateInfo, StateInfoRequest, StateItems, StateList,
-    StatePing, StatePut, StateUnwatch, StateValue, StateWatch, StateWelcome, decode,
-    decode_state, encode, encode_state, packb,
+from wire.codec import packb
+from wire.limits import SIGNATURE
+from wire.state import (
+    decode_state, encode_state, Entry, LeaseGranted, LockAcquire, LockInfo, LockList,
+    LockRelease, LockRenew, LockTable, MAX_VALUE_BYTES, StateCommand, StateDelete, StateDone,
+    StateErrorReply, StateEvents, StateGet, StateHello, StateInfo, StateInfoRequest,
+    StateItems, StateList, StatePing, StatePut, StateUnwatch, StateValue, StateWatch,
+    StateWelcome,
 )
-from broker.errors import DecodeError
+from wire.tasks import decode, encode
+from wire.errors import DecodeError
 from broker.state.persistence import StatePersistence
 from broker.state.store import StateStore
 
@@ -104,7 +107,7 @@ def test_state_and_broker_codecs_refuse_each_others_commands() -> None:
     with pytest.raises(DecodeError) as broker_side:
         decode(encode_state(StateGet(1, "k")))
     assert broker_side.value.code == "unknown_command"
-    from broker.protocol import Heartbeat
+    from wire.tasks import Heartbeat
 
     with pytest.raises(StateDecodeError) as state_side:
         decode_state(encode(Heartbeat()))
@@ -424,7 +427,7 @@ def test_a_watch_since_a_version_replays_exactly_or_says_resync() -> None:
 
 
 def test_large_bursts_reach_watchers_in_frames_under_the_limit() -> None:
-    from broker.protocol import MAX_EVENTS_BYTES, MAX_EVENTS_PER_MESSAGE
+    from wire.state import MAX_EVENTS_BYTES, MAX_EVENTS_PER_MESSAGE
 
     store = new_store()
     hello(store, b"w", 0.0)

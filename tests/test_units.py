@@ -12,7 +12,7 @@ from agent_sdk.__main__ import build_agent
 from broker.config import BrokerConfig, parse_host_port
 from broker.errors import ConfigError
 from broker.heartbeat import Liveness
-from broker.protocol import TaskSpec
+from wire.tasks import TaskSpec
 from broker.routing import AgentRecord, AgentTable, Requirement, make_policy
 from broker.tasks import FinishedResults, PendingQueue, TaskRecord, TaskState
 

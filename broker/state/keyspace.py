@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from broker.errors import VersionConflict
-from broker.protocol import Entry
+from wire.state import Entry
 
 
 @dataclass(slots=True)

@@ -28,10 +28,10 @@ import zmq
 
 from broker import __version__
 from broker.config import StateConfig
-from broker.errors import StateDecodeError
+from wire.errors import StateDecodeError
 from broker.heartbeat import Liveness
-from broker.protocol import StateErrorCode, decode_state, encode_state
-from broker.sockets import NOBLOCK, apply_common_options, send_frames
+from wire.state import decode_state, encode_state, StateErrorCode
+from wire.sockets import apply_common_options, NOBLOCK, send_frames
 from broker.state.persistence import StatePersistence
 from broker.state.store import StateStore
 

@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 from broker.errors import StateRequestError, VersionConflict
 from broker.heartbeat import Liveness
-from broker.protocol import (
-    MAX_EVENTS_BYTES, MAX_EVENTS_PER_MESSAGE, MAX_LIST_BYTES, PROTOCOL_VERSION, Entry, LeaseGranted, LockAcquire,
-    LockInfo, LockList, LockRelease, LockRenew, LockTable as LockTableReply, StateDelete,
-    StateDone, StateErrorCode, StateErrorReply, StateEvents, StateGet, StateHello, StateInfo,
-    StateInfoRequest, StateItems, StateList, StateMessage, StatePing, StatePut, StateUnwatch,
-    StateValue, StateWatch, StateWelcome,
+from wire.limits import PROTOCOL_VERSION
+from wire.state import (
+    Entry, LeaseGranted, LockAcquire, LockInfo, LockList, LockRelease, LockRenew,
+    LockTable as LockTableReply, MAX_EVENTS_BYTES, MAX_EVENTS_PER_MESSAGE, MAX_LIST_BYTES,
+    StateDelete, StateDone, StateErrorCode, StateErrorReply, StateEvents, StateGet, StateHello,
+    StateInfo, StateInfoRequest, StateItems, StateList, StateMessage, StatePing, StatePut,
+    StateUnwatch, StateValue, StateWatch, StateWelcome,
 )
 from broker.state.keyspace import KeySpace
 from broker.state.locks import Lease, LockTable, Waiter

@@ -15,7 +15,7 @@ import pytest
 
 from agent_sdk.errors import TaskNotFound
 from broker.journal import Durability, Journal, NullJournal, open_journal
-from broker.protocol import ResultItem, TaskSpec
+from wire.tasks import ResultItem, TaskSpec
 from tests.conftest import Cluster
 from tests.faults.checker import WireTap, check, read_log
 from tests.faults.support import (

@@ -10,13 +10,15 @@ import pytest
 
 from agent_sdk import MailboxFull, NoSuchAgent, RemoteError
 from agent_sdk.messaging import Messenger
-from broker.bus import PrefixSet
+from wire.bus import PrefixSet
 from broker.direct import DirectRouting
-from broker.errors import DecodeError
-from broker.protocol import (
-    DIRECT_ASK, DIRECT_BROADCAST, DIRECT_NO_ACK, INLINE_PAYLOAD_MAX, SIGNATURE, BusEnvelope,
-    Command, Direct, DirectItem, DirectVerdict, Heartbeat, decode, decode_bus, encode,
-    encode_bus, encode_bus_probe, packb,
+from wire.errors import DecodeError
+from wire.bus import BusEnvelope, decode_bus, encode_bus, encode_bus_probe
+from wire.codec import packb
+from wire.limits import INLINE_PAYLOAD_MAX, SIGNATURE
+from wire.tasks import (
+    Command, decode, Direct, DIRECT_ASK, DIRECT_BROADCAST, DIRECT_NO_ACK, DirectItem,
+    DirectVerdict, encode, Heartbeat,
 )
 from broker.routing import AgentRecord, AgentState, AgentTable
 
