@@ -1,3 +1,4 @@
+"""``python -m cli``: the ``orchestrator`` command line, as the console script runs it."""
 from cli.main import main
 
 main()

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 
-F = TypeVar("F", bound=Callable[..., Any])
+from cli.common import EXIT_FAILED, EXIT_USAGE, F, fail, json_option
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
@@ -29,9 +27,14 @@ noise moves absolute numbers between runs."""
 
 
 def _run(script: str, args: list[str], as_json: bool, what: str) -> None:
-    # (imported here: cli.main registers this group when it is imported)
-    from cli.main import EXIT_FAILED, EXIT_USAGE, fail
+    """Run ``bench/SCRIPT ARGS`` and print its stdout; exit 1 if it fails, 2 if it is missing.
 
+    Args:
+        script: The script's file name under ``bench/``.
+        args: Its arguments (``--json`` is added when ``as_json``).
+        as_json: The script prints one JSON document instead of its table.
+        what: The workload, for the progress line on stderr.
+    """
     path = BENCH_DIR / script
     if not path.is_file():
         fail(f"{path} not found: the benchmarks ship with the source checkout; run "
@@ -49,12 +52,13 @@ def _run(script: str, args: list[str], as_json: bool, what: str) -> None:
 
 
 def _common(function: F) -> F:
+    """Add the options every suite takes: payload size, repeats and ``--json``."""
     for option in reversed([
         click.option("--payload-bytes", type=click.IntRange(min=1), default=100,
                      show_default=True, help="Bytes of payload per task."),
         click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Alternate ours and the baseline N times; medians are reported."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+        json_option("Print one JSON document."),
     ]):
         function = option(function)
     return function
@@ -75,6 +79,7 @@ round trips per second (the standard workload: 50,000 tasks, window 500, 2 agent
 @_common
 def throughput(tasks: int, agents: int, window: int, durability: str, payload_bytes: int,
                repeat: int, as_json: bool) -> None:
+    """Run ``bench/throughput.py`` with these options."""
     _run("throughput.py", ["--tasks", str(tasks), "--agents", str(agents), "--window",
                            str(window), "--durability", durability, "--payload-bytes",
                            str(payload_bytes), "--repeat", str(repeat)], as_json,
@@ -87,6 +92,7 @@ zmq.proxy's (the standard workload: 5,000 round trips).""")
               help="Round trips measured (after a warm-up).")
 @_common
 def latency(tasks: int, payload_bytes: int, repeat: int, as_json: bool) -> None:
+    """Run ``bench/latency.py`` with these options."""
     _run("latency.py", ["--tasks", str(tasks), "--payload-bytes", str(payload_bytes),
                         "--repeat", str(repeat)], as_json, f"latency: {tasks} round trips")
 
@@ -98,6 +104,7 @@ with the SDK's: what any Python broker costs here, against what Orchestrator cos
               help="Round trips measured per set-up (after a warm-up).")
 @_common
 def latency_floor(tasks: int, payload_bytes: int, repeat: int, as_json: bool) -> None:
+    """Run ``bench/latency_floor.py`` with these options."""
     _run("latency_floor.py", ["--tasks", str(tasks), "--payload-bytes", str(payload_bytes),
                               "--repeat", str(repeat)], as_json,
          f"latency floor: 4 set-ups x {tasks} round trips")

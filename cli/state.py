@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
-from cli.main import (
-    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context, emit_json,
-    fail, read_broker_info,
+from cli.common import (
+    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context,
+    answered_or_exit, echo_data, emit_json, fail, json_option, read_broker_info,
 )
+
+if TYPE_CHECKING:
+    from agent_sdk import SyncStateClient
 
 STATE_HELP = """Shared state: versioned keys, locks (the state service).
 
@@ -32,11 +37,21 @@ class StateContext:
     """The shared CLI context plus where the state service is."""
 
     def __init__(self, base: Context, state_url: str | None) -> None:
+        """Wrap the group's context.
+
+        Args:
+            base: The context of the ``orchestrator`` group (data dir, broker).
+            state_url: ``--state`` (or ``$ORCH_STATE``); None to ask the broker.
+        """
         self.base = base
         self._state_url = state_url
 
     def state_url(self) -> str:
-        """The state service's URL, or exit 3 when none can be found."""
+        """The state service's URL, or exit 3 when none can be found.
+
+        Returns:
+            ``--state``, else the data dir's broker's, else the one the broker reports.
+        """
         if self._state_url:
             return self._state_url
         info = read_broker_info(self.base.home)
@@ -44,41 +59,47 @@ class StateContext:
             return str(info["state"])
         from agent_sdk.state import endpoint_from
 
-        client = self.base.client()
-        try:
+        with closing(self.base.client()) as client:
             status = client.status(PING_TIMEOUT_S)
-        finally:
-            client.close()
         try:
             return endpoint_from(status.get("broker", {}).get("endpoints"),
                                  f"the broker at {self.base.broker_url}")
         except Exception as e:  # noqa: BLE001 - StateUnavailable: say why, exit 3
             fail(str(e), EXIT_UNREACHABLE)
 
-    def client(self) -> Any:
-        """A SyncStateClient whose session is open, or exit 3."""
+    def client(self) -> SyncStateClient:
+        """A SyncStateClient whose session is open, or exit 3.
+
+        Returns:
+            The connected client; the caller closes it.
+        """
         from agent_sdk import StateUnavailable, SyncStateClient
 
         url = self.state_url()
         client = SyncStateClient(url, name="cli", request_timeout_s=PING_TIMEOUT_S)
-        try:
-            client.connect(PING_TIMEOUT_S)
-        except StateUnavailable:
-            client.close()
-            fail(f"the state service at {url} is not answering; start it with `orchestrator "
-                 "start` or `orchestrator state serve` (or pass --state URL)", EXIT_UNREACHABLE)
-        return client
+        return answered_or_exit(client, client.connect, StateUnavailable,
+                                f"the state service at {url} is not answering; start it with "
+                                "`orchestrator start` or `orchestrator state serve` (or pass "
+                                "--state URL)")
 
 
-def _print_value(value: Any) -> None:
-    if isinstance(value, str):
-        click.echo(value)
-    else:
-        emit_json(value)
+@contextmanager
+def _writing(obj: StateContext) -> Iterator[SyncStateClient]:
+    """A state client for one write, closed after it; a refused write exits 1 with why.
 
+    Yields:
+        The connected client.
+    """
+    from agent_sdk import StateError
 
-def _refused(error: Exception) -> NoReturn:
-    fail(str(error), EXIT_FAILED)
+    client = obj.client()
+    try:
+        yield client
+    except StateError as e:
+        # A failed compare-and-set or a refused key: an outcome to report, not a crash.
+        fail(str(e), EXIT_FAILED)
+    finally:
+        client.close()
 
 
 @click.group("state", help=STATE_HELP)
@@ -86,19 +107,18 @@ def _refused(error: Exception) -> NoReturn:
               help="State service URL. Default: the running broker's.")
 @click.pass_context
 def state(ctx: click.Context, state_url: str | None) -> None:
+    """Give the ``state`` commands a context that knows where the state service is."""
     ctx.obj = StateContext(ctx.obj, state_url)
 
 
 @state.command("get", help="Print the value of KEY (exit 1 when it does not exist).")
 @click.argument("key")
-@click.option("--json", "as_json", is_flag=True, help='Print {"key", "value", "version"}.')
+@json_option('Print {"key", "value", "version"}.')
 @click.pass_obj
 def get(obj: StateContext, key: str, as_json: bool) -> None:
-    client = obj.client()
-    try:
+    """Print KEY's value (with its version under ``--json``); exit 1 if it does not exist."""
+    with closing(obj.client()) as client:
         entry = client.get_entry(key)
-    finally:
-        client.close()
     if not entry.exists:
         if as_json:
             emit_json({"key": key, "value": None, "version": 0, "exists": False})
@@ -107,7 +127,7 @@ def get(obj: StateContext, key: str, as_json: bool) -> None:
     if as_json:
         emit_json({"key": key, "value": entry.value, "version": entry.version, "exists": True})
     else:
-        _print_value(entry.value)
+        echo_data(entry.value)
 
 
 @state.command("set", help=SET_HELP)
@@ -118,28 +138,22 @@ def get(obj: StateContext, key: str, as_json: bool) -> None:
               help="Delete the key after this many seconds.")
 @click.option("--expect-version", type=click.IntRange(min=0), default=None,
               help="Write only if the key is at this version (0: only if it does not exist).")
-@click.option("--json", "as_json", is_flag=True, help='Print {"key", "version"}.')
+@json_option('Print {"key", "version"}.')
 @click.pass_obj
 def set_(obj: StateContext, key: str, value: str, as_string: bool, ttl: float | None,
          expect_version: int | None, as_json: bool) -> None:
-    from agent_sdk import StateError
-
+    """Write KEY (only at ``--expect-version`` if given) and print its new version."""
     parsed: Any = value
     if not as_string:
         try:
             parsed = orjson.loads(value)
         except orjson.JSONDecodeError:
             parsed = value
-    client = obj.client()
-    try:
+    with _writing(obj) as client:
         if expect_version is None:
             version = client.set(key, parsed, ttl=ttl)
         else:
             version = client.cas(key, expect_version, parsed, ttl=ttl)
-    except StateError as e:
-        _refused(e)
-    finally:
-        client.close()
     if as_json:
         emit_json({"key": key, "version": version})
     else:
@@ -150,18 +164,12 @@ def set_(obj: StateContext, key: str, value: str, as_string: bool, ttl: float | 
 @click.argument("key")
 @click.option("--expect-version", type=click.IntRange(min=1), default=None,
               help="Delete only if the key is at this version.")
-@click.option("--json", "as_json", is_flag=True, help='Print {"key", "deleted"}.')
+@json_option('Print {"key", "deleted"}.')
 @click.pass_obj
 def delete(obj: StateContext, key: str, expect_version: int | None, as_json: bool) -> None:
-    from agent_sdk import StateError
-
-    client = obj.client()
-    try:
+    """Delete KEY (only at ``--expect-version`` if given) and say whether it existed."""
+    with _writing(obj) as client:
         existed = client.delete(key, expected_version=expect_version)
-    except StateError as e:
-        _refused(e)
-    finally:
-        client.close()
     if as_json:
         emit_json({"key": key, "deleted": existed})
     else:
@@ -171,14 +179,12 @@ def delete(obj: StateContext, key: str, expect_version: int | None, as_json: boo
 @state.command("list", help="List the keys under PREFIX (all keys without one), in order.")
 @click.argument("prefix", default="")
 @click.option("--values", is_flag=True, help="Include the values.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of entries.")
+@json_option("Print a JSON array of entries.")
 @click.pass_obj
 def list_(obj: StateContext, prefix: str, values: bool, as_json: bool) -> None:
-    client = obj.client()
-    try:
+    """List the keys under PREFIX with their versions (and values with ``--values``)."""
+    with closing(obj.client()) as client:
         entries = client.list(prefix, values=values)
-    finally:
-        client.close()
     if as_json:
         emit_json([{"key": e.key, "version": e.version, **({"value": e.value} if values else {})}
                    for e in entries])
@@ -202,14 +208,12 @@ def list_(obj: StateContext, prefix: str, values: bool, as_json: bool) -> None:
 
 @state.command("locks", help="List the held locks under PREFIX: token, holder, time left.")
 @click.argument("prefix", default="")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of locks.")
+@json_option("Print a JSON array of locks.")
 @click.pass_obj
 def locks(obj: StateContext, prefix: str, as_json: bool) -> None:
-    client = obj.client()
-    try:
+    """List the locks held under PREFIX, with their fencing tokens and holders."""
+    with closing(obj.client()) as client:
         held = client.locks(prefix)
-    finally:
-        client.close()
     if as_json:
         emit_json([lock._asdict() for lock in held])
         return
@@ -245,6 +249,7 @@ start` already runs one beside the broker; this is for running it elsewhere.""")
 def serve(obj: StateContext, bind: str | None, data_dir: Path | None, memory: bool,
           heartbeat_interval: float | None, heartbeat_liveness: int | None, log_level: str
           ) -> None:
+    """Run the state service in this process until it is stopped; exit with its code."""
     from broker.state.__main__ import serve as run_service
 
     code = run_service(bind, data_dir or obj.base.home, memory, heartbeat_interval,

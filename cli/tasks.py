@@ -1,0 +1,268 @@
+"""``orchestrator submit``, ``result``, ``cancel``, ``trace`` and ``tasks``: work and its
+outcome.
+
+A command exits 0 when its task succeeded, 1 when it failed or the broker does not know
+it, and 3 when the broker does not answer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextlib import closing
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
+
+import click
+import orjson
+
+from cli.common import (
+    EXIT_FAILED, EXIT_OK, PING_TIMEOUT_S, Context, echo_data, emit_json, fail, json_option,
+)
+
+if TYPE_CHECKING:
+    from agent_sdk import Result, SyncTaskHandle
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SUBMIT_HELP = """Submit a task and (unless --no-wait) print its result.
+
+TEXT becomes the task's `text` field. Without --capability or --agent the task goes to
+any agent (the planner that turns TEXT into a workflow comes later)."""
+TASKS_HELP = """List finished tasks the broker retains, newest first.
+
+With --failed: the dead letters, tasks that failed or timed out after their retries,
+with their last error."""
+
+
+def _known(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``call(*args, **kwargs)``, or exit 1 with the broker's message if it has no such task.
+
+    Returns:
+        What ``call`` returned.
+    """
+    from agent_sdk import TaskNotFound
+
+    try:
+        return call(*args, **kwargs)
+    except TaskNotFound as e:
+        fail(str(e), EXIT_FAILED)
+
+
+def _print_result(result: Result, as_json: bool) -> None:
+    """Print a result: its data on stdout, or its error on stderr (all of it with --json)."""
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    if result.error is not None:
+        click.echo(f"{result.task_id}: {result.status}: {result.error}", err=True)
+        return
+    echo_data(result.data)
+
+
+def _exit_for(result: Result) -> NoReturn:
+    """Exit 0 if the task succeeded, else 1."""
+    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
+
+
+def _result_or_exit(handle: SyncTaskHandle, wait_s: float | None) -> Result:
+    """The task's result within ``wait_s`` seconds, or exit 1 saying how to get it later."""
+    from agent_sdk import WaitTimeout
+
+    try:
+        return handle.result(wait_s)
+    except WaitTimeout:
+        fail(f"no result for {handle.id} yet; check later with `orchestrator result "
+             f"{handle.id}`", EXIT_FAILED)
+
+
+def _wait_with_progress(handle: SyncTaskHandle, timeout: float | None, quiet: bool) -> Result:
+    """Wait for the result, showing a spinner on stderr when it is a terminal.
+
+    Args:
+        handle: The task's handle.
+        timeout: The task's own timeout (None: wait as long as it takes).
+        quiet: No spinner (the output is JSON).
+
+    Returns:
+        The result; exits 1 when none came in time.
+    """
+    # The broker ends the task at its own deadline; give its answer time to arrive.
+    wait_s = None if timeout is None else timeout + PING_TIMEOUT_S
+    if quiet or not sys.stderr.isatty():
+        return _result_or_exit(handle, wait_s)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"waiting for {handle.id}"):
+        return _result_or_exit(handle, wait_s)
+
+
+def _parse_payload(payload: str | None) -> dict[str, Any]:
+    """The ``data`` keyword of ``submit`` from ``--payload`` (none without it).
+
+    Raises:
+        click.BadParameter: ``payload`` is not valid JSON.
+    """
+    if payload is None:
+        return {}
+    try:
+        return {"data": orjson.loads(payload)}
+    except orjson.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON: {e}", param_hint="--payload") from None
+
+
+def _report_accepted(handle: SyncTaskHandle, as_json: bool) -> None:
+    """``submit --no-wait``: print the id once the broker accepted the task.
+
+    A task the broker rejected at once is reported as ``result`` would, and exits 1.
+    """
+    handle.wait_accepted(PING_TIMEOUT_S)
+    # A fast task may already be done: say so, but print the same shape.
+    outcome = handle.result() if handle.done() else None
+    if outcome is not None and outcome.status == "rejected":
+        _print_result(outcome, as_json)
+        _exit_for(outcome)
+    if as_json:
+        emit_json({"task_id": handle.id,
+                   "status": "accepted" if outcome is None else outcome.status})
+    else:
+        click.echo(handle.id)
+
+
+@click.command(help=SUBMIT_HELP)
+@click.argument("text")
+@click.option("--capability", "-c", "capabilities", multiple=True,
+              help="A capability the agent must have (repeatable).")
+@click.option("--agent", default=None, help="The agent name (or id) to run it.")
+@click.option("--payload", default=None, help="JSON data for the task (task.data).")
+@click.option("--timeout", type=click.FloatRange(min=0.001), default=None,
+              help="Seconds the task may take, queueing included.")
+@click.option("--retries", type=click.IntRange(min=0), default=None, help="Retries on failure.")
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--id", "task_id", default=None, help="Task id (the idempotency key).")
+@click.option("--no-wait", is_flag=True, help="Return once the broker accepted the task.")
+@json_option()
+@click.pass_obj
+def submit(obj: Context, text: str, capabilities: tuple[str, ...], agent: str | None,
+           payload: str | None, timeout: float | None, retries: int | None, priority: int,
+           task_id: str | None, no_wait: bool, as_json: bool) -> None:
+    """Submit TEXT as a task; print its id (``--no-wait``) or wait and print its result."""
+    # Parsed before connecting, so that a bad --payload is a usage error (exit 2), not 3.
+    options = _parse_payload(payload)
+    with closing(obj.client()) as client:
+        handle = client.submit(text, capabilities=capabilities, agent=agent, timeout=timeout,
+                               retries=retries, priority=priority, task_id=task_id, **options)
+        if no_wait:
+            _report_accepted(handle, as_json)
+            return
+        result = _wait_with_progress(handle, timeout, as_json)
+        _print_result(result, as_json)
+        _exit_for(result)
+
+
+@click.command(help="Print a task's result (or its state, if it has not finished).")
+@click.argument("task_id")
+@click.option("--wait", is_flag=True, help="Wait until the task finishes.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after S seconds.")
+@json_option()
+@click.pass_obj
+def result(obj: Context, task_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Print a finished task's result, else its state (or wait for it with ``--wait``)."""
+    with closing(obj.client()) as client:
+        found = _known(client.fetch, task_id, PING_TIMEOUT_S)
+        if not found.finished:
+            if not wait:
+                if as_json:
+                    emit_json(found.to_dict())
+                else:
+                    click.echo(f"{task_id}: {found.status}")
+                return
+            found = _wait_with_progress(client.watch(task_id), timeout, as_json)
+        _print_result(found, as_json)
+        _exit_for(found)
+
+
+@click.command(help="Cancel a task: pending ones are dropped, running ones stopped.")
+@click.argument("task_id")
+@json_option("Print the outcome as JSON.")
+@click.pass_obj
+def cancel(obj: Context, task_id: str, as_json: bool) -> None:
+    """Cancel a task that has not finished, and print the status it ended with."""
+    with closing(obj.client()) as client:
+        before = _known(client.fetch, task_id, PING_TIMEOUT_S)
+        if before.finished:
+            outcome = {"task_id": task_id, "status": before.status, "cancelled": False}
+        else:
+            client.cancel(task_id)
+            after = client.watch(task_id).result(PING_TIMEOUT_S)
+            outcome = {"task_id": task_id, "status": after.status,
+                       "cancelled": after.status == "cancelled"}
+        if as_json:
+            emit_json(outcome)
+        else:
+            click.echo(f"{task_id}: {outcome['status']}")
+
+
+def _print_trace(document: dict[str, Any], indent: int = 0) -> None:
+    """Print a trace: the task, its timeline (ms since its first event), then its subtasks."""
+    pad = "  " * indent
+    error = document.get("error")
+    line = f"{pad}{document['task_id']}  {document['status']}"
+    if document.get("agent"):
+        line += f"  on {document['agent']}"
+    if document.get("attempts"):
+        line += f"  attempts {document['attempts']}"
+    if error:
+        line += f"  ({error['code']}: {error['message']})"
+    click.echo(line)
+    start = None
+    for event in document.get("timeline", []):
+        start = event["at"] if start is None else start
+        detail = f"  {event['detail']}" if event["detail"] else ""
+        click.echo(f"{pad}  +{(event['at'] - start) * 1000:10.3f} ms  {event['event']}{detail}")
+    for child in document.get("children", []):
+        _print_trace(child, indent + 1)
+
+
+@click.command(help="Show a task's timeline (every state change) and its subtask tree.")
+@click.argument("task_id")
+@json_option("Print the trace as JSON.")
+@click.pass_obj
+def trace(obj: Context, task_id: str, as_json: bool) -> None:
+    """Print a task's trace: its timeline and the traces of its subtasks."""
+    with closing(obj.client()) as client:
+        document = _known(client.trace, task_id, PING_TIMEOUT_S)
+    if as_json:
+        emit_json(document)
+    else:
+        _print_trace(document)
+
+
+@click.command(help=TASKS_HELP)
+@click.option("--failed", is_flag=True, help="Only tasks that failed or timed out.")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["succeeded", "failed", "timed_out", "cancelled", "rejected"]),
+              help="Only tasks with this status (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option("Print the list as JSON.")
+@click.pass_obj
+def tasks(obj: Context, failed: bool, statuses: tuple[str, ...], limit: int,
+          as_json: bool) -> None:
+    """List the finished tasks the broker retains, as a table or JSON."""
+    wanted = list(statuses) + (["failed", "timed_out"] if failed else [])
+    with closing(obj.client()) as client:
+        listed = client.tasks(wanted or None, limit, PING_TIMEOUT_S)
+    if as_json:
+        emit_json(listed)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(listed)} task(s)", title_justify="left")
+    for column in ("task", "status", "attempts", "agent", "error"):
+        table.add_column(column)
+    for task in listed:
+        error = task["error"]
+        table.add_row(task["task_id"], task["status"], str(task["attempts"]), task["agent"] or "",
+                      f"{error['code']}: {error['message']}" if error else "")
+    Console().print(table)
