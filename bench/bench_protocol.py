@@ -9,7 +9,8 @@ import pytest
 
 from wire.tasks import Assignment, decode, Dispatch, encode, ResultItem, Results, Submit, TaskSpec
 from broker.config import POLICIES
-from broker.routing import AgentRecord, make_policy
+from broker.engine.model import AgentRecord
+from broker.engine.routing import make_policy
 
 SIZES = [16, 100, 1024, 8192]
 

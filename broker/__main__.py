@@ -136,20 +136,29 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    """The broker's configuration: defaults, the environment, then the command line.
+
+    Raises:
+        ConfigError: a value is invalid.
+    """
+    return BrokerConfig.from_env(
+        bind=args.bind, data_dir=args.data_dir, policy=args.policy,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_liveness=args.heartbeat_liveness, max_pending=args.max_pending,
+        default_timeout_s=args.default_timeout, drain_timeout_s=args.drain_timeout,
+        durability=args.durability, default_max_retries=args.retries,
+        retry_base_delay_s=args.retry_base_delay, retry_max_delay_s=args.retry_max_delay,
+        circuit_failure_threshold=args.circuit_threshold,
+        circuit_recovery_s=args.circuit_recovery, result_retention_s=args.retention)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = BrokerConfig.from_env(
-            bind=args.bind, data_dir=args.data_dir, policy=args.policy,
-            heartbeat_interval_s=args.heartbeat_interval,
-            heartbeat_liveness=args.heartbeat_liveness, max_pending=args.max_pending,
-            default_timeout_s=args.default_timeout, drain_timeout_s=args.drain_timeout,
-            durability=args.durability, default_max_retries=args.retries,
-            retry_base_delay_s=args.retry_base_delay, retry_max_delay_s=args.retry_max_delay,
-            circuit_failure_threshold=args.circuit_threshold,
-            circuit_recovery_s=args.circuit_recovery, result_retention_s=args.retention)
+        config = config_from_args(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -219,6 +219,11 @@ class EventPublisher:
             logger.debug("bus subscriptions now %d prefix(es); task events %s",
                          len(self.prefixes), "on" if self.watching_tasks else "off")
 
+    def published_count(self) -> int:
+        """Messages published so far (the service loop looks for subscriptions again
+        after a publish: a send can take the socket's edge)."""
+        return self.published
+
     def publish(self, topic: str, data: Any, final: bool = False) -> None:
         """Publish ``data`` on ``topic`` with the next sequence number of that topic;
         ``final`` forgets the topic's counter afterwards (a task that ended)."""

@@ -7,19 +7,37 @@ The wire errors (:class:`~wire.errors.DecodeError`, :class:`~wire.errors.TooLarg
 
 from __future__ import annotations
 
+from typing import Any
+
 from wire.errors import DecodeError, StateDecodeError, TooLarge, WireError
 
 #: The old name of the wire errors' root.
 ProtocolError = WireError
 
 __all__ = [
-    "BrokerError", "ConfigError", "DecodeError", "NotHeld", "ProtocolError", "StaleToken",
+    "BrokerError", "ConfigError", "DecodeError", "IllegalTransition", "NotHeld", "ProtocolError", "StaleToken",
     "StateDecodeError", "StateRequestError", "TooLarge", "VersionConflict", "WireError",
 ]
 
 
 class BrokerError(Exception):
     """Raised for any failure the broker package reports on purpose."""
+
+
+class IllegalTransition(BrokerError):
+    """Raised when an event does not apply to a task's current state: a broker bug,
+    caught by the engine's table (``broker/engine/model.py``) before it corrupts books.
+
+    Plain Python (this module is not compiled), so that callers of compiled code can
+    catch it like any exception."""
+
+    def __init__(self, task_id: str, state: Any, event: Any) -> None:
+        super().__init__(f"task {task_id!r}: {event.value} is not allowed in state "
+                         f"{state.value}")
+        self.task_id = task_id
+        #: the task's state, in which the event does not apply
+        self.current_state = state
+        self.event = event
 
 
 class ConfigError(BrokerError):

@@ -17,13 +17,33 @@ checksum does not match ends the log (a torn last write): the file is truncated 
 the broker starts with everything before it. Only the last, unfinished pass can be lost
 that way, and its ACCEPTED and RESULT messages were never sent.
 
-Records (msgpack arrays):
+Records (msgpack arrays; :meth:`Journal.open` hands them back typed):
+    ``["J", format, release]``: the header, first record of the file (:class:`HeaderRecord`)
     ``["A", id, payload, caps, agent, priority, timeout_s, max_retries, parent_id, client, wall]``
-    ``["R", task_id, status, payload, error_code, error_message, agent, attempts, queued_ms, run_ms, wall]``
+    (:class:`AcceptedRecord`)
+    ``["R", task_id, status, payload, error_code, error_message, agent, attempts, queued_ms,
+    run_ms, wall]`` (:class:`FinishedRecord`)
 
 Compaction: once the log has grown by :data:`COMPACT_AFTER_BYTES` since the last one, the
 broker rewrites it from memory (open tasks and retained results) into a new file that
 replaces the old one atomically.
+
+Formats (:data:`JOURNAL_FORMAT`); a change to the framing or to a record's layout makes
+a new one, and every broker reads all the older ones:
+
+1. one record per frame (the first journals);
+2. one frame per commit, its body an array of records;
+3. format 2 with a header: the first record of the file's first frame is
+   ``["J", 3, release]``.
+
+The first frame keeps this framing in every format, and its first record is the header,
+so any broker can tell a file's format before it reads on. A file without a header is
+format 1 or 2 (told apart frame by frame: a body whose first element is a string is one
+record). Opening an older format migrates it: the records are read and the file is
+rewritten in this broker's format, as compaction does, before anything is appended. A
+newer format is refused (:class:`JournalFormatError`) before a byte of the file changes.
+The header costs nothing per record: it is queued once, when the file is empty, and goes
+out with the first commit (and leads every compacted file).
 """
 
 from __future__ import annotations
@@ -33,14 +53,23 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, NamedTuple
 
 import msgpack
 
+from broker import __version__
+from wire.tasks import ResultItem, TaskSpec
+
 logger = logging.getLogger(__name__)
+
+#: The format this broker writes (module docstring, "Formats"); it reads every older one.
+JOURNAL_FORMAT: Final = 3
+#: The formats without a header: told apart by the shape of each frame.
+_ONE_RECORD_PER_FRAME: Final = 1
+_FRAME_PER_COMMIT: Final = 2
 
 #: Grow by this much, then compact.
 COMPACT_AFTER_BYTES: Final = 256 * 1024 * 1024
@@ -63,19 +92,116 @@ class Durability(str, enum.Enum):
     FSYNC = "fsync"
 
 
+class JournalFormatError(OSError):
+    """Raised when ``journal.log`` is in a format this broker cannot read (a newer one,
+    or a header it does not understand). The message says what to do.
+
+    An ``OSError``, like any other journal file the broker cannot use: start-up reports
+    it in one line and exits non-zero (``python -m broker``).
+    """
+
+
+class HeaderRecord(NamedTuple):
+    """The first record of a journal file (format 3 on): the file's format and the
+    release of the broker that started the file."""
+
+    kind: Literal["J"]
+    format: int
+    release: str
+
+
+class AcceptedRecord(NamedTuple):
+    """An accepted task: its :class:`~wire.tasks.TaskSpec` fields, the routing id of the
+    client that submitted it, and when (wall-clock seconds)."""
+
+    kind: Literal["A"]
+    task_id: str
+    payload: bytes
+    capabilities: tuple[str, ...]
+    agent: str | None
+    priority: int
+    timeout_s: float | None
+    max_retries: int | None
+    parent_id: str | None
+    client: bytes
+    wall: float
+
+    def spec(self) -> TaskSpec:
+        """The task as its client submitted it."""
+        return _new_tuple(TaskSpec, self[1:9])
+
+
+class FinishedRecord(NamedTuple):
+    """A task's final result: its :class:`~wire.tasks.ResultItem` fields (but
+    ``retryable``, moot once a task has ended) and when it ended (wall-clock seconds)."""
+
+    kind: Literal["R"]
+    task_id: str
+    status: str
+    payload: bytes
+    error_code: str | None
+    error_message: str | None
+    agent: str | None
+    attempts: int
+    queued_ms: float | None
+    run_ms: float | None
+    wall: float
+
+    def item(self) -> ResultItem:
+        """The result as the broker hands it to clients."""
+        return _new_tuple(ResultItem, (*self[1:10], None))
+
+
+_new_tuple = tuple.__new__
+#: Fields of a record of each kind (the writers below build plain tuples in this order).
+_ACCEPTED_FIELDS: Final = len(AcceptedRecord._fields)
+_FINISHED_FIELDS: Final = len(FinishedRecord._fields)
+
+
 @dataclass(slots=True)
 class Replay:
-    """What a journal held at start-up."""
+    """What a journal held at start-up: the first accepted record of each task and the
+    last result record, by task id."""
 
-    accepted: dict[str, list[Any]]
-    results: dict[str, list[Any]]
+    accepted: dict[str, AcceptedRecord]
+    results: dict[str, FinishedRecord]
     records: int
     truncated_bytes: int
+    #: the format the file was in (:data:`JOURNAL_FORMAT` for a new or empty file); an
+    #: older one has been migrated by :meth:`Journal.open`
+    format: int = JOURNAL_FORMAT
 
 
 def _frame(records: list[Any]) -> bytes:
     body = _packb(records)
     return _pack_header(len(body), _crc32(body)) + body
+
+
+#: The first record of every file this broker starts (:class:`HeaderRecord`).
+_FILE_HEADER: Final = HeaderRecord("J", JOURNAL_FORMAT, __version__)
+
+
+def _bodies(data: bytes) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    """Each good frame's decoded body (arrays as tuples) with the offset where the frame
+    ends, up to the first frame that is torn, fails its checksum or does not decode to an
+    array: that one and everything after it are the tail the journal drops."""
+    offset = 0
+    end = len(data)
+    header_size = _HEADER.size
+    while offset + header_size <= end:
+        length, crc = _HEADER.unpack_from(data, offset)
+        body_start = offset + header_size
+        body = data[body_start:body_start + length]
+        if len(body) < length or _crc32(body) != crc:
+            return
+        try:
+            batch = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=False)
+        except Exception:  # noqa: BLE001 - a checksummed but undecodable frame ends the log too
+            return
+        if type(batch) is not tuple:
+            return
+        offset = body_start + length
+        yield offset, batch
 
 
 class Journal:
@@ -100,59 +226,115 @@ class Journal:
     # ---------------------------------------------------------------- start-up
 
     def open(self) -> Replay:
-        """Read the log (repairing a torn tail) and open it for appending."""
+        """Read the log (repairing a torn tail, migrating an older format) and open it
+        for appending.
+
+        Raises:
+            JournalFormatError: the file is in a newer format, or has a header this
+                broker does not understand; the file is left as it was.
+            OSError: the file cannot be read or written.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         replay = self._replay()
+        if replay.format < JOURNAL_FORMAT:
+            self._migrate(replay)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.size = os.fstat(self._fd).st_size
         self._compacted_size = self.size
+        if self.size == 0:
+            # The header leaves with the first commit, in the first frame (a frame of
+            # its own would be one more write at start-up, and nothing per record).
+            self._buffer.append(_FILE_HEADER)
         return replay
 
     def _replay(self) -> Replay:
-        accepted: dict[str, list[Any]] = {}
-        results: dict[str, list[Any]] = {}
-        records = 0
+        accepted: dict[str, AcceptedRecord] = {}
+        results: dict[str, FinishedRecord] = {}
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return Replay(accepted, results, 0, 0)
-        offset = 0
-        end = len(data)
-        header_size = _HEADER.size
-        while offset + header_size <= end:
-            length, crc = _HEADER.unpack_from(data, offset)
-            body_start = offset + header_size
-            body = data[body_start:body_start + length]
-            if len(body) < length or _crc32(body) != crc:
-                break
-            try:
-                batch = msgpack.unpackb(body, raw=False, strict_map_key=False)
-            except Exception:  # noqa: BLE001 - a checksummed but undecodable frame ends the log too
-                break
-            if type(batch) is not list:
-                break
-            offset = body_start + length
+        records = 0
+        found = JOURNAL_FORMAT  # a file without a good frame holds nothing to migrate
+        good_end = 0
+        for index, (good_end, batch) in enumerate(_bodies(data)):
+            single = bool(batch) and type(batch[0]) is str
+            if single:
+                batch = (batch,)  # format 1: the body is one record
+            if index == 0:
+                found = _ONE_RECORD_PER_FRAME if single else _FRAME_PER_COMMIT
+                first = batch[0] if batch else None
+                if type(first) is tuple and first[:1] == ("J",):
+                    found = self._check_header(first)
+                    batch = batch[1:]
             for record in batch:
                 records += 1
-                kind = record[0] if type(record) is list and record else None
-                if kind == "A" and len(record) == 11:
-                    accepted.setdefault(record[1], record)
-                elif kind == "R" and len(record) == 11:
-                    results[record[1]] = record
-        truncated = end - offset
+                if type(record) is not tuple or not record:
+                    continue
+                kind = record[0]
+                if kind == "A" and len(record) == _ACCEPTED_FIELDS:
+                    accepted.setdefault(record[1], _new_tuple(AcceptedRecord, record))
+                elif kind == "R" and len(record) == _FINISHED_FIELDS:
+                    results[record[1]] = _new_tuple(FinishedRecord, record)
+        truncated = len(data) - good_end
         if truncated:
             logger.warning("journal %s: %d byte(s) of torn or corrupt tail dropped after "
                            "%d good record(s)", self.path, truncated, records)
             with open(self.path, "r+b") as f:
-                f.truncate(offset)
+                f.truncate(good_end)
                 f.flush()
                 os.fsync(f.fileno())
-        return Replay(accepted, results, records, truncated)
+        return Replay(accepted, results, records, truncated, found)
+
+    def _check_header(self, header: tuple[Any, ...]) -> int:
+        """The format a header names, if this broker reads it.
+
+        Raises:
+            JournalFormatError: a newer format, or a header this broker does not know.
+        """
+        fmt = header[1] if len(header) > 1 else None
+        if fmt == JOURNAL_FORMAT:
+            return JOURNAL_FORMAT
+        aside = f"mv {self.path} {self.path}.unread"
+        if type(fmt) is int and fmt > JOURNAL_FORMAT:
+            release = header[2] if len(header) > 2 else "?"
+            raise JournalFormatError(
+                f"{self.path} is journal format {fmt} (written by Orchestrator {release}), "
+                f"newer than this broker (Orchestrator {__version__}) reads (formats 1 to "
+                f"{JOURNAL_FORMAT}): run Orchestrator {release} or later, or move the file "
+                f"aside to start without its tasks ({aside})")
+        raise JournalFormatError(
+            f"{self.path} starts with a journal header this broker (Orchestrator "
+            f"{__version__}) does not understand ({header!r:.80}): move the file aside to "
+            f"start without its tasks ({aside})")
+
+    def _migrate(self, replay: Replay) -> None:
+        """Rewrite a file of an older format in this one, before anything is appended."""
+        records: list[tuple[Any, ...]] = [_FILE_HEADER, *replay.accepted.values(),
+                                          *replay.results.values()]
+        size = self._replace_file(records)
+        logger.warning("journal %s: migrated from format %d to format %d (%d record(s) "
+                       "read, %d kept, %d bytes)", self.path, replay.format, JOURNAL_FORMAT,
+                       replay.records, len(records) - 1, size)
+
+    def _replace_file(self, records: list[tuple[Any, ...]]) -> int:
+        """Write ``records`` to a new file that replaces the log atomically; returns its
+        size. The caller puts the header first."""
+        data = b"".join(_frame(records[i:i + COMPACT_FRAME_RECORDS])
+                        for i in range(0, len(records), COMPACT_FRAME_RECORDS))
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        return len(data)
 
     # ---------------------------------------------------------------- writing
 
     def accepted(self, spec: Any, client: bytes, wall: float) -> None:
-        """Record an accepted task (``spec`` is a protocol TaskSpec)."""
+        """Record an accepted task (``spec`` is a protocol TaskSpec), as the fields of an
+        :class:`AcceptedRecord` in order: a plain tuple, the cheapest to build."""
         payload = spec[1]
         if type(payload) is not bytes:
             payload = bytes(payload)
@@ -160,7 +342,8 @@ class Journal:
                              spec[6], spec[7], client, wall))
 
     def finished(self, result: Any, wall: float) -> None:
-        """Record a task's final result (``result`` is a protocol ResultItem)."""
+        """Record a task's final result (``result`` is a protocol ResultItem), as the
+        fields of a :class:`FinishedRecord` in order."""
         payload = result[2]
         if type(payload) is not bytes:
             payload = bytes(payload)
@@ -193,22 +376,16 @@ class Journal:
         """Replace the log with one holding only ``accepted`` (open tasks: spec, client,
         wall) and ``results`` (retained results: item, wall)."""
         self.commit()
+        self._buffer.append(_FILE_HEADER)
         for spec, client, wall in accepted:
             self.accepted(spec, client, wall)
         for result, wall in results:
             self.finished(result, wall)
-        data = b"".join(_frame(self._buffer[i:i + COMPACT_FRAME_RECORDS])
-                        for i in range(0, len(self._buffer), COMPACT_FRAME_RECORDS))
-        self._buffer = []
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        records, self._buffer = self._buffer, []
+        size = self._replace_file(records)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        self.size = self._compacted_size = len(data)
+        self.size = self._compacted_size = size
         logger.info("journal compacted to %d bytes", self.size)
 
     def close(self) -> None:

@@ -13,8 +13,9 @@ from broker.config import BrokerConfig, parse_host_port
 from broker.errors import ConfigError
 from broker.heartbeat import Liveness
 from wire.tasks import TaskSpec
-from broker.routing import AgentRecord, AgentTable, Requirement, make_policy
-from broker.tasks import FinishedResults, PendingQueue, TaskRecord, TaskState
+from broker.engine.model import AgentRecord, Requirement, TaskRecord, TaskState
+from broker.engine.routing import AgentTable, make_policy
+from broker.engine.queues import FinishedResults, PendingQueue
 
 
 @dataclass
@@ -151,7 +152,7 @@ def test_config_validates() -> None:
 
 
 def test_deadlines_expire_in_order_and_forget_finished_tasks() -> None:
-    from broker.tasks import Deadlines
+    from broker.engine.queues import Deadlines
 
     deadlines = Deadlines()
     requirement = Requirement(frozenset())
@@ -171,7 +172,7 @@ def test_deadlines_expire_in_order_and_forget_finished_tasks() -> None:
 
 
 def test_deadlines_fall_back_to_a_heap_past_the_lane_limit() -> None:
-    from broker.tasks import Deadlines
+    from broker.engine.queues import Deadlines
 
     deadlines = Deadlines()
     requirement = Requirement(frozenset())
@@ -186,7 +187,7 @@ def test_deadlines_fall_back_to_a_heap_past_the_lane_limit() -> None:
 
 
 def test_deadlines_report_a_task_with_two_equal_entries_once() -> None:
-    from broker.tasks import Deadlines
+    from broker.engine.queues import Deadlines
 
     # Given a task requeued and dispatched again in one loop pass (same deadline twice)
     deadlines = Deadlines()

@@ -14,6 +14,10 @@ counts the missing ones as dropped (a queue on the way was full). A probe,
 ``{"from": id, "probe": int}`` and no ``seq``, is what a subscriber publishes on a topic
 it just subscribed to: receiving its own probe proves that the subscription has reached
 the forwarder. SDK subscribers swallow probes.
+
+Versions: bus frames carry none, and the bus cannot refuse anything (it has no way back
+to a publisher). The version check is the handshake: a peer learns the bus endpoints only
+from a WELCOME or STATUS reply, which a peer of another protocol version never gets.
 """
 
 from __future__ import annotations

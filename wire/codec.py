@@ -14,7 +14,9 @@ from typing import Any, Final
 import msgpack
 
 from wire.errors import DecodeError
-from wire.limits import INLINE_PAYLOAD_MAX, MAX_BATCH_ITEMS, SIGNATURE
+from wire.limits import (
+    INLINE_PAYLOAD_MAX, MAX_BATCH_ITEMS, PROTOCOL_VERSION, SIGNATURE, SIGNATURE_PREFIX,
+)
 
 
 def chunks(items: list[Any], size: int = MAX_BATCH_ITEMS) -> list[list[Any]]:
@@ -127,6 +129,22 @@ def plain(value: Any) -> Any:
 
 
 
+def version_mismatch(theirs: object) -> str:
+    """The message of a ``bad_version`` refusal: the version a message spoke, the one its
+    receiver speaks, and what to do.
+
+    Worded for both ends of the connection: the receiver logs it, and the sender reads it
+    in the ERROR it gets back.
+    """
+    return (f"protocol version mismatch: the message is protocol version {theirs}, its "
+            f"receiver speaks version {PROTOCOL_VERSION}: run the same Orchestrator release "
+            "on both sides (upgrade the older one)")
+
+
+#: Most bytes of a foreign frame 0 quoted in a refusal.
+_QUOTED_SIGNATURE_BYTES: Final = 16
+
+
 def check_signature(frames: list[Any]) -> None:
     """The envelope check every command range shares: at least three frames, and frame 0
     the signature of this protocol version.
@@ -140,12 +158,34 @@ def check_signature(frames: list[Any]) -> None:
     signature = bytes(frames[0])
     if signature == SIGNATURE:
         return
-    if signature.startswith(b"ORCH"):
-        theirs = signature[4:].decode("ascii", "replace") or "?"
-        raise DecodeError(f"the peer speaks protocol version {theirs}, this side speaks "
-                          f"version {SIGNATURE[4:].decode()}: run the same Orchestrator "
-                          "release on both sides", code="bad_version")
+    if signature.startswith(SIGNATURE_PREFIX):
+        quoted = signature[:_QUOTED_SIGNATURE_BYTES]
+        theirs = quoted[len(SIGNATURE_PREFIX):].decode("ascii", "replace") or "unknown"
+        raise DecodeError(version_mismatch(f"{theirs} (frame 0 {quoted!r})"),
+                          code="bad_version")
     raise DecodeError(f"frame 0 is not the {SIGNATURE.decode()} signature")
+
+
+def foreign_error_header(frames: list[Any], error_command: int) -> dict[Any, Any] | None:
+    """The header of an ERROR from a peer of another protocol version, or None when
+    ``frames`` are not one.
+
+    ERROR is the one message every version keeps as it is: frame 0 the sender's
+    signature, frame 1 its ERROR command byte (0x7F, 0x5F for the state service), frame 2
+    a msgpack map with a string ``code`` and ``message``. So each end reads the other's
+    refusal, ``bad_version`` above all, whichever of the two is newer.
+    """
+    if (len(frames) < 3 or not bytes(frames[0]).startswith(SIGNATURE_PREFIX)
+            or bytes(frames[1]) != bytes((error_command,))):
+        return None
+    try:
+        header = unpack_header(frames[2])
+    except Exception:  # noqa: BLE001 - not a readable ERROR: the caller refuses the frames
+        return None
+    if type(header) is not dict or type(header.get("code")) is not str \
+            or type(header.get("message")) is not str:
+        return None
+    return header
 
 
 def command_byte(frames: list[Any]) -> int:

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Final
 
-#: Frame 0 of every message. The digit is the protocol version; a peer speaking
-#: another version gets ERROR ``bad_version``.
-SIGNATURE: Final = b"ORCH1"
+#: The protocol version this release speaks. A change to any frame's layout or meaning
+#: (a new command or header field included) bumps it, and both ends of a connection must
+#: speak the same one: a peer of another version is refused with ERROR ``bad_version``,
+#: whose message names both versions (docs/protocol.md, "Versions").
+#:
+#: History: 1: the first release of the protocol.
 PROTOCOL_VERSION: Final = 1
+#: What frame 0 of every message starts with; the protocol version follows in ASCII
+#: digits. Frame 0 starting with this but for another version is ``bad_version``, any
+#: other frame 0 ``bad_frame``.
+SIGNATURE_PREFIX: Final = b"ORCH"
+#: Frame 0 of every message this release sends: the prefix and the protocol version
+#: (a literal, so that compiled code compares against a constant; a test checks it).
+SIGNATURE: Final = b"ORCH1"
 
 #: Largest frame any socket accepts (ZMQ_MAXMSGSIZE is per frame). A bigger frame makes
 #: libzmq drop the connection, so senders check against it first (:class:`TooLarge`).
@@ -21,3 +31,11 @@ INLINE_PAYLOAD_MAX: Final = 16 * 1024
 #: dispatch the first chunk of a burst while the client still encodes the next.
 MAX_BATCH_ITEMS: Final = 128
 
+#: Where agents and clients find the broker and the state service when the caller names
+#: none: the environment variable, then the default (the broker's and the state
+#: service's default binds, 127.0.0.1:5555 and :5558). Kept here so that both sides
+#: read the same names and ports.
+BROKER_URL_ENV: Final = "ORCH_BROKER"
+DEFAULT_BROKER_URL: Final = "tcp://127.0.0.1:5555"
+STATE_URL_ENV: Final = "ORCH_STATE"
+DEFAULT_STATE_URL: Final = "tcp://127.0.0.1:5558"

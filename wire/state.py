@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Union
 
 from wire.codec import (
-    EMPTY_MAP, as_array, as_map, as_str, command_byte, pack, plain, unpack_header,
+    EMPTY_MAP, as_array, as_map, as_str, command_byte, foreign_error_header, pack, plain,
+    unpack_header, version_mismatch,
 )
 from wire.errors import DecodeError, StateDecodeError
 from wire.limits import PROTOCOL_VERSION, SIGNATURE
@@ -625,11 +626,11 @@ def _decode_state_header(command: StateCommand, h: dict[Any, Any]) -> StateMessa
                                    current if type(current) is int else None,
                                    _opt_value(h.get("value")))
         case StateCommand.HELLO:
+            # Frame 0 has been checked already; "v" is a second check, and a HELLO
+            # without one is taken as this version (it was optional).
             version = h.get("v", PROTOCOL_VERSION)
             if version != PROTOCOL_VERSION:
-                raise DecodeError(f"the peer speaks protocol version {version!r}, this side speaks "
-                          f"version {PROTOCOL_VERSION}: run the same Orchestrator release on both sides",
-                                  code=ErrorCode.BAD_VERSION)
+                raise DecodeError(version_mismatch(repr(version)), code=ErrorCode.BAD_VERSION)
             name = h.get("name", "")
             return StateHello(_req(h), as_str(name, "name"), version)
         case StateCommand.WELCOME:
@@ -676,6 +677,9 @@ def _decode_state_header(command: StateCommand, h: dict[Any, Any]) -> StateMessa
 def decode_state(frames: list[Any]) -> StateMessage:
     """Decode frames (identity already removed) into a state service message.
 
+    An ERROR of another protocol version decodes too (a :class:`StateErrorReply`): that
+    is how a client reads the service's ``bad_version`` refusal, whichever is newer.
+
     Raises:
         StateDecodeError: with a stable ``code``: ``bad_frame`` (not a message, or the
             header is not a msgpack map), ``bad_version``, ``unknown_command``,
@@ -686,6 +690,14 @@ def decode_state(frames: list[Any]) -> StateMessage:
     try:
         code = command_byte(frames)
     except DecodeError as e:
+        if e.code != ErrorCode.BAD_VERSION.value:
+            raise StateDecodeError(str(e), code=e.code) from None
+        # Another protocol version: its refusal is readable (ERROR never changes).
+        header = foreign_error_header(frames, StateCommand.ERROR)
+        if header is not None:
+            req = header.get("req")
+            return StateErrorReply(header["code"], header["message"],
+                                   req if type(req) is int else None)
         raise StateDecodeError(str(e), code=e.code) from None
     try:
         command = StateCommand(code)

@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Union
 
 from wire.codec import (
-    EMPTY_MAP, Payload, as_array, as_id_list, as_map, as_opt_num, as_opt_str, as_str, as_str_list, blob, command_byte, items_with_blobs, new_tuple, pack, plain, unpack_header,
+    EMPTY_MAP, Payload, as_array, as_id_list, as_map, as_opt_num, as_opt_str, as_str, as_str_list, blob, command_byte, foreign_error_header, items_with_blobs, new_tuple, pack, plain, unpack_header, version_mismatch,
 )
 from wire.errors import DecodeError
+from wire.documents import StatusDocument, TaskDocument
 from wire.limits import PROTOCOL_VERSION, SIGNATURE
 
 class Command(enum.IntEnum):
@@ -186,7 +187,7 @@ class TaskList:
     """Broker -> client (command TASKS). Header: map ``{"req", "tasks": [map]}``."""
 
     req: int
-    tasks: list[dict[str, Any]] = field(default_factory=list)
+    tasks: list[TaskDocument] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +325,7 @@ class StatusReply:
     """Broker -> client (command STATUS). Header: map ``{"req", "status"}``."""
 
     req: int
-    status: dict[str, Any] = field(default_factory=dict)
+    status: StatusDocument = field(default_factory=lambda: StatusDocument())
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,9 +559,8 @@ def _decode_ready(header: Any) -> Ready:
         raise ValueError("max_concurrent must be a positive integer")
     version = h.get("v")
     if version != PROTOCOL_VERSION:
-        raise DecodeError(f"the peer speaks protocol version {version!r}, this side speaks "
-                          f"version {PROTOCOL_VERSION}: run the same Orchestrator release on both sides",
-                          code=ErrorCode.BAD_VERSION)
+        theirs = 'unknown (its READY has no "v")' if version is None else repr(version)
+        raise DecodeError(version_mismatch(theirs), code=ErrorCode.BAD_VERSION)
     return Ready(as_str(h.get("id"), "agent id"), as_str(h.get("name"), "agent name"),
                  as_str_list(h.get("caps"), "caps"), max_concurrent, version,
                  as_str_list(h.get("running", []), "running"))
@@ -568,6 +568,9 @@ def _decode_ready(header: Any) -> Ready:
 
 def decode(frames: list[Any]) -> Message:
     """Decode frames (identity already removed) into a message.
+
+    An ERROR of another protocol version decodes too (an :class:`Error`): that is how a
+    peer reads the broker's ``bad_version`` refusal, whichever of the two is newer.
 
     Raises:
         DecodeError: with a stable ``code`` (``bad_frame``, ``bad_version``,
@@ -581,7 +584,10 @@ def decode(frames: list[Any]) -> Message:
     if hot is not None and frames[0] == SIGNATURE:
         command, batch_decoder = hot
     else:
-        command, batch_decoder = _command(frames), None
+        try:
+            command, batch_decoder = _command(frames), None
+        except DecodeError as e:
+            return _foreign_error(frames, e)
     try:
         header = unpack_header(frames[2])
         if batch_decoder is not None:
@@ -591,6 +597,22 @@ def decode(frames: list[Any]) -> Message:
         raise
     except Exception as e:  # noqa: BLE001 - any codec failure is the peer's bad frame
         raise DecodeError(f"bad {command.name} header: {e}") from e
+
+
+def _foreign_error(frames: list[Any], error: DecodeError) -> Error:
+    """An ERROR from a peer of another protocol version (its refusal, typically
+    ``bad_version``), which every version can read (:func:`foreign_error_header`).
+
+    Raises:
+        DecodeError: ``error``, for any other message that failed the envelope check.
+    """
+    if error.code == ErrorCode.BAD_VERSION.value:
+        header = foreign_error_header(frames, Command.ERROR)
+        if header is not None:
+            req, ids = header.get("req"), header.get("ids")
+            return Error(header["code"], header["message"], req if type(req) is int else None,
+                         [i for i in ids if type(i) is str] if type(ids) is tuple else [])
+    raise error
 
 
 def _command(frames: list[Any]) -> Command:

@@ -9,6 +9,13 @@ through a SIGKILL of the process (measured: DESIGN.md), though not through a pow
 
 Times: the store runs on a monotonic clock, which means nothing after a restart, so key
 expiry is stored as wall-clock time and turned back into the monotonic clock on load.
+
+Versions: the database's layout is :data:`SCHEMA_VERSION`, stored in ``meta`` under
+``schema``. A change of layout bumps it and adds a step to :data:`_MIGRATIONS`; opening
+an older database runs the steps from its schema on, each in one transaction with the
+new number. A newer schema, an older one without a step, a database without ``meta`` or
+a file that is not SQLite is refused (:class:`StateFormatError`, whose message says what
+to do) before anything in the file changes.
 """
 
 from __future__ import annotations
@@ -20,12 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from broker import __version__
 from broker.state.store import StateStore
 
 logger = logging.getLogger(__name__)
 
-#: Stored in ``meta`` so that a future layout can be recognised and migrated.
+#: The layout of the database, stored in ``meta`` (module docstring, "Versions").
+#: History: 1: tables ``meta``, ``kv``, ``fences``, ``leases``.
 SCHEMA_VERSION: Final = 1
+#: The SQL that takes a database from each older schema to the next one, by the older
+#: number (the step from 1 to 2 is ``_MIGRATIONS[1]``). None yet: 1 is the first schema.
+_MIGRATIONS: Final[dict[int, str]] = {}
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -38,6 +50,12 @@ CREATE TABLE IF NOT EXISTS leases (
     token INTEGER NOT NULL, ttl_s REAL NOT NULL
 ) WITHOUT ROWID;
 """
+
+
+class StateFormatError(RuntimeError):
+    """Raised when ``state.db`` is not a database this release can use: a newer schema,
+    an older one it cannot migrate, or not a state database at all. The message says
+    what to do."""
 
 
 class StatePersistence:
@@ -63,17 +81,73 @@ class StatePersistence:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-        if row is None:
-            db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
+        try:
+            # The schema is checked before anything is written, WAL mode included.
+            found = self._stored_schema(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            if found is not None and found < SCHEMA_VERSION:
+                self._migrate(db, found)
+            # Creates a new database, or what is missing from one (a table, the row).
+            db.executescript(f"BEGIN;\n{_SCHEMA}\nINSERT OR IGNORE INTO meta VALUES "
+                             f"('schema', {SCHEMA_VERSION});\nCOMMIT;")
+        except BaseException:
             db.close()
-            raise RuntimeError(f"{self.path} has state schema {row[0]}, this version reads "
-                               f"{SCHEMA_VERSION}")
+            raise
         self._db = db
+
+    def _stored_schema(self, db: sqlite3.Connection) -> int | None:
+        """The schema of the database (None: a new, empty one).
+
+        Raises:
+            StateFormatError: not a state database, a newer schema than this release's, or
+                an older one it has no migration steps from.
+        """
+        aside = (f"move {self.path} (and its -wal and -shm files) aside to start with "
+                 "empty state")
+        try:
+            tables = {name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                return None
+            if "meta" not in tables:
+                raise StateFormatError(f"{self.path} is not a state database (no meta table): "
+                                       f"point --data-dir elsewhere, or {aside}")
+            row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StateFormatError(f"{self.path} is not a state database ({e}): point "
+                                   f"--data-dir elsewhere, or {aside}") from e
+        # A meta table without the row: created by schema 1, which wrote the row after
+        # the tables, outside their transaction.
+        found = 1 if row is None else row[0]
+        if type(found) is not int or found > SCHEMA_VERSION:
+            raise StateFormatError(
+                f"{self.path} is state schema {found!r}, newer than this release (Orchestrator "
+                f"{__version__}) reads (schema {SCHEMA_VERSION}): run the release that wrote "
+                f"it or a later one, or {aside}")
+        oldest = SCHEMA_VERSION
+        while oldest - 1 in _MIGRATIONS:
+            oldest -= 1
+        if found < oldest:
+            raise StateFormatError(
+                f"{self.path} is state schema {found}, older than this release (Orchestrator "
+                f"{__version__}) migrates (schema {oldest} and later): open it first with an "
+                f"earlier release that migrates it, or {aside}")
+        return found
+
+    def _migrate(self, db: sqlite3.Connection, found: int) -> None:
+        """Take the database from schema ``found`` (one :meth:`_stored_schema` accepted)
+        to :data:`SCHEMA_VERSION`, one step (one transaction) at a time."""
+        for version in range(found, SCHEMA_VERSION):
+            try:
+                db.executescript(f"BEGIN;\n{_MIGRATIONS[version]}\nINSERT OR REPLACE INTO "
+                                 f"meta VALUES ('schema', {version + 1});\nCOMMIT;")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            logger.warning("state database %s migrated from schema %d to %d", self.path,
+                           version, version + 1)
 
     def close(self) -> None:
         if self._db is not None:

@@ -11,7 +11,7 @@ import pytest
 from agent_sdk import MailboxFull, NoSuchAgent, RemoteError
 from agent_sdk.messaging import Messenger
 from wire.bus import PrefixSet
-from broker.direct import DirectRouting
+from broker.engine.direct import DirectRouting
 from wire.errors import DecodeError
 from wire.bus import BusEnvelope, decode_bus, encode_bus, encode_bus_probe
 from wire.codec import packb
@@ -20,7 +20,8 @@ from wire.tasks import (
     Command, decode, Direct, DIRECT_ASK, DIRECT_BROADCAST, DIRECT_NO_ACK, DirectItem,
     DirectVerdict, encode, Heartbeat,
 )
-from broker.routing import AgentRecord, AgentState, AgentTable
+from broker.engine.model import AgentRecord, AgentState
+from broker.engine.routing import AgentTable
 
 # ------------------------------------------------------------------ codecs
 

@@ -1,138 +1,14 @@
-"""Task records, the pending queue and the retention of finished results."""
+"""The engine's queues: tasks waiting for an agent, finished results kept for FETCH and
+idempotent resubmits, and the deadlines of open tasks."""
 
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from broker.protocol import ResultItem, TaskSpec
-from broker.routing import Requirement
-
-if TYPE_CHECKING:
-    from broker.routing import AgentRecord
-
-
-class TaskState(enum.Enum):
-    """A task's lifecycle in the broker."""
-
-    PENDING = "pending"
-    DISPATCHED = "dispatched"
-    RUNNING = "running"
-    #: failed or timed out, waiting out its retry back-off before it is pending again
-    RETRYING = "retrying"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
-    REJECTED = "rejected"
-
-    # Members are singletons compared by identity: hash them by identity too (C speed)
-    # instead of Enum's Python-level hash of the name; sets of states sit on hot paths.
-    __hash__ = object.__hash__
-
-    @property
-    def finished(self) -> bool:
-        return self not in _OPEN_STATES
-
-
-class TaskRecord:
-    """Everything the broker knows about one accepted task.
-
-    A plain slotted class rather than a dataclass: one is built per task on the hot path,
-    and a positional ``__init__`` with no default factories is the cheapest there is.
-    """
-
-    __slots__ = ("spec", "requirement", "client", "submitted_at", "deadline", "state", "agent",
-                 "attempts", "dispatched_at", "started_at", "last_sign", "finished_at",
-                 "result", "watchers", "history", "retry_at", "timeout_s", "children",
-                 "holders", "restored")
-
-    def __init__(self, spec: TaskSpec, requirement: Requirement, client: bytes,
-                 submitted_at: float, timeout_s: float) -> None:
-        self.spec = spec
-        self.requirement = requirement
-        #: ROUTER identity of the client that submitted it (results are pushed there)
-        self.client = client
-        self.submitted_at = submitted_at
-        #: each attempt (and each wait for an agent) may take this long
-        self.timeout_s = timeout_s
-        #: when the current wait or attempt must end
-        self.deadline = submitted_at + timeout_s
-        self.state = TaskState.PENDING
-        self.agent: AgentRecord | None = None
-        self.attempts = 0
-        self.dispatched_at = 0.0
-        self.started_at = 0.0
-        #: last sign of life of the current attempt (dispatch, PROGRESS): its lease
-        self.last_sign = 0.0
-        self.finished_at = 0.0
-        self.retry_at = 0.0
-        self.result: ResultItem | None = None
-        #: other clients waiting for this result (FETCH with wait), created on demand
-        self.watchers: list[bytes] | None = None
-        #: unusual transitions (retries, re-dispatches, timeouts): (clock, event, detail)
-        self.history: list[tuple[float, str, str]] | None = None
-        #: ids of subtasks submitted by this task's agent while it ran
-        self.children: list[str] | None = None
-        #: identities of agents that held an earlier attempt (may still answer for it)
-        self.holders: list[bytes] | None = None
-        #: rebuilt from the journal: who ran it before the restart is unknown
-        self.restored = False
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
-
-    @property
-    def open(self) -> bool:
-        return self.state in _OPEN_STATES
-
-    def release_agent(self) -> None:
-        """The task leaves its agent (retry, requeue, cancel); remember who held it."""
-        agent = self.agent
-        if agent is not None:
-            if self.holders is None:
-                self.holders = [agent.identity]
-            elif agent.identity not in self.holders:
-                self.holders.append(agent.identity)
-            self.agent = None
-
-    def held_by(self, identity: bytes, registered: bool) -> bool:
-        """May ``identity`` answer for an earlier attempt of this task?"""
-        if self.holders is not None and identity in self.holders:
-            return True
-        return self.restored and registered
-
-    def note(self, at: float, event: str, detail: str = "") -> None:
-        """Keep an unusual transition for the task's timeline."""
-        if self.history is None:
-            self.history = []
-        self.history.append((at, event, detail))
-
-    def timeline(self, wall_offset: float) -> list[dict[str, object]]:
-        """Every transition with its wall-clock time, oldest first."""
-        events: list[tuple[float, str, str]] = [(self.submitted_at, "submitted", "")]
-        if self.history:
-            events.extend(self.history)
-        if self.dispatched_at:
-            events.append((self.dispatched_at, "dispatched",
-                           self.agent.agent_id if self.agent is not None else ""))
-        if self.started_at:
-            events.append((self.started_at, "running", ""))
-        if self.finished_at:
-            events.append((self.finished_at, self.state.value, ""))
-        events.sort(key=lambda e: e[0])
-        return [{"at": round(at + wall_offset, 6), "event": event, "detail": detail}
-                for at, event, detail in events]
-
-    def add_watcher(self, identity: bytes) -> None:
-        if self.watchers is None:
-            self.watchers = [identity]
-        elif identity not in self.watchers:
-            self.watchers.append(identity)
+from broker.engine.model import OPEN_STATES, Requirement, TaskRecord, TaskState
 
 
 class PendingQueue:
@@ -231,7 +107,7 @@ class FinishedResults:
 
     def add(self, task: TaskRecord) -> None:
         tasks = self._tasks
-        tasks[task.spec[0]] = task
+        tasks[task.spec.id] = task
         if len(tasks) > self.max_count:
             tasks.popitem(last=False)
 
@@ -283,7 +159,7 @@ class Deadlines:
 
     @staticmethod
     def _live(deadline: float, task: TaskRecord) -> bool:
-        return task.deadline == deadline and task.state in _OPEN_STATES
+        return task.deadline == deadline and task.state in OPEN_STATES
 
     def _trim(self) -> None:
         """Drop entries of finished tasks and stale deadlines from the fronts."""
@@ -336,6 +212,4 @@ class Deadlines:
         return sum(len(lane) for lane in self._lanes.values()) + len(self._heap)
 
 
-_OPEN_STATES = frozenset({TaskState.PENDING, TaskState.DISPATCHED, TaskState.RUNNING,
-                          TaskState.RETRYING})
 _PENDING = TaskState.PENDING

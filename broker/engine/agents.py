@@ -1,0 +1,301 @@
+"""Agent commands (READY, PROGRESS, HEARTBEAT, DISCONNECT, RESULT) and agent upkeep:
+liveness, heartbeats, lost dispatches, circuit breakers, removal."""
+
+from __future__ import annotations
+
+import logging
+
+from broker.engine.circuit import AgentCircuit, CircuitState
+from broker.engine.direct import DirectRouting
+from broker.engine.ledger import Ledger
+from broker.engine.lifecycle import Lifecycle, new_result
+from broker.engine.model import AgentRecord, AgentState, TaskRecord, TaskState
+from broker.heartbeat import Liveness
+from wire.documents import DisconnectReason
+from wire.tasks import (
+    Ack, Disconnect, Heartbeat, Progress, Ready, ResultItem, Results, TaskStatus, Welcome,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+_PENDING = TaskState.PENDING
+_DISPATCHED = TaskState.DISPATCHED
+_DRAINING = AgentState.DRAINING
+_CIRCUIT_CLOSED = CircuitState.CLOSED
+_SUCCEEDED = TaskStatus.SUCCEEDED.value
+_FAILED_STATUS = TaskStatus.FAILED.value
+_TIMED_OUT_STATUS = TaskStatus.TIMED_OUT.value
+_NOT_REGISTERED = DisconnectReason.NOT_REGISTERED.value
+
+
+class AgentDesk:
+    """Keeps the books of agents and of the tasks they hold.
+
+    Args:
+        ledger: the engine's books.
+        lifecycle: moves tasks as agents start, finish or lose them.
+        direct: told when agents leave and come back (messages to a departed agent are
+            refused).
+    """
+
+    def __init__(self, ledger: Ledger, lifecycle: Lifecycle, direct: DirectRouting) -> None:
+        self.ledger = ledger
+        self.lifecycle = lifecycle
+        self.direct = direct
+        config = ledger.config
+        self.liveness = Liveness(config.heartbeat_interval_s, config.heartbeat_liveness)
+        #: acknowledgements of results, sent with the next tick (or once a batch is full)
+        self.deferred_acks: dict[bytes, list[str]] = {}
+
+    # ------------------------------------------------------------ registration
+
+    def ready(self, identity: bytes, msg: Ready, now: float) -> None:
+        ledger = self.ledger
+        config = ledger.config
+        previous = ledger.agents.remove(identity)
+        agent = AgentRecord(identity, msg.agent_id, msg.name, frozenset(msg.capabilities),
+                            msg.max_concurrent, now, now, now,
+                            breaker=AgentCircuit(config.circuit_failure_threshold,
+                                                 config.circuit_recovery_s))
+        ledger.agents.add(agent)
+        self.direct.rejoined(identity)
+        if previous is not None:
+            self._take_over(previous, agent, set(msg.running), now)
+        for task_id in msg.running:
+            if task_id not in agent.in_flight:
+                self.claim_running(agent, task_id, now)
+        ledger.counters["agents_registered"] += 1
+        logger.info("agent %s (%s) registered: capabilities %s, max_concurrent %d",
+                    msg.agent_id, msg.name, sorted(msg.capabilities), msg.max_concurrent)
+        ledger.events.agent_joined(msg.agent_id, msg.name, sorted(msg.capabilities))
+        ledger.outbox(identity).first.append(encode(Welcome(
+            config.heartbeat_interval_s, config.heartbeat_liveness, ledger.endpoints,
+            ledger.boot_id)))
+
+    def _take_over(self, previous: AgentRecord, agent: AgentRecord, running: set[str],
+                   now: float) -> None:
+        """Registered again on the same connection (it thought we died): what it still
+        runs stays with it, what it does not know about was lost on the way."""
+        self.ledger.agents.mark(previous, AgentState.DEAD)
+        for task_id, task in previous.in_flight.items():
+            if task_id in running:
+                task.agent = agent
+                agent.in_flight[task_id] = task
+            else:
+                task.release_agent()
+                self.lifecycle.requeue(
+                    task, f"agent {agent.agent_id} registered again without it", now)
+        agent.foreign_running.update(
+            (task_id, now) for task_id in previous.foreign_running if task_id in running)
+
+    def claim_running(self, agent: AgentRecord, task_id: str, now: float) -> None:
+        """The agent says it runs ``task_id``: make our books agree, or stop it there."""
+        foreign = agent.foreign_running
+        if task_id in foreign:
+            foreign[task_id] = now  # we told it to cancel that copy; it still runs it
+            return
+        task = self.ledger.tasks.get(task_id)
+        if task is not None and task.state is _PENDING:
+            self.lifecycle.reclaim(task, agent, now)
+        elif task is not None and task.agent is agent:
+            task.last_sign = now
+            if task.state is _DISPATCHED:
+                self.lifecycle.start(task, now)
+        else:
+            # Finished, or running elsewhere now: this copy is not wanted.
+            foreign[task_id] = now
+            self.ledger.outbox(agent.identity).cancels.append(task_id)
+
+    # ------------------------------------------------------------ other commands
+
+    def progress(self, identity: bytes, agent: AgentRecord | None, msg: Progress,
+                 now: float) -> None:
+        if agent is None:
+            self._ask_to_register(identity)
+            return
+        for task_id in msg.started:
+            self.claim_running(agent, task_id, now)
+        for task_id in msg.running:
+            self.claim_running(agent, task_id, now)
+
+    def heartbeat(self, identity: bytes, agent: AgentRecord | None, msg: Heartbeat) -> None:
+        if msg.role == "client":
+            self.ledger.outbox(identity).control.append(
+                encode(Heartbeat(boot=self.ledger.boot_id)))
+        elif agent is None:
+            # A heartbeat before READY: an agent that registered with a broker we do not
+            # remember (we restarted). Ask it to register instead of inventing state for it.
+            self._ask_to_register(identity)
+        elif msg.stats is not None:
+            agent.messaging.update(msg.stats)
+
+    def disconnect(self, agent: AgentRecord | None, now: float) -> None:
+        if agent is None:
+            return
+        if agent.busy:
+            self.ledger.agents.mark(agent, AgentState.DRAINING)
+        else:
+            self.remove(agent, "disconnected", now)
+
+    def _ask_to_register(self, identity: bytes) -> None:
+        self.ledger.outbox(identity).control.append(encode(Disconnect(_NOT_REGISTERED)))
+
+    # ------------------------------------------------------------ results
+
+    def results(self, identity: bytes, agent: AgentRecord | None, msg: Results,
+                now: float) -> None:
+        ledger = self.ledger
+        results = msg.results
+        ledger.items_this_pass += len(results)
+        ledger.outbox(identity).acks.extend([item.task_id for item in results])
+        tasks = ledger.tasks
+        foreign = agent.foreign_running if agent is not None else None
+        elapsed_total = 0.0
+        answered = 0
+        for item in results:
+            task_id = item.task_id
+            if foreign:
+                foreign.pop(task_id, None)
+            task = tasks.get(task_id)
+            if task is None:
+                # Already finished (a duplicate after a re-dispatch or resend) or unknown.
+                ledger.counters["duplicate_results"] += 1
+                continue
+            owner = task.agent
+            if owner is None or owner.identity != identity:
+                self._earlier_attempt(identity, agent, task, item, now)
+                continue
+            del owner.in_flight[task_id]
+            elapsed_total += now - task.dispatched_at
+            answered += 1
+            self._account(owner, item.status, now)
+            task.release_agent()
+            if item.status != _SUCCEEDED and \
+                    self.lifecycle.retry(task, item.error_code, item.error_message,
+                                         item.retryable, now):
+                continue
+            dispatched_at = task.dispatched_at
+            self.lifecycle.finish(task, new_result((
+                task_id, item.status, item.payload, item.error_code, item.error_message,
+                owner.name, task.attempts,
+                (dispatched_at - task.submitted_at) * 1000.0 if dispatched_at else None,
+                item.run_ms, None)), now)
+        if answered and agent is not None:
+            # One response-time sample per message (its mean): cheaper than one per task,
+            # and the routing policies only look at a coarse bucket of it anyway.
+            agent.record_response(elapsed_total * 1000.0 / answered)
+        if agent is None:
+            # Results from an unregistered peer (e.g. after our restart): accepted above,
+            # and the peer is asked to register so that it gets work again.
+            self._ask_to_register(identity)
+
+    def _earlier_attempt(self, identity: bytes, agent: AgentRecord | None, task: TaskRecord,
+                         item: ResultItem, now: float) -> None:
+        """An earlier attempt answering (the task was requeued or dispatched again since).
+        Its success is as good as any: take it, and stop the current holder. Its failure
+        is old news: the current attempt decides. Only a peer that did hold the task may
+        answer for it (after a restart we do not know who did: then any registered agent
+        may)."""
+        if item.status != _SUCCEEDED or not task.held_by(identity, agent is not None):
+            self.ledger.counters["stale_results"] += 1
+            return
+        self.lifecycle.detach(task, now)
+        dispatched_at = task.dispatched_at
+        self.lifecycle.finish(task, new_result((
+            task.spec.id, item.status, item.payload, item.error_code, item.error_message,
+            agent.name if agent is not None else None, task.attempts,
+            round((dispatched_at - task.submitted_at) * 1000.0, 3) if dispatched_at else None,
+            item.run_ms, None)), now)
+
+    def _account(self, owner: AgentRecord, status: str, now: float) -> None:
+        """Count an answer against its agent: done or failed, and its circuit."""
+        breaker = owner.breaker
+        if status == _SUCCEEDED:
+            owner.done += 1
+            if breaker.state is not _CIRCUIT_CLOSED or breaker.consecutive_failures:
+                self.breaker_success(owner)
+        else:
+            owner.failed += 1
+            if status == _FAILED_STATUS or status == _TIMED_OUT_STATUS:
+                self.breaker_failure(owner, now)
+        if owner.state is _DRAINING and not owner.busy:
+            self.remove(owner, "drained", now)
+
+    def breaker_success(self, agent: AgentRecord) -> None:
+        was = agent.breaker.state
+        agent.breaker.record_success()
+        if was is not CircuitState.CLOSED:
+            logger.info("agent %s: circuit closed after a successful probe", agent.agent_id)
+
+    def breaker_failure(self, agent: AgentRecord, now: float) -> None:
+        breaker = agent.breaker
+        was = breaker.state_at(now)
+        breaker.record_failure(now)
+        if breaker.state is CircuitState.OPEN and was is not CircuitState.OPEN:
+            self.ledger.counters["circuits_opened"] += 1
+            logger.warning("agent %s: circuit open after %d failure(s) in a row; no tasks for "
+                           "%g s", agent.agent_id, breaker.consecutive_failures,
+                           breaker.recovery_s)
+
+    # ------------------------------------------------------------ upkeep
+
+    def remove(self, agent: AgentRecord, reason: str, now: float) -> None:
+        """Forget an agent; its in-flight tasks go back to the queue (or fail, if they
+        have used up their retries)."""
+        ledger = self.ledger
+        ledger.agents.remove(agent.identity)
+        ledger.agents.mark(agent, AgentState.DEAD)
+        self.direct.departed(agent.identity, reason)
+        ledger.events.agent_left(agent.agent_id, agent.name, sorted(agent.capabilities), reason)
+        orphans = list(agent.in_flight.values())
+        agent.in_flight.clear()
+        for task in orphans:
+            task.release_agent()
+            self.lifecycle.requeue(task, f"agent {agent.agent_id} {reason}", now)
+        log = logger.warning if reason in ("dead", "unreachable") else logger.info
+        log("agent %s (%s) removed: %s; %d in-flight task(s) orphaned", agent.agent_id,
+            agent.name, reason, len(orphans))
+
+    def tick(self, now: float) -> None:
+        """Dead agents go, idle ones get a heartbeat, lost dispatches run again, and the
+        acknowledgements of the last interval leave."""
+        liveness = self.liveness
+        outboxes = self.ledger.outboxes
+        for agent in self.ledger.agents:
+            if liveness.is_dead(agent, now):
+                self.ledger.counters["agents_dead"] += 1
+                self.remove(agent, "dead", now)
+                continue
+            if liveness.needs_heartbeat(agent, now) and agent.identity not in outboxes:
+                self.ledger.outbox(agent.identity).control.append(encode(Heartbeat()))
+            self._expire_leases(agent, now)
+        if self.deferred_acks:
+            acks, self.deferred_acks = self.deferred_acks, {}
+            for identity, ids in acks.items():
+                self.ledger.outbox(identity).control.append(encode(Ack(ids)))
+
+    def _expire_leases(self, agent: AgentRecord, now: float) -> None:
+        lease_s = self.liveness.expiry_s
+        # A dispatch with no sign of life for a lease period was lost on the way (the
+        # agent is alive: it heartbeats). Run the task again.
+        lost = [t for t in agent.in_flight.values() if now - t.last_sign > lease_s]
+        for task in lost:
+            task_id = task.spec.id
+            del agent.in_flight[task_id]
+            agent.foreign_running[task_id] = now
+            self.ledger.outbox(agent.identity).cancels.append(task_id)
+            task.release_agent()
+            self.ledger.counters["lease_expired"] += 1
+            self.lifecycle.requeue(task, f"no sign of life from {agent.agent_id} for "
+                                         f"{lease_s:g} s", now)
+        foreign = agent.foreign_running
+        if foreign:
+            # A copy the agent has not listed as running for a lease period has ended
+            # there and its answer was lost: free the slot rather than hold it forever.
+            ended = [task_id for task_id, seen in foreign.items() if now - seen > lease_s]
+            for task_id in ended:
+                del foreign[task_id]
+            if ended:
+                self.ledger.counters["lost_answers"] += len(ended)
+

@@ -1,0 +1,172 @@
+"""Client commands: SUBMIT, FETCH and CANCEL, and the deferred ACCEPTED."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+from broker.engine.ledger import Ledger
+from broker.engine.lifecycle import Lifecycle
+from broker.engine.model import Requirement, TaskRecord, TaskState
+from wire.tasks import Cancel, ErrorCode, Fetch, ResultItem, Submit
+
+#: How long ACCEPTED may wait to be batched (or made unnecessary by the result).
+ACCEPT_DELAY_S: Final = 0.002
+
+
+class ClientDesk:
+    """Takes in tasks and answers for them.
+
+    Args:
+        ledger: the engine's books.
+        lifecycle: ends cancelled tasks.
+    """
+
+    def __init__(self, ledger: Ledger, lifecycle: Lifecycle) -> None:
+        self.ledger = ledger
+        self.lifecycle = lifecycle
+        #: ACCEPTED owed, per SUBMIT: (when it is due, client, task ids), oldest first
+        self.accepted_due: deque[tuple[float, bytes, list[str]]] = deque()
+
+    def submit(self, identity: bytes, msg: Submit, now: float) -> None:
+        ledger = self.ledger
+        wall = now + ledger.wall_offset
+        ledger.items_this_pass += len(msg.tasks)
+        accepted: list[str] = []
+        full: list[str] = []
+        stopping: list[str] = []
+        tasks = ledger.tasks
+        default_timeout = ledger.config.default_timeout_s
+        max_pending = ledger.config.max_pending
+        resubmitted = 0
+        pending = ledger.pending
+        deadlines = ledger.deadlines
+        journal_accepted = ledger.journal.accepted
+        watch_tasks = ledger.watch_tasks
+        last_caps: tuple[str, ...] | None = None
+        last_agent: str | None = None
+        requirement: Requirement  # bound on the first task: last_caps starts as None
+        for spec in msg.tasks:
+            task_id = spec.id
+            existing = ledger.task_or_result(task_id)
+            if existing is not None:
+                # Idempotent resubmit: same id, same task; never run it twice.
+                resubmitted += 1
+                accepted.append(task_id)
+                if existing.result is not None:
+                    ledger.outbox(identity).results.append(existing.result)
+                elif existing.client != identity:
+                    existing.add_watcher(identity)
+                continue
+            if ledger.stopping_since is not None:
+                stopping.append(task_id)
+                continue
+            if pending.count >= max_pending:
+                full.append(task_id)
+                continue
+            # Consecutive tasks of a batch mostly ask for the same thing: comparing the
+            # freshly decoded strings is cheaper than hashing them into a key.
+            if spec.capabilities != last_caps or spec.agent != last_agent:
+                last_caps, last_agent = spec.capabilities, spec.agent
+                requirement = ledger.requirements.get(last_caps, last_agent)
+            timeout_s = spec.timeout_s or default_timeout
+            task = TaskRecord(spec, requirement, identity, now, timeout_s)
+            tasks[task_id] = task
+            pending.push(task)
+            deadlines.add(task, timeout_s)
+            journal_accepted(spec, identity, wall)
+            if watch_tasks:
+                self.lifecycle.publish(task, now)
+            if spec.parent_id is not None:
+                self._link_to_parent(task_id, spec.parent_id, now)
+            accepted.append(task_id)
+        ledger.counters["resubmitted"] += resubmitted
+        # Resubmits of known ids are counted apart (resubmitted), not as new work.
+        ledger.counters["submitted"] += len(msg.tasks) - len(full) - len(stopping) - resubmitted
+        if accepted:
+            self.defer_accepted(identity, accepted, now)
+        if full:
+            ledger.reject(identity, ErrorCode.QUEUE_FULL,
+                          f"the pending queue is full ({max_pending} tasks); retry later",
+                          task_ids=full)
+        if stopping:
+            ledger.reject(identity, ErrorCode.SHUTTING_DOWN,
+                          "the broker is shutting down and accepts no new tasks",
+                          task_ids=stopping)
+
+    def _link_to_parent(self, task_id: str, parent_id: str, now: float) -> None:
+        parent = self.ledger.tasks.get(parent_id)
+        if parent is not None:
+            if parent.children is None:
+                parent.children = []
+            parent.children.append(task_id)
+            return
+        finished = self.ledger.finished.get(parent_id)
+        if finished is not None and finished.state is TaskState.CANCELLED:
+            # Submitted by a parent that was cancelled meanwhile (its agent had not
+            # heard yet): the subtask is cancelled with it, as if it had been there.
+            self.lifecycle.cancel(task_id, f"parent {parent_id} was cancelled", now)
+
+    def fetch(self, identity: bytes, msg: Fetch) -> None:
+        ledger = self.ledger
+        missing = []
+        box = ledger.outbox(identity)
+        for task_id in msg.task_ids:
+            task = ledger.task_or_result(task_id)
+            if task is None:
+                missing.append(task_id)
+            elif task.result is not None:
+                box.results.append(task.result)
+            elif msg.wait:
+                task.add_watcher(identity)
+            else:
+                # Not finished and the caller will not wait: tell it where the task is.
+                box.results.append(ResultItem(task_id, task.state.value, agent=(
+                    task.agent.name if task.agent else None), attempts=task.attempts))
+        if missing:
+            ledger.reject(identity, ErrorCode.NOT_FOUND,
+                          f"no task with id {', '.join(missing[:5])}"
+                          + (" ..." if len(missing) > 5 else "")
+                          + " (unknown, or its result is past retention)",
+                          req=msg.req, task_ids=missing)
+
+    def cancel(self, msg: Cancel, now: float) -> None:
+        for task_id in msg.task_ids:
+            self.lifecycle.cancel(task_id, "cancelled by request", now)
+
+    # ------------------------------------------------------------ ACCEPTED
+
+    def defer_accepted(self, identity: bytes, task_ids: list[str], now: float) -> None:
+        """ACCEPTED waits ACCEPT_DELAY_S: a task that finishes by then needs none (its
+        result says more), and the rest go in fewer, larger messages. On a 2-core machine
+        an extra wake-up of the client costs the other processes' time. Each SUBMIT waits
+        its own delay: a shared deadline would confirm the tasks of a later SUBMIT early,
+        and a client sending one task at a time would get an ACCEPTED for every few."""
+        self.accepted_due.append((now + ACCEPT_DELAY_S, identity, task_ids))
+
+    def next_accepted_due(self) -> float | None:
+        """When the next ACCEPTED is due. SUBMITs whose tasks all finished meanwhile are
+        dropped first: their RESULT said more, and a wake-up for them is a pass for nothing
+        (a client submitting one quick task every few milliseconds would cost the broker
+        one more pass per task)."""
+        due = self.accepted_due
+        tasks = self.ledger.tasks
+        while due:
+            when, _, ids = due[0]
+            for task_id in ids:
+                if task_id in tasks:
+                    return when
+            due.popleft()
+        return None
+
+    def release_accepted(self, now: float) -> None:
+        """ACCEPTED for the SUBMITs whose delay is over, for the tasks still open."""
+        due = self.accepted_due
+        if not due or now < due[0][0]:
+            return
+        tasks = self.ledger.tasks
+        while due and due[0][0] <= now:
+            _, identity, ids = due.popleft()
+            still_open = [task_id for task_id in ids if task_id in tasks]
+            if still_open:
+                self.ledger.outbox(identity).accepted.extend(still_open)

@@ -1,0 +1,153 @@
+"""What the engine's parts share: the task and agent books, the outboxes of this pass,
+the counters, and the hooks to the outside (journal, events).
+
+The parts (``lifecycle``, ``clients``, ``agents``, ``direct``, ``status``) each hold the
+one :class:`Ledger` of their engine; none of them holds a socket, a file or a clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Any, Protocol
+
+from broker.config import BrokerConfig
+from broker.engine.circuit import RetryBackoff
+from broker.engine.model import TaskRecord
+from broker.engine.queues import Deadlines, FinishedResults, PendingQueue
+from broker.engine.routing import AgentTable, Requirements, make_policy
+from wire.tasks import Error, ErrorCode, ResultItem, TaskSpec, encode
+
+
+class JournalSink(Protocol):
+    """Where the engine records what it accepted and finished (``broker.journal``); the
+    broker's loop commits the records before anybody hears of them."""
+
+    def accepted(self, spec: TaskSpec, client: bytes, wall: float) -> None: ...
+
+    def finished(self, result: ResultItem, wall: float) -> None: ...
+
+
+class EventSink(Protocol):
+    """Where the engine publishes task and agent events (the bus, when one runs)."""
+
+    def task_changed(self, task_id: str, state: str, attempt: int, agent: str | None,
+                     at: float, final: bool) -> None: ...
+
+    def agent_joined(self, agent_id: str, name: str, capabilities: list[str]) -> None: ...
+
+    def agent_left(self, agent_id: str, name: str, capabilities: list[str],
+                   reason: str) -> None: ...
+
+
+class NoEvents:
+    """The event sink of a broker without a bus: every event goes nowhere."""
+
+    def task_changed(self, task_id: str, state: str, attempt: int, agent: str | None,
+                     at: float, final: bool) -> None:
+        return None
+
+    def agent_joined(self, agent_id: str, name: str, capabilities: list[str]) -> None:
+        return None
+
+    def agent_left(self, agent_id: str, name: str, capabilities: list[str],
+                   reason: str) -> None:
+        return None
+
+
+class NoJournal:
+    """The journal sink of an engine that keeps nothing (tests)."""
+
+    def accepted(self, spec: TaskSpec, client: bytes, wall: float) -> None:
+        return None
+
+    def finished(self, result: ResultItem, wall: float) -> None:
+        return None
+
+
+class Outbox:
+    """What one peer will be sent at the end of this pass, batched per command.
+
+    A plain class, not a dataclass: one is made per peer per pass, and a dataclass's
+    ``__init__`` stays interpreted (with a call per default factory) when compiled."""
+
+    __slots__ = ("first", "assignments", "results", "accepted", "acks", "cancels", "control")
+
+    def __init__(self) -> None:
+        #: already-encoded messages that must precede this pass's work (WELCOME: an agent
+        #: must know it is registered before it runs a task, or it resends its results)
+        self.first: list[list[Any]] = []
+        self.assignments: list[Any] = []
+        self.results: list[ResultItem] = []
+        self.accepted: list[str] = []
+        self.acks: list[str] = []
+        self.cancels: list[str] = []
+        #: already-encoded control messages (errors, status replies, heartbeats), in order
+        self.control: list[list[Any]] = []
+
+
+class Ledger:
+    """The engine's books, shared by its parts.
+
+    Args:
+        config: the broker's tunables.
+        journal: records accepted and finished tasks.
+        now: the clock reading the engine starts at.
+        wall_offset: add to a clock reading to get wall-clock time (journal, timelines).
+        boot_id: this start's id, told to agents and clients.
+    """
+
+    def __init__(self, config: BrokerConfig, journal: JournalSink, now: float,
+                 wall_offset: float, boot_id: str) -> None:
+        self.config = config
+        #: a new id per start: clients that see it change send again what they had open
+        self.boot_id = boot_id
+        #: other components' endpoints handed to agents at registration (bus, state)
+        self.endpoints: dict[str, str] = {}
+        self.journal = journal
+        self.events: EventSink = NoEvents()
+        #: somebody subscribes to task events: state changes get published. Hot paths
+        #: test this one attribute, so that task events cost nothing while nobody listens.
+        self.watch_tasks = False
+        self.wall_offset = wall_offset
+        self.started_at = now
+        self.policy = make_policy(config.policy)
+        self.backoff = RetryBackoff(config.default_max_retries, config.retry_base_delay_s,
+                                    config.retry_max_delay_s)
+        self.agents = AgentTable()
+        self.requirements = Requirements()
+        self.tasks: dict[str, TaskRecord] = {}
+        self.pending = PendingQueue()
+        self.finished = FinishedResults(config.result_retention_max, config.result_retention_s)
+        self.deadlines = Deadlines()
+        #: tasks waiting out a retry back-off
+        self.retrying: deque[TaskRecord] = deque()
+        self.outboxes: dict[bytes, Outbox] = {}
+        self.counters: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        #: open tasks survive a stop (the journal keeps them): durability is not "none"
+        self.journal_kept = config.durability != "none"
+        #: set once a graceful stop began: no new tasks, no retries
+        self.stopping_since: float | None = None
+        #: messages in this pass's drain (a drain stops after a batch's worth)
+        self.items_this_pass = 0
+
+    def outbox(self, identity: bytes) -> Outbox:
+        box = self.outboxes.get(identity)
+        if box is None:
+            box = self.outboxes[identity] = Outbox()
+        return box
+
+    def reject(self, identity: bytes, code: str | ErrorCode, message: str,
+               req: int | None = None, task_ids: list[str] | None = None) -> None:
+        """Answer ``identity`` with ERROR ``code``, counted by code."""
+        code = code.value if isinstance(code, ErrorCode) else code
+        self.errors[code] += 1
+        self.outbox(identity).control.append(encode(Error(code, message, req, task_ids or [])))
+
+    def max_retries(self, task: TaskRecord) -> int:
+        retries = task.spec.max_retries
+        return self.backoff.max_retries if retries is None else retries
+
+    def task_or_result(self, task_id: str) -> TaskRecord | None:
+        """An open task, or a finished one still retained."""
+        return self.tasks.get(task_id) or self.finished.get(task_id)

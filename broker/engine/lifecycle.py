@@ -1,0 +1,244 @@
+"""The only place a task's state changes.
+
+Every change goes through :func:`transition`, which looks the (state, event) pair up in
+:data:`broker.engine.model.TRANSITIONS` and raises
+:class:`~broker.errors.IllegalTransition` for a pair the table does not list.
+:class:`Lifecycle` wraps each transition with the bookkeeping that belongs to it (the
+queue, deadlines, the journal, the result sent to the client, the task event).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from broker.engine.ledger import Ledger
+from broker.engine.model import (
+    ENDING_OF_STATUS, TRANSITIONS, AgentRecord, TaskEvent, TaskRecord, TaskState,
+)
+from broker.errors import IllegalTransition
+from wire.tasks import Assignment, ErrorCode, ResultItem, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+#: Error codes a retry cannot help with.
+NOT_RETRYABLE = frozenset({ErrorCode.CANCELLED.value, ErrorCode.TOO_LARGE.value,
+                           ErrorCode.NO_AGENT.value, ErrorCode.SHUTTING_DOWN.value,
+                           ErrorCode.BAD_FRAME.value})
+
+# Hot paths compare against module globals: attribute access on enum classes goes
+# through Python-level descriptors, several times slower.
+_PENDING = TaskState.PENDING
+_DISPATCH_NEXT = TRANSITIONS[TaskEvent.DISPATCH]
+_new_tuple = tuple.__new__
+
+
+def transition(task: TaskRecord, event: TaskEvent) -> TaskState:
+    """Move ``task`` along ``event``; returns the new state.
+
+    Raises:
+        IllegalTransition: the table has no such move from the task's state.
+    """
+    target = TRANSITIONS[event].get(task.state)
+    if target is None:
+        raise IllegalTransition(task.spec.id, task.state, event)
+    task.state = target
+    return target
+
+
+def new_result(fields: tuple[object, ...]) -> ResultItem:
+    """A :class:`ResultItem` from all its fields, without NamedTuple's Python ``__new__``."""
+    return _new_tuple(ResultItem, fields)
+
+
+class Lifecycle:
+    """The bookkeeping around each transition of a task.
+
+    Args:
+        ledger: the engine's books.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def publish(self, task: TaskRecord, now: float) -> None:
+        """Publish the task's new state on ``tasks.<id>``. Callers test
+        ``ledger.watch_tasks`` first; ``agent`` is the agent's id while the task is
+        dispatched or running, and the agent name (as in its result) once it ended."""
+        state = task.state
+        final = state.finished
+        if final:
+            agent = task.result.agent if task.result is not None else None
+        else:
+            agent = task.agent.agent_id if task.agent is not None else None
+        self.ledger.events.task_changed(task.spec.id, state.value, task.attempts, agent,
+                                        now + self.ledger.wall_offset, final)
+
+    # ------------------------------------------------------------ on an agent
+
+    def dispatch(self, task: TaskRecord, agent: AgentRecord, now: float) -> Assignment:
+        """A new attempt of a PENDING task goes to ``agent``; returns what to send it."""
+        target = _DISPATCH_NEXT.get(task.state)
+        if target is None:
+            raise IllegalTransition(task.spec.id, task.state, TaskEvent.DISPATCH)
+        task.state = target
+        task.agent = agent
+        attempts = task.attempts = task.attempts + 1
+        task.dispatched_at = task.last_sign = now
+        timeout_s = task.timeout_s
+        task.deadline = now + timeout_s
+        self.ledger.deadlines.add(task, timeout_s)
+        spec = task.spec
+        agent.in_flight[spec.id] = task
+        if self.ledger.watch_tasks:
+            self.publish(task, now)
+        return _new_tuple(Assignment, (spec.id, spec.payload, attempts, timeout_s,
+                                       spec.capabilities, spec.parent_id))
+
+    def start(self, task: TaskRecord, now: float) -> None:
+        """The agent said it started the task."""
+        transition(task, TaskEvent.START)
+        task.started_at = now
+        if self.ledger.watch_tasks:
+            self.publish(task, now)
+
+    def reclaim(self, task: TaskRecord, agent: AgentRecord, now: float) -> None:
+        """We had requeued the task (its agent looked dead), but the agent still runs it:
+        it keeps it, rather than the task running twice."""
+        transition(task, TaskEvent.RECLAIM)
+        self.ledger.pending.discard(task)
+        task.agent = agent
+        task.dispatched_at = task.last_sign = now
+        task.deadline = now + task.timeout_s
+        self.ledger.deadlines.add(task, task.timeout_s)
+        agent.in_flight[task.spec.id] = task
+        task.note(now, "reclaimed", agent.agent_id)
+        if self.ledger.watch_tasks:
+            self.publish(task, now)
+
+    def detach(self, task: TaskRecord, now: float) -> None:
+        """Take a task off its agent (which may still run it: its slot stays taken until
+        it answers the CANCEL) or out of the queue."""
+        if task.state is _PENDING:
+            self.ledger.pending.discard(task)
+        agent = task.agent
+        if agent is not None:
+            task_id = task.spec.id
+            agent.in_flight.pop(task_id, None)
+            agent.foreign_running[task_id] = now
+            self.ledger.outbox(agent.identity).cancels.append(task_id)
+            task.release_agent()
+
+    # ------------------------------------------------------------ back to the queue
+
+    def retry(self, task: TaskRecord, code: str | None, message: str | None,
+              retryable: bool | None, now: float) -> bool:
+        """Schedule another attempt if the failure allows it; True if scheduled."""
+        ledger = self.ledger
+        if retryable is None:
+            retryable = code not in NOT_RETRYABLE
+        if not retryable or task.attempts > ledger.max_retries(task) or \
+                ledger.stopping_since is not None:
+            return False
+        transition(task, TaskEvent.RETRY)
+        delay = ledger.backoff.delay(task.attempts)
+        if task.dispatched_at:
+            # The next dispatch overwrites dispatched_at: keep this attempt's in history.
+            task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
+        task.retry_at = now + delay
+        task.note(now, "retrying", f"attempt {task.attempts} failed ({code}: {message}); "
+                                   f"retry in {delay:.2f} s")
+        ledger.retrying.append(task)
+        ledger.counters["retried"] += 1
+        if ledger.watch_tasks:
+            self.publish(task, now)
+        return True
+
+    def release_retries(self, now: float) -> None:
+        """Tasks whose back-off is over wait for an agent again."""
+        ledger = self.ledger
+        still: deque[TaskRecord] = deque()
+        for task in ledger.retrying:
+            if task.state is not TaskState.RETRYING:
+                continue
+            if task.retry_at > now:
+                still.append(task)
+                continue
+            transition(task, TaskEvent.RELEASE)
+            task.deadline = now + task.timeout_s
+            ledger.deadlines.add(task, task.timeout_s)
+            ledger.pending.push(task)
+            if ledger.watch_tasks:
+                self.publish(task, now)
+        ledger.retrying = still
+
+    def requeue(self, task: TaskRecord, why: str, now: float) -> None:
+        """A task lost its agent (or its dispatch was lost): run it elsewhere, at once, or
+        fail it when its retries are used up. Call after ``task.release_agent()``."""
+        ledger = self.ledger
+        if task.attempts > ledger.max_retries(task):
+            self.end_by_broker(task, TaskStatus.FAILED, ErrorCode.AGENT_LOST,
+                               f"{why}; no retries left after {task.attempts} attempt(s)", now)
+            return
+        transition(task, TaskEvent.REQUEUE)
+        task.deadline = now + task.timeout_s
+        ledger.deadlines.add(task, task.timeout_s)
+        ledger.pending.push_front(task)
+        if task.dispatched_at:
+            task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
+        task.note(now, "requeued", why)
+        ledger.counters["redispatched"] += 1
+        if ledger.watch_tasks:
+            self.publish(task, now)
+
+    # ------------------------------------------------------------ endings
+
+    def finish(self, task: TaskRecord, result: ResultItem, now: float) -> None:
+        """The one way a task ends: record, journal, tell its client and watchers, retain.
+        The result's status names the ending."""
+        ledger = self.ledger
+        state = transition(task, ENDING_OF_STATUS.get(result.status, TaskEvent.FAIL))
+        task.result = result
+        task.finished_at = now
+        del ledger.tasks[task.spec.id]
+        ledger.finished.add(task)
+        ledger.journal.finished(result, now + ledger.wall_offset)
+        ledger.counters[state._value_] += 1
+        if ledger.watch_tasks:
+            self.publish(task, now)
+        client = task.client
+        ledger.outbox(client).results.append(result)
+        if task.watchers:
+            for watcher in task.watchers:
+                if watcher != client:
+                    ledger.outbox(watcher).results.append(result)
+
+    def end_by_broker(self, task: TaskRecord, status: TaskStatus, code: ErrorCode,
+                      message: str, now: float, retryable: bool = False) -> None:
+        """End (or, if ``retryable`` and retries are left, retry) a task the broker decided
+        about: timeout, no agent, lost agent, cancel, shutdown."""
+        agent_name = task.agent.name if task.agent is not None else None
+        was_pending = task.state is _PENDING
+        self.detach(task, now)
+        if retryable and self.retry(task, code.value, message, True, now):
+            return
+        queued_ms = round((now - task.submitted_at) * 1000.0, 3) if was_pending else None
+        self.finish(task, new_result((task.spec.id, status.value, b"", code.value, message,
+                                      agent_name, task.attempts, queued_ms, None, None)), now)
+
+    def cancel(self, task_id: str, reason: str, now: float) -> None:
+        """Cancel a task and, depth first, the subtasks it submitted."""
+        task = self.ledger.tasks.get(task_id)
+        if task is None:
+            return
+        children = task.children
+        self.end_by_broker(task, TaskStatus.CANCELLED, ErrorCode.CANCELLED, reason, now)
+        for child in children or ():
+            self.cancel(child, f"parent {task_id} was cancelled", now)
+
+    def restore_finished(self, task: TaskRecord, result: ResultItem, finished_at: float) -> None:
+        """A result read back from the journal: the task is retained, already ended."""
+        transition(task, ENDING_OF_STATUS.get(result.status, TaskEvent.FAIL))
+        task.result = result
+        task.finished_at = finished_at
+        self.ledger.finished.add(task)

@@ -1,0 +1,50 @@
+"""Rebuilding the engine's books from the journal at start-up."""
+
+from __future__ import annotations
+
+import logging
+
+from broker.engine.ledger import Ledger
+from broker.engine.lifecycle import Lifecycle
+from broker.engine.model import TaskRecord
+from broker.journal import AcceptedRecord, Replay
+
+logger = logging.getLogger(__name__)
+
+
+def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) -> None:
+    """Open tasks go back to the queue; results still within retention are kept."""
+    wall_now = now + ledger.wall_offset
+    restored_results = 0
+    for task_id, record in replay.results.items():
+        accepted = replay.accepted.get(task_id)
+        if accepted is None or wall_now - record.wall > ledger.finished.max_age_s:
+            continue
+        task = _task_from_journal(ledger, accepted, now)
+        lifecycle.restore_finished(task, record.item(), record.wall - ledger.wall_offset)
+        restored_results += 1
+    reopened = 0
+    for task_id, accepted in replay.accepted.items():
+        if task_id in replay.results:
+            continue
+        task = _task_from_journal(ledger, accepted, now)
+        task.note(now, "restored", "the broker restarted; dispatching again")
+        task.restored = True
+        ledger.tasks[task_id] = task
+        ledger.pending.push(task)
+        ledger.deadlines.add(task, task.timeout_s)
+        reopened += 1
+    if replay.records:
+        logger.info("journal: %d open task(s) dispatched again, %d result(s) restored "
+                    "(%d record(s), %d torn byte(s) dropped)", reopened, restored_results,
+                    replay.records, replay.truncated_bytes)
+    ledger.counters["restored_open"] = reopened
+    ledger.counters["restored_results"] = restored_results
+
+
+def _task_from_journal(ledger: Ledger, record: AcceptedRecord, now: float) -> TaskRecord:
+    spec = record.spec()
+    task = TaskRecord(spec, ledger.requirements.get(spec.capabilities, spec.agent),
+                      record.client, now, spec.timeout_s or ledger.config.default_timeout_s)
+    task.submitted_at = record.wall - ledger.wall_offset
+    return task

@@ -1,0 +1,167 @@
+"""STATUS and task queries: the documents ``orchestrator status``, ``tasks`` and
+``trace`` print, and STATUS requests that wait ``until`` enough agents are there."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Final
+
+from broker.engine.ledger import Ledger
+from broker.engine.model import Requirement, TaskRecord, TaskState
+from wire.documents import BrokerDocument, StatusDocument, StatusUntil, TaskDocument
+from wire.tasks import ErrorCode, StatusReply, StatusRequest, TaskList, TaskQuery, encode
+
+#: How deep ``trace`` follows subtasks.
+TRACE_DEPTH: Final = 8
+_ENDED_STATES: Final = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT,
+                        TaskState.CANCELLED)
+
+
+@dataclass(slots=True)
+class StatusWaiter:
+    """A STATUS request with ``until``: answered when enough agents match or at deadline."""
+
+    identity: bytes
+    req: int
+    requirement: Requirement
+    count: int
+    deadline: float
+
+
+def no_extras() -> dict[str, Any]:
+    return {}
+
+
+class StatusDesk:
+    """Answers STATUS and task queries.
+
+    Args:
+        ledger: the engine's books.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.waiters: list[StatusWaiter] = []
+        #: the parts of the status document the engine cannot know (endpoint, process,
+        #: journal, socket counters, bus), merged in by the broker that runs it
+        self.extras: Callable[[], dict[str, Any]] = no_extras
+
+    # ------------------------------------------------------------ STATUS
+
+    def request(self, identity: bytes, msg: StatusRequest, now: float) -> None:
+        until = msg.until
+        if not until:
+            self.ledger.outbox(identity).control.append(
+                encode(StatusReply(msg.req, self.document(now))))
+            return
+        try:
+            wanted = StatusUntil.from_map(until)
+        except ValueError as e:
+            self.ledger.reject(identity, ErrorCode.BAD_FRAME, str(e), req=msg.req)
+            return
+        requirement = self.ledger.requirements.get(wanted.capabilities, wanted.name)
+        waiter = StatusWaiter(identity, msg.req, requirement, wanted.agents,
+                              now + max(0.0, msg.timeout_s))
+        if not self._answer(waiter, False, now):
+            self.waiters.append(waiter)
+
+    def agents_changed(self, now: float) -> None:
+        """Agents came: answer the waiters they satisfy."""
+        if self.waiters:
+            self.waiters = [w for w in self.waiters if not self._answer(w, False, now)]
+
+    def tick(self, now: float) -> None:
+        """Answer the waiters whose deadline passed, met or not."""
+        if self.waiters:
+            self.waiters = [w for w in self.waiters
+                            if not self._answer(w, now >= w.deadline, now)]
+
+    def _answer(self, waiter: StatusWaiter, force: bool, now: float) -> bool:
+        met = len(self.ledger.agents.eligible(waiter.requirement)) >= waiter.count
+        if not (met or force):
+            return False
+        status = self.document(now)
+        status["met"] = met
+        self.ledger.outbox(waiter.identity).control.append(
+            encode(StatusReply(waiter.req, status)))
+        return True
+
+    def document(self, now: float) -> StatusDocument:
+        """A snapshot of the broker (the document ``orchestrator status`` prints)."""
+        ledger = self.ledger
+        counters = ledger.counters
+        states = Counter(t.state.value for t in ledger.tasks.values())
+        extras = self.extras()
+        broker: BrokerDocument = {
+            "policy": ledger.policy.name,
+            "uptime_s": round(now - ledger.started_at, 3),
+            "state": "stopping" if ledger.stopping_since is not None else "running",
+        }
+        broker.update(extras.pop("broker", {}))  # type: ignore[typeddict-item]
+        document: StatusDocument = {
+            "broker": broker,
+            "agents": [a.describe(now) for a in ledger.agents],
+            "queue": {"pending": ledger.pending.count, "max_pending": ledger.config.max_pending},
+            "tasks": {
+                "submitted": counters["submitted"], "pending": ledger.pending.count,
+                "in_flight": states["dispatched"] + states["running"],
+                "running": states["running"], "retrying": states["retrying"],
+                **{s.value: counters[s.value] for s in _ENDED_STATES},
+                **{name: counters[name] for name in (
+                    "retried", "redispatched", "lease_expired", "lost_answers",
+                    "duplicate_results")},
+                "retained_results": len(ledger.finished),
+                "restored_open": counters["restored_open"],
+                "restored_results": counters["restored_results"],
+            },
+            "errors": dict(ledger.errors),
+        }
+        document.update(extras)  # type: ignore[typeddict-item]  # the broker's own sections
+        return document
+
+    # ------------------------------------------------------------ task queries
+
+    def query(self, identity: bytes, msg: TaskQuery) -> None:
+        """TASKS: given ids with their subtask trees, or the newest finished tasks."""
+        listed: list[TaskDocument]
+        if msg.task_ids is not None:
+            listed = [self._describe(task_id, depth=0) for task_id in msg.task_ids]
+        else:
+            wanted = set(msg.statuses) if msg.statuses else None
+            listed = []
+            for task in self.ledger.finished.newest_first():
+                if len(listed) >= msg.limit:
+                    break
+                result = task.result
+                if result is None or (wanted is not None and result.status not in wanted):
+                    continue
+                listed.append(self.task_document(task))
+        self.ledger.outbox(identity).control.append(encode(TaskList(msg.req, listed)))
+
+    def task_document(self, task: TaskRecord) -> TaskDocument:
+        result = task.result
+        wall_offset = self.ledger.wall_offset
+        return {
+            "task_id": task.spec.id, "status": task.state.value,
+            "error": None if result is None or result.error_code is None
+            else {"code": result.error_code, "message": result.error_message or ""},
+            "agent": result.agent if result is not None
+            else (task.agent.name if task.agent is not None else None),
+            "attempts": task.attempts, "capabilities": list(task.spec.capabilities),
+            "parent_id": task.spec.parent_id,
+            "finished_at": round(task.finished_at + wall_offset, 6)
+            if task.finished_at else None,
+            "timeline": task.timeline(wall_offset),
+        }
+
+    def _describe(self, task_id: str, depth: int) -> TaskDocument:
+        """A task's document with its subtask tree (for ``orchestrator trace``)."""
+        task = self.ledger.task_or_result(task_id)
+        if task is None:
+            return {"task_id": task_id, "status": "unknown", "children": []}
+        document = self.task_document(task)
+        children = task.children or []
+        document["children"] = [self._describe(child, depth + 1) for child in children] \
+            if depth < TRACE_DEPTH else [{"task_id": c, "status": "..."} for c in children]
+        return document
