@@ -8,31 +8,38 @@
 - Messaging (:mod:`agent_sdk.messaging`, methods of agents and clients): ``publish`` /
   ``subscribe`` on the bus, ``send`` / ``request`` / ``receive`` / ``on_message`` for
   direct messages, ``agent.submit`` for subtasks.
+- :class:`RetryPolicy`, :class:`CircuitBreaker`: around any call of your own.
+
+Every exception the SDK raises on purpose is an :class:`OrchestratorError`, the wire
+protocol's errors (:class:`TooLarge`, ...) included.
+
+The SDK needs only the :mod:`wire` package besides itself: it never loads the broker's.
 """
 
 from __future__ import annotations
 
 from agent_sdk.agent import AgentState, BaseAgent
-from agent_sdk.client import Client, SyncClient, SyncTaskHandle, TaskHandle
+from agent_sdk.client import Client
 from agent_sdk.errors import (
-    BrokerUnavailable, OrchestratorError, PermanentFailure, RequestRefused, TaskNotFound,
-    WaitTimeout,
+    BrokerUnavailable, BusUnavailable, DecodeError, LeaseLost, LockTimeout, MailboxFull,
+    NoSuchAgent, OrchestratorError, PermanentFailure, RemoteError, RequestRefused,
+    StaleFencingToken, StateError, StateUnavailable, TaskNotFound, TooLarge, VersionConflict,
+    WaitTimeout, WireError,
 )
-from broker.resilience import CircuitBreaker, CircuitBreakerOpen, CircuitState, RetryPolicy
-from agent_sdk.task import Result, Task, TaskError
-from agent_sdk.errors import (
-    LeaseLost, LockTimeout, StaleFencingToken, StateError, StateUnavailable, VersionConflict,
-)
-from agent_sdk.state import Change, Lease, StateClient, SyncStateClient, Versioned, Watch
-from agent_sdk.client import SyncSubscription
-from agent_sdk.errors import BusUnavailable, MailboxFull, NoSuchAgent, RemoteError
+from agent_sdk.handles import TaskHandle
 from agent_sdk.messaging import BusMessage, DirectMessage, Subscription
+from agent_sdk.resilience import CircuitBreaker, CircuitBreakerOpen, CircuitState, RetryPolicy
+from agent_sdk.state import Change, Lease, StateClient, Versioned, Watch
+from agent_sdk.sync import SyncClient, SyncStateClient, SyncSubscription, SyncTaskHandle
+from agent_sdk.task import Result, Task, TaskError
 
 __all__ = [
     "AgentState", "BaseAgent", "BrokerUnavailable", "CircuitBreaker", "CircuitBreakerOpen",
     "CircuitState", "Client", "OrchestratorError", "PermanentFailure", "RequestRefused",
     "Result", "RetryPolicy", "SyncClient", "SyncTaskHandle", "Task", "TaskError",
     "TaskHandle", "TaskNotFound", "WaitTimeout",
+    # wire errors, as the SDK raises them
+    "DecodeError", "TooLarge", "WireError",
     # shared state
     "Change", "Lease", "LeaseLost", "LockTimeout", "StaleFencingToken", "StateClient",
     "StateError", "StateUnavailable", "SyncStateClient", "VersionConflict", "Versioned", "Watch",

@@ -76,6 +76,7 @@ async def _serve(agent: BaseAgent, broker: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (2: the agent cannot be built)."""
     parser = argparse.ArgumentParser(prog="python -m agent_sdk",
                                      description="Run an Orchestrator agent process.")
     sub = parser.add_subparsers(dest="command", required=True)

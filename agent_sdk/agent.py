@@ -27,55 +27,33 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextvars
 import enum
 import logging
 import signal
-import time
 import uuid
-from collections import deque
-from collections.abc import Coroutine, Generator, Iterable
+from collections.abc import Iterable
 from typing import Any, Final
 
-from broker.config import broker_url
-from wire.codec import chunks
-from wire.limits import MAX_FRAME_BYTES
 from wire.tasks import (
-    Ack, Assignment, Cancel, Disconnect, Dispatch, Error, ErrorCode, Heartbeat, Message,
-    Progress, Ready, ResultItem, Results, TaskStatus, Welcome,
+    Ack, Cancel, Direct, DirectVerdict, Disconnect, Dispatch, Error, ErrorCode, Heartbeat,
+    Message, Progress, Ready, Welcome,
 )
-from wire.tasks import Direct, DirectVerdict
 from agent_sdk.client import Client
-from agent_sdk.errors import OrchestratorError, PermanentFailure
+from agent_sdk.config import broker_url
+from agent_sdk.connection import (
+    Backoff, Connection, DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, TASK_CODEC,
+    Transport,
+)
+from agent_sdk.errors import OrchestratorError, StateUnavailable
 from agent_sdk.messaging import MAILBOX_SIZE, MessagingMixin, Messenger
+from agent_sdk.runner import current_task, TaskRunner
+from agent_sdk.state import endpoint_from, StateClient
 from agent_sdk.task import _MISSING, Result, Task
-from agent_sdk.errors import StateUnavailable
-from agent_sdk.state import StateClient, endpoint_from
-from agent_sdk.transport import Channel
 
 logger = logging.getLogger(__name__)
 
-_new_tuple = tuple.__new__
-_SUCCEEDED = TaskStatus.SUCCEEDED.value
-
-
-def _new_result(fields: tuple[Any, ...]) -> ResultItem:
-    return _new_tuple(ResultItem, fields)
-
-#: Until the broker's WELCOME says otherwise.
-DEFAULT_HEARTBEAT_INTERVAL_S: Final = 1.0
-DEFAULT_HEARTBEAT_LIVENESS: Final = 3
-#: Reconnect back-off: first wait, cap.
-RECONNECT_MIN_S: Final = 0.1
-RECONNECT_MAX_S: Final = 5.0
 #: How long a graceful stop waits for running tasks.
 STOP_DRAIN_S: Final = 30.0
-
-#: The id of the task whose ``execute`` is running: subtasks submitted from it name it as
-#: their parent. Set around the eager first step in ``_start``; the asyncio Task that
-#: runs the rest copies the context at creation, so it stays set there too.
-_current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "orchestrator_current_task", default=None)
 
 
 class AgentState(enum.Enum):
@@ -90,43 +68,12 @@ class AgentState(enum.Enum):
     STOPPED = "stopped"
 
 
-class _Resume:
-    """Hands a coroutine that already ran up to its first suspension to an asyncio Task.
-
-    Agents run ``execute`` eagerly: most calls of a fast agent finish without ever
-    suspending, and then no Task is created at all. When one does suspend, this awaitable
-    re-yields the future it is waiting on, so the Task takes over exactly where it was.
-    """
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self._coro = coro
-        self._first = first
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro = self._coro
-        to_yield = self._first
-        while True:
-            try:
-                sent = yield to_yield
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as e:  # cancellation and friends go into the coroutine
-                try:
-                    to_yield = coro.throw(e)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    to_yield = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
 class BaseAgent(MessagingMixin, abc.ABC):
     """Base class of every agent.
+
+    The agent's connection with the broker (registration, heartbeats, reconnects) is
+    here; running the tasks and keeping their results is its
+    :class:`~agent_sdk.runner.TaskRunner`'s.
 
     Args:
         name: the agent type; tasks may ask for it by name, and replicas share it.
@@ -155,27 +102,17 @@ class BaseAgent(MessagingMixin, abc.ABC):
         self.status = AgentState.STARTING
         self.broker_url = ""
         self.endpoints: dict[str, str] = {}
-        self.tasks_done = 0
-        self.tasks_failed = 0
-        self._channel: Channel | None = None
-        self._running: dict[str, asyncio.Task[Any] | None] = {}
-        self._outgoing: list[ResultItem] = []
-        self._unacked: dict[str, ResultItem] = {}
-        #: (when, task ids) of result batches sent, oldest first, to resend unacked ones
-        self._sent_log: deque[tuple[float, list[str]]] = deque()
-        #: tasks that started running as asyncio tasks since the last flush
-        self._started: list[str] = []
+        self._channel: Transport[Message] | None = None
+        self._task_runner = TaskRunner(self.execute)
         self._heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self._heartbeat_liveness = DEFAULT_HEARTBEAT_LIVENESS
-        self._last_heard = 0.0
-        self._last_sent = 0.0
-        self._reconnect_delay_s = RECONNECT_MIN_S
-        self._next_reconnect = 0.0
+        self._reconnects = Backoff()
+        #: loop times after which running tasks' leases and the messaging counters are
+        #: reported again
+        self._next_lease = 0.0
+        self._next_stats = 0.0
         self._stop_event = asyncio.Event()
         self._registered_event = asyncio.Event()
-        #: set while no task runs as an asyncio Task (a graceful stop waits for it)
-        self._idle_event = asyncio.Event()
-        self._idle_event.set()
         self._shared_state: StateClient | None = None
         #: pub/sub and direct messages (the methods of MessagingMixin use it)
         self.messaging = Messenger(lambda: self.agent_id, self._send_message,
@@ -183,8 +120,6 @@ class BaseAgent(MessagingMixin, abc.ABC):
                                    started=lambda: self._channel is not None)
         #: the connection subtasks are submitted on, opened by the first ``submit``
         self._subtasks: Client | None = None
-        #: subtasks submitted so far by each running task (their ids derive from it)
-        self._subtask_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------ to override
 
@@ -203,8 +138,24 @@ class BaseAgent(MessagingMixin, abc.ABC):
     async def ping(self) -> dict[str, Any]:
         """Health of this agent, for checks and tests."""
         return {"ok": self.status is AgentState.READY, "id": self.agent_id, "name": self.name,
-                "state": self.status.value, "running": len(self._running),
+                "state": self.status.value, "running": len(self._task_runner.running),
                 "done": self.tasks_done, "failed": self.tasks_failed}
+
+    @property
+    def _running(self) -> dict[str, asyncio.Task[Any] | None]:
+        """The tasks running as asyncio Tasks, by id (under the name agents written for
+        earlier releases read)."""
+        return self._task_runner.running
+
+    @property
+    def tasks_done(self) -> int:
+        """Tasks that ended succeeded on this agent."""
+        return self._task_runner.tasks_done
+
+    @property
+    def tasks_failed(self) -> int:
+        """Tasks that ended otherwise on this agent."""
+        return self._task_runner.tasks_failed
 
     @property
     def state(self) -> StateClient:
@@ -249,11 +200,11 @@ class BaseAgent(MessagingMixin, abc.ABC):
         counting this execution's submits, so a parent that runs again (a retry, a
         duplicate dispatch) gets the same subtasks back instead of running them again.
         """
-        current = _current_task.get()
+        current = current_task.get()
         parent = parent_id if parent_id is not None else current
         if task_id is None and parent is not None and parent == current:
-            count = self._subtask_counts.get(parent, 0) + 1
-            self._subtask_counts[parent] = count
+            counts = self._task_runner.subtask_counts
+            count = counts[parent] = counts.get(parent, 0) + 1
             task_id = f"{parent}/{count}"
         client = self._subtasks
         if client is None:
@@ -283,27 +234,30 @@ class BaseAgent(MessagingMixin, abc.ABC):
         loop = asyncio.get_running_loop()
         self.broker_url = broker or broker_url()
         await self.on_start()
-        self._channel = Channel(self.broker_url, self.agent_id.encode(), self._on_message,
-                                self._flush)
-        self._channel.open()
+        channel = self._channel = Connection(self.broker_url, self.agent_id.encode(),
+                                             TASK_CODEC, self._on_message, self._task_runner.flush)
+        self._task_runner.channel = channel
+        channel.open()
         self._register(loop.time())
         heartbeats = asyncio.create_task(self._heartbeat_loop(), name=f"{self.agent_id}-heartbeat")
         try:
             await self._stop_event.wait()
-            await self._drain_and_leave()
+            await self._drain_and_leave(channel)
         finally:
             heartbeats.cancel()
             await asyncio.gather(heartbeats, return_exceptions=True)
-            for pending in [t for t in self._running.values() if t is not None]:
-                pending.cancel()
-            self._channel.close()
+            self._task_runner.cancel_all()
+            channel.close()
             self.status = AgentState.STOPPED
-            await self.on_stop()
-            if self._shared_state is not None:
-                await self._shared_state.close()
-            await self.messaging.close()
-            if self._subtasks is not None:
-                await self._subtasks.close()
+            await self._close_owned()
+
+    async def _close_owned(self) -> None:
+        await self.on_stop()
+        if self._shared_state is not None:
+            await self._shared_state.close()
+        await self.messaging.close()
+        if self._subtasks is not None:
+            await self._subtasks.close()
 
     def stop(self) -> None:
         """Stop taking tasks, finish running ones, say goodbye (call on the agent's loop)."""
@@ -313,88 +267,89 @@ class BaseAgent(MessagingMixin, abc.ABC):
         """Return once the broker has accepted this agent's registration."""
         await asyncio.wait_for(self._registered_event.wait(), timeout)
 
-    async def _drain_and_leave(self) -> None:
+    async def _drain_and_leave(self, channel: Transport[Message]) -> None:
         self.status = AgentState.DRAINING
-        channel = self._channel
-        assert channel is not None
         channel.send(Disconnect("draining"))
         try:
-            await asyncio.wait_for(self._idle_event.wait(), STOP_DRAIN_S)
+            await asyncio.wait_for(self._task_runner.idle.wait(), STOP_DRAIN_S)
         except asyncio.TimeoutError:
             logger.warning("agent %s stopped with %d task(s) still running", self.agent_id,
-                           len(self._running))
-        self._flush()
+                           len(self._task_runner.running))
+        self._task_runner.flush()
         channel.send(Disconnect("bye"))
 
     # ------------------------------------------------------------ registration
 
-    def _register(self, now: float) -> None:
+    def _register(self, silent_since: float) -> None:
+        """Say READY (again); the broker's silence counts from ``silent_since``."""
         assert self._channel is not None
         self.status = AgentState.REGISTERING
-        self._last_heard = now
+        self._channel.last_heard = silent_since
         self._channel.send(Ready(self.agent_id, self.name, self.capabilities,
-                                 self.max_concurrent, running=tuple(self._running)))
-        self._last_sent = now
+                                 self.max_concurrent, running=tuple(self._task_runner.running)))
 
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        next_lease = 0.0
-        next_stats = 0.0
         while True:
             await asyncio.sleep(self._heartbeat_interval_s / 2)
-            now = loop.time()
             channel = self._channel
             if channel is None or channel.closed:
                 return
             if self.status is AgentState.READY or self.status is AgentState.DRAINING:
-                if now >= next_lease and self._running:
-                    # Renew the leases of running tasks (a dispatch the broker hears
-                    # nothing about is presumed lost and runs elsewhere).
-                    channel.send(Progress(running=list(self._running)))
-                    self._last_sent = now
-                    next_lease = now + self._heartbeat_interval_s
-                self._resend_unacked(now)
-                self.messaging.expire(now)
-                if now >= next_stats:
-                    # Messaging counters (losses) go to the broker for its status, at most
-                    # once per interval and only when they changed.
-                    stats = self.messaging.stats_if_changed()
-                    if stats is not None:
-                        channel.send(Heartbeat(stats=stats))
-                        self._last_sent = now
-                        next_stats = now + self._heartbeat_interval_s
-            expiry_s = self._heartbeat_interval_s * self._heartbeat_liveness
-            if now - self._last_heard > expiry_s:
-                # Read what is waiting first: a stall of this process (not the broker's
-                # silence) can leave the broker's messages unread past the expiry.
-                channel.read_now()
-                now = loop.time()
-            if now - self._last_heard > expiry_s:
-                if now >= self._next_reconnect and self.status is not AgentState.DRAINING:
-                    logger.warning("agent %s: broker silent for %.1f s; reconnecting",
-                                   self.agent_id, now - self._last_heard)
-                    self._next_reconnect = now + self._reconnect_delay_s
-                    self._reconnect_delay_s = min(self._reconnect_delay_s * 2, RECONNECT_MAX_S)
-                    channel.reopen()
-                    self._register(now - expiry_s)  # keep counting silence from here
-                continue
-            if now - self._last_sent >= self._heartbeat_interval_s:
-                channel.send(Heartbeat())
-                self._last_sent = now
+                self._renew_and_report(channel, loop.time())
+            self._check_broker(channel, loop)
+
+    def _renew_and_report(self, channel: Transport[Message], now: float) -> None:
+        """Renew running tasks' leases, resend overdue results, report the counters."""
+        interval_s = self._heartbeat_interval_s
+        if now >= self._next_lease and self._task_runner.running:
+            # Renew the leases of running tasks (a dispatch the broker hears nothing
+            # about is presumed lost and runs elsewhere).
+            channel.send(Progress(running=list(self._task_runner.running)))
+            self._next_lease = now + interval_s
+        resent = self._task_runner.resend_overdue(now, interval_s * self._heartbeat_liveness)
+        if resent:
+            logger.info("agent %s: sending %d unacknowledged result(s) again", self.agent_id,
+                        resent)
+        self.messaging.expire(now)
+        if now >= self._next_stats:
+            # Messaging counters (losses) go to the broker for its status, at most once
+            # per interval and only when they changed.
+            stats = self.messaging.stats_if_changed()
+            if stats is not None:
+                channel.send(Heartbeat(stats=stats))
+                self._next_stats = now + interval_s
+
+    def _check_broker(self, channel: Transport[Message], loop: asyncio.AbstractEventLoop) -> None:
+        """Reconnect when the broker is silent past the expiry, else heartbeat if idle."""
+        now = loop.time()
+        expiry_s = self._heartbeat_interval_s * self._heartbeat_liveness
+        if now - channel.last_heard > expiry_s:
+            # Read what is waiting first: a stall of this process (not the broker's
+            # silence) can leave the broker's messages unread past the expiry.
+            channel.read_now()
+            now = loop.time()
+        if now - channel.last_heard > expiry_s:
+            if self._reconnects.due(now) and self.status is not AgentState.DRAINING:
+                logger.warning("agent %s: broker silent for %.1f s; reconnecting",
+                               self.agent_id, now - channel.last_heard)
+                self._reconnects.step(now)
+                channel.reopen()
+                self._register(now - expiry_s)  # keep counting silence from here
+            return
+        if now - channel.last_sent >= self._heartbeat_interval_s:
+            channel.send(Heartbeat())
 
     # ------------------------------------------------------------ messages
 
     def _on_message(self, msg: Message) -> None:
-        self._last_heard = asyncio.get_running_loop().time()
         match msg:
             case Dispatch(tasks):
-                start = self._start
+                start = self._task_runner.start
                 for assignment in tasks:
                     start(assignment)
             case Ack(ids):
-                unacked = self._unacked
-                for task_id in ids:
-                    unacked.pop(task_id, None)
+                self._task_runner.ack(ids)
             case Direct():
                 self.messaging.on_direct(msg)
             case DirectVerdict():
@@ -404,7 +359,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
             case Welcome():
                 self._on_welcome(msg)
             case Cancel(ids):
-                self._cancel(ids)
+                self._task_runner.cancel(ids)
             case Disconnect(reason):
                 self._on_disconnect(reason)
             case Error(code, message):
@@ -420,14 +375,10 @@ class BaseAgent(MessagingMixin, abc.ABC):
         self.endpoints = msg.endpoints
         self.messaging.set_endpoints(msg.endpoints)
         self.messaging.report_again()
-        self._reconnect_delay_s = RECONNECT_MIN_S
+        self._reconnects.reset()
         if self.status is not AgentState.DRAINING:
             self.status = AgentState.READY
-        if self._unacked:
-            # Results sent before a reconnect may have been lost on the way: send again;
-            # the broker drops the ones it already has.
-            self._send_again(list(self._unacked.values()))
-            self._flush()
+        self._task_runner.resend_unacked()
         if first:
             self._registered_event.set()
             logger.info("agent %s registered with %s", self.agent_id, self.broker_url)
@@ -443,156 +394,5 @@ class BaseAgent(MessagingMixin, abc.ABC):
                         self.agent_id)
             self.status = AgentState.REGISTERING
 
-    # ------------------------------------------------------------ execution
 
-    def _start(self, assignment: Assignment) -> None:
-        """Run ``execute`` up to its first suspension, and the rest in an asyncio Task
-        (created here, with the current task set, so that its context keeps it)."""
-        task_id = assignment[0]
-        if task_id in self._running:
-            return  # a duplicate dispatch of a task already running here
-        if self._unacked:
-            done = self._unacked.get(task_id)
-            if done is not None and done[1] == _SUCCEEDED:
-                # Done here already and the broker did not hear it: the answer, not a rerun.
-                self._send_again([done])
-                return
-        token = _current_task.set(task_id)
-        started = time.perf_counter()
-        try:
-            try:
-                coro = self.execute(Task.from_wire(*assignment))
-                first = coro.send(None)
-            except StopIteration as done_now:
-                self._complete(task_id, done_now.value, started)
-                return
-            except BaseException as e:  # noqa: BLE001 - execute's errors belong to the task
-                # (a payload that cannot be decoded fails its task the same way)
-                self._complete(task_id, e, started)
-                return
-            runner = asyncio.get_running_loop().create_task(
-                self._finish_later(task_id, coro, first, started))
-        finally:
-            _current_task.reset(token)
-        self._running[task_id] = runner
-        self._started.append(task_id)
-        self._idle_event.clear()
-
-    async def _finish_later(self, task_id: str, coro: Coroutine[Any, Any, Any], first: Any,
-                            started: float) -> None:
-        try:
-            outcome = await _Resume(coro, first)
-        except BaseException as e:  # noqa: BLE001 - including cancellation by the broker
-            outcome = e
-        self._running.pop(task_id, None)
-        self._subtask_counts.pop(task_id, None)
-        self._complete(task_id, outcome, started)
-        if not self._running:
-            self._idle_event.set()
-        if self._channel is not None:
-            self._channel.request_flush()
-
-    def _complete(self, task_id: str, outcome: Any, started: float) -> None:
-        run_ms = (time.perf_counter() - started) * 1000.0
-        if type(outcome) is Result and not outcome.extras and outcome.status == _SUCCEEDED:
-            # The common case, kept short: a plain successful result.
-            item = _new_result((task_id, outcome.status, outcome.to_payload(), None, None, None,
-                                0, None, run_ms, None))
-            if len(item[2]) <= MAX_FRAME_BYTES:
-                self.tasks_done += 1
-                self._unacked[task_id] = item
-                self._outgoing.append(item)
-                return
-        if isinstance(outcome, BaseException):
-            if isinstance(outcome, asyncio.CancelledError):
-                item = ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
-                                  ErrorCode.CANCELLED.value, "cancelled on the agent",
-                                  run_ms=run_ms)
-            else:
-                kind = type(outcome).__name__
-                item = ResultItem(task_id, TaskStatus.FAILED.value,
-                                  Result(None, 0.0, error_type=kind).to_payload(),
-                                  ErrorCode.AGENT_ERROR.value, f"{kind}: {outcome}", run_ms=run_ms,
-                                  retryable=False if isinstance(outcome, PermanentFailure)
-                                  else None)
-                if not isinstance(outcome, Exception):
-                    raise outcome  # KeyboardInterrupt, SystemExit: not the task's business
-            self.tasks_failed += 1
-        else:
-            result = outcome if isinstance(outcome, Result) else Result(outcome)
-            try:
-                payload = result.to_payload()
-            except Exception as e:  # noqa: BLE001 - an unencodable result fails its task
-                result = Result.failure(ErrorCode.AGENT_ERROR.value,
-                                        f"result is not msgpack-encodable: {e}")
-                payload = result.to_payload()
-            if len(payload) > MAX_FRAME_BYTES:
-                result = Result.failure(ErrorCode.TOO_LARGE.value,
-                                        f"result of {len(payload)} bytes exceeds "
-                                        f"{MAX_FRAME_BYTES} bytes")
-                payload = result.to_payload()
-            error = result.error
-            item = ResultItem(task_id, result.status, payload,
-                              None if error is None else error.code,
-                              None if error is None else error.message, run_ms=run_ms,
-                              retryable=result.retryable)
-            if result.ok:
-                self.tasks_done += 1
-            else:
-                self.tasks_failed += 1
-        self._unacked[task_id] = item
-        self._outgoing.append(item)
-
-    def _cancel(self, ids: list[str]) -> None:
-        for task_id in ids:
-            runner = self._running.get(task_id)
-            if runner is not None:
-                runner.cancel()
-            elif task_id in self._unacked:
-                # Finished here, and the broker asks again: the result was lost on the way.
-                self._send_again([self._unacked[task_id]])
-            else:
-                # Never reached us (or long gone): answer so the broker frees the slot.
-                self._outgoing.append(ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
-                                                 ErrorCode.CANCELLED.value,
-                                                 "not running on the agent"))
-        if self._channel is not None:
-            self._channel.request_flush()
-
-    def _flush(self) -> None:
-        channel = self._channel
-        if channel is None:
-            return
-        if self._started:
-            started, self._started = self._started, []
-            channel.send(Progress(started=started))
-        if self._outgoing:
-            batch, self._outgoing = self._outgoing, []
-            now = asyncio.get_running_loop().time()
-            for part in chunks(batch):
-                channel.send(Results(part))
-            self._sent_log.append((now, [item[0] for item in batch]))
-            self._last_sent = now
-
-    def _send_again(self, kept: list[ResultItem]) -> None:
-        """Queue kept (unacknowledged) results for the next flush, unless already queued."""
-        queued = {item[0] for item in self._outgoing}
-        self._outgoing.extend(item for item in kept if item[0] not in queued)
-
-    def _resend_unacked(self, now: float) -> None:
-        """Send again results the broker has not acknowledged for a while: a message
-        sent just before a partition is lost without an error (the broker drops the
-        duplicates)."""
-        resend_after_s = self._heartbeat_interval_s * self._heartbeat_liveness
-        log = self._sent_log
-        unacked = self._unacked
-        again: list[ResultItem] = []
-        while log and now - log[0][0] > resend_after_s:
-            _, ids = log.popleft()
-            again.extend(unacked[task_id] for task_id in ids if task_id in unacked)
-        if again:
-            logger.info("agent %s: sending %d unacknowledged result(s) again", self.agent_id,
-                        len(again))
-            self._send_again(again)
-            self._flush()
-
+__all__ = ["AgentState", "BaseAgent"]

@@ -1,6 +1,14 @@
-"""Exceptions of the agent SDK; :class:`OrchestratorError` is the root of all of them."""
+"""Exceptions of the agent SDK; :class:`OrchestratorError` is the root of all of them.
+
+The wire package's errors reach SDK callers as the subclasses at the end of this module:
+each is both an :class:`OrchestratorError` and the :mod:`wire.errors` class it stands for,
+so ``except OrchestratorError`` and ``except wire.errors.TooLarge`` both catch a
+:class:`TooLarge` raised by the SDK.
+"""
 
 from __future__ import annotations
+
+import wire.errors as wire_errors
 
 
 class OrchestratorError(Exception):
@@ -134,3 +142,52 @@ class LeaseLost(StateError):
         super().__init__("not_held", message or f"lease {token} of lock {name!r} is lost")
         self.name = name
         self.token = token
+
+
+# ------------------------------------------------------------------ wire errors
+
+
+class WireError(OrchestratorError, wire_errors.WireError):
+    """Raised when frames break the wire protocol; ``code`` is the stable error code."""
+
+
+class DecodeError(WireError, wire_errors.DecodeError):
+    """Raised when frames cannot be decoded into a protocol message."""
+
+
+class TooLarge(WireError, wire_errors.TooLarge):
+    """Raised when a message (a payload, a value, a frame) is bigger than the protocol's
+    ``MAX_FRAME_BYTES``; ``size`` and ``limit`` say by how much."""
+
+
+class StateDecodeError(DecodeError, wire_errors.StateDecodeError):
+    """Raised when frames cannot be decoded into a state service message."""
+
+
+#: The SDK class for each wire class, most specific first (the order ``as_sdk_error``
+#: tries them in).
+_SDK_CLASSES: tuple[tuple[type[wire_errors.WireError], type[WireError]], ...] = (
+    (wire_errors.TooLarge, TooLarge),
+    (wire_errors.StateDecodeError, StateDecodeError),
+    (wire_errors.DecodeError, DecodeError),
+    (wire_errors.WireError, WireError),
+)
+
+
+def as_sdk_error(error: wire_errors.WireError) -> WireError:
+    """The SDK's exception for a wire error, carrying the same message and data.
+
+    Args:
+        error: raised by the wire package (or already an SDK error, returned as it is).
+
+    Returns:
+        An instance of the SDK subclass standing for ``error``'s class.
+    """
+    if isinstance(error, WireError):
+        return error
+    sdk_class = next(sdk for wire_class, sdk in _SDK_CLASSES if isinstance(error, wire_class))
+    # Copied rather than constructed: the wire classes' constructors differ, and the
+    # attributes (code, size, limit, req) are all in the instance dict.
+    converted = sdk_class.__new__(sdk_class, *error.args)
+    converted.__dict__.update(error.__dict__)
+    return converted

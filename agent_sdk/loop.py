@@ -22,6 +22,7 @@ def loop_name() -> str:
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind :func:`loop_name` names (not set as current)."""
     if loop_name() == "uvloop":
         import uvloop
 

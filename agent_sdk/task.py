@@ -84,6 +84,7 @@ class Task:
         return task
 
     def to_payload(self) -> bytes:
+        """The payload bytes of this task, as a client submits them."""
         return encode_payload(self.data if self.data is not self.fields else _MISSING, self.fields)
 
     def __getattr__(self, name: str) -> Any:
@@ -158,10 +159,12 @@ class Result:
 
     @property
     def ok(self) -> bool:
+        """Whether the task succeeded."""
         return self.status == _SUCCEEDED
 
     @property
     def finished(self) -> bool:
+        """Whether the task reached a terminal status (a FETCH may find it running)."""
         return self.status in TERMINAL_STATUSES
 
     def __getattr__(self, name: str) -> Any:
@@ -173,6 +176,7 @@ class Result:
         raise AttributeError(f"result has no field {name!r}")
 
     def to_payload(self) -> bytes:
+        """The payload bytes of this result, as an agent sends them."""
         if not self.extras:
             return packb({"data": self.data, "confidence": self.confidence})
         body = dict(self.extras)
@@ -184,6 +188,7 @@ class Result:
     def from_wire(cls, task_id: str, status: str, payload: Any, error_code: str | None,
                   error_message: str | None, agent: str | None = None, attempts: int = 0,
                   queued_ms: float | None = None, run_ms: float | None = None) -> Result:
+        """Decode a result as a client receives it (called once per task: kept lean)."""
         body: Any = {}
         if payload:
             try:

@@ -1,5 +1,4 @@
-"""Retry policy and circuit breaker: one implementation, used by the broker (per task,
-per agent) and offered by the SDK around any call.
+"""Client-side retry policy and circuit breaker, to wrap any call an agent or client makes.
 
 ::
 
@@ -8,6 +7,10 @@ per agent) and offered by the SDK around any call.
 
     breaker = CircuitBreaker(failure_threshold=5, recovery_timeout=30.0)
     result = await breaker.call(flaky_service, request)   # CircuitBreakerOpen when open
+
+The broker has a circuit breaker of its own (per agent, in ``broker.resilience``); an
+agent process never loads it, so the SDK keeps these helpers here with the same
+behaviour and arguments.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from broker.errors import BrokerError
+from agent_sdk.errors import OrchestratorError
 
 T = TypeVar("T")
 
@@ -30,13 +33,17 @@ class RetryPolicy:
     """Exponential back-off with jitter.
 
     The n-th retry (n >= 1) waits a random time in ``[d/2, d]`` where
-    ``d = min(max_delay, base_delay * 2 ** (n - 1))``: the jitter spreads retries of many
-    tasks that failed together, so that they do not hit a recovering agent at once.
+    ``d = min(max_delay, base_delay * 2 ** (n - 1))``: the jitter spreads the retries of
+    many calls that failed together, so that they do not hit a recovering service at once.
 
     Args:
         max_retries: retries after the first attempt (0: never retry).
         base_delay: seconds before the first retry (before jitter).
-        max_delay: cap of any one delay.
+        max_delay: cap of any one delay, in seconds.
+        rng: the source of jitter (injected so that tests can fix it).
+
+    Raises:
+        ValueError: a negative argument.
     """
 
     max_retries: int = 3
@@ -49,7 +56,14 @@ class RetryPolicy:
             raise ValueError("max_retries, base_delay and max_delay must not be negative")
 
     def delay(self, retry: int) -> float:
-        """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
+        """Seconds to wait before a retry.
+
+        Args:
+            retry: its number, 1 for the first retry.
+
+        Returns:
+            A jittered delay in ``[d/2, d]`` (see the class docstring).
+        """
         ceiling = min(self.max_delay, self.base_delay * (2 ** max(0, retry - 1)))
         return self.rng.uniform(ceiling / 2, ceiling)
 
@@ -58,8 +72,15 @@ class RetryPolicy:
                       **kwargs: Any) -> T:
         """Await ``fn(*args, **kwargs)``, retrying on ``retry_on`` errors.
 
+        Args:
+            fn: the coroutine function to call.
+            retry_on: the exception classes that make a retry; any other propagates.
+
+        Returns:
+            What the first successful call returned.
+
         Raises:
-            The last error once ``max_retries`` retries have failed too.
+            Exception: the last error, once ``max_retries`` retries have failed too.
         """
         retry = 0
         while True:
@@ -75,15 +96,17 @@ class RetryPolicy:
 class CircuitState(enum.Enum):
     """Closed: calls flow. Open: calls refused. Half-open: one probe call decides."""
 
-    __hash__ = object.__hash__  # identity, as members compare: C speed, not Enum's
-
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
 
 
-class CircuitBreakerOpen(BrokerError):
-    """Raised when a call is refused because the circuit is open."""
+class CircuitBreakerOpen(OrchestratorError):
+    """Raised when a call is refused because the circuit is open.
+
+    Attributes:
+        retry_in_s: seconds until the circuit lets a probe call through.
+    """
 
     def __init__(self, retry_in_s: float) -> None:
         super().__init__(f"circuit open; next probe allowed in {max(0.0, retry_in_s):.1f} s")
@@ -101,6 +124,9 @@ class CircuitBreaker:
         failure_threshold: consecutive failures that open the circuit.
         recovery_timeout: seconds the circuit stays open before a probe.
         clock: a monotonic clock (injected so that tests can move time).
+
+    Raises:
+        ValueError: ``failure_threshold`` below 1 or a negative ``recovery_timeout``.
     """
 
     def __init__(self, failure_threshold: int = 5, recovery_timeout: float = 30.0,
@@ -125,7 +151,7 @@ class CircuitBreaker:
         return self._state
 
     def allow(self) -> bool:
-        """May a call go now? In half-open state only one (the probe) may."""
+        """Whether a call may go now; in the half-open state only one (the probe) may."""
         state = self.state
         if state is CircuitState.CLOSED:
             return True
@@ -135,11 +161,13 @@ class CircuitBreaker:
         return False
 
     def record_success(self) -> None:
+        """Count a successful call: the circuit closes."""
         self.consecutive_failures = 0
         self.probe_in_flight = False
         self._state = CircuitState.CLOSED
 
     def record_failure(self) -> None:
+        """Count a failed call: the circuit opens at the threshold, or if the probe failed."""
         self.consecutive_failures += 1
         self.probe_in_flight = False
         if self._state is CircuitState.HALF_OPEN or \
@@ -149,6 +177,9 @@ class CircuitBreaker:
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Await ``fn(*args, **kwargs)`` through the breaker.
+
+        Returns:
+            What ``fn`` returned.
 
         Raises:
             CircuitBreakerOpen: the circuit is open (or half-open with a probe running).
@@ -162,3 +193,6 @@ class CircuitBreaker:
             raise
         self.record_success()
         return result
+
+
+__all__ = ["CircuitBreaker", "CircuitBreakerOpen", "CircuitState", "RetryPolicy"]

@@ -1,0 +1,217 @@
+"""``TaskHandle``: a submitted task, whose result is kept on it and awaited from it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, TYPE_CHECKING
+
+from wire.tasks import TaskSpec
+from agent_sdk.errors import WaitTimeout
+from agent_sdk.task import Result
+
+if TYPE_CHECKING:
+    from agent_sdk.client import Client
+
+
+def _expire_waiter(waiter: asyncio.Future[Any]) -> None:
+    """Timer callback: the caller's wait for a result timed out."""
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
+
+
+class TaskHandle:
+    """A submitted task: await its result, check it, cancel it.
+
+    The result is kept on the handle; an asyncio future exists only once somebody awaits
+    it, and :meth:`add_done_callback` callbacks run as soon as the result is in: a client
+    with thousands of tasks in flight pays for neither when it does not use them.
+    """
+
+    __slots__ = ("id", "_client", "_result", "_waiters", "_callbacks", "_accepted",
+                 "_accepted_waiter", "_spec", "_sent_at")
+
+    def __init__(self, task_id: str, client: Client, spec: TaskSpec | None = None,
+                 sent_at: float = 0.0) -> None:
+        self.id = task_id
+        self._client = client
+        self._result: Result | None = None
+        #: one future per pending awaiter, resolved with the result (a waiter that times
+        #: out or is cancelled takes only its own future with it)
+        self._waiters: list[asyncio.Future[Result]] | None = None
+        self._callbacks: list[Callable[[TaskHandle], Any]] | None = None
+        self._accepted = False
+        self._accepted_waiter: asyncio.Future[None] | None = None
+        #: what was submitted, kept until the result is in, to submit it again when the
+        #: broker may have lost it (it restarted, or the SUBMIT was lost on the way)
+        self._spec = spec
+        #: loop time of the last SUBMIT or FETCH for it
+        self._sent_at = sent_at
+
+    def done(self) -> bool:
+        """Whether the result is in."""
+        return self._result is not None
+
+    @property
+    def accepted(self) -> bool:
+        """True once the broker confirmed it holds the task."""
+        return self._accepted
+
+    def result_nowait(self) -> Result:
+        """The result of a finished task (see :meth:`done`).
+
+        Raises:
+            asyncio.InvalidStateError: the task has not finished.
+        """
+        if self._result is None:
+            raise asyncio.InvalidStateError(f"task {self.id} has not finished")
+        return self._result
+
+    def _new_waiter(self) -> asyncio.Future[Result]:
+        waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def _drop_waiter(self, waiter: asyncio.Future[Result]) -> None:
+        if self._waiters is not None and waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    async def result(self, timeout: float | None = None) -> Result:
+        """The task's final :class:`Result` (any terminal status: check ``result.ok``).
+
+        Raises:
+            WaitTimeout: when ``timeout`` seconds pass first; the task itself goes on.
+        """
+        if self._result is not None:
+            return self._result
+        # A future of its own and a plain timer, rather than wait_for(shield(...)): the
+        # result then wakes the caller in one loop iteration instead of three.
+        waiter = self._new_waiter()
+        timer = None
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(timeout, _expire_waiter, waiter)
+        try:
+            return await waiter
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"task {self.id} has no result after {timeout:g} s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._drop_waiter(waiter)
+
+    async def wait_accepted(self, timeout: float | None = None) -> None:
+        """Return once the broker confirmed it holds the task (or it already ended)."""
+        if self._accepted or self._result is not None:
+            return
+        if self._accepted_waiter is None:
+            self._accepted_waiter = asyncio.get_running_loop().create_future()
+        waiter = self._accepted_waiter
+        finished = self._new_waiter()
+        try:
+            either: list[asyncio.Future[Any]] = [waiter, finished]
+            done, _ = await asyncio.wait(either, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._drop_waiter(finished)
+        if not done:
+            raise WaitTimeout(f"the broker did not confirm task {self.id} within {timeout:g} s")
+
+    def add_done_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
+        """Call ``callback(handle)`` once the result is in, on the client's loop: right
+        when it arrives (keep it short and non-blocking), or soon if it already has.
+        An exception in it goes to the loop's exception handler."""
+        if self._result is not None:
+            asyncio.get_running_loop().call_soon(self._run_callback, callback)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    async def cancel(self) -> None:
+        """Ask the broker to cancel the task; the result then says ``cancelled``."""
+        await self._client.cancel(self.id)
+
+    def __await__(self) -> Generator[Any, None, Result]:
+        return self.result().__await__()
+
+    def _resolve(self, result: Result) -> None:
+        """The result is in (the client calls this once per task)."""
+        if self._result is not None:
+            return
+        self._result = result
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(result)
+        callbacks = self._callbacks
+        if callbacks is not None:
+            self._callbacks = None
+            for callback in callbacks:
+                self._run_callback(callback)
+
+    def _run_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
+        try:
+            callback(self)
+        except Exception as e:  # noqa: BLE001 - a user callback must not stop the client
+            asyncio.get_running_loop().call_exception_handler({
+                "message": f"exception in a done callback of task {self.id}",
+                "exception": e, "handle": self})
+
+    def _mark_accepted(self) -> None:
+        self._accepted = True
+        waiter = self._accepted_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else ("accepted" if self._accepted else "sent")
+        return f"TaskHandle({self.id!r}, {state})"
+
+
+
+def overdue_work(handles: Iterable[TaskHandle], now: float,
+                 after_s: float) -> tuple[list[TaskSpec], list[str]]:
+    """What to send again for open tasks last sent ``after_s`` seconds ago or more
+    (they then count as sent at ``now``): messages sent into a partition are lost
+    silently.
+
+    Returns:
+        The specs of those the broker has not accepted yet (to submit again, idempotent
+        by task id) and the ids of the others (to ask for their results again).
+    """
+    resubmit: list[TaskSpec] = []
+    refetch: list[str] = []
+    for handle in handles:
+        if now - handle._sent_at < after_s:
+            continue
+        handle._sent_at = now
+        if handle._spec is not None and not handle._accepted:
+            resubmit.append(handle._spec)
+        else:
+            refetch.append(handle.id)
+    return resubmit, refetch
+
+
+def open_work(handles: Iterable[TaskHandle]) -> tuple[list[TaskSpec], list[str]]:
+    """What to send again for every open task after the broker restarted: it kept what
+    it journaled, and a submit again is idempotent by task id.
+
+    Returns:
+        The specs of the tasks submitted here, and the ids of the ones only watched.
+    """
+    specs: list[TaskSpec] = []
+    watched: list[str] = []
+    for handle in handles:
+        if handle._spec is not None:
+            specs.append(handle._spec)
+        else:
+            watched.append(handle.id)
+    return specs, watched
+
+
+__all__ = ["TaskHandle", "open_work", "overdue_work"]

@@ -1,0 +1,302 @@
+"""The task runner of an agent: runs what the broker dispatches, and keeps the results.
+
+:class:`TaskRunner` calls the agent's ``execute`` eagerly, up to its first suspension,
+and the rest in an asyncio Task; it turns each outcome into a result item, sends the
+items in batches on the agent's connection, and keeps them until the broker
+acknowledges them, sending them again after a reconnect or when an acknowledgement is
+overdue. :class:`~agent_sdk.agent.BaseAgent` owns one and feeds it the broker's
+DISPATCH, ACK and CANCEL messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Final
+
+from wire.codec import chunks
+from wire.limits import MAX_FRAME_BYTES
+from wire.tasks import Assignment, ErrorCode, Message, Progress, ResultItem, Results, TaskStatus
+from agent_sdk.connection import Transport
+from agent_sdk.errors import PermanentFailure
+from agent_sdk.task import Result, Task
+
+_new_tuple = tuple.__new__
+_SUCCEEDED: Final = TaskStatus.SUCCEEDED.value
+
+#: The id of the task whose ``execute`` is running: subtasks submitted from it name it as
+#: their parent. Set around the eager first step in :meth:`TaskRunner.start`; the asyncio
+#: Task that runs the rest copies the context at creation, so it stays set there too.
+current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "orchestrator_current_task", default=None)
+
+Execute = Callable[[Task], Coroutine[Any, Any, Any]]
+
+
+def _new_result(fields: tuple[Any, ...]) -> ResultItem:
+    # tuple.__new__ skips the NamedTuple's Python-level __new__: this is per task.
+    return _new_tuple(ResultItem, fields)
+
+
+class _Resume:
+    """Hands a coroutine that already ran up to its first suspension to an asyncio Task.
+
+    Agents run ``execute`` eagerly: most calls of a fast agent finish without ever
+    suspending, and then no Task is created at all. When one does suspend, this awaitable
+    re-yields the future it is waiting on, so the Task takes over exactly where it was.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self._coro
+        to_yield = self._first
+        while True:
+            try:
+                sent = yield to_yield
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as e:  # cancellation and friends go into the coroutine
+                try:
+                    to_yield = coro.throw(e)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    to_yield = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+class TaskRunner:
+    """Runs one agent's tasks and keeps their results until acknowledged.
+
+    Args:
+        execute: the agent's ``execute``.
+
+    Attributes:
+        channel: the agent's broker connection while it runs (results wait until then).
+        running: the tasks running as asyncio Tasks, by task id.
+        unacked: results sent (or about to be) that the broker has not acknowledged.
+        idle: set while no task runs as an asyncio Task (a graceful stop waits for it).
+        subtask_counts: subtasks submitted so far by each running task (their ids
+            derive from it).
+        tasks_done: tasks that ended succeeded here.
+        tasks_failed: tasks that ended otherwise here.
+    """
+
+    def __init__(self, execute: Execute) -> None:
+        self.execute = execute
+        self.channel: Transport[Message] | None = None
+        self.running: dict[str, asyncio.Task[Any] | None] = {}
+        self.unacked: dict[str, ResultItem] = {}
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.subtask_counts: dict[str, int] = {}
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self._outgoing: list[ResultItem] = []
+        #: (when, task ids) of result batches sent, oldest first, to resend unacked ones
+        self._sent_log: deque[tuple[float, list[str]]] = deque()
+        #: tasks that started running as asyncio tasks since the last flush
+        self._started: list[str] = []
+
+    # ------------------------------------------------------------ the broker's word
+
+    def start(self, assignment: Assignment) -> None:
+        """Run ``execute`` up to its first suspension, and the rest in an asyncio Task
+        (created here, with the current task set, so that its context keeps it)."""
+        task_id = assignment[0]
+        if task_id in self.running:
+            return  # a duplicate dispatch of a task already running here
+        if self.unacked:
+            done = self.unacked.get(task_id)
+            if done is not None and done[1] == _SUCCEEDED:
+                # Done here already and the broker did not hear it: the answer, not a rerun.
+                self.send_again([done])
+                return
+        token = current_task.set(task_id)
+        started = time.perf_counter()
+        try:
+            try:
+                coro = self.execute(Task.from_wire(*assignment))
+                first = coro.send(None)
+            except StopIteration as done_now:
+                self._complete(task_id, done_now.value, started)
+                return
+            except BaseException as e:  # noqa: BLE001 - execute's errors belong to the task
+                # (a payload that cannot be decoded fails its task the same way)
+                self._complete(task_id, e, started)
+                return
+            runner = asyncio.get_running_loop().create_task(
+                self._finish_later(task_id, coro, first, started))
+        finally:
+            current_task.reset(token)
+        self.running[task_id] = runner
+        self._started.append(task_id)
+        self.idle.clear()
+
+    def ack(self, ids: list[str]) -> None:
+        """The broker holds these results: forget them."""
+        unacked = self.unacked
+        for task_id in ids:
+            unacked.pop(task_id, None)
+
+    def cancel(self, ids: list[str]) -> None:
+        """The broker cancels these tasks: stop them, or answer for them."""
+        for task_id in ids:
+            runner = self.running.get(task_id)
+            if runner is not None:
+                runner.cancel()
+            elif task_id in self.unacked:
+                # Finished here, and the broker asks again: the result was lost on the way.
+                self.send_again([self.unacked[task_id]])
+            else:
+                # Never reached us (or long gone): answer so the broker frees the slot.
+                self._outgoing.append(ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
+                                                 ErrorCode.CANCELLED.value,
+                                                 "not running on the agent"))
+        if self.channel is not None:
+            self.channel.request_flush()
+
+    def cancel_all(self) -> None:
+        """Cancel every task still running (the agent stops)."""
+        for pending in [t for t in self.running.values() if t is not None]:
+            pending.cancel()
+
+    # ------------------------------------------------------------ outcomes
+
+    async def _finish_later(self, task_id: str, coro: Coroutine[Any, Any, Any], first: Any,
+                            started: float) -> None:
+        try:
+            outcome = await _Resume(coro, first)
+        except BaseException as e:  # noqa: BLE001 - including cancellation by the broker
+            outcome = e
+        self.running.pop(task_id, None)
+        self.subtask_counts.pop(task_id, None)
+        self._complete(task_id, outcome, started)
+        if not self.running:
+            self.idle.set()
+        if self.channel is not None:
+            self.channel.request_flush()
+
+    def _complete(self, task_id: str, outcome: Any, started: float) -> None:
+        run_ms = (time.perf_counter() - started) * 1000.0
+        if type(outcome) is Result and not outcome.extras and outcome.status == _SUCCEEDED:
+            # The common case, kept short: a plain successful result.
+            item = _new_result((task_id, outcome.status, outcome.to_payload(), None, None, None,
+                                0, None, run_ms, None))
+            if len(item[2]) <= MAX_FRAME_BYTES:
+                self.tasks_done += 1
+                self.unacked[task_id] = item
+                self._outgoing.append(item)
+                return
+        if isinstance(outcome, BaseException):
+            item = self._failed(task_id, outcome, run_ms)
+            self.tasks_failed += 1
+        else:
+            result = outcome if isinstance(outcome, Result) else Result(outcome)
+            item = self._returned(task_id, result, run_ms)
+            if item[1] == _SUCCEEDED:
+                self.tasks_done += 1
+            else:
+                self.tasks_failed += 1
+        self.unacked[task_id] = item
+        self._outgoing.append(item)
+
+    @staticmethod
+    def _failed(task_id: str, error: BaseException, run_ms: float) -> ResultItem:
+        """The item of a task whose ``execute`` raised (or was cancelled)."""
+        if isinstance(error, asyncio.CancelledError):
+            return ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
+                              ErrorCode.CANCELLED.value, "cancelled on the agent", run_ms=run_ms)
+        if not isinstance(error, Exception):
+            raise error  # KeyboardInterrupt, SystemExit: not the task's business
+        kind = type(error).__name__
+        return ResultItem(task_id, TaskStatus.FAILED.value,
+                          Result(None, 0.0, error_type=kind).to_payload(),
+                          ErrorCode.AGENT_ERROR.value, f"{kind}: {error}", run_ms=run_ms,
+                          retryable=False if isinstance(error, PermanentFailure) else None)
+
+    @staticmethod
+    def _returned(task_id: str, result: Result, run_ms: float) -> ResultItem:
+        """The item of a task whose ``execute`` returned ``result``."""
+        try:
+            payload = result.to_payload()
+        except Exception as e:  # noqa: BLE001 - an unencodable result fails its task
+            result = Result.failure(ErrorCode.AGENT_ERROR.value,
+                                    f"result is not msgpack-encodable: {e}")
+            payload = result.to_payload()
+        if len(payload) > MAX_FRAME_BYTES:
+            result = Result.failure(ErrorCode.TOO_LARGE.value,
+                                    f"result of {len(payload)} bytes exceeds "
+                                    f"{MAX_FRAME_BYTES} bytes")
+            payload = result.to_payload()
+        error = result.error
+        return ResultItem(task_id, result.status, payload,
+                          None if error is None else error.code,
+                          None if error is None else error.message, run_ms=run_ms,
+                          retryable=result.retryable)
+
+    # ------------------------------------------------------------ sending
+
+    def flush(self) -> None:
+        """Send what started and what finished since the last flush, in batches."""
+        channel = self.channel
+        if channel is None:
+            return
+        if self._started:
+            started, self._started = self._started, []
+            channel.send(Progress(started=started))
+        if self._outgoing:
+            batch, self._outgoing = self._outgoing, []
+            now = asyncio.get_running_loop().time()
+            for part in chunks(batch):
+                channel.send(Results(part))
+            self._sent_log.append((now, [item[0] for item in batch]))
+
+    def send_again(self, kept: list[ResultItem]) -> None:
+        """Queue kept (unacknowledged) results for the next flush, unless already queued."""
+        queued = {item[0] for item in self._outgoing}
+        self._outgoing.extend(item for item in kept if item[0] not in queued)
+
+    def resend_unacked(self) -> None:
+        """Send every unacknowledged result again now (after registering again: results
+        sent before a reconnect may have been lost; the broker drops the ones it has)."""
+        if self.unacked:
+            self.send_again(list(self.unacked.values()))
+            self.flush()
+
+    def resend_overdue(self, now: float, after_s: float) -> int:
+        """Send again results the broker has not acknowledged for ``after_s`` seconds: a
+        message sent just before a partition is lost without an error (the broker drops
+        the duplicates).
+
+        Args:
+            now: the loop's time.
+            after_s: how long an acknowledgement may take.
+
+        Returns:
+            How many results are sent again.
+        """
+        log = self._sent_log
+        unacked = self.unacked
+        again: list[ResultItem] = []
+        while log and now - log[0][0] > after_s:
+            _, ids = log.popleft()
+            again.extend(unacked[task_id] for task_id in ids if task_id in unacked)
+        if again:
+            self.send_again(again)
+            self.flush()
+        return len(again)
+
+
+__all__ = ["TaskRunner", "current_task"]
