@@ -9,9 +9,14 @@
   ``subscribe`` on the bus, ``send`` / ``request`` / ``receive`` / ``on_message`` for
   direct messages, ``agent.submit`` for subtasks.
 - :class:`RetryPolicy`, :class:`CircuitBreaker`: around any call of your own.
+- In ``execute``: raise :class:`RetryableError` (or a class in the agent's ``retry_on``)
+  for a transient fault the broker retries, :class:`PermanentFailure` for one it never
+  retries; any other exception is the task's own failure (see :class:`BaseAgent`).
 
 Every exception the SDK raises on purpose is an :class:`OrchestratorError`, the wire
-protocol's errors (:class:`TooLarge`, ...) included.
+protocol's errors (:class:`TooLarge`, ...) included. A broker (or state service) of
+another protocol version refuses the SDK: everything waiting on it, and every later
+call, raises :class:`VersionMismatch` at once, naming both versions.
 
 The SDK needs only the :mod:`wire` package besides itself: it never loads the broker's.
 """
@@ -21,10 +26,11 @@ from __future__ import annotations
 from agent_sdk.agent import AgentState, BaseAgent
 from agent_sdk.client import Client
 from agent_sdk.errors import (
-    BrokerUnavailable, BusUnavailable, DecodeError, LeaseLost, LockTimeout, MailboxFull,
-    NoSuchAgent, OrchestratorError, PermanentFailure, RemoteError, RequestRefused,
-    StaleFencingToken, StateError, StateUnavailable, TaskNotFound, TooLarge, VersionConflict,
-    WaitTimeout, WireError,
+    BrokerUnavailable, BusUnavailable, DecodeError, InvalidName, LeaseLost, LockTimeout,
+    MailboxFull, NoSuchAgent, OrchestratorError, PermanentFailure, RegistrationRefused,
+    RemoteError, RequestRefused, RetryableError, StaleFencingToken, StateError,
+    StateUnavailable, TaskNotFound, TooLarge, VersionConflict, VersionMismatch, WaitTimeout,
+    WireError,
 )
 from agent_sdk.handles import TaskHandle
 from agent_sdk.messaging import BusMessage, DirectMessage, Subscription
@@ -35,9 +41,10 @@ from agent_sdk.task import Result, Task, TaskError
 
 __all__ = [
     "AgentState", "BaseAgent", "BrokerUnavailable", "CircuitBreaker", "CircuitBreakerOpen",
-    "CircuitState", "Client", "OrchestratorError", "PermanentFailure", "RequestRefused",
-    "Result", "RetryPolicy", "SyncClient", "SyncTaskHandle", "Task", "TaskError",
-    "TaskHandle", "TaskNotFound", "WaitTimeout",
+    "CircuitState", "Client", "InvalidName", "OrchestratorError", "PermanentFailure",
+    "RegistrationRefused", "RequestRefused", "Result", "RetryPolicy", "RetryableError",
+    "SyncClient", "SyncTaskHandle", "Task", "TaskError", "TaskHandle", "TaskNotFound",
+    "VersionMismatch", "WaitTimeout",
     # wire errors, as the SDK raises them
     "DecodeError", "TooLarge", "WireError",
     # shared state

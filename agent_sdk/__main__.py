@@ -2,6 +2,10 @@
 
 Prints one JSON line ``{"event": "registered", "agent_id": ...}`` on stdout once the broker
 accepted the agent, so whoever started it can wait for that instead of sleeping.
+
+Exit codes: 0 stopped (SIGINT, SIGTERM), 1 the broker refused the agent (its READY, or
+its protocol version), 2 the agent cannot be built (a bad ``module:Class``, a name the
+broker would refuse); the reason is one line on stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, Callable
 import orjson
 
 from agent_sdk.agent import BaseAgent
+from agent_sdk.errors import OrchestratorError
+from agent_sdk.names import check_names, new_agent_id
 
 
 def load_agent_class(spec: str) -> Callable[[], BaseAgent]:
@@ -41,7 +47,12 @@ def load_agent_class(spec: str) -> Callable[[], BaseAgent]:
 
 def build_agent(spec: str, name: str | None = None, capabilities: list[str] | None = None,
                 max_concurrent: int | None = None) -> BaseAgent:
-    """Instantiate ``module:Class`` and apply command-line overrides."""
+    """Instantiate ``module:Class`` and apply command-line overrides.
+
+    Raises:
+        ValueError: the class cannot be loaded or built, or a name, id or capability is
+            one the broker would refuse (:class:`~agent_sdk.errors.InvalidName`).
+    """
     agent_class = load_agent_class(spec)
     try:
         agent = agent_class()
@@ -50,11 +61,12 @@ def build_agent(spec: str, name: str | None = None, capabilities: list[str] | No
                          f"(give __init__ defaults): {e}") from e
     if name:
         agent.name = name
-        agent.agent_id = f"{name}-{agent.agent_id.rsplit('-', 1)[-1]}"
+        agent.agent_id = new_agent_id(name)
     if capabilities:
         agent.capabilities = tuple(capabilities)
     if max_concurrent:
         agent.max_concurrent = max_concurrent
+    check_names(agent.name, agent.agent_id, agent.capabilities)
     return agent
 
 
@@ -65,7 +77,7 @@ async def _serve(agent: BaseAgent, broker: str | None) -> None:
     runner = asyncio.create_task(agent.async_run(broker))
     registered = asyncio.create_task(agent.wait_registered())
     await asyncio.wait([runner, registered], return_when=asyncio.FIRST_COMPLETED)
-    if registered.done() and not registered.cancelled():
+    if registered.done() and not registered.cancelled() and registered.exception() is None:
         info: dict[str, Any] = {"event": "registered", "agent_id": agent.agent_id,
                                 "name": agent.name, "pid": os.getpid()}
         sys.stdout.write(orjson.dumps(info).decode() + "\n")
@@ -97,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from agent_sdk.loop import run as run_loop
 
-    run_loop(_serve(agent, args.broker))
+    try:
+        run_loop(_serve(agent, args.broker))
+    except OrchestratorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,6 +17,25 @@ event loop, heartbeats, and reconnects and registers again when the broker goes 
 Results are kept until the broker acknowledges them and are sent again after a
 reconnect, so a result is not lost with a connection.
 
+How ``execute`` fails decides what the broker does next:
+
+- :class:`~agent_sdk.errors.RetryableError`, or an instance of a class in the agent's
+  ``retry_on`` (a timeout of a service the agent calls, say), is a transient fault: the
+  task is retried after a back-off while its retries last (the broker's default is 3),
+  and the failure counts against this agent's circuit breaker.
+  ``Result.failure(code, message, retryable=True)`` says the same without raising;
+- :class:`~agent_sdk.errors.PermanentFailure` is never retried;
+- any other exception (a ``ValueError`` on bad input) is taken for the task's own
+  failure: retried only if the task asked for retries (``submit(retries=N)``),
+  otherwise run once more on another agent of the same capabilities, when there is
+  one; only if it succeeds there does the failure count against this agent.
+
+The broker refuses a READY whose name, agent id or a capability is empty, over 256
+characters or not printable; the SDK checks the same when the agent is built
+(:class:`~agent_sdk.errors.InvalidName`). A refusal by the broker (of the READY, or of
+the SDK's protocol version) ends ``run`` with :class:`~agent_sdk.errors.RegistrationRefused`
+or :class:`~agent_sdk.errors.VersionMismatch` instead of registering again and again.
+
 Agents also talk to each other (:mod:`agent_sdk.messaging`): ``publish`` / ``subscribe``
 on the bus, ``send`` / ``request`` / ``receive`` / ``on_message`` for direct messages, and
 ``await self.submit(...)`` inside ``execute`` to hand a subtask to another agent and get
@@ -30,13 +49,12 @@ import asyncio
 import enum
 import logging
 import signal
-import uuid
 from collections.abc import Iterable
 from typing import Any, Final
 
 from wire.tasks import (
     Ack, Cancel, Direct, DirectVerdict, Disconnect, Dispatch, Error, ErrorCode, Heartbeat,
-    Message, Progress, Ready, Welcome,
+    Message, Ready, Welcome,
 )
 from agent_sdk.client import Client
 from agent_sdk.config import broker_url
@@ -44,9 +62,12 @@ from agent_sdk.connection import (
     Backoff, Connection, DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, TASK_CODEC,
     Transport,
 )
-from agent_sdk.errors import OrchestratorError, StateUnavailable
+from agent_sdk.errors import (
+    OrchestratorError, RegistrationRefused, StateUnavailable, VersionMismatch,
+)
 from agent_sdk.messaging import MAILBOX_SIZE, MessagingMixin, Messenger
-from agent_sdk.runner import current_task, TaskRunner
+from agent_sdk.names import check_names, new_agent_id
+from agent_sdk.runner import TaskRunner
 from agent_sdk.state import endpoint_from, StateClient
 from agent_sdk.task import _MISSING, Result, Task
 
@@ -54,6 +75,25 @@ logger = logging.getLogger(__name__)
 
 #: How long a graceful stop waits for running tasks.
 STOP_DRAIN_S: Final = 30.0
+#: ERROR codes that answer a READY the broker will not accept as it is: a name, id or
+#: capability it refuses; over its cap of agents (per address, or in all).
+REGISTRATION_REFUSALS: Final = frozenset({ErrorCode.BAD_REQUEST.value, "too_many_agents"})
+
+
+def refusal(error: Error, url: str, registering: bool) -> OrchestratorError | None:
+    """The error that ends an agent for the broker's ERROR ``error``, or None.
+
+    The broker refuses for good a peer of another protocol version (``bad_version``, at
+    any time), and, answering a READY (while ``registering``: an ERROR for no request
+    and no task), a name it refuses or an agent over its cap. Registering again would
+    only be refused again.
+    """
+    if error.code == ErrorCode.BAD_VERSION.value:
+        return VersionMismatch(url, error.message)
+    if registering and error.req is None and not error.task_ids and \
+            error.code in REGISTRATION_REFUSALS:
+        return RegistrationRefused(url, error.code, error.message)
+    return None
 
 
 class AgentState(enum.Enum):
@@ -75,44 +115,58 @@ class BaseAgent(MessagingMixin, abc.ABC):
     here; running the tasks and keeping their results is its
     :class:`~agent_sdk.runner.TaskRunner`'s.
 
+    Failures decide retries (more in the module's text): raise
+    :class:`~agent_sdk.errors.RetryableError` (or a class in ``retry_on``) for a transient
+    fault, retried and counted against this agent's circuit breaker;
+    :class:`~agent_sdk.errors.PermanentFailure` for one never retried. Any other exception
+    is the task's own failure: retried only if the task asked for retries, else tried
+    once on another agent of the same capabilities.
+
     Args:
         name: the agent type; tasks may ask for it by name, and replicas share it.
         capabilities: what it can do; a task goes only to agents having all it requires.
         max_concurrent: most tasks running at once (the broker never sends more).
         agent_id: unique id of this instance (default: ``name-<random>``).
+        retry_on: exception classes of ``execute`` that are transient faults.
+
+    Names, ids and capabilities are 1 to 256 printable characters, else InvalidName.
     """
 
     #: default for ``max_concurrent`` when the constructor is not given one
     max_concurrent: int = 16
     #: direct messages kept for ``receive`` (or in handlers) before more are dropped
     mailbox_size: int = MAILBOX_SIZE
+    #: exception classes of ``execute`` reported as transient faults (retried)
+    retry_on: tuple[type[BaseException], ...] = ()
 
     def __init__(self, name: str, capabilities: Iterable[str] = (), *,
-                 max_concurrent: int | None = None, agent_id: str | None = None) -> None:
-        if not name:
-            raise ValueError("an agent needs a name")
+                 max_concurrent: int | None = None, agent_id: str | None = None,
+                 retry_on: Iterable[type[BaseException]] | None = None) -> None:
         self.name = name
         self.capabilities = tuple(dict.fromkeys(capabilities))
         if max_concurrent is not None:
             self.max_concurrent = max_concurrent
         if self.max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
-        self.agent_id = agent_id or f"{name}-{uuid.uuid4().hex[:10]}"
+        self.agent_id = agent_id if agent_id is not None else new_agent_id(name)
+        check_names(name, self.agent_id, self.capabilities)
+        if retry_on is not None:
+            self.retry_on = tuple(retry_on)
         #: where the agent stands with the broker (``self.state`` is the shared state)
         self.status = AgentState.STARTING
         self.broker_url = ""
         self.endpoints: dict[str, str] = {}
         self._channel: Transport[Message] | None = None
-        self._task_runner = TaskRunner(self.execute)
+        self._task_runner = TaskRunner(self.execute, self.retry_on)
         self._heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self._heartbeat_liveness = DEFAULT_HEARTBEAT_LIVENESS
         self._reconnects = Backoff()
-        #: loop times after which running tasks' leases and the messaging counters are
-        #: reported again
-        self._next_lease = 0.0
+        #: loop time after which the messaging counters are reported again
         self._next_stats = 0.0
         self._stop_event = asyncio.Event()
+        #: set once the broker accepted the agent, or refused it for good (``_refusal``)
         self._registered_event = asyncio.Event()
+        self._refusal: OrchestratorError | None = None
         self._shared_state: StateClient | None = None
         #: pub/sub and direct messages (the methods of MessagingMixin use it)
         self.messaging = Messenger(lambda: self.agent_id, self._send_message,
@@ -172,7 +226,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
             # waiting for it there would wait forever.
             raise StateUnavailable("", 0.0, "self.state is reachable once the agent "
                                    "registers: not inside on_start (start a task there)")
-        await self._registered_event.wait()
+        await self.wait_registered()
         return endpoint_from(self.endpoints, f"the broker at {self.broker_url}")
 
     # ------------------------------------------------------------ messaging, subtasks
@@ -185,7 +239,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
         channel.send(msg)
 
     async def _bus_endpoints(self) -> dict[str, str]:
-        await self._registered_event.wait()
+        await self.wait_registered()
         return self.endpoints
 
     async def submit(self, text: str | None = None, *, capabilities: Iterable[str] = (),
@@ -200,12 +254,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
         counting this execution's submits, so a parent that runs again (a retry, a
         duplicate dispatch) gets the same subtasks back instead of running them again.
         """
-        current = current_task.get()
-        parent = parent_id if parent_id is not None else current
-        if task_id is None and parent is not None and parent == current:
-            counts = self._task_runner.subtask_counts
-            count = counts[parent] = counts.get(parent, 0) + 1
-            task_id = f"{parent}/{count}"
+        parent, task_id = self._task_runner.subtask_ids(parent_id, task_id)
         client = self._subtasks
         if client is None:
             client = self._subtasks = Client(self.broker_url or None,
@@ -230,8 +279,10 @@ class BaseAgent(MessagingMixin, abc.ABC):
         run_loop(main())
 
     async def async_run(self, broker: str | None = None) -> None:
-        """Serve tasks on the running loop until :meth:`stop` is called."""
+        """Serve tasks on the running loop until :meth:`stop` is called, or until the
+        broker refuses the agent (:exc:`RegistrationRefused`, :exc:`VersionMismatch`)."""
         loop = asyncio.get_running_loop()
+        check_names(self.name, self.agent_id, self.capabilities)
         self.broker_url = broker or broker_url()
         await self.on_start()
         channel = self._channel = Connection(self.broker_url, self.agent_id.encode(),
@@ -242,7 +293,8 @@ class BaseAgent(MessagingMixin, abc.ABC):
         heartbeats = asyncio.create_task(self._heartbeat_loop(), name=f"{self.agent_id}-heartbeat")
         try:
             await self._stop_event.wait()
-            await self._drain_and_leave(channel)
+            if self._refusal is None:
+                await self._drain_and_leave(channel)
         finally:
             heartbeats.cancel()
             await asyncio.gather(heartbeats, return_exceptions=True)
@@ -250,6 +302,8 @@ class BaseAgent(MessagingMixin, abc.ABC):
             channel.close()
             self.status = AgentState.STOPPED
             await self._close_owned()
+        if self._refusal is not None:
+            raise self._refusal
 
     async def _close_owned(self) -> None:
         await self.on_stop()
@@ -264,8 +318,11 @@ class BaseAgent(MessagingMixin, abc.ABC):
         self._stop_event.set()
 
     async def wait_registered(self, timeout: float | None = None) -> None:
-        """Return once the broker has accepted this agent's registration."""
+        """Return once the broker has accepted this agent's registration; raise
+        :exc:`RegistrationRefused` or :exc:`VersionMismatch` if it refused it."""
         await asyncio.wait_for(self._registered_event.wait(), timeout)
+        if self._refusal is not None:
+            raise self._refusal
 
     async def _drain_and_leave(self, channel: Transport[Message]) -> None:
         self.status = AgentState.DRAINING
@@ -302,11 +359,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
     def _renew_and_report(self, channel: Transport[Message], now: float) -> None:
         """Renew running tasks' leases, resend overdue results, report the counters."""
         interval_s = self._heartbeat_interval_s
-        if now >= self._next_lease and self._task_runner.running:
-            # Renew the leases of running tasks (a dispatch the broker hears nothing
-            # about is presumed lost and runs elsewhere).
-            channel.send(Progress(running=list(self._task_runner.running)))
-            self._next_lease = now + interval_s
+        self._task_runner.renew_leases(now, interval_s)
         resent = self._task_runner.resend_overdue(now, interval_s * self._heartbeat_liveness)
         if resent:
             logger.info("agent %s: sending %d unacknowledged result(s) again", self.agent_id,
@@ -362,8 +415,8 @@ class BaseAgent(MessagingMixin, abc.ABC):
                 self._task_runner.cancel(ids)
             case Disconnect(reason):
                 self._on_disconnect(reason)
-            case Error(code, message):
-                logger.warning("agent %s: broker error %s: %s", self.agent_id, code, message)
+            case Error():
+                self._on_error(msg)
             case _:
                 logger.warning("agent %s: unexpected %s from broker", self.agent_id,
                                type(msg).__name__)
@@ -384,6 +437,17 @@ class BaseAgent(MessagingMixin, abc.ABC):
             logger.info("agent %s registered with %s", self.agent_id, self.broker_url)
         else:
             logger.info("agent %s registered again", self.agent_id)
+
+    def _on_error(self, error: Error) -> None:
+        """A refusal of the agent (see :func:`refusal`) ends it; others are logged."""
+        refused = refusal(error, self.broker_url, self.status is AgentState.REGISTERING)
+        if refused is None:
+            logger.warning("agent %s: broker error %s: %s", self.agent_id, error.code,
+                           error.message)
+        elif self._refusal is None:
+            self._refusal = refused
+            self._registered_event.set()
+            self._stop_event.set()
 
     def _on_disconnect(self, reason: str) -> None:
         if reason == ErrorCode.NOT_REGISTERED.value and self.status is not AgentState.DRAINING:

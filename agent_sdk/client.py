@@ -34,7 +34,7 @@ from wire.tasks import (
 from agent_sdk.config import broker_url
 from agent_sdk.connection import Connection, TASK_CODEC, Transport
 from agent_sdk.errors import (
-    BrokerUnavailable, RequestRefused, TaskNotFound, TooLarge, WaitTimeout,
+    BrokerUnavailable, RequestRefused, TaskNotFound, TooLarge, VersionMismatch, WaitTimeout,
 )
 from agent_sdk.handles import open_work, overdue_work, TaskHandle
 from agent_sdk.messaging import MAILBOX_SIZE, MessagingMixin, Messenger
@@ -66,6 +66,8 @@ class _Requests:
 
     Attributes:
         peeks: the FETCH futures waiting for a task's result (or state), by task id.
+        refusal: the broker's ERROR ``bad_version``, once it refused this SDK's protocol
+            version: every request fails then, at once.
     """
 
     def __init__(self, url: str) -> None:
@@ -73,6 +75,23 @@ class _Requests:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self.peeks: dict[str, list[asyncio.Future[Result]]] = {}
+        self.refusal: Error | None = None
+
+    def check(self) -> None:
+        """Raise :class:`VersionMismatch` if the broker refused this SDK's version."""
+        if self.refusal is not None:
+            raise VersionMismatch(self.url, self.refusal.message)
+
+    def refuse_all(self, refusal: Error) -> None:
+        """The broker refused this SDK's protocol version: fail every request waiting."""
+        self.refusal = refusal
+        waiting = list(self._waiting.values())
+        waiting.extend(future for futures in self.peeks.values() for future in futures)
+        self._waiting.clear()
+        self.peeks.clear()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(VersionMismatch(self.url, refusal.message))
 
     def next_id(self) -> int:
         """A request id for a message whose answer nobody awaits (a recovery FETCH)."""
@@ -85,7 +104,8 @@ class _Requests:
         Raises:
             BrokerUnavailable: no answer within ``timeout``.
             RequestRefused: the broker answered with ERROR (``TaskNotFound`` for
-                ``not_found``).
+                ``not_found``; ``VersionMismatch`` for ``bad_version``, and then at
+                once for every later request).
         """
         req = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -110,6 +130,7 @@ class _Requests:
 
     async def _send_and_wait(self, send: Callable[[Message], None], msg: Message, req: int,
                              future: asyncio.Future[Any], timeout: float) -> Any:
+        self.check()
         self._waiting[req] = future
         try:
             send(msg)
@@ -287,7 +308,9 @@ class Client(MessagingMixin):
 
         Raises:
             TooLarge: the encoded payload exceeds the frame limit.
+            VersionMismatch: the broker refused this SDK's protocol version.
         """
+        self._requests.check()
         channel = self._channel or self._ensure_open()
         if task_id is None:
             task_id = f"{self.client_id}-{next(self._task_ids)}"
@@ -456,6 +479,9 @@ class Client(MessagingMixin):
                     future.set_result(result)
 
     def _on_error(self, error: Error) -> None:
+        if error.code == ErrorCode.BAD_VERSION.value:
+            self._version_refused(error)
+            return
         if error.req is not None:
             if not self._requests.refuse(error) and error.code == ErrorCode.NOT_FOUND.value:
                 # A recovery FETCH found nothing: the broker lost the task (no journal).
@@ -469,6 +495,16 @@ class Client(MessagingMixin):
                 result = Result.failure(error.code, error.message, TaskStatus.REJECTED.value)
                 result.task_id = task_id
                 handle._resolve(result)
+
+    def _version_refused(self, error: Error) -> None:
+        """The broker speaks another protocol version: fail whatever waits on it (requests,
+        results, direct messages) with :class:`VersionMismatch`, and send nothing again."""
+        self._requests.refuse_all(error)
+        self._outgoing.clear()
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            handle._fail(VersionMismatch(self.url, error.message))
+        self.messaging.direct.cancel_waiting(VersionMismatch(self.url, error.message))
 
 
 __all__ = ["Client", "STATUS_TIMEOUT_S", "TaskHandle"]

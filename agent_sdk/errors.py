@@ -47,7 +47,52 @@ class RequestRefused(OrchestratorError):
 
 class PermanentFailure(OrchestratorError):
     """Raise it in ``execute`` for a failure that a retry cannot fix (bad input, say):
-    the task fails at once instead of being retried."""
+    the task fails at once, with no retry and no second opinion on another agent, even
+    when the task asked for retries."""
+
+
+class RetryableError(OrchestratorError):
+    """Raise it in ``execute`` for a transient failure of the agent or of what it depends
+    on (a service that timed out, a rate limit, a connection reset): the broker tries the
+    task again after a back-off while its retries last (the broker's default, 3, when
+    the task names none), and counts it against this agent's circuit breaker. An agent
+    can mark exception classes of its own the same way with ``retry_on``.
+
+    Any other exception of ``execute`` is taken for the task's own failure (its input,
+    most often): retried only when the task asked for retries, else tried once on
+    another agent of the same capabilities (a second opinion), when there is one."""
+
+
+class InvalidName(OrchestratorError, ValueError):
+    """Raised when an agent's name, id or a capability cannot be registered: empty, over
+    :data:`~agent_sdk.config.MAX_NAME_CHARS` characters, or with control characters."""
+
+
+class RegistrationRefused(RequestRefused):
+    """Raised by an agent's ``run`` (and ``wait_registered``) when the broker answered its
+    READY with ERROR (``bad_request``: a name it refuses; ``too_many_agents``: over its
+    cap): the agent stops instead of registering again."""
+
+    def __init__(self, url: str, code: str, message: str) -> None:
+        OrchestratorError.__init__(self, f"the broker at {url} refused the agent ({code}): "
+                                   f"{message}")
+        self.code = code
+        self.url = url
+
+
+class VersionMismatch(RequestRefused):
+    """Raised when the broker or the state service speaks another protocol version than
+    this SDK: it answered with ERROR ``bad_version``, whose message names both versions.
+    Nothing can work until both sides run the same Orchestrator release, so the SDK
+    stops there: every request and task result waiting on that connection, an agent's
+    ``run`` and ``wait_registered`` and every later call raise this at once, and nothing
+    is sent again."""
+
+    def __init__(self, url: str, message: str, peer: str = "the broker") -> None:
+        OrchestratorError.__init__(self, f"{peer} at {url} refused our messages "
+                                   f"(bad_version): {message}")
+        self.code = "bad_version"
+        self.url = url
 
 
 class NoSuchAgent(RequestRefused, LookupError):

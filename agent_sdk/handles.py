@@ -28,7 +28,7 @@ class TaskHandle:
     with thousands of tasks in flight pays for neither when it does not use them.
     """
 
-    __slots__ = ("id", "_client", "_result", "_waiters", "_callbacks", "_accepted",
+    __slots__ = ("id", "_client", "_result", "_error", "_waiters", "_callbacks", "_accepted",
                  "_accepted_waiter", "_spec", "_sent_at")
 
     def __init__(self, task_id: str, client: Client, spec: TaskSpec | None = None,
@@ -36,6 +36,8 @@ class TaskHandle:
         self.id = task_id
         self._client = client
         self._result: Result | None = None
+        #: why the result can never come (the broker refused the SDK's protocol version)
+        self._error: Exception | None = None
         #: one future per pending awaiter, resolved with the result (a waiter that times
         #: out or is cancelled takes only its own future with it)
         self._waiters: list[asyncio.Future[Result]] | None = None
@@ -49,8 +51,8 @@ class TaskHandle:
         self._sent_at = sent_at
 
     def done(self) -> bool:
-        """Whether the result is in."""
-        return self._result is not None
+        """Whether the result is in (or known never to come: :meth:`result` raises)."""
+        return self._result is not None or self._error is not None
 
     @property
     def accepted(self) -> bool:
@@ -62,7 +64,10 @@ class TaskHandle:
 
         Raises:
             asyncio.InvalidStateError: the task has not finished.
+            VersionMismatch: the result cannot come (see :meth:`result`).
         """
+        if self._error is not None:
+            raise self._error
         if self._result is None:
             raise asyncio.InvalidStateError(f"task {self.id} has not finished")
         return self._result
@@ -84,9 +89,13 @@ class TaskHandle:
 
         Raises:
             WaitTimeout: when ``timeout`` seconds pass first; the task itself goes on.
+            VersionMismatch: the broker refused the client's protocol version, so the
+                result cannot come.
         """
         if self._result is not None:
             return self._result
+        if self._error is not None:
+            raise self._error
         # A future of its own and a plain timer, rather than wait_for(shield(...)): the
         # result then wakes the caller in one loop iteration instead of three.
         waiter = self._new_waiter()
@@ -104,6 +113,8 @@ class TaskHandle:
 
     async def wait_accepted(self, timeout: float | None = None) -> None:
         """Return once the broker confirmed it holds the task (or it already ended)."""
+        if self._error is not None:
+            raise self._error
         if self._accepted or self._result is not None:
             return
         if self._accepted_waiter is None:
@@ -116,14 +127,19 @@ class TaskHandle:
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._drop_waiter(finished)
+        if self._error is not None:
+            if finished.done():
+                finished.exception()  # retrieved: it is raised here
+            raise self._error
         if not done:
             raise WaitTimeout(f"the broker did not confirm task {self.id} within {timeout:g} s")
 
     def add_done_callback(self, callback: Callable[[TaskHandle], Any]) -> None:
         """Call ``callback(handle)`` once the result is in, on the client's loop: right
         when it arrives (keep it short and non-blocking), or soon if it already has.
-        An exception in it goes to the loop's exception handler."""
-        if self._result is not None:
+        An exception in it goes to the loop's exception handler. A handle whose result
+        cannot come (:meth:`result` raises) calls it too."""
+        if self.done():
             asyncio.get_running_loop().call_soon(self._run_callback, callback)
         elif self._callbacks is None:
             self._callbacks = [callback]
@@ -139,15 +155,29 @@ class TaskHandle:
 
     def _resolve(self, result: Result) -> None:
         """The result is in (the client calls this once per task)."""
-        if self._result is not None:
-            return
-        self._result = result
+        if self._result is None:
+            self._result = result
+            self._settled()
+
+    def _fail(self, error: Exception) -> None:
+        """The result can never come: waiters (and later calls) get ``error``."""
+        if not self.done():
+            self._error = error
+            self._settled()
+
+    def _settled(self) -> None:
+        """Wake the waiters with the result (or the error) and run the callbacks."""
         waiters = self._waiters
         if waiters is not None:
             self._waiters = None
+            result, error = self._result, self._error
             for waiter in waiters:
-                if not waiter.done():
+                if waiter.done():
+                    continue
+                if result is not None:
                     waiter.set_result(result)
+                elif error is not None:
+                    waiter.set_exception(error)
         callbacks = self._callbacks
         if callbacks is not None:
             self._callbacks = None

@@ -8,7 +8,7 @@
     breaker = CircuitBreaker(failure_threshold=5, recovery_timeout=30.0)
     result = await breaker.call(flaky_service, request)   # CircuitBreakerOpen when open
 
-The broker has a circuit breaker of its own (per agent, in ``broker.resilience``); an
+The broker has a circuit breaker of its own (per agent, in ``broker.engine.circuit``); an
 agent process never loads it, so the SDK keeps these helpers here with the same
 behaviour and arguments.
 """

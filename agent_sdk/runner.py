@@ -21,7 +21,7 @@ from wire.codec import chunks
 from wire.limits import MAX_FRAME_BYTES
 from wire.tasks import Assignment, ErrorCode, Message, Progress, ResultItem, Results, TaskStatus
 from agent_sdk.connection import Transport
-from agent_sdk.errors import PermanentFailure
+from agent_sdk.errors import PermanentFailure, RetryableError
 from agent_sdk.task import Result, Task
 
 _new_tuple = tuple.__new__
@@ -34,6 +34,18 @@ current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "orchestrator_current_task", default=None)
 
 Execute = Callable[[Task], Coroutine[Any, Any, Any]]
+
+
+def retryable(error: Exception, retry_on: tuple[type[BaseException], ...]) -> bool | None:
+    """What a failed result says about ``error`` (the RESULT item's ``retryable``):
+    False for :class:`PermanentFailure` (no retry can help), True for a transient fault
+    (:class:`RetryableError`, or a class of ``retry_on``), None for the broker to judge
+    (the task's own failure, most often: retried only if the task asked for retries)."""
+    if isinstance(error, PermanentFailure):
+        return False
+    if isinstance(error, RetryableError) or isinstance(error, retry_on):
+        return True
+    return None
 
 
 def _new_result(fields: tuple[Any, ...]) -> ResultItem:
@@ -81,6 +93,8 @@ class TaskRunner:
 
     Args:
         execute: the agent's ``execute``.
+        retry_on: exception classes of ``execute`` to report as transient failures
+            (besides :class:`RetryableError`): the broker retries them.
 
     Attributes:
         channel: the agent's broker connection while it runs (results wait until then).
@@ -93,8 +107,10 @@ class TaskRunner:
         tasks_failed: tasks that ended otherwise here.
     """
 
-    def __init__(self, execute: Execute) -> None:
+    def __init__(self, execute: Execute,
+                 retry_on: tuple[type[BaseException], ...] = ()) -> None:
         self.execute = execute
+        self.retry_on = retry_on
         self.channel: Transport[Message] | None = None
         self.running: dict[str, asyncio.Task[Any] | None] = {}
         self.unacked: dict[str, ResultItem] = {}
@@ -108,6 +124,8 @@ class TaskRunner:
         self._sent_log: deque[tuple[float, list[str]]] = deque()
         #: tasks that started running as asyncio tasks since the last flush
         self._started: list[str] = []
+        #: loop time after which running tasks' leases are renewed again
+        self._next_lease = 0.0
 
     # ------------------------------------------------------------ the broker's word
 
@@ -143,6 +161,21 @@ class TaskRunner:
         self.running[task_id] = runner
         self._started.append(task_id)
         self.idle.clear()
+
+    def subtask_ids(self, parent_id: str | None,
+                    task_id: str | None) -> tuple[str | None, str | None]:
+        """The parent and the id of a subtask submitted with these (None: not given).
+
+        The parent is by default the task whose ``execute`` submits; a subtask of it with
+        no id of its own is then ``<parent id>/<n>``, n counting this execution's
+        submits, so a parent that runs again gets the same subtasks back.
+        """
+        current = current_task.get()
+        parent = parent_id if parent_id is not None else current
+        if task_id is None and parent is not None and parent == current:
+            count = self.subtask_counts[parent] = self.subtask_counts.get(parent, 0) + 1
+            task_id = f"{parent}/{count}"
+        return parent, task_id
 
     def ack(self, ids: list[str]) -> None:
         """The broker holds these results: forget them."""
@@ -212,8 +245,7 @@ class TaskRunner:
         self.unacked[task_id] = item
         self._outgoing.append(item)
 
-    @staticmethod
-    def _failed(task_id: str, error: BaseException, run_ms: float) -> ResultItem:
+    def _failed(self, task_id: str, error: BaseException, run_ms: float) -> ResultItem:
         """The item of a task whose ``execute`` raised (or was cancelled)."""
         if isinstance(error, asyncio.CancelledError):
             return ResultItem(task_id, TaskStatus.CANCELLED.value, b"",
@@ -224,7 +256,7 @@ class TaskRunner:
         return ResultItem(task_id, TaskStatus.FAILED.value,
                           Result(None, 0.0, error_type=kind).to_payload(),
                           ErrorCode.AGENT_ERROR.value, f"{kind}: {error}", run_ms=run_ms,
-                          retryable=False if isinstance(error, PermanentFailure) else None)
+                          retryable=retryable(error, self.retry_on))
 
     @staticmethod
     def _returned(task_id: str, result: Result, run_ms: float) -> ResultItem:
@@ -268,6 +300,13 @@ class TaskRunner:
         queued = {item[0] for item in self._outgoing}
         self._outgoing.extend(item for item in kept if item[0] not in queued)
 
+    def renew_leases(self, now: float, interval_s: float) -> None:
+        """Renew the leases of running tasks, at most once per ``interval_s`` (a dispatch
+        the broker hears nothing about is presumed lost and runs elsewhere)."""
+        if now >= self._next_lease and self.running and self.channel is not None:
+            self.channel.send(Progress(running=list(self.running)))
+            self._next_lease = now + interval_s
+
     def resend_unacked(self) -> None:
         """Send every unacknowledged result again now (after registering again: results
         sent before a reconnect may have been lost; the broker drops the ones it has)."""
@@ -299,4 +338,4 @@ class TaskRunner:
         return len(again)
 
 
-__all__ = ["TaskRunner", "current_task"]
+__all__ = ["TaskRunner", "current_task", "retryable"]

@@ -143,14 +143,18 @@ class Result:
         self.attempts: int = 0
         self.queued_ms: float | None = None
         self.run_ms: float | None = None
-        #: for a failure: may the broker retry it (None: as its error code implies)
+        #: for a failure: True a transient fault (retried), False never retried, None the
+        #: task's own failure (retried only if the task asked for retries)
         self.retryable: bool | None = None
 
     @classmethod
     def failure(cls, code: str, message: str, status: str = TaskStatus.FAILED.value,
                 retryable: bool | None = None, **extras: Any) -> Result:
-        """A failed result with a stable error ``code``; ``retryable=False`` tells the
-        broker not to try again."""
+        """A failed result with a stable error ``code``. ``retryable=True`` marks a
+        transient fault of the agent (the broker retries it and counts it against the
+        agent's circuit breaker, as for :class:`~agent_sdk.errors.RetryableError`);
+        ``False`` tells the broker never to try again; None leaves it the task's own
+        failure (see :class:`~agent_sdk.agent.BaseAgent`)."""
         result = cls(None, 0.0, **extras)
         result.status = status
         result.error = TaskError(code, message)

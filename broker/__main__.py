@@ -4,6 +4,13 @@ On start it prints one JSON line ``{"event": "ready", "endpoint": ..., "state": 
 "pid": ...}`` to stdout and writes the same document to ``DATA_DIR/broker.json``; whoever
 started it (the CLI, a test fixture) waits for that line instead of sleeping.
 
+Before it opens anything in the data dir it takes ``DATA_DIR/broker.lock`` with
+``fcntl.flock`` and holds it for its whole life (the file names its pid). The kernel drops
+the lock when the process dies, however it dies, before it is a zombie: so "a broker of
+this data dir is alive" is "the lock is held", never "a process has the pid in a file"
+(a zombie, or a process that reused the pid, would pass that test). A second broker on
+the same data dir exits at once with one line naming the holder.
+
 The state service runs in a thread of this process (its own socket, loop and SQLite
 connection) on ``--state-bind`` (default: the broker's port + 3, or any free port when
 that one is taken or the broker's is 0), unless ``--no-state``.
@@ -12,18 +19,20 @@ that one is taken or the broker's is 0), unless ``--no-state``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import zmq
 
 from broker.config import (
-    DURABILITIES, POLICIES, BrokerConfig, StateConfig, home_dir, state_bind_for,
+    DURABILITIES, LOCK_FILE, POLICIES, BrokerConfig, StateConfig, home_dir, state_bind_for,
 )
 from broker.bus import BusForwarder
 from broker.config import DEFAULT_BUS_HWM, BusConfig
@@ -31,10 +40,71 @@ from broker.errors import ConfigError
 from broker.server import Broker
 
 
+#: How long a starting broker tries for the data dir's lock. A running broker holds it for
+#: good; ``orchestrator start`` and ``stop`` take it shared for an instant to test it, and
+#: a broker starting in that instant must not take the test for a running broker.
+LOCK_WAIT_S: Final = 2.0
+#: Between two tries: flock(2) has no timeout, and a blocking one would wait forever
+#: behind a running broker.
+LOCK_RETRY_S: Final = 0.01
+
+
+class DataDirBusy(Exception):
+    """Raised when another live broker holds the data dir's lock.
+
+    Args:
+        data_dir: The data dir.
+        holder: The pid the lock file names ("?" when it names none).
+    """
+
+    def __init__(self, data_dir: Path, holder: str) -> None:
+        super().__init__(
+            f"another broker (pid {holder}) is running with the data dir {data_dir} (it "
+            f"holds {data_dir / LOCK_FILE}); stop it first (orchestrator stop) or give this "
+            f"one another --data-dir")
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir's lock for the rest of this process's life.
+
+    Returns:
+        The lock file's descriptor: keep it open (closing it releases the lock). It is
+        not inherited by child processes.
+
+    Raises:
+        DataDirBusy: Another process holds the lock (a live broker of this data dir).
+        OSError: The lock file cannot be created.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise DataDirBusy(data_dir, holder) from None
+            time.sleep(LOCK_RETRY_S)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        # A full disk: the lock is what counts; the pid is only for people and `stop`.
+        logging.getLogger(__name__).warning("cannot write the pid to %s: %s",
+                                            data_dir / LOCK_FILE, e)
+    return fd
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default=None, help="HOST:PORT of the ROUTER (port 0: any free)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="data dir (default $ORCH_HOME)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="data dir (default: $ORCH_HOME, else ./.orchestrator where it "
+                             "exists, else $XDG_STATE_HOME/orchestrator, "
+                             "~/.local/state/orchestrator)")
     parser.add_argument("--policy", choices=POLICIES, default=None, help="routing policy")
     parser.add_argument("--heartbeat-interval", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--heartbeat-liveness", type=int, default=None, metavar="N")
@@ -143,7 +213,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         ConfigError: a value is invalid.
     """
     return BrokerConfig.from_env(
-        bind=args.bind, data_dir=args.data_dir, policy=args.policy,
+        bind=args.bind, data_dir=args.data_dir.absolute() if args.data_dir else None,
+        policy=args.policy,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness, max_pending=args.max_pending,
         default_timeout_s=args.default_timeout, drain_timeout_s=args.drain_timeout,
@@ -151,6 +222,26 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         retry_base_delay_s=args.retry_base_delay, retry_max_delay_s=args.retry_max_delay,
         circuit_failure_threshold=args.circuit_threshold,
         circuit_recovery_s=args.circuit_recovery, result_retention_s=args.retention)
+
+
+def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
+    """Write ``broker.json`` and print the ready line (the broker's endpoints and pid)."""
+    info: dict[str, Any] = {"event": "ready", "endpoint": broker.endpoint, "pid": os.getpid(),
+                            "data_dir": str(data_dir)}
+    if "bus_out" in broker.endpoints:
+        info["bus_out"] = broker.endpoints["bus_out"]
+        info["bus_in"] = broker.endpoints["bus_in"]
+    if state is not None:
+        broker.endpoints["state"] = info["state"] = state.endpoint
+    document = orjson.dumps(info)
+    try:
+        (data_dir / "broker.json").write_bytes(document)
+    except OSError as e:
+        # A full disk must not keep the broker from serving the tasks its journal holds;
+        # whoever started it reads the ready line below.
+        logging.getLogger(__name__).error("cannot write %s: %s", data_dir / "broker.json", e)
+    sys.stdout.write(document.decode() + "\n")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,9 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    data_dir = Path(config.data_dir or home_dir())
+    try:
+        lock_data_dir(data_dir)  # held until the process ends
+    except DataDirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot lock the data dir {data_dir}: {e}", file=sys.stderr)
+        return 1
     broker = Broker(config)
     try:
-        endpoint = broker.bind()
+        broker.bind()
     except zmq.ZMQError as e:
         print(f"error: cannot bind {config.router_endpoint}: {e}", file=sys.stderr)
         return 3
@@ -182,17 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot start the bus: {e}", file=sys.stderr)
         return 3
     broker.install_signal_handlers()
-    info: dict[str, Any] = {"event": "ready", "endpoint": endpoint, "pid": os.getpid()}
-    if "bus_out" in broker.endpoints:
-        info["bus_out"] = broker.endpoints["bus_out"]
-        info["bus_in"] = broker.endpoints["bus_in"]
-    if state is not None:
-        broker.endpoints["state"] = info["state"] = state.endpoint
-    data_dir = Path(config.data_dir or home_dir())
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "broker.json").write_bytes(orjson.dumps(info))
-    sys.stdout.write(orjson.dumps(info).decode() + "\n")
-    sys.stdout.flush()
+    announce_ready(broker, state, data_dir)
     tune_garbage_collector()
     try:
         broker.run()

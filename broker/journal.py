@@ -44,6 +44,16 @@ rewritten in this broker's format, as compaction does, before anything is append
 newer format is refused (:class:`JournalFormatError`) before a byte of the file changes.
 The header costs nothing per record: it is queued once, when the file is empty, and goes
 out with the first commit (and leads every compacted file).
+
+A write that fails (a full disk, a quota, an I/O error: any ``OSError`` of the write or
+the fsync) raises nothing into the broker's loop. The file is cut back to its last whole
+frame (a disk that fills mid-write leaves part of a frame, and replay would stop there
+and drop every frame after it), the frames stay in memory, in order, and
+:attr:`Journal.failure` says why. The engine refuses new tasks meanwhile
+(``storage_full``) and keeps serving the ones it holds; every later commit, and every
+SUBMIT, tries the held frames again first, one frame a write (no frame is copied or
+joined again), and the first write that succeeds clears the failure. A healthy commit
+pays one list test for this: no syscall, nothing per record.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ import enum
 import logging
 import os
 import struct
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -158,6 +169,17 @@ _ACCEPTED_FIELDS: Final = len(AcceptedRecord._fields)
 _FINISHED_FIELDS: Final = len(FinishedRecord._fields)
 
 
+class JournalFailure(NamedTuple):
+    """Why the journal cannot write: the last failed write's error, since when."""
+
+    #: for people: the file and the error (``[Errno 28] No space left on device``)
+    message: str
+    #: wall-clock seconds of the first failed write of this spell
+    since: float
+    #: the ``errno`` of the last failed write (``errno.ENOSPC`` for a full disk)
+    errno: int | None
+
+
 @dataclass(slots=True)
 class Replay:
     """What a journal held at start-up: the first accepted record of each task and the
@@ -222,6 +244,10 @@ class Journal:
         self._fd = -1
         self.size = 0
         self._compacted_size = 0
+        #: frames a failed write left, oldest first; written before anything newer
+        self._unwritten: list[bytes] = []
+        #: why the last write failed; None while writes succeed
+        self.failure: JournalFailure | None = None
 
     # ---------------------------------------------------------------- start-up
 
@@ -352,14 +378,40 @@ class Journal:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._buffer)
+        return bool(self._buffer) or bool(self._unwritten)
 
     def commit(self) -> None:
-        """Write what this pass recorded (one write; fsync in FSYNC mode)."""
-        if not self._buffer:
-            return
-        data = _frame(self._buffer)
-        self._buffer = []
+        """Write what this pass recorded (one write; fsync in FSYNC mode). A failed write
+        raises nothing: the frame is held and :attr:`failure` set (module docstring)."""
+        if self._buffer:
+            data = _frame(self._buffer)
+            self._buffer = []
+            if not self._unwritten:
+                try:
+                    self._write(data)
+                except OSError as e:
+                    self._hold([data], e)
+                return
+            self._unwritten.append(data)
+        if self._unwritten:
+            self._write_unwritten()
+
+    def retry(self) -> JournalFailure | None:
+        """After a failed write, write what it left (and this pass's records) now.
+
+        Returns:
+            The failure that remains; None once everything held is written.
+        """
+        if self.failure is not None:
+            self.commit()
+        return self.failure
+
+    def _write(self, data: bytes) -> None:
+        """Append one frame (and fsync in FSYNC mode); ``size`` counts it once it is in.
+
+        Raises:
+            OSError: the write or the fsync failed, perhaps after part of the frame.
+        """
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
@@ -368,33 +420,87 @@ class Journal:
             os.fsync(self._fd)
         self.size += len(data)
 
+    def _hold(self, frames: list[bytes], error: OSError) -> None:
+        """Keep ``frames`` for a later write, cut the file back to its last whole frame."""
+        self._unwritten = frames
+        try:
+            os.ftruncate(self._fd, self.size)
+        except OSError as e:  # tried again before the next write
+            logger.error("journal %s: cannot cut a failed write back: %s", self.path, e)
+        message = f"cannot write the journal {self.path}: {error.strerror or error}"
+        if self.failure is None:
+            logger.error("%s; new tasks are refused (storage_full) until a write succeeds",
+                         message)
+            self.failure = JournalFailure(message, time.time(), error.errno)
+        else:
+            self.failure = self.failure._replace(message=message, errno=error.errno)
+
+    def _write_unwritten(self) -> None:
+        """Write the held frames in order, as far as the disk takes them."""
+        unwritten = self._unwritten
+        try:
+            # A failed write whose cut failed too left part of a frame: cut it now.
+            os.ftruncate(self._fd, self.size)
+            while unwritten:
+                self._write(unwritten[0])
+                del unwritten[0]
+        except OSError as e:
+            self._hold(unwritten, e)
+            return
+        if self.failure is not None:
+            logger.warning("journal %s: writes succeed again after %.1f s; new tasks are "
+                           "accepted again", self.path, time.time() - self.failure.since)
+            self.failure = None
+
     def needs_compaction(self) -> bool:
         return self.size - self._compacted_size > COMPACT_AFTER_BYTES
 
     def compact(self, accepted: Iterable[tuple[Any, bytes, float]],
                 results: Iterable[tuple[Any, float]]) -> None:
         """Replace the log with one holding only ``accepted`` (open tasks: spec, client,
-        wall) and ``results`` (retained results: item, wall)."""
+        wall) and ``results`` (retained results: item, wall).
+
+        A compaction that cannot write its file (a full disk) leaves the log as it was,
+        whole, and is tried again after another :data:`COMPACT_AFTER_BYTES`.
+        """
         self.commit()
+        if self.failure is not None:
+            return
         self._buffer.append(_FILE_HEADER)
         for spec, client, wall in accepted:
             self.accepted(spec, client, wall)
         for result, wall in results:
             self.finished(result, wall)
         records, self._buffer = self._buffer, []
-        size = self._replace_file(records)
+        try:
+            size = self._replace_file(records)
+        except OSError as e:
+            self.path.with_suffix(".tmp").unlink(missing_ok=True)
+            self._compacted_size = self.size
+            logger.error("journal %s: compaction failed, the log stays as it is: %s",
+                         self.path, e)
+            return
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = self._compacted_size = size
         logger.info("journal compacted to %d bytes", self.size)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            self.commit()
+        if self._fd < 0:
+            return
+        self.commit()
+        if self._unwritten:
+            assert self.failure is not None
+            logger.error("journal %s: %d byte(s) of records could not be written (%s): "
+                         "what was accepted or finished since then is not in the journal",
+                         self.path, sum(map(len, self._unwritten)), self.failure.message)
+        try:
             if self.durability is not Durability.NONE:
                 os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        except OSError as e:
+            logger.error("journal %s: fsync at close failed: %s", self.path, e)
+        os.close(self._fd)
+        self._fd = -1
 
 
 class NullJournal(Journal):
@@ -414,6 +520,9 @@ class NullJournal(Journal):
 
     def commit(self) -> None:
         pass
+
+    def retry(self) -> JournalFailure | None:
+        return None
 
     def needs_compaction(self) -> bool:
         return False

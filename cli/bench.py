@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from cli.common import EXIT_FAILED, EXIT_USAGE, F, fail, json_option
+from cli.common import EXIT_FAILED, EXIT_USAGE, DataDirGroup, F, fail, json_option
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
@@ -64,7 +64,7 @@ def _common(function: F) -> F:
     return function
 
 
-bench: click.Group = click.Group("bench", help=BENCH_HELP)
+bench: click.Group = DataDirGroup("bench", help=BENCH_HELP)
 
 
 @bench.command(help="""Tasks per second with a window of tasks in flight, against zmq.proxy

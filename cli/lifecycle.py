@@ -2,78 +2,72 @@
 
 ``start`` runs the broker (and the agents of ``--agents``) in the background, with the pid
 files and logs in the data dir; ``stop`` ends them; ``status`` asks the running broker.
+
+Whether a broker of the data dir is alive is never read from a pid: the broker holds
+the data dir's lock for its whole life (:func:`cli.common.lock_held`), and it must answer
+as the process that holds it. A broker killed a moment ago (still a zombie) or a pid
+reused by another process does not count; ``stop`` waits for the lock to go, not for a
+pid.
 """
 
 from __future__ import annotations
 
-import os
 import select
-import signal
 import subprocess
 import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final
 
 import click
 import orjson
 
 from broker.config import DEFAULT_BIND, DURABILITIES, POLICIES
 from cli.common import (
-    EXIT_UNREACHABLE, PING_TIMEOUT_S, Context, emit_json, fail, json_option, read_broker_info,
+    EXIT_FAILED, EXIT_UNREACHABLE, PING_TIMEOUT_S, Context, DataDirCommand, emit_json, fail,
+    json_option, lock_held, lock_holder, read_broker_info,
+)
+from cli.processes import (
+    ProcessRef, end_child, end_process, log_size, log_tail, read_ref, spawn,
 )
 
-if TYPE_CHECKING:
-    from rich.console import Group
-
-#: How long `start` waits for the broker to report ready.
-START_TIMEOUT_S = 30.0
+#: How long `start` waits for the broker, then each agent, to report ready.
+START_TIMEOUT_S: Final = 30.0
 #: How long `stop` waits for a graceful exit before it kills.
-STOP_TIMEOUT_S = 45.0
+STOP_TIMEOUT_S: Final = 45.0
+#: How long a failed `start` gives what it started to exit before it kills it.
+UNDO_TIMEOUT_S: Final = 10.0
 
-START_HELP = """Start the broker in the background (pid file and log in the data dir).
+START_HELP = """Start the broker in the background (lock, pid file and log in the data dir).
 
 Returns once the broker answers. Built-in agents do not exist yet, so no agent is started
-unless --agents names some: `--agents module:Class[=N],...` starts N processes of each.
+unless --agents names some: `--agents module:Class[=N],...` starts N processes of each,
+one after the other. If the broker or an agent does not come up, everything this start
+started is stopped again, and the error names the log and prints its last lines.
 """
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one of another user's counts as alive).
-
-    Args:
-        pid: The process id.
-
-    Returns:
-        True unless no such process exists.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_pid(path: Path) -> int | None:
-    """The pid in a pid file, if that process is alive.
-
-    Args:
-        path: The pid file.
-
-    Returns:
-        The pid, or None when the file is missing, unreadable or its process is gone.
-    """
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
+def _pid_file(home: Path) -> Path:
+    return home / "broker.pid"
 
 
 # ---------------------------------------------------------------------- start
+
+
+class StartFailed(Exception):
+    """Raised when a process `start` launched did not report ready.
+
+    Args:
+        message: What did not start, and how it ended.
+        log: The log it wrote to.
+        offset: Where its lines begin in the log.
+    """
+
+    def __init__(self, message: str, log: Path, offset: int) -> None:
+        super().__init__(message)
+        self.log = log
+        self.offset = offset
 
 
 def _parse_agents(spec: str) -> list[tuple[str, int]]:
@@ -86,50 +80,140 @@ def _parse_agents(spec: str) -> list[tuple[str, int]]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, count = part.partition("=")
         if ":" not in name or (count and not count.isdigit()):
-            raise click.BadParameter(f"expected module:Class[=N], got {part!r}", param_hint="--agents")
+            raise click.BadParameter(f"expected module:Class[=N], got {part!r}",
+                                     param_hint="--agents")
         agents.append((name, int(count or 1)))
     return agents
 
 
-def _wait_json_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[str, Any]:
+def _wait_ready(proc: subprocess.Popen[bytes], what: str, log: Path,
+                offset: int) -> dict[str, Any]:
     """The first stdout line of a started process (its ready report), parsed as JSON.
 
     Raises:
-        click.ClickException: The process wrote nothing within ``timeout`` seconds.
+        StartFailed: It exited, printed something else, or printed nothing within
+            :data:`START_TIMEOUT_S`.
     """
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
     line = proc.stdout.readline() if ready else b""
-    if not line:
-        code = proc.poll()
-        raise click.ClickException(
-            f"{what} did not start (exit code {code}); see the log for why")
-    report: dict[str, Any] = orjson.loads(line)
-    return report
+    if line:
+        try:
+            report: dict[str, Any] = orjson.loads(line)
+            return report
+        except orjson.JSONDecodeError:
+            raise StartFailed(f"{what} printed {line[:80]!r} instead of its ready line",
+                              log, offset) from None
+    if not ready:
+        raise StartFailed(f"{what} did not report ready within {START_TIMEOUT_S:g} s",
+                          log, offset)
+    try:
+        code: int | None = proc.wait(PING_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    raise StartFailed(f"{what} did not start (exit code {code})", log, offset)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Run ``python ARGS`` detached from this terminal, stderr appended to ``log``."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as log_file:
-        return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=log_file,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+class Launch:
+    """What one `start` launched: the broker, then its agents, so that a failure can stop
+    exactly those again.
+
+    Args:
+        home: The data dir.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.agents: list[tuple[subprocess.Popen[bytes], Path | None]] = []
+
+    def start_broker(self, args: list[str]) -> dict[str, Any]:
+        """Run the broker; returns its ready report once it answers."""
+        log = self.home / "broker.log"
+        offset = log_size(log)
+        self.broker = spawn(args, log)
+        info = _wait_ready(self.broker, "the broker", log, offset)
+        _pid_file(self.home).write_text(ProcessRef.of(self.broker.pid).text())
+        return info
+
+    def start_agents(self, agents: list[tuple[str, int]], endpoint: str) -> list[str]:
+        """Start each agent's processes one at a time, each registered before the next.
+
+        Returns:
+            The agent ids, in the order they registered; their pid files are in
+            ``home/agents``.
+        """
+        started = []
+        log = self.home / "agents.log"
+        pid_dir = self.home / "agents"
+        pid_dir.mkdir(exist_ok=True)
+        for spec, replicas in agents:
+            for _ in range(replicas):
+                offset = log_size(log)
+                agent = spawn(["-m", "agent_sdk", "run", spec, "--broker", endpoint], log)
+                self.agents.append((agent, None))
+                registered = _wait_ready(agent, f"the agent {spec}", log, offset)
+                pid_file = pid_dir / f"{registered['agent_id']}.pid"
+                pid_file.write_text(ProcessRef.of(agent.pid).text())
+                self.agents[-1] = (agent, pid_file)
+                started.append(registered["agent_id"])
+        return started
+
+    def undo(self) -> dict[str, Any]:
+        """Stop what was launched (agents first, then the broker) and remove its files.
+
+        Returns:
+            The pids stopped, for the report: ``{"broker": pid, "agents": [pid, ...]}``.
+        """
+        for agent, pid_file in reversed(self.agents):
+            end_child(agent, UNDO_TIMEOUT_S)
+            if pid_file is not None:
+                pid_file.unlink(missing_ok=True)
+        if self.broker is not None:
+            end_child(self.broker, UNDO_TIMEOUT_S)
+            _pid_file(self.home).unlink(missing_ok=True)
+            (self.home / "broker.json").unlink(missing_ok=True)
+        return {"broker": self.broker.pid if self.broker is not None else None,
+                "agents": [agent.pid for agent, _ in self.agents]}
+
+
+def _ask_broker(endpoint: str | None) -> dict[str, Any] | None:
+    """The status document of the broker at ``endpoint``, or None if it does not answer."""
+    if not endpoint:
+        return None
+    from agent_sdk import BrokerUnavailable, SyncClient
+
+    with closing(SyncClient(endpoint)) as client:
+        try:
+            return client.status(PING_TIMEOUT_S)
+        except BrokerUnavailable:
+            return None
 
 
 def _report_running(home: Path, as_json: bool) -> bool:
-    """Say so when the data dir's broker already runs.
+    """Say so when the data dir's broker runs (it holds the lock and answers as itself).
 
     Returns:
-        True when it runs (and was reported), so that `start` starts nothing.
+        True when it runs (and was reported), so that `start` starts nothing; False
+        when no broker holds the data dir. Exits 1 when one holds it but does not answer.
     """
-    running = read_pid(home / "broker.pid")
-    if running is None:
+    if not lock_held(home):
         return False
+    holder = lock_holder(home)
     info = read_broker_info(home) or {}
+    endpoint = info.get("endpoint")
+    answer = _ask_broker(endpoint)
+    pid = (answer or {}).get("broker", {}).get("pid")
+    if answer is None or pid not in (holder, info.get("pid")):
+        fail(f"a broker (pid {holder or '?'}) holds the data dir {home} but does not answer "
+             f"at {endpoint or '(no endpoint yet)'}: it is starting, or hung; see "
+             f"{home / 'broker.log'}, or end it with `orchestrator stop`", EXIT_FAILED,
+             {"status": "not_answering", "pid": holder, "endpoint": endpoint,
+              "home": str(home)})
     if as_json:
-        emit_json({"status": "running", "pid": running, "endpoint": info.get("endpoint")})
+        emit_json({"status": "running", "pid": pid, "endpoint": endpoint, "home": str(home)})
     else:
-        click.echo(f"already running (pid {running}) at {info.get('endpoint', '?')}")
+        click.echo(f"already running (pid {pid}) at {endpoint}; data in {home}")
     return True
 
 
@@ -142,25 +226,6 @@ def _broker_args(home: Path, bind: str, policy: str, durability: str, state_bind
     broker_args += ["--state-memory"] * state_memory + ["--no-state"] * no_state
     broker_args += ["--no-bus"] * no_bus
     return broker_args
-
-
-def _start_agents(agents: list[tuple[str, int]], endpoint: str, home: Path) -> list[str]:
-    """Start each agent's processes one at a time, each registered before the next.
-
-    Returns:
-        The agent ids, in the order they registered; their pid files are in ``home/agents``.
-    """
-    started = []
-    for spec, replicas in agents:
-        for _ in range(replicas):
-            agent = _spawn(["-m", "agent_sdk", "run", spec, "--broker", endpoint],
-                           home / "agents.log")
-            registered = _wait_json_line(agent, START_TIMEOUT_S, f"agent {spec}")
-            pid_dir = home / "agents"
-            pid_dir.mkdir(exist_ok=True)
-            (pid_dir / f"{registered['agent_id']}.pid").write_text(str(agent.pid))
-            started.append(registered["agent_id"])
-    return started
 
 
 def _print_started(pid: int, info: dict[str, Any], started: list[str], home: Path,
@@ -181,8 +246,33 @@ def _print_started(pid: int, info: dict[str, Any], started: list[str], home: Pat
         click.echo(f"agents: {', '.join(started)}")
 
 
-@click.command(help=START_HELP)
-@click.option("--bind", default=DEFAULT_BIND, show_default=True, help="HOST:PORT of the broker.")
+def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]],
+            as_json: bool) -> None:
+    """Start the broker and the agents; on any failure stop them again and exit 1 with
+    the log and its last lines."""
+    launch = Launch(home)
+    try:
+        info = launch.start_broker(broker_args)
+        started = launch.start_agents(agents, info["endpoint"])
+    except StartFailed as e:
+        stopped = launch.undo()
+        earlier = len(launch.agents) - 1
+        undone = "" if not launch.agents else "; the broker was stopped again" \
+            if not earlier else f"; the broker and the {earlier} agent(s) started before " \
+            "it were stopped again"
+        fail(f"{e}{undone}. Its log is {e.log}; its last lines:", EXIT_FAILED,
+             {"status": "failed", "log": str(e.log), "stopped": stopped, "home": str(home)},
+             log_tail(e.log, e.offset))
+    except BaseException:
+        launch.undo()  # Ctrl-C, or a bug: leave nothing half-started behind
+        raise
+    assert launch.broker is not None
+    _print_started(launch.broker.pid, info, started, home, as_json)
+
+
+@click.command(cls=DataDirCommand, help=START_HELP)
+@click.option("--bind", default=DEFAULT_BIND, show_default=True,
+              help="HOST:PORT of the broker.")
 @click.option("--policy", type=click.Choice(POLICIES), default="capability", show_default=True)
 @click.option("--durability", type=click.Choice(DURABILITIES), default="batch", show_default=True,
               help="Journal: none, batch (survives a crash) or fsync (survives power loss).")
@@ -212,71 +302,71 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
 
         sys.exit(broker_main(broker_args[2:]))
     home.mkdir(parents=True, exist_ok=True)
-    proc = _spawn(broker_args, home / "broker.log")
-    info = _wait_json_line(proc, START_TIMEOUT_S, "the broker")
-    (home / "broker.pid").write_text(str(proc.pid))
-    started = _start_agents(agents, info["endpoint"], home)
-    _print_started(proc.pid, info, started, home, as_json)
+    # What a killed broker left: its endpoint would only time out.
+    (home / "broker.json").unlink(missing_ok=True)
+    _launch(home, broker_args, agents, as_json)
 
 
 # ---------------------------------------------------------------------- stop
 
 
-def _terminate(pid: int, timeout: float) -> bool:
-    """SIGTERM, wait for the exit; SIGKILL after ``timeout``.
+def _stop_broker(home: Path) -> tuple[int | None, bool]:
+    """End the data dir's broker (SIGTERM; SIGKILL after :data:`STOP_TIMEOUT_S`), waiting
+    for its lock to go, which happens when it exits, however it exits.
 
     Returns:
-        True if the process exited gracefully (or was already gone).
+        Its pid (None when none was running) and whether it exited gracefully.
     """
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            waited, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            waited = 0
-        if waited == pid or not pid_alive(pid):
-            return True
-        time.sleep(0.05)  # polling another process's exit: there is no event to wait on
-    os.kill(pid, signal.SIGKILL)
-    return False
+    if not lock_held(home):
+        return None, True
+    pid = lock_holder(home)
+    if pid is None:
+        # The lock file names nobody (a full disk when it started): the pid file `start`
+        # wrote, if it still names a live process.
+        ref = read_ref(_pid_file(home))
+        pid = ref.pid if ref is not None else None
+    if pid is None:
+        fail(f"a broker holds the data dir {home}, but neither {home / 'broker.lock'} nor "
+             f"{_pid_file(home)} names its pid", EXIT_FAILED)
+    graceful = end_process(pid, lambda: not lock_held(home), STOP_TIMEOUT_S)
+    return pid, graceful
 
 
-def _take_agent_pids(home: Path) -> list[int]:
-    """The pids of the data dir's live agents; every agent pid file is removed."""
-    agent_pids = []
+def _take_agents(home: Path) -> list[ProcessRef]:
+    """The data dir's live agents; every agent pid file is removed."""
+    agents = []
     pid_dir = home / "agents"
     if pid_dir.is_dir():
         for path in pid_dir.glob("*.pid"):
-            agent_pid = read_pid(path)
-            if agent_pid is not None:
-                agent_pids.append(agent_pid)
+            ref = read_ref(path)
+            if ref is not None:
+                agents.append(ref)
             path.unlink(missing_ok=True)
-    return agent_pids
+    return agents
 
 
-@click.command(help="Stop the broker gracefully (in-flight work drains first) and its agents.")
+@click.command(cls=DataDirCommand,
+               help="Stop the broker gracefully (in-flight work drains first) and its agents.")
 @json_option()
 @click.pass_obj
 def stop(obj: Context, as_json: bool) -> None:
     """Stop the broker, then its agents; exit 3 when neither runs."""
     home = obj.home
-    pid = read_pid(home / "broker.pid")
-    agent_pids = _take_agent_pids(home)
-    if pid is None and not agent_pids:
-        (home / "broker.pid").unlink(missing_ok=True)
-        fail(f"no broker is running for {home}", EXIT_UNREACHABLE)
-    graceful = _terminate(pid, STOP_TIMEOUT_S) if pid is not None else True
-    for agent_pid in agent_pids:
-        _terminate(agent_pid, STOP_TIMEOUT_S)
-    (home / "broker.pid").unlink(missing_ok=True)
+    agents = _take_agents(home)
+    if not lock_held(home) and not agents:
+        _pid_file(home).unlink(missing_ok=True)
+        fail(f"no broker is running for the data dir {home} ({obj.home_source})",
+             EXIT_UNREACHABLE, {"home": str(home)})
+    pid, graceful = _stop_broker(home)
+    for agent in agents:
+        end_process(agent.pid, agent.gone, STOP_TIMEOUT_S)
+    _pid_file(home).unlink(missing_ok=True)
     (home / "broker.json").unlink(missing_ok=True)
     if as_json:
         emit_json({"status": "stopped", "pid": pid, "graceful": graceful,
-                   "agents_stopped": len(agent_pids)})
+                   "agents_stopped": len(agents), "home": str(home)})
+    elif pid is None:
+        click.echo(f"no broker was running; {len(agents)} agent(s) stopped")
     else:
         click.echo(f"broker stopped (pid {pid})" + ("" if graceful else " (killed after timeout)"))
 
@@ -284,44 +374,9 @@ def stop(obj: Context, as_json: bool) -> None:
 # ---------------------------------------------------------------------- status
 
 
-def _status_table(status: dict[str, Any]) -> Group:
-    """The status document as rich renderables: a summary grid, then one row per agent."""
-    from rich.console import Group
-    from rich.table import Table
-
-    broker = status["broker"]
-    tasks = status["tasks"]
-    head = Table.grid(padding=(0, 2))
-    head.add_row("broker", f"{broker['endpoint']}  pid {broker['pid']}  {broker['state']}  "
-                 f"up {broker['uptime_s']:.0f} s  policy {broker['policy']}")
-    head.add_row("queue", f"{status['queue']['pending']} pending (max {status['queue']['max_pending']})")
-    head.add_row("tasks", "  ".join(f"{k} {v}" for k, v in tasks.items()))
-    if status.get("errors"):
-        head.add_row("errors", "  ".join(f"{k} {v}" for k, v in status["errors"].items()))
-    messaging = status.get("messaging") or {}
-    if messaging.get("bus"):
-        bus = messaging["bus"]
-        head.add_row("bus", f"out {bus['out']}  in {bus['in']}  "
-                            f"{bus['subscribed_prefixes']} subscribed prefix(es)")
-    if messaging.get("direct"):
-        head.add_row("direct", "  ".join(f"{k} {v}" for k, v in messaging["direct"].items()))
-    agents = Table(title=f"{len(status['agents'])} agent(s)", title_justify="left")
-    for column in ("name", "id", "capabilities", "state", "in flight", "done", "failed",
-                   "latency ms", "msgs lost"):
-        agents.add_column(column, justify="right" if column in (
-            "in flight", "done", "failed", "latency ms", "msgs lost") else "left")
-    for agent in status["agents"]:
-        counters = agent.get("messaging") or {}
-        lost = sum(counters.get(k, 0) for k in ("bus_gaps", "bus_overflow", "mailbox_dropped",
-                                                "broker_refused"))
-        agents.add_row(agent["name"], agent["id"], ", ".join(agent["capabilities"]),
-                       agent["state"], f"{agent['in_flight']}/{agent['max_concurrent']}",
-                       str(agent["done"]), str(agent["failed"]), f"{agent['latency_ms']:.2f}",
-                       str(lost))
-    return Group(head, agents)
-
-
-@click.command(help="Show the broker, its agents, the queue and task counts.")
+@click.command(cls=DataDirCommand,
+               help="Show the broker, its data dir and storage, its agents (with their "
+                    "circuit breakers), the queue and task counts.")
 @json_option("Print the status as JSON.")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 @click.pass_obj
@@ -334,14 +389,17 @@ def status(obj: Context, as_json: bool, watch: bool) -> None:
         from rich.console import Console
         from rich.live import Live
 
+        from cli.status_view import print_status, status_view
+
         console = Console()
         if not watch:
-            console.print(_status_table(client.status(PING_TIMEOUT_S)))
+            print_status(client.status(PING_TIMEOUT_S), str(obj.home), console)
             return
-        with Live(_status_table(client.status(PING_TIMEOUT_S)), console=console) as live:
+        with Live(console=console) as live:
             try:
                 while True:
+                    live.update(status_view(client.status(PING_TIMEOUT_S), str(obj.home),
+                                            console.width))
                     time.sleep(1.0)  # the refresh period of --watch
-                    live.update(_status_table(client.status(PING_TIMEOUT_S)))
             except KeyboardInterrupt:
                 pass

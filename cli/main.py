@@ -16,7 +16,7 @@ import click
 
 from broker import __version__
 from cli.bench import bench
-from cli.common import Context
+from cli.common import Context, DataDirGroup
 from cli.lifecycle import start, status, stop
 from cli.state import state
 from cli.tasks import cancel, result, submit, tasks, trace
@@ -24,16 +24,20 @@ from cli.tasks import cancel, result, submit, tasks, trace
 HELP = "Orchestrator: run many AI agents as processes and coordinate them through a broker."
 
 
-@click.group(help=HELP)
+@click.group(cls=DataDirGroup, help=HELP)
 @click.version_option(__version__, prog_name="orchestrator")
 @click.option("--home", type=click.Path(path_type=Path), default=None, envvar="ORCH_HOME",
-              help="Data dir (pid file, logs, journal). Default: ./.orchestrator")
+              help="Data dir (lock, pid files, logs, journal, state). Default: $ORCH_HOME, "
+                   "else ./.orchestrator where it exists, else "
+                   "$XDG_STATE_HOME/orchestrator (~/.local/state/orchestrator).")
 @click.option("--broker", "broker_url", default=None,
               help="Broker URL. Default: the running broker of the data dir, else $ORCH_BROKER.")
 @click.pass_context
 def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
     """Resolve the options every command shares into the commands' context."""
-    ctx.obj = Context.from_options(home, broker_url)
+    source = "from ORCH_HOME" if ctx.get_parameter_source("home") is \
+        click.core.ParameterSource.ENVIRONMENT else "from --home"
+    ctx.obj = Context.from_options(home, broker_url, source)
 
 
 # `--help` lists the commands sorted by name, so the order here does not show.

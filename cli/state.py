@@ -1,7 +1,8 @@
 """``orchestrator state``: read and write shared state, list locks, run the service alone.
 
 The state service's URL comes from ``--state URL``, else ``$ORCH_STATE``, else the
-running broker of the data dir (``broker.json``), else the broker's status.
+running broker of the data dir (``broker.json``, while the broker holds its lock), else
+the broker's status.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import click
 import orjson
 
 from cli.common import (
-    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context,
-    answered_or_exit, echo_data, emit_json, fail, json_option, read_broker_info,
+    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context, DataDirGroup,
+    answered_or_exit, echo_data, emit_json, fail, json_option, running_broker_info,
 )
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class StateContext:
         """
         if self._state_url:
             return self._state_url
-        info = read_broker_info(self.base.home)
+        info = running_broker_info(self.base.home)
         if info is not None and info.get("state"):
             return str(info["state"])
         from agent_sdk.state import endpoint_from
@@ -102,7 +103,7 @@ def _writing(obj: StateContext) -> Iterator[SyncStateClient]:
         client.close()
 
 
-@click.group("state", help=STATE_HELP)
+@click.group("state", cls=DataDirGroup, help=STATE_HELP)
 @click.option("--state", "state_url", default=None, envvar="ORCH_STATE",
               help="State service URL. Default: the running broker's.")
 @click.pass_context

@@ -16,7 +16,8 @@ import click
 import orjson
 
 from cli.common import (
-    EXIT_FAILED, EXIT_OK, PING_TIMEOUT_S, Context, echo_data, emit_json, fail, json_option,
+    EXIT_FAILED, EXIT_OK, PING_TIMEOUT_S, Context, DataDirCommand, echo_data, emit_json, fail,
+    json_option,
 )
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def _report_accepted(handle: SyncTaskHandle, as_json: bool) -> None:
         click.echo(handle.id)
 
 
-@click.command(help=SUBMIT_HELP)
+@click.command(cls=DataDirCommand, help=SUBMIT_HELP)
 @click.argument("text")
 @click.option("--capability", "-c", "capabilities", multiple=True,
               help="A capability the agent must have (repeatable).")
@@ -160,7 +161,8 @@ def submit(obj: Context, text: str, capabilities: tuple[str, ...], agent: str | 
         _exit_for(result)
 
 
-@click.command(help="Print a task's result (or its state, if it has not finished).")
+@click.command(cls=DataDirCommand,
+               help="Print a task's result (or its state, if it has not finished).")
 @click.argument("task_id")
 @click.option("--wait", is_flag=True, help="Wait until the task finishes.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after S seconds.")
@@ -182,7 +184,8 @@ def result(obj: Context, task_id: str, wait: bool, timeout: float | None, as_jso
         _exit_for(found)
 
 
-@click.command(help="Cancel a task: pending ones are dropped, running ones stopped.")
+@click.command(cls=DataDirCommand,
+               help="Cancel a task: pending ones are dropped, running ones stopped.")
 @click.argument("task_id")
 @json_option("Print the outcome as JSON.")
 @click.pass_obj
@@ -224,7 +227,8 @@ def _print_trace(document: dict[str, Any], indent: int = 0) -> None:
         _print_trace(child, indent + 1)
 
 
-@click.command(help="Show a task's timeline (every state change) and its subtask tree.")
+@click.command(cls=DataDirCommand,
+               help="Show a task's timeline (every state change) and its subtask tree.")
 @click.argument("task_id")
 @json_option("Print the trace as JSON.")
 @click.pass_obj
@@ -238,7 +242,7 @@ def trace(obj: Context, task_id: str, as_json: bool) -> None:
         _print_trace(document)
 
 
-@click.command(help=TASKS_HELP)
+@click.command(cls=DataDirCommand, help=TASKS_HELP)
 @click.option("--failed", is_flag=True, help="Only tasks that failed or timed out.")
 @click.option("--status", "statuses", multiple=True,
               type=click.Choice(["succeeded", "failed", "timed_out", "cancelled", "rejected"]),

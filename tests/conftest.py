@@ -132,6 +132,17 @@ class Cluster:
                 kill(proc)
 
 
+@pytest.fixture(autouse=True)
+def orch_home(tmp_path_factory: pytest.TempPathFactory,
+              monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's data dir is a fresh temporary directory (``ORCH_HOME``, which the
+    processes a test starts inherit): no test reads or writes the user's own data dir,
+    ``./.orchestrator`` or ``~/.local/state/orchestrator``."""
+    home = tmp_path_factory.mktemp("orch-home")
+    monkeypatch.setenv("ORCH_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path)

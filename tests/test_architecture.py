@@ -37,7 +37,6 @@ HOT_PATH_EXEMPTIONS: dict[str, str] = {
     "broker/engine/clients.py:ClientDesk.submit":
         "the per-task loop of SUBMIT: attribute lookups hoisted into locals, one "
         "requirement lookup per run of equal tasks",
-    "wire/tasks.py:encode": "one match over every task command, per message sent",
     "wire/tasks.py:_decode_header": "one match over every task command, per message received",
     "wire/state.py:encode_state": "one match over every state command, per message sent",
     "wire/state.py:_decode_state_header":

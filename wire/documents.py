@@ -111,6 +111,8 @@ class AgentDocument(TypedDict):
     max_concurrent: int
     done: int
     failed: int
+    #: tasks it failed that then succeeded on another agent
+    failed_for_peers: int
     latency_ms: float
     messaging: dict[str, int]
 

@@ -39,3 +39,8 @@ BROKER_URL_ENV: Final = "ORCH_BROKER"
 DEFAULT_BROKER_URL: Final = "tcp://127.0.0.1:5555"
 STATE_URL_ENV: Final = "ORCH_STATE"
 DEFAULT_STATE_URL: Final = "tcp://127.0.0.1:5558"
+
+#: Longest agent id, agent name or capability (characters); they must be printable too
+#: (a newline in a name would forge lines in the broker's log). The SDK checks before it
+#: registers; the broker refuses a READY that breaks it with ``bad_request``.
+MAX_NAME_CHARS: Final = 256

@@ -88,6 +88,11 @@ class ErrorCode(str, enum.Enum):
     CANCELLED = "cancelled"
     #: a direct message the receiver (or the broker, on its behalf) could not queue
     MAILBOX_FULL = "mailbox_full"
+    #: a SUBMIT refused because the broker's journal cannot write (a full disk); the
+    #: broker accepts new tasks again once a write succeeds
+    STORAGE_FULL = "storage_full"
+    #: a well-formed message whose values are refused (a name with control characters)
+    BAD_REQUEST = "bad_request"
 
 
 class TaskStatus(str, enum.Enum):
@@ -426,6 +431,19 @@ def encode_dispatch(assignments: list[Assignment]) -> list[Any]:
     return _frames(Command.TASK, pack(items_with_blobs(assignments, 1, blobs)), blobs)
 
 
+def _heartbeat_header(role: str | None, boot: str | None,
+                      stats: dict[str, int] | None) -> dict[str, Any]:
+    """A HEARTBEAT's header: only the fields that are set."""
+    header: dict[str, Any] = {}
+    if role is not None:
+        header["role"] = role
+    if boot is not None:
+        header["boot"] = boot
+    if stats is not None:
+        header["stats"] = stats
+    return header
+
+
 def encode(msg: Message) -> list[Any]:
     """Encode a message into its frames (without the ROUTER identity frame).
 
@@ -449,14 +467,7 @@ def encode(msg: Message) -> list[Any]:
         case Heartbeat(role, boot, stats):
             if role is None and boot is None and stats is None:
                 return _frames(Command.HEARTBEAT, EMPTY_MAP)
-            header: dict[str, Any] = {}
-            if role is not None:
-                header["role"] = role
-            if boot is not None:
-                header["boot"] = boot
-            if stats is not None:
-                header["stats"] = stats
-            return _frames(Command.HEARTBEAT, pack(header))
+            return _frames(Command.HEARTBEAT, pack(_heartbeat_header(role, boot, stats)))
         case Progress(started, running):
             return _frames(Command.PROGRESS, pack({"started": started, "running": running}))
         case TaskQuery(req, statuses, limit, ids):

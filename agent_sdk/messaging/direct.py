@@ -332,14 +332,18 @@ class DirectMessaging:
             if not future.done():
                 future.set_exception(BrokerUnavailable("the broker", ACK_TIMEOUT_S))
 
-    def cancel_waiting(self) -> None:
-        """Cancel what still waits for a verdict or a reply (at close)."""
-        for future, _ in self._acks.values():
-            future.cancel()
+    def cancel_waiting(self, error: Exception | None = None) -> None:
+        """Cancel what still waits for a verdict or a reply (at close), or fail it with
+        ``error`` (the broker refused this SDK's protocol version)."""
+        waiting = [future for future, _ in self._acks.values()]
+        waiting.extend(self.replies.values())
         self._acks.clear()
-        for reply in self.replies.values():
-            reply.cancel()
         self.replies.clear()
+        for future in waiting:
+            if error is None:
+                future.cancel()
+            elif not future.done():
+                future.set_exception(error)
 
 
 def encoded(message: Any) -> bytes:

@@ -24,7 +24,7 @@ from wire.state import (
 from agent_sdk.connection import (
     Backoff, Connection, DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, STATE_CODEC,
 )
-from agent_sdk.errors import OrchestratorError, StateUnavailable
+from agent_sdk.errors import OrchestratorError, StateUnavailable, VersionMismatch
 from agent_sdk.state.requests import error_for, NoSession, Pending, Requests
 from agent_sdk.state.values import ConnectionState
 
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: How long a request waits for its reply (a lock acquire: ``wait`` plus this).
 REQUEST_TIMEOUT_S: Final = 10.0
+#: How errors name the peer of a session.
+STATE_SERVICE: Final = "the state service"
 
 
 class Session:
@@ -71,6 +73,8 @@ class Session:
         self.leases: dict[str, Lease] = {}
         self.watches: dict[int, Watch] = {}
         self.closed = False
+        #: the service's ERROR ``bad_version``: it refused this SDK's protocol version
+        self.refusal: StateErrorReply | None = None
         self._conn: Connection[StateMessage] | None = None
         self._requests = Requests()
         self._epoch = 0
@@ -143,12 +147,15 @@ class Session:
 
         Raises:
             StateUnavailable: not open within ``timeout`` seconds, or closed.
+            VersionMismatch: the service refused this SDK's protocol version.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         if self._ready is None:
             self._ready = asyncio.Event()
         while not self._ready.is_set():
+            if self.refusal is not None:
+                raise VersionMismatch(self.url, self.refusal.message, STATE_SERVICE)
             if self.closed:
                 raise StateUnavailable(self.url, 0.0, "the state client is closed")
             if self._hello_task is None or self._hello_task.done():
@@ -248,6 +255,8 @@ class Session:
     def _tick(self, now: float) -> None:
         """Expire requests, ping when idle, and reconnect when the service is silent."""
         self._requests.expire(now, self.url)
+        if self.refusal is not None:
+            return  # another protocol version: nothing to reconnect to
         conn = self._conn
         if conn is None:
             # Reconnecting failed so far (the service, or the broker that says where it
@@ -341,6 +350,9 @@ class Session:
 
     def _on_error(self, error: StateErrorReply) -> None:
         req = error.req
+        if error.code == StateErrorCode.BAD_VERSION.value:
+            self._version_refused(error)
+            return
         if error.code == StateErrorCode.WATCH_OVERFLOW.value and req in self.watches:
             watch = self.watches[req]
             logger.warning("watch %r fell behind and is set up again from version %d",
@@ -363,6 +375,18 @@ class Session:
             logger.warning("state service error %s: %s", error.code, error.message)
             return
         pending.future.set_exception(error_for(error, pending.request))
+
+    def _version_refused(self, error: StateErrorReply) -> None:
+        """The service speaks another protocol version (its refusal carries no ``req``):
+        fail the HELLO and every request with :class:`VersionMismatch`, end the watches
+        and leases, and say HELLO no more."""
+        self.refusal = error
+        self._requests.fail_all(VersionMismatch(self.url, error.message, STATE_SERVICE))
+        for watch in list(self.watches.values()):
+            watch._stop()
+        self.watches.clear()
+        for lease in list(self.leases.values()):
+            lease._mark_lost(f"the state service refused this client: {error.message}")
 
     # ------------------------------------------------------------------ closing
 

@@ -12,8 +12,9 @@ from broker.engine.lifecycle import Lifecycle, new_result
 from broker.engine.model import AgentRecord, AgentState, TaskRecord, TaskState
 from broker.heartbeat import Liveness
 from wire.documents import DisconnectReason
+from wire.limits import MAX_NAME_CHARS
 from wire.tasks import (
-    Ack, Disconnect, Heartbeat, Progress, Ready, ResultItem, Results, TaskStatus, Welcome,
+    Ack, Disconnect, ErrorCode, Heartbeat, Progress, Ready, ResultItem, Results, TaskStatus, Welcome,
     encode,
 )
 
@@ -52,6 +53,10 @@ class AgentDesk:
 
     def ready(self, identity: bytes, msg: Ready, now: float) -> None:
         ledger = self.ledger
+        refusal = registration_refusal(msg)
+        if refusal is not None:
+            ledger.reject(identity, ErrorCode.BAD_REQUEST, refusal)
+            return
         config = ledger.config
         previous = ledger.agents.remove(identity)
         agent = AgentRecord(identity, msg.agent_id, msg.name, frozenset(msg.capabilities),
@@ -66,7 +71,8 @@ class AgentDesk:
             if task_id not in agent.in_flight:
                 self.claim_running(agent, task_id, now)
         ledger.counters["agents_registered"] += 1
-        logger.info("agent %s (%s) registered: capabilities %s, max_concurrent %d",
+        # %r: names come from peers; repr escapes what could forge log lines
+        logger.info("agent %r (%r) registered: capabilities %r, max_concurrent %d",
                     msg.agent_id, msg.name, sorted(msg.capabilities), msg.max_concurrent)
         ledger.events.agent_joined(msg.agent_id, msg.name, sorted(msg.capabilities))
         ledger.outbox(identity).first.append(encode(Welcome(
@@ -169,12 +175,12 @@ class AgentDesk:
             del owner.in_flight[task_id]
             elapsed_total += now - task.dispatched_at
             answered += 1
-            self._account(owner, item.status, now)
+            self._account(owner, item, now)
             task.release_agent()
-            if item.status != _SUCCEEDED and \
-                    self.lifecycle.retry(task, item.error_code, item.error_message,
-                                         item.retryable, now):
+            if item.status != _SUCCEEDED and self._try_again(task, owner, item, now):
                 continue
+            if task.second_opinion_of is not None:
+                self._second_opinion_given(task, item, now)
             dispatched_at = task.dispatched_at
             self.lifecycle.finish(task, new_result((
                 task_id, item.status, item.payload, item.error_code, item.error_message,
@@ -189,6 +195,33 @@ class AgentDesk:
             # Results from an unregistered peer (e.g. after our restart): accepted above,
             # and the peer is asked to register so that it gets work again.
             self._ask_to_register(identity)
+
+    def _try_again(self, task: TaskRecord, owner: AgentRecord, item: ResultItem,
+                   now: float) -> bool:
+        """After a failed attempt: a retry (a fault of the agent or the system, or the
+        task asked for retries), or else, for a failure the agent did not mark, one
+        second opinion on another live agent of the same capabilities, when there is
+        one. True when the task runs again."""
+        lifecycle = self.lifecycle
+        if lifecycle.retry(task, item.error_code, item.error_message, item.retryable, now):
+            return True
+        if item.retryable is not None or item.status != _FAILED_STATUS or \
+                task.second_opinion_of is not None or self.ledger.stopping_since is not None:
+            return False
+        if not any(a is not owner for a in self.ledger.agents.eligible(task.requirement)):
+            return False
+        lifecycle.second_opinion(task, owner, item.error_code, item.error_message, now)
+        return True
+
+    def _second_opinion_given(self, task: TaskRecord, item: ResultItem, now: float) -> None:
+        """The second opinion on a failure is in: a success shows the first agent failed
+        a task it should have run, which counts against its circuit."""
+        if item.status != _SUCCEEDED:
+            return
+        suspect = self.ledger.agents.get(task.second_opinion_of or b"")
+        if suspect is not None:
+            suspect.failed_for_peers += 1
+            self.breaker_failure(suspect, now)
 
     def _earlier_attempt(self, identity: bytes, agent: AgentRecord | None, task: TaskRecord,
                          item: ResultItem, now: float) -> None:
@@ -208,16 +241,20 @@ class AgentDesk:
             round((dispatched_at - task.submitted_at) * 1000.0, 3) if dispatched_at else None,
             item.run_ms, None)), now)
 
-    def _account(self, owner: AgentRecord, status: str, now: float) -> None:
-        """Count an answer against its agent: done or failed, and its circuit."""
+    def _account(self, owner: AgentRecord, item: ResultItem, now: float) -> None:
+        """Count an answer against its agent: done or failed, and its circuit. Only the
+        agent's own faults count against its circuit (an attempt that timed out, an error
+        it marks transient): a task that fails because of its input says nothing about
+        the agent, and one user's bad tasks must not lock good work out of it."""
         breaker = owner.breaker
-        if status == _SUCCEEDED:
+        if item.status == _SUCCEEDED:
             owner.done += 1
             if breaker.state is not _CIRCUIT_CLOSED or breaker.consecutive_failures:
                 self.breaker_success(owner)
         else:
             owner.failed += 1
-            if status == _FAILED_STATUS or status == _TIMED_OUT_STATUS:
+            if item.status == _TIMED_OUT_STATUS or \
+                    (item.status == _FAILED_STATUS and item.retryable is True):
                 self.breaker_failure(owner, now)
         if owner.state is _DRAINING and not owner.busy:
             self.remove(owner, "drained", now)
@@ -226,7 +263,7 @@ class AgentDesk:
         was = agent.breaker.state
         agent.breaker.record_success()
         if was is not CircuitState.CLOSED:
-            logger.info("agent %s: circuit closed after a successful probe", agent.agent_id)
+            logger.info("agent %r: circuit closed after a successful probe", agent.agent_id)
 
     def breaker_failure(self, agent: AgentRecord, now: float) -> None:
         breaker = agent.breaker
@@ -234,7 +271,7 @@ class AgentDesk:
         breaker.record_failure(now)
         if breaker.state is CircuitState.OPEN and was is not CircuitState.OPEN:
             self.ledger.counters["circuits_opened"] += 1
-            logger.warning("agent %s: circuit open after %d failure(s) in a row; no tasks for "
+            logger.warning("agent %r: circuit open after %d failure(s) in a row; no tasks for "
                            "%g s", agent.agent_id, breaker.consecutive_failures,
                            breaker.recovery_s)
 
@@ -254,7 +291,7 @@ class AgentDesk:
             task.release_agent()
             self.lifecycle.requeue(task, f"agent {agent.agent_id} {reason}", now)
         log = logger.warning if reason in ("dead", "unreachable") else logger.info
-        log("agent %s (%s) removed: %s; %d in-flight task(s) orphaned", agent.agent_id,
+        log("agent %r (%r) removed: %s; %d in-flight task(s) orphaned", agent.agent_id,
             agent.name, reason, len(orphans))
 
     def tick(self, now: float) -> None:
@@ -298,4 +335,17 @@ class AgentDesk:
                 del foreign[task_id]
             if ended:
                 self.ledger.counters["lost_answers"] += len(ended)
+
+
+def registration_refusal(msg: Ready) -> str | None:
+    """Why a READY is refused, or None: names and capabilities must be non-empty, at
+    most :data:`MAX_NAME_CHARS` long and free of control characters (a newline in a
+    name would forge lines in the broker's log and break every table that shows it)."""
+    for what, value in (("agent id", msg.agent_id), ("name", msg.name),
+                        *(("capability", c) for c in msg.capabilities)):
+        if not value or len(value) > MAX_NAME_CHARS:
+            return f"{what} {value[:40]!r} must have 1 to {MAX_NAME_CHARS} characters"
+        if not value.isprintable():
+            return f"{what} {value[:40]!r} contains control characters; use printable text"
+    return None
 

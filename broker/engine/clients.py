@@ -34,7 +34,10 @@ class ClientDesk:
         ledger.items_this_pass += len(msg.tasks)
         accepted: list[str] = []
         full: list[str] = []
-        stopping: list[str] = []
+        # New tasks refused whole (a stop, a journal that cannot write); resubmits of
+        # known tasks are still answered.
+        refusal = self._refusal()
+        refused: list[str] = []
         tasks = ledger.tasks
         default_timeout = ledger.config.default_timeout_s
         max_pending = ledger.config.max_pending
@@ -58,8 +61,8 @@ class ClientDesk:
                 elif existing.client != identity:
                     existing.add_watcher(identity)
                 continue
-            if ledger.stopping_since is not None:
-                stopping.append(task_id)
+            if refusal is not None:
+                refused.append(task_id)
                 continue
             if pending.count >= max_pending:
                 full.append(task_id)
@@ -82,17 +85,38 @@ class ClientDesk:
             accepted.append(task_id)
         ledger.counters["resubmitted"] += resubmitted
         # Resubmits of known ids are counted apart (resubmitted), not as new work.
-        ledger.counters["submitted"] += len(msg.tasks) - len(full) - len(stopping) - resubmitted
+        ledger.counters["submitted"] += len(msg.tasks) - len(full) - len(refused) - resubmitted
         if accepted:
             self.defer_accepted(identity, accepted, now)
         if full:
             ledger.reject(identity, ErrorCode.QUEUE_FULL,
                           f"the pending queue is full ({max_pending} tasks); retry later",
                           task_ids=full)
-        if stopping:
-            ledger.reject(identity, ErrorCode.SHUTTING_DOWN,
-                          "the broker is shutting down and accepts no new tasks",
-                          task_ids=stopping)
+        if refused:
+            assert refusal is not None
+            if refusal[0] is ErrorCode.STORAGE_FULL:
+                ledger.counters["storage_refused"] += len(refused)
+            ledger.reject(identity, refusal[0], refusal[1], task_ids=refused)
+
+    def _refusal(self) -> tuple[ErrorCode, str] | None:
+        """Why no new task is accepted now (the ERROR code and message), or None.
+
+        A journal whose last write failed is asked to write again first: the first SUBMIT
+        after space was freed is accepted, not refused for a write nobody retried.
+        """
+        ledger = self.ledger
+        if ledger.stopping_since is not None:
+            return (ErrorCode.SHUTTING_DOWN,
+                    "the broker is shutting down and accepts no new tasks")
+        if ledger.journal.failure is None:
+            return None
+        failure = ledger.journal.retry()
+        if failure is None:
+            return None
+        return (ErrorCode.STORAGE_FULL,
+                f"the broker accepts no new tasks: {failure.message}; it still serves the "
+                "tasks it holds, and accepts new ones once a write succeeds (free space in "
+                "the data dir)")
 
     def _link_to_parent(self, task_id: str, parent_id: str, now: float) -> None:
         parent = self.ledger.tasks.get(parent_id)

@@ -52,12 +52,9 @@ class Dispatcher:
                     deferred.append(task)
                     continue
                 agent = choose(candidates) if len(candidates) > 1 else candidates[0]
-                task_id = task.spec.id
-                if agent.foreign_running and task_id in agent.foreign_running:
-                    # That agent still runs an earlier attempt of this task (told to
-                    # cancel it): its answer could not be told from this attempt's.
-                    # Another agent, or wait until it has answered.
-                    others = [a for a in candidates if task_id not in a.foreign_running]
+                if (agent.foreign_running and task.spec.id in agent.foreign_running) or \
+                        task.second_opinion_of is not None:
+                    others = [a for a in candidates if may_take(a, task)]
                     if not others:
                         deferred.append(task)
                         continue
@@ -76,3 +73,12 @@ class Dispatcher:
             ledger.outbox(agent.identity).assignments.extend(batch)
         for task in reversed(deferred):
             pending.push_front(task)
+
+
+def may_take(agent: AgentRecord, task: TaskRecord) -> bool:
+    """Whether ``agent`` may run this attempt of ``task``: not while it still runs an
+    earlier attempt (told to cancel it: its answer could not be told from this
+    attempt's), and not the agent whose failure the attempt is a second opinion on."""
+    if task.spec.id in agent.foreign_running:
+        return False
+    return task.second_opinion_of != agent.identity

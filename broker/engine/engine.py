@@ -18,7 +18,7 @@ from broker.engine.agents import AgentDesk
 from broker.engine.clients import ClientDesk
 from broker.engine.direct import DirectDesk, DirectRouting, Forwarder
 from broker.engine.dispatch import Dispatcher
-from broker.engine.ledger import JournalSink, Ledger, Outbox
+from broker.engine.ledger import BrokerPhase, JournalSink, Ledger, Outbox
 from broker.engine.lifecycle import Lifecycle
 from broker.engine.model import TaskRecord, TaskState
 from broker.engine.restore import restore
@@ -246,6 +246,7 @@ class Engine:
         fail rather than wait for one."""
         ledger = self.ledger
         ledger.stopping_since = now
+        ledger.phase = BrokerPhase.STOPPING
         logger.info("graceful stop: draining %d task(s)", len(ledger.tasks))
         if ledger.journal_kept:
             return
@@ -275,7 +276,9 @@ class Engine:
             # Journaled: they stay open and run again when the broker comes back.
             logger.info("graceful stop: %d open task(s) kept in the journal", len(tasks))
         for agent in ledger.agents:
-            ledger.outbox(agent.identity).control.append(encode(Disconnect(DisconnectReason.BROKER_STOPPING.value)))
+            ledger.outbox(agent.identity).control.append(
+                encode(Disconnect(DisconnectReason.BROKER_STOPPING.value)))
+        ledger.phase = BrokerPhase.STOPPED
         return True
 
     # ------------------------------------------------------------ queries

@@ -7,6 +7,7 @@ one :class:`Ledger` of their engine; none of them holds a socket, a file or a cl
 
 from __future__ import annotations
 
+import enum
 from collections import Counter, deque
 from typing import Any, Protocol
 
@@ -15,16 +16,28 @@ from broker.engine.circuit import RetryBackoff
 from broker.engine.model import TaskRecord
 from broker.engine.queues import Deadlines, FinishedResults, PendingQueue
 from broker.engine.routing import AgentTable, Requirements, make_policy
+from broker.journal import JournalFailure
 from wire.tasks import Error, ErrorCode, ResultItem, TaskSpec, encode
 
 
 class JournalSink(Protocol):
     """Where the engine records what it accepted and finished (``broker.journal``); the
-    broker's loop commits the records before anybody hears of them."""
+    broker's loop commits the records before anybody hears of them.
+
+    A write that fails leaves ``failure`` set until one succeeds: the engine accepts no
+    new task meanwhile (``storage_full``), and asks for ``retry`` before it refuses one.
+    """
+
+    #: why the last write failed; None while writes succeed
+    failure: JournalFailure | None
 
     def accepted(self, spec: TaskSpec, client: bytes, wall: float) -> None: ...
 
     def finished(self, result: ResultItem, wall: float) -> None: ...
+
+    def retry(self) -> JournalFailure | None:
+        """Write again what a failed write left; the failure that remains, or None."""
+        ...
 
 
 class EventSink(Protocol):
@@ -57,11 +70,26 @@ class NoEvents:
 class NoJournal:
     """The journal sink of an engine that keeps nothing (tests)."""
 
+    failure: JournalFailure | None = None
+
     def accepted(self, spec: TaskSpec, client: bytes, wall: float) -> None:
         return None
 
     def finished(self, result: ResultItem, wall: float) -> None:
         return None
+
+    def retry(self) -> JournalFailure | None:
+        return self.failure
+
+
+class BrokerPhase(enum.Enum):
+    """Where the broker is in its own life."""
+
+    RUNNING = "running"
+    #: a graceful stop began: no new tasks, no retries; in-flight work drains
+    STOPPING = "stopping"
+    #: the drain is over (or timed out); the loop ends after this pass
+    STOPPED = "stopped"
 
 
 class Outbox:
@@ -126,7 +154,8 @@ class Ledger:
         self.errors: Counter[str] = Counter()
         #: open tasks survive a stop (the journal keeps them): durability is not "none"
         self.journal_kept = config.durability != "none"
-        #: set once a graceful stop began: no new tasks, no retries
+        self.phase = BrokerPhase.RUNNING
+        #: when the graceful stop began (phase STOPPING): no new tasks, no retries
         self.stopping_since: float | None = None
         #: messages in this pass's drain (a drain stops after a batch's worth)
         self.items_this_pass = 0

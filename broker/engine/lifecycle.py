@@ -133,12 +133,18 @@ class Lifecycle:
 
     def retry(self, task: TaskRecord, code: str | None, message: str | None,
               retryable: bool | None, now: float) -> bool:
-        """Schedule another attempt if the failure allows it; True if scheduled."""
+        """Schedule another attempt if the failure allows it; True if scheduled.
+
+        A fault of the agent or the system (``retryable`` True: an attempt timed out, an
+        error the agent marks transient) is retried while retries last. A failure the
+        agent does not mark (``retryable`` None: an exception of ``execute``, most often
+        the task's own input) is retried only when the task asked for retries itself;
+        ``retryable`` False, or a code no retry can help, never."""
         ledger = self.ledger
         if retryable is None:
-            retryable = code not in NOT_RETRYABLE
-        if not retryable or task.attempts > ledger.max_retries(task) or \
-                ledger.stopping_since is not None:
+            retryable = task.spec.max_retries is not None
+        if not retryable or code in NOT_RETRYABLE or \
+                task.attempts > ledger.max_retries(task) or ledger.stopping_since is not None:
             return False
         transition(task, TaskEvent.RETRY)
         delay = ledger.backoff.delay(task.attempts)
@@ -153,6 +159,25 @@ class Lifecycle:
         if ledger.watch_tasks:
             self.publish(task, now)
         return True
+
+    def second_opinion(self, task: TaskRecord, failed_on: AgentRecord, code: str | None,
+                       message: str | None, now: float) -> None:
+        """Run a task that failed on ``failed_on`` once more, at once, on another agent:
+        its failure was the task's own (it fails again) or that agent's (it succeeds, and
+        the agent's circuit counts a fault). Call after ``task.release_agent()``."""
+        ledger = self.ledger
+        transition(task, TaskEvent.REQUEUE)
+        task.second_opinion_of = failed_on.identity
+        task.deadline = now + task.timeout_s
+        ledger.deadlines.add(task, task.timeout_s)
+        ledger.pending.push_front(task)
+        if task.dispatched_at:
+            task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
+        task.note(now, "second_opinion", f"failed on {failed_on.agent_id} ({code}: {message}); "
+                                         "trying another agent once")
+        ledger.counters["second_opinions"] += 1
+        if ledger.watch_tasks:
+            self.publish(task, now)
 
     def release_retries(self, now: float) -> None:
         """Tasks whose back-off is over wait for an agent again."""

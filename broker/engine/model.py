@@ -133,7 +133,7 @@ class TaskRecord:
     __slots__ = ("spec", "requirement", "client", "submitted_at", "deadline", "state", "agent",
                  "attempts", "dispatched_at", "started_at", "last_sign", "finished_at",
                  "result", "watchers", "history", "retry_at", "timeout_s", "children",
-                 "holders", "restored")
+                 "holders", "restored", "second_opinion_of")
 
     def __init__(self, spec: TaskSpec, requirement: Requirement, client: bytes,
                  submitted_at: float, timeout_s: float) -> None:
@@ -166,6 +166,9 @@ class TaskRecord:
         self.holders: list[bytes] | None = None
         #: rebuilt from the journal: who ran it before the restart is unknown
         self.restored = False
+        #: the agent whose deterministic failure of this task is being checked on
+        #: another agent (which then must not be that one); None: no second opinion yet
+        self.second_opinion_of: bytes | None = None
 
     @property
     def id(self) -> str:
@@ -254,6 +257,8 @@ class AgentRecord:
     breaker: AgentCircuit = field(default_factory=AgentCircuit)
     done: int = 0
     failed: int = 0
+    #: tasks it failed that then succeeded on another agent (second opinions)
+    failed_for_peers: int = 0
     ewma_ms: float = 0.0
     #: messaging counters: what the agent reports (bus messages lost, mailbox overflows)
     #: and what the broker counts for it (direct messages refused while it lagged)
@@ -296,7 +301,8 @@ class AgentRecord:
             "id": self.agent_id, "name": self.name, "capabilities": sorted(self.capabilities),
             "state": self.state.value, "circuit": self.breaker.state_at(now).value,
             "in_flight": self.busy, "max_concurrent": self.max_concurrent,
-            "done": self.done, "failed": self.failed, "latency_ms": round(self.ewma_ms, 3),
+            "done": self.done, "failed": self.failed,
+            "failed_for_peers": self.failed_for_peers, "latency_ms": round(self.ewma_ms, 3),
             "messaging": dict(self.messaging),
         }
 

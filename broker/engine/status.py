@@ -96,7 +96,7 @@ class StatusDesk:
         broker: BrokerDocument = {
             "policy": ledger.policy.name,
             "uptime_s": round(now - ledger.started_at, 3),
-            "state": "stopping" if ledger.stopping_since is not None else "running",
+            "state": ledger.phase.value,
         }
         broker.update(extras.pop("broker", {}))  # type: ignore[typeddict-item]
         document: StatusDocument = {
@@ -117,8 +117,25 @@ class StatusDesk:
             },
             "errors": dict(ledger.errors),
         }
-        document.update(extras)  # type: ignore[typeddict-item]  # the broker's own sections
+        # The storage section is the engine's (the journal port); the broker's own
+        # sections come from the process.
+        document.update({"storage": self.storage(), **extras})  # type: ignore[typeddict-item]
         return document
+
+    def storage(self) -> dict[str, Any]:
+        """Whether the journal writes: ``state`` ``ok``, or ``full`` with the error's
+        ``message``, ``since`` (wall clock) and the tasks refused meanwhile. A failed
+        journal is asked to write again first, so that freed space shows at once."""
+        ledger = self.ledger
+        journal = ledger.journal
+        failure = journal.retry() if journal.failure is not None else None
+        return {
+            "state": "ok" if failure is None else "full",
+            "data_dir": str(ledger.config.data_dir),
+            "message": None if failure is None else failure.message,
+            "since": None if failure is None else round(failure.since, 3),
+            "refused_tasks": ledger.counters["storage_refused"],
+        }
 
     # ------------------------------------------------------------ task queries
 

@@ -1,0 +1,46 @@
+"""The latency benchmarks run end to end and print what the benchmark contract says
+(a few round trips each: their numbers are for bench runs, not for tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+RUN_S = 120.0
+
+
+def run_bench(script: str, *args: str) -> dict[str, Any]:
+    # A session of its own, so that a timeout takes the script's broker and agents too.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), *args, "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=RUN_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{script} did not finish within {RUN_S} s")
+    assert proc.returncode == 0, err.decode()
+    report: dict[str, Any] = orjson.loads(out)
+    return report
+
+
+def test_latency_reports_ours_and_the_baseline() -> None:
+    report = run_bench("latency.py", "--tasks", "20")
+    for key in ("p50_us", "p99_us", "baseline_p50_us", "baseline_p99_us", "p50_ratio"):
+        assert report[key] > 0, key
+
+
+def test_latency_floor_reports_every_setup_against_the_baseline() -> None:
+    report = run_bench("latency_floor.py", "--tasks", "20")
+    for setup in ("baseline", "forwarder", "forwarder_sdk", "orchestrator"):
+        assert report[f"{setup}_p50_us"] > 0, setup
+    assert report["baseline_ratio"] == 1.0
