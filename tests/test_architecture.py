@@ -35,12 +35,12 @@ MAX_FUNCTION_LINES = 60
 #: per task; splitting them costs a call (and the locals hoisted out of the loop) each time.
 HOT_PATH_EXEMPTIONS: dict[str, str] = {
     "broker/engine/clients.py:ClientDesk.submit":
-        "the per-task loop of SUBMIT: attribute lookups hoisted into locals, one "
-        "requirement lookup per run of equal tasks",
-    "wire/tasks.py:_decode_header": "one match over every task command, per message received",
-    "wire/state.py:encode_state": "one match over every state command, per message sent",
-    "wire/state.py:_decode_state_header":
-        "one match over every state command, per message received",
+        "the per-task loop of SUBMIT, 1.2 us a task compiled (500-task batches): attribute "
+        "lookups hoisted into locals and one requirement lookup per run of equal tasks; a "
+        "helper call per task would be a few percent of that",
+    "wire/tasks.py:_decode_header":
+        "one match over every task command, 1.1 us for a one-item RESULT compiled: a "
+        "second dispatch per message would add to every message the broker reads",
 }
 #: Where ``<x>.state = ...`` may appear in broker/: the task lifecycle, the records'
 #: constructors, the agent table's one setter, the circuit breaker's own state.

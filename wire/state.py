@@ -415,6 +415,16 @@ def encode_state(msg: StateMessage) -> list[Any]:
     Raises:
         TypeError: when ``msg`` is not a state service message.
     """
+    frames = _encode_key_message(msg)
+    if frames is None:
+        frames = _encode_lock_message(msg)
+    if frames is None:
+        raise TypeError(f"not a state service message: {msg!r}")
+    return frames
+
+
+def _encode_key_message(msg: StateMessage) -> list[Any] | None:
+    """The key-value messages (and PING); None for any other."""
     match msg:
         case StateGet(req, key):
             return _state_frames(StateCommand.GET, {"req": req, "key": key})
@@ -437,6 +447,24 @@ def encode_state(msg: StateMessage) -> list[Any]:
         case StateEvents(watch, events, resync):
             return _state_frames(StateCommand.EVENTS,
                                  {"watch": watch, "events": events, "resync": resync})
+        case StateList(req, prefix, after, limit, values):
+            return _state_frames(StateCommand.LIST, {"req": req, "prefix": prefix,
+                                                     "after": after, "limit": limit,
+                                                     "values": values})
+        case StateItems(req, version, items, more):
+            return _state_frames(StateCommand.ITEMS,
+                                 {"req": req, "version": version, "items": items, "more": more})
+        case StateWatch(req, prefix, since):
+            return _state_frames(StateCommand.WATCH,
+                                 {"req": req, "prefix": prefix, "since": since})
+        case StateUnwatch(req, watch):
+            return _state_frames(StateCommand.UNWATCH, {"req": req, "watch": watch})
+    return None
+
+
+def _encode_lock_message(msg: StateMessage) -> list[Any] | None:
+    """The lock, session and info messages, and ERROR; None for any other."""
+    match msg:
         case LockAcquire(req, name, ttl_s, wait_s):
             return _state_frames(StateCommand.ACQUIRE,
                                  {"req": req, "name": name, "ttl_s": ttl_s, "wait_s": wait_s})
@@ -458,18 +486,6 @@ def encode_state(msg: StateMessage) -> list[Any]:
             return _state_frames(StateCommand.WELCOME, {
                 "req": req, "ivl": interval, "live": liveness, "version": version,
                 "instance": instance, "leases": [list(lease) for lease in leases]})
-        case StateList(req, prefix, after, limit, values):
-            return _state_frames(StateCommand.LIST, {"req": req, "prefix": prefix,
-                                                     "after": after, "limit": limit,
-                                                     "values": values})
-        case StateItems(req, version, items, more):
-            return _state_frames(StateCommand.ITEMS,
-                                 {"req": req, "version": version, "items": items, "more": more})
-        case StateWatch(req, prefix, since):
-            return _state_frames(StateCommand.WATCH,
-                                 {"req": req, "prefix": prefix, "since": since})
-        case StateUnwatch(req, watch):
-            return _state_frames(StateCommand.UNWATCH, {"req": req, "watch": watch})
         case LockList(req, prefix):
             return _state_frames(StateCommand.LOCKS, {"req": req, "prefix": prefix})
         case LockTable(req, locks):
@@ -478,7 +494,7 @@ def encode_state(msg: StateMessage) -> list[Any]:
             return _state_frames(StateCommand.INFO, {"req": req})
         case StateInfo(req, info):
             return _state_frames(StateCommand.INFO_REPLY, {"req": req, "info": info})
-    raise TypeError(f"not a state service message: {msg!r}")
+    return None
 
 
 def _req(h: dict[Any, Any]) -> int:
@@ -564,6 +580,17 @@ def _entries(value: Any) -> list[Entry]:
 
 
 def _decode_state_header(command: StateCommand, h: dict[Any, Any]) -> StateMessage:
+    msg = _decode_key_command(command, h)
+    if msg is None:
+        msg = _decode_lock_command(command, h)
+    if msg is None:
+        raise DecodeError(f"command {command.name} is not accepted here",
+                          code=ErrorCode.UNKNOWN_COMMAND)
+    return msg
+
+
+def _decode_key_command(command: StateCommand, h: dict[Any, Any]) -> StateMessage | None:
+    """The key-value commands (and PING); None for any other."""
     match command:
         case StateCommand.GET:
             return StateGet(_req(h), _key(h.get("key")))
@@ -574,9 +601,8 @@ def _decode_state_header(command: StateCommand, h: dict[Any, Any]) -> StateMessa
         case StateCommand.PING:
             return StatePing()
         case StateCommand.VALUE:
-            return StateValue(_req(h), as_str(h.get("key"), "key"), _version(h.get("version"),
-                                                                           "version"),
-                              _opt_value(h.get("value")))
+            return StateValue(_req(h), as_str(h.get("key"), "key"),
+                              _version(h.get("version"), "version"), _opt_value(h.get("value")))
         case StateCommand.DONE:
             return StateDone(_req(h), _version(h.get("version", 0), "version"),
                              bool(h.get("existed", True)))
@@ -584,24 +610,26 @@ def _decode_state_header(command: StateCommand, h: dict[Any, Any]) -> StateMessa
             return StateDelete(_req(h), _key(h.get("key")),
                                _opt_version(h.get("expected"), "expected"), _fence(h.get("fence")))
         case StateCommand.LIST:
-            limit = h.get("limit", MAX_LIST_ITEMS)
-            if type(limit) is not int or not 1 <= limit <= MAX_LIST_ITEMS:
-                raise ValueError(f"limit must be an integer in 1..{MAX_LIST_ITEMS}")
-            after = h.get("after")
-            if after is not None and type(after) is not str:
-                raise ValueError("after must be a string or nil")
-            values = h.get("values", True)
-            if type(values) is not bool:
-                raise ValueError("values must be a boolean")
-            return StateList(_req(h), _prefix(h.get("prefix")), after, limit, values)
+            return _decode_list(h)
+        case StateCommand.EVENTS:
+            return StateEvents(_watch_id(h), _entries(h.get("events")),
+                               bool(h.get("resync", False)))
+        case StateCommand.ITEMS:
+            return StateItems(_req(h), _version(h.get("version"), "version"),
+                              _entries(h.get("items")), bool(h.get("more", False)))
+        case StateCommand.WATCH:
+            return StateWatch(_req(h), _prefix(h.get("prefix")),
+                              _opt_version(h.get("since"), "since"))
+        case StateCommand.UNWATCH:
+            return StateUnwatch(_req(h), _watch_id(h))
+    return None
+
+
+def _decode_lock_command(command: StateCommand, h: dict[Any, Any]) -> StateMessage | None:
+    """The lock, session and info commands, and ERROR; None for any other."""
+    match command:
         case StateCommand.ACQUIRE:
-            wait_s = h.get("wait_s")
-            if wait_s is not None and (type(wait_s) not in (int, float)
-                                       or not 0 <= wait_s < float("inf")):
-                raise ValueError("wait_s must be a non-negative number of seconds or nil")
-            return LockAcquire(_req(h), _key(h.get("name"), "lock name"),
-                               _positive_s(h.get("ttl_s"), "ttl_s", MAX_LEASE_TTL_S),
-                               None if wait_s is None else float(wait_s))
+            return _decode_acquire(h)
         case StateCommand.RENEW:
             return LockRenew(_req(h), _key(h.get("name"), "lock name"),
                              _version(h.get("token"), "token"),
@@ -613,11 +641,6 @@ def _decode_state_header(command: StateCommand, h: dict[Any, Any]) -> StateMessa
             return LeaseGranted(_req(h), as_str(h.get("name"), "lock name"),
                                 _version(h.get("token"), "token"),
                                 _positive_s(h.get("ttl_s"), "ttl_s"))
-        case StateCommand.EVENTS:
-            watch = h.get("watch")
-            if type(watch) is not int:
-                raise ValueError("watch must be an integer")
-            return StateEvents(watch, _entries(h.get("events")), bool(h.get("resync", False)))
         case StateCommand.ERROR:
             req = h.get("req")
             current = h.get("current")
@@ -626,52 +649,80 @@ def _decode_state_header(command: StateCommand, h: dict[Any, Any]) -> StateMessa
                                    current if type(current) is int else None,
                                    _opt_value(h.get("value")))
         case StateCommand.HELLO:
-            # Frame 0 has been checked already; "v" is a second check, and a HELLO
-            # without one is taken as this version (it was optional).
-            version = h.get("v", PROTOCOL_VERSION)
-            if version != PROTOCOL_VERSION:
-                raise DecodeError(version_mismatch(repr(version)), code=ErrorCode.BAD_VERSION)
-            name = h.get("name", "")
-            return StateHello(_req(h), as_str(name, "name"), version)
+            return _decode_hello(h)
         case StateCommand.WELCOME:
-            leases = []
-            for lease in as_array(h.get("leases", ())):
-                if type(lease) is not tuple or len(lease) != 3:
-                    raise ValueError("a lease must be [name, token, ttl_s]")
-                leases.append((as_str(lease[0], "lock name"), _version(lease[1], "token"),
-                               float(lease[2])))
-            return StateWelcome(_req(h), _positive_s(h.get("ivl"), "ivl"),
-                                _version(h.get("live"), "live"),
-                                _version(h.get("version"), "version"),
-                                as_str(h.get("instance"), "instance"), leases)
-        case StateCommand.ITEMS:
-            return StateItems(_req(h), _version(h.get("version"), "version"),
-                              _entries(h.get("items")), bool(h.get("more", False)))
-        case StateCommand.WATCH:
-            return StateWatch(_req(h), _prefix(h.get("prefix")),
-                              _opt_version(h.get("since"), "since"))
-        case StateCommand.UNWATCH:
-            watch = h.get("watch")
-            if type(watch) is not int:
-                raise ValueError("watch must be an integer")
-            return StateUnwatch(_req(h), watch)
+            return _decode_welcome(h)
         case StateCommand.LOCKS:
             return LockList(_req(h), _prefix(h.get("prefix")))
         case StateCommand.LOCK_TABLE:
-            locks = []
-            for item in as_array(h.get("locks")):
-                if type(item) is not tuple or len(item) != 6:
-                    raise ValueError("a lock must be an array of 6")
-                locks.append(LockInfo(as_str(item[0], "name"), _version(item[1], "token"),
-                                      as_str(item[2], "holder"), as_str(item[3], "session"),
-                                      float(item[4]), _version(item[5], "waiters")))
-            return LockTable(_req(h), locks)
+            return _decode_lock_table(h)
         case StateCommand.INFO:
             return StateInfoRequest(_req(h))
         case StateCommand.INFO_REPLY:
             return StateInfo(_req(h), plain(as_map(h.get("info"))))
-    raise DecodeError(f"command {command.name} is not accepted here",
-                      code=ErrorCode.UNKNOWN_COMMAND)
+    return None
+
+
+def _watch_id(h: dict[Any, Any]) -> int:
+    watch = h.get("watch")
+    if type(watch) is not int:
+        raise ValueError("watch must be an integer")
+    return watch
+
+
+def _decode_list(h: dict[Any, Any]) -> StateList:
+    limit = h.get("limit", MAX_LIST_ITEMS)
+    if type(limit) is not int or not 1 <= limit <= MAX_LIST_ITEMS:
+        raise ValueError(f"limit must be an integer in 1..{MAX_LIST_ITEMS}")
+    after = h.get("after")
+    if after is not None and type(after) is not str:
+        raise ValueError("after must be a string or nil")
+    values = h.get("values", True)
+    if type(values) is not bool:
+        raise ValueError("values must be a boolean")
+    return StateList(_req(h), _prefix(h.get("prefix")), after, limit, values)
+
+
+def _decode_acquire(h: dict[Any, Any]) -> LockAcquire:
+    wait_s = h.get("wait_s")
+    if wait_s is not None and (type(wait_s) not in (int, float)
+                               or not 0 <= wait_s < float("inf")):
+        raise ValueError("wait_s must be a non-negative number of seconds or nil")
+    return LockAcquire(_req(h), _key(h.get("name"), "lock name"),
+                       _positive_s(h.get("ttl_s"), "ttl_s", MAX_LEASE_TTL_S),
+                       None if wait_s is None else float(wait_s))
+
+
+def _decode_hello(h: dict[Any, Any]) -> StateHello:
+    # Frame 0 has been checked already; "v" is a second check, and a HELLO without one
+    # is taken as this version (it was optional).
+    version = h.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(version_mismatch(repr(version)), code=ErrorCode.BAD_VERSION)
+    return StateHello(_req(h), as_str(h.get("name", ""), "name"), version)
+
+
+def _decode_welcome(h: dict[Any, Any]) -> StateWelcome:
+    leases = []
+    for lease in as_array(h.get("leases", ())):
+        if type(lease) is not tuple or len(lease) != 3:
+            raise ValueError("a lease must be [name, token, ttl_s]")
+        leases.append((as_str(lease[0], "lock name"), _version(lease[1], "token"),
+                       float(lease[2])))
+    return StateWelcome(_req(h), _positive_s(h.get("ivl"), "ivl"),
+                        _version(h.get("live"), "live"), _version(h.get("version"), "version"),
+                        as_str(h.get("instance"), "instance"), leases)
+
+
+def _decode_lock_table(h: dict[Any, Any]) -> LockTable:
+    locks = []
+    for item in as_array(h.get("locks")):
+        if type(item) is not tuple or len(item) != 6:
+            raise ValueError("a lock must be an array of 6")
+        locks.append(LockInfo(as_str(item[0], "name"), _version(item[1], "token"),
+                              as_str(item[2], "holder"), as_str(item[3], "session"),
+                              float(item[4]), _version(item[5], "waiters")))
+    return LockTable(_req(h), locks)
 
 
 def decode_state(frames: list[Any]) -> StateMessage:
