@@ -36,10 +36,11 @@ from agent_sdk.connection import Connection, TASK_CODEC, Transport
 from agent_sdk.errors import (
     BrokerUnavailable, RequestRefused, TaskNotFound, TooLarge, VersionMismatch, WaitTimeout,
 )
-from agent_sdk.handles import open_work, overdue_work, TaskHandle
+from agent_sdk.handles import deliver_results, open_work, overdue_work, TaskHandle
 from agent_sdk.messaging import MAILBOX_SIZE, MessagingMixin, Messenger
 from agent_sdk.state import endpoint_from, StateClient
-from agent_sdk.task import _MISSING, encode_payload, Result, TERMINAL_STATUSES
+from agent_sdk.reach import Reach
+from agent_sdk.task import _MISSING, encode_payload, Result
 
 _new_tuple = tuple.__new__
 
@@ -70,28 +71,30 @@ class _Requests:
             version: every request fails then, at once.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, reach: Reach) -> None:
         self.url = url
+        self.reach = reach
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self.peeks: dict[str, list[asyncio.Future[Result]]] = {}
         self.refusal: Error | None = None
 
     def check(self) -> None:
-        """Raise :class:`VersionMismatch` if the broker refused this SDK's version."""
+        """Raise :class:`VersionMismatch` if the broker refused this SDK's version,
+        :class:`BrokerUnavailable` if no broker was reached and the address refuses."""
         if self.refusal is not None:
             raise VersionMismatch(self.url, self.refusal.message)
+        self.reach.check()
 
-    def refuse_all(self, refusal: Error) -> None:
-        """The broker refused this SDK's protocol version: fail every request waiting."""
-        self.refusal = refusal
+    def fail_all(self, error: Exception) -> None:
+        """Fail every request waiting with ``error``."""
         waiting = list(self._waiting.values())
         waiting.extend(future for futures in self.peeks.values() for future in futures)
         self._waiting.clear()
         self.peeks.clear()
         for future in waiting:
             if not future.done():
-                future.set_exception(VersionMismatch(self.url, refusal.message))
+                future.set_exception(error)
 
     def next_id(self) -> int:
         """A request id for a message whose answer nobody awaits (a recovery FETCH)."""
@@ -136,7 +139,7 @@ class _Requests:
             send(msg)
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            raise BrokerUnavailable(self.url, timeout) from None
+            raise BrokerUnavailable(self.url, timeout) from None  # contact or not
         finally:
             self._waiting.pop(req, None)
 
@@ -182,7 +185,8 @@ class Client(MessagingMixin):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[str, TaskHandle] = {}
         self._outgoing: list[TaskSpec] = []
-        self._requests = _Requests(self.url)
+        self._reach = Reach(self.url, self._fail_all)
+        self._requests = _Requests(self.url, self._reach)
         self._task_ids = itertools.count(1)
         self._pinger: asyncio.Task[None] | None = None
         #: the broker's boot id as last heard
@@ -204,7 +208,9 @@ class Client(MessagingMixin):
         if self._channel is None:
             self._loop = asyncio.get_running_loop()
             self._channel = Connection(self.url, self.client_id.encode(), TASK_CODEC,
-                                       self._on_message, self._flush)
+                                       self._on_message, self._flush, monitor=True,
+                                       on_event=self._reach.event)
+            self._reach.poll = self._channel.read_events
             self._channel.open()
             self._pinger = self._loop.create_task(self._ping_loop(),
                                                   name=f"{self.client_id}-ping")
@@ -292,7 +298,8 @@ class Client(MessagingMixin):
     def submit(self, text: str | None = None, *, capabilities: Iterable[str] = (),
                agent: str | None = None, data: Any = _MISSING, task_id: str | None = None,
                timeout: float | None = None, retries: int | None = None, priority: int = 0,
-               parent_id: str | None = None, **fields: Any) -> TaskHandle:
+               parent_id: str | None = None, attempt_timeout: float | None = None,
+               **fields: Any) -> TaskHandle:
         """Queue a task for the broker; returns its handle at once.
 
         Args:
@@ -301,7 +308,9 @@ class Client(MessagingMixin):
             agent: an agent name (or id) the task must go to.
             data: the payload (``task.data`` on the agent); other keywords become fields.
             task_id: the idempotency key; submitting the same id again gives the same task.
-            timeout: seconds the task may wait and run before it ends ``timed_out``.
+            timeout: the task's deadline, in seconds from its acceptance: queueing, every
+                attempt and retry included; it ends ``timed_out`` then, whatever its retries.
+            attempt_timeout: seconds each attempt may run (None: only ``timeout`` bounds it).
             retries: retries after failures (per the broker's retry policy).
             priority: higher runs first among waiting tasks.
             parent_id: the task this one is a subtask of.
@@ -309,6 +318,7 @@ class Client(MessagingMixin):
         Raises:
             TooLarge: the encoded payload exceeds the frame limit.
             VersionMismatch: the broker refused this SDK's protocol version.
+            BrokerUnavailable: no broker was ever reached, and the address refuses.
         """
         self._requests.check()
         channel = self._channel or self._ensure_open()
@@ -328,7 +338,8 @@ class Client(MessagingMixin):
             raise TooLarge(len(payload), MAX_FRAME_BYTES)
         spec = _new_tuple(TaskSpec, (
             task_id, payload, caps, agent, priority,
-            timeout if timeout is not None else self.default_timeout_s, retries, parent_id))
+            timeout if timeout is not None else self.default_timeout_s, retries, parent_id,
+            attempt_timeout))
         loop = self._loop
         assert loop is not None  # set by _ensure_open
         handle = TaskHandle(task_id, self, spec, loop.time())
@@ -386,8 +397,9 @@ class Client(MessagingMixin):
 
     async def tasks(self, statuses: Iterable[str] | None = None, limit: int = 100,
                     timeout: float = STATUS_TIMEOUT_S) -> list[dict[str, Any]]:
-        """Finished tasks the broker still retains, newest first; ``statuses`` filters
-        (``["failed", "timed_out"]`` lists the dead letters with their last error)."""
+        """Open tasks (pending, dispatched, running, retrying) newest first, then the
+        finished tasks the broker still retains, newest first; ``statuses`` filters by
+        state (``["failed", "timed_out"]`` lists the dead letters with their last error)."""
         wanted = list(statuses) if statuses is not None else None
         reply: TaskList = await self._requests.ask(
             self._send_message, lambda req: TaskQuery(req, wanted, limit), timeout)
@@ -436,6 +448,7 @@ class Client(MessagingMixin):
                 self._channel.send(Submit(part))
 
     def _on_message(self, msg: Message) -> None:
+        self._reach.contacted = True  # a monitor event may come later than the message
         match msg:
             case Results(items):
                 self._on_results(items)
@@ -460,23 +473,7 @@ class Client(MessagingMixin):
                 pass  # only agents register; a client has nothing to do here
 
     def _on_results(self, items: list[Any]) -> None:
-        handles = self._handles
-        peeks = self._requests.peeks
-        for item in items:
-            task_id = item.task_id
-            terminal = item.status in TERMINAL_STATUSES
-            handle = handles.pop(task_id, None) if terminal else None
-            waiting = peeks.pop(task_id, None) if peeks else None
-            if handle is None and waiting is None:
-                continue
-            result = Result.from_wire(task_id, item.status, item.payload, item.error_code,
-                                      item.error_message, item.agent, item.attempts,
-                                      item.queued_ms, item.run_ms)
-            if handle is not None:
-                handle._resolve(result)
-            for future in waiting or ():
-                if not future.done():
-                    future.set_result(result)
+        deliver_results(items, self._handles, self._requests.peeks)
 
     def _on_error(self, error: Error) -> None:
         if error.code == ErrorCode.BAD_VERSION.value:
@@ -499,12 +496,17 @@ class Client(MessagingMixin):
     def _version_refused(self, error: Error) -> None:
         """The broker speaks another protocol version: fail whatever waits on it (requests,
         results, direct messages) with :class:`VersionMismatch`, and send nothing again."""
-        self._requests.refuse_all(error)
+        self._requests.refusal = error
+        self._fail_all(VersionMismatch(self.url, error.message))
+
+    def _fail_all(self, error: Exception) -> None:
+        """Fail every request, task handle and direct message waiting with ``error``."""
+        self._requests.fail_all(error)
         self._outgoing.clear()
         handles, self._handles = self._handles, {}
         for handle in handles.values():
-            handle._fail(VersionMismatch(self.url, error.message))
-        self.messaging.direct.cancel_waiting(VersionMismatch(self.url, error.message))
+            handle._fail(error)
+        self.messaging.direct.cancel_waiting(error)
 
 
 __all__ = ["Client", "STATUS_TIMEOUT_S", "TaskHandle"]

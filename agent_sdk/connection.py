@@ -171,6 +171,7 @@ class Connection(Generic[M]):
         on_flush: called once after each message and each burst of input, and after
             :meth:`request_flush`; the owner sends its batched output there.
         monitor: watch the TCP connection (:attr:`transport_up`).
+        on_event: with ``monitor``: called with each monitor event (its number).
 
     Attributes:
         closed: :meth:`close` was called (and :meth:`open` not since).
@@ -183,7 +184,8 @@ class Connection(Generic[M]):
 
     def __init__(self, url: str, identity: bytes, codec: Codec[M],
                  on_message: Callable[[M], None], on_flush: Callable[[], None] | None = None,
-                 *, monitor: bool = False) -> None:
+                 *, monitor: bool = False,
+                 on_event: Callable[[int], None] | None = None) -> None:
         self.url = url
         self.identity = identity
         self._encode = codec.encode
@@ -192,6 +194,7 @@ class Connection(Generic[M]):
         self._on_message = on_message
         self._on_flush = on_flush
         self._monitored = monitor
+        self._on_event = on_event
         self._loop: asyncio.AbstractEventLoop | None = None
         self._time: Callable[[], float] = time.monotonic
         self._sock: zmq.Socket[Any] | None = None
@@ -214,7 +217,8 @@ class Connection(Generic[M]):
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         if self._monitored:
             # Before connecting, so that the first handshake is reported too.
-            self._monitor = _Watched(loop, sock.get_monitor_socket(_MONITOR_EVENTS),
+            self._monitor = _Watched(loop, sock.get_monitor_socket(_MONITOR_EVENTS
+                                                                   | zmq.EVENT_CONNECT_RETRIED),
                                      self._read_monitor)
         sock.connect(self.url)
         self._sock = sock
@@ -360,6 +364,10 @@ class Connection(Generic[M]):
         if received >= DRAIN_BATCH or self._blocked:
             self._schedule_read()
 
+    def read_events(self) -> None:
+        """Handle the monitor events already queued, now (with ``monitor``)."""
+        self._read_monitor()
+
     def _read_monitor(self) -> None:
         monitor = self._monitor
         if monitor is None:
@@ -370,6 +378,8 @@ class Connection(Generic[M]):
             except zmq.Again:
                 return
             self.transport_up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if self._on_event is not None:
+                self._on_event(event["event"])
             if self.transport_up:
                 # A handshake with the peer: it is alive, whatever it said last.
                 self.last_heard = self._time()

@@ -18,9 +18,13 @@ class OrchestratorError(Exception):
 class BrokerUnavailable(OrchestratorError):
     """Raised when the broker did not answer within the deadline."""
 
-    def __init__(self, url: str, waited_s: float) -> None:
-        super().__init__(f"no answer from the broker at {url} within {waited_s:g} s; "
-                         "is it running? (start it with `orchestrator start`)")
+    def __init__(self, url: str, waited_s: float, *, refused: bool = False) -> None:
+        why = (f"nothing accepts connections at {url} (connection refused)" if refused
+               else f"no answer from the broker at {url} within {waited_s:g} s")
+        super().__init__(f"{why}; is the broker running? (start it with "
+                         "`orchestrator start`)")
+        #: the connection was refused before any broker was reached there
+        self.refused = refused
         self.url = url
         self.waited_s = waited_s
 

@@ -8,7 +8,7 @@ from typing import Any, TYPE_CHECKING
 
 from wire.tasks import TaskSpec
 from agent_sdk.errors import WaitTimeout
-from agent_sdk.task import Result
+from agent_sdk.task import Result, TERMINAL_STATUSES
 
 if TYPE_CHECKING:
     from agent_sdk.client import Client
@@ -89,6 +89,9 @@ class TaskHandle:
 
         Raises:
             WaitTimeout: when ``timeout`` seconds pass first; the task itself goes on.
+            BrokerUnavailable: no broker was ever reached at the client's address (at
+                once where nothing accepts connections there, else when ``timeout``
+                passes).
             VersionMismatch: the broker refused the client's protocol version, so the
                 result cannot come.
         """
@@ -105,6 +108,9 @@ class TaskHandle:
         try:
             return await waiter
         except asyncio.TimeoutError:
+            unreached = self._client._reach.timed_out(timeout or 0.0)
+            if unreached is not None:
+                raise unreached from None
             raise WaitTimeout(f"task {self.id} has no result after {timeout:g} s") from None
         finally:
             if timer is not None:
@@ -227,6 +233,27 @@ def overdue_work(handles: Iterable[TaskHandle], now: float,
     return resubmit, refetch
 
 
+def deliver_results(items: Iterable[Any], handles: dict[str, TaskHandle],
+                    peeks: dict[str, list[asyncio.Future[Result]]]) -> None:
+    """Hand RESULT items to the handles of their tasks (final results only) and to the
+    FETCH peeks waiting for them; items nobody waits for are dropped."""
+    for item in items:
+        task_id = item.task_id
+        terminal = item.status in TERMINAL_STATUSES
+        handle = handles.pop(task_id, None) if terminal else None
+        waiting = peeks.pop(task_id, None) if peeks else None
+        if handle is None and waiting is None:
+            continue
+        result = Result.from_wire(task_id, item.status, item.payload, item.error_code,
+                                  item.error_message, item.agent, item.attempts,
+                                  item.queued_ms, item.run_ms)
+        if handle is not None:
+            handle._resolve(result)
+        for future in waiting or ():
+            if not future.done():
+                future.set_result(result)
+
+
 def open_work(handles: Iterable[TaskHandle]) -> tuple[list[TaskSpec], list[str]]:
     """What to send again for every open task after the broker restarted: it kept what
     it journaled, and a submit again is idempotent by task id.
@@ -244,4 +271,4 @@ def open_work(handles: Iterable[TaskHandle]) -> tuple[list[TaskSpec], list[str]]
     return specs, watched
 
 
-__all__ = ["TaskHandle", "open_work", "overdue_work"]
+__all__ = ["TaskHandle", "deliver_results", "open_work", "overdue_work"]

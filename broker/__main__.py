@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--circuit-recovery", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--retention", type=float, default=None, metavar="SECONDS",
                         help="keep finished results this long (default 3600)")
+    parser.add_argument("--retention-bytes", type=int, default=None, metavar="BYTES",
+                        help="result payloads kept in memory (default 256 MiB)")
+    parser.add_argument("--result-store-threshold", type=int, default=None, metavar="BYTES",
+                        help="payloads this large go to the result store on disk "
+                             "(default 1 MiB)")
+    parser.add_argument("--result-store-bytes", type=int, default=None, metavar="BYTES",
+                        help="payloads kept in the result store (default 8 GiB)")
+    parser.add_argument("--max-agents-per-address", type=int, default=None, metavar="N",
+                        help="registered agents per remote address (default 512)")
+    parser.add_argument("--max-agents", type=int, default=None, metavar="N",
+                        help="registered agents in all (default 10000)")
     parser.add_argument("--state-bind", default=None, metavar="HOST:PORT",
                         help="the state service's address (default: broker port + 3)")
     parser.add_argument("--state-memory", action="store_true",
@@ -221,7 +232,11 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         durability=args.durability, default_max_retries=args.retries,
         retry_base_delay_s=args.retry_base_delay, retry_max_delay_s=args.retry_max_delay,
         circuit_failure_threshold=args.circuit_threshold,
-        circuit_recovery_s=args.circuit_recovery, result_retention_s=args.retention)
+        circuit_recovery_s=args.circuit_recovery, result_retention_s=args.retention,
+        result_retention_bytes=args.retention_bytes,
+        result_store_threshold=args.result_store_threshold,
+        result_store_max_bytes=args.result_store_bytes,
+        max_agents_per_address=args.max_agents_per_address, max_agents=args.max_agents)
 
 
 def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:

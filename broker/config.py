@@ -97,6 +97,16 @@ class BrokerConfig:
     #: finished results kept for ``result`` / FETCH: whichever limit is reached first
     result_retention_s: float = 3600.0
     result_retention_max: int = 100_000
+    #: bytes of retained result payloads held in memory; the oldest go beyond it
+    result_retention_bytes: int = 256 * 1024 * 1024
+    #: a result payload at least this large goes to the result store in the data dir
+    #: (``broker/results.py``), not into memory or the journal, once it is written
+    result_store_threshold: int = 1024 * 1024
+    #: bytes of payloads the result store keeps on disk; the oldest go beyond it
+    result_store_max_bytes: int = 8 * 1024 * 1024 * 1024
+    #: registered agents per remote address, and in all: more get ERROR too_many_agents
+    max_agents_per_address: int = 512
+    max_agents: int = 10_000
     #: messages read from the socket before the loop dispatches and flushes
     drain_batch: int = 2000
     #: how long a graceful stop waits for in-flight tasks to finish
@@ -129,6 +139,10 @@ class BrokerConfig:
             raise ConfigError("retries and retry delays must not be negative")
         if self.circuit_failure_threshold < 1 or self.circuit_recovery_s < 0:
             raise ConfigError("circuit threshold must be >= 1 and recovery >= 0")
+        if min(self.result_retention_bytes, self.result_store_threshold,
+               self.result_store_max_bytes, self.max_agents_per_address,
+               self.max_agents) < 1:
+            raise ConfigError("result byte limits and agent caps must be positive")
 
     @property
     def heartbeat_expiry_s(self) -> float:

@@ -21,8 +21,16 @@ Records (msgpack arrays; :meth:`Journal.open` hands them back typed):
     ``["J", format, release]``: the header, first record of the file (:class:`HeaderRecord`)
     ``["A", id, payload, caps, agent, priority, timeout_s, max_retries, parent_id, client, wall]``
     (:class:`AcceptedRecord`)
+    ``["T", id, attempt_timeout_s]``: the task's per-attempt limit, right after its
+    accepted record, only for a task that has one. A broker that predates it skips the
+    record (it reads only ``A`` and ``R``) and runs the task with no per-attempt limit,
+    as it reads a task accepted before the limit existed: no new format.
     ``["R", task_id, status, payload, error_code, error_message, agent, attempts, queued_ms,
     run_ms, wall]`` (:class:`FinishedRecord`)
+    ``["S", ...]``: an ``R`` record whose payload is ``[key, size]``, a file of the result
+    store (``broker/results.py``); large payloads never enter the journal, and replay
+    reads only the reference. A broker older than the result store skips ``S`` records
+    (it reads only ``A`` and ``R``): those results are then unknown to it, nothing else.
 
 Compaction: once the log has grown by :data:`COMPACT_AFTER_BYTES` since the last one, the
 broker rewrites it from memory (open tasks and retained results) into a new file that
@@ -65,13 +73,15 @@ import struct
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple
 
 import msgpack
 
 from broker import __version__
+from broker.engine.queues import StoredPayload
+from broker.results import ResultStore
 from wire.tasks import ResultItem, TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -137,16 +147,19 @@ class AcceptedRecord(NamedTuple):
     client: bytes
     wall: float
 
-    def spec(self) -> TaskSpec:
-        """The task as its client submitted it."""
-        return _new_tuple(TaskSpec, self[1:9])
+    def spec(self, attempt_timeout_s: float | None = None) -> TaskSpec:
+        """The task as its client submitted it (its per-attempt limit is kept apart:
+        :attr:`Replay.attempt_limits`)."""
+        return _new_tuple(TaskSpec, (*self[1:9], attempt_timeout_s))
 
 
 class FinishedRecord(NamedTuple):
     """A task's final result: its :class:`~wire.tasks.ResultItem` fields (but
     ``retryable``, moot once a task has ended) and when it ended (wall-clock seconds)."""
 
-    kind: Literal["R"]
+    #: "S": the payload is in the result store, and the record holds its
+    #: ``[key, size]`` (read back as a :class:`~broker.engine.queues.StoredPayload`)
+    kind: Literal["R", "S"]
     task_id: str
     status: str
     payload: bytes
@@ -192,6 +205,8 @@ class Replay:
     #: the format the file was in (:data:`JOURNAL_FORMAT` for a new or empty file); an
     #: older one has been migrated by :meth:`Journal.open`
     format: int = JOURNAL_FORMAT
+    #: per-attempt limits (``T`` records) by task id; a task without one has none
+    attempt_limits: dict[str, float] = field(default_factory=dict)
 
 
 def _frame(records: list[Any]) -> bytes:
@@ -248,6 +263,14 @@ class Journal:
         self._unwritten: list[bytes] = []
         #: why the last write failed; None while writes succeed
         self.failure: JournalFailure | None = None
+        #: where payloads of at least ``store_threshold`` bytes go (:meth:`attach_store`)
+        self.store: ResultStore | None = None
+        self.store_threshold: float = float("inf")
+
+    def attach_store(self, store: ResultStore, threshold: int) -> None:
+        """Send payloads of at least ``threshold`` bytes to ``store`` from now on."""
+        self.store = store
+        self.store_threshold = threshold
 
     # ---------------------------------------------------------------- start-up
 
@@ -276,6 +299,7 @@ class Journal:
     def _replay(self) -> Replay:
         accepted: dict[str, AcceptedRecord] = {}
         results: dict[str, FinishedRecord] = {}
+        limits: dict[str, float] = {}
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -302,6 +326,12 @@ class Journal:
                     accepted.setdefault(record[1], _new_tuple(AcceptedRecord, record))
                 elif kind == "R" and len(record) == _FINISHED_FIELDS:
                     results[record[1]] = _new_tuple(FinishedRecord, record)
+                elif kind == "T" and len(record) == 3:
+                    limits[record[1]] = record[2]
+                elif kind == "S" and len(record) == _FINISHED_FIELDS:
+                    ref = record[3]
+                    results[record[1]] = _new_tuple(FinishedRecord, (
+                        *record[:3], StoredPayload(str(ref[0]), int(ref[1])), *record[4:]))
         truncated = len(data) - good_end
         if truncated:
             logger.warning("journal %s: %d byte(s) of torn or corrupt tail dropped after "
@@ -310,7 +340,7 @@ class Journal:
                 f.truncate(good_end)
                 f.flush()
                 os.fsync(f.fileno())
-        return Replay(accepted, results, records, truncated, found)
+        return Replay(accepted, results, records, truncated, found, attempt_limits=limits)
 
     def _check_header(self, header: tuple[Any, ...]) -> int:
         """The format a header names, if this broker reads it.
@@ -338,6 +368,8 @@ class Journal:
         """Rewrite a file of an older format in this one, before anything is appended."""
         records: list[tuple[Any, ...]] = [_FILE_HEADER, *replay.accepted.values(),
                                           *replay.results.values()]
+        records.extend(("T", task_id, limit) for task_id, limit
+                       in replay.attempt_limits.items())
         size = self._replace_file(records)
         logger.warning("journal %s: migrated from format %d to format %d (%d record(s) "
                        "read, %d kept, %d bytes)", self.path, replay.format, JOURNAL_FORMAT,
@@ -366,15 +398,29 @@ class Journal:
             payload = bytes(payload)
         self._buffer.append(("A", spec[0], payload, spec[2], spec[3], spec[4], spec[5],
                              spec[6], spec[7], client, wall))
+        if spec[8] is not None:
+            self._buffer.append(("T", spec[0], spec[8]))
 
-    def finished(self, result: Any, wall: float) -> None:
+    def finished(self, result: Any, wall: float) -> bool | None:
         """Record a task's final result (``result`` is a protocol ResultItem), as the
-        fields of a :class:`FinishedRecord` in order."""
+        fields of a :class:`FinishedRecord` in order. A payload of at least
+        :attr:`store_threshold` bytes goes to the result store instead (True: its RESULT
+        waits for the write, see ``broker/results.py``); a stored one is recorded as an
+        ``S`` record naming its file."""
         payload = result[2]
         if type(payload) is not bytes:
+            if type(payload) is StoredPayload:
+                self._buffer.append(("S", result[0], result[1], list(payload), result[3],
+                                     result[4], result[5], result[6], result[7], result[8],
+                                     wall))
+                return None
             payload = bytes(payload)
+        if len(payload) >= self.store_threshold and self.store is not None:
+            self.store.put(result, wall)
+            return True
         self._buffer.append(("R", result[0], result[1], payload, result[3], result[4],
                              result[5], result[6], result[7], result[8], wall))
+        return None
 
     @property
     def dirty(self) -> bool:
@@ -469,8 +515,12 @@ class Journal:
         self._buffer.append(_FILE_HEADER)
         for spec, client, wall in accepted:
             self.accepted(spec, client, wall)
-        for result, wall in results:
-            self.finished(result, wall)
+        store, self.store = self.store, None  # nothing is handed to the store twice
+        try:
+            for result, wall in results:
+                self.finished(result, wall)
+        finally:
+            self.store = store
         records, self._buffer = self._buffer, []
         try:
             size = self._replace_file(records)
@@ -515,8 +565,8 @@ class NullJournal(Journal):
     def accepted(self, spec: Any, client: bytes, wall: float) -> None:
         pass
 
-    def finished(self, result: Any, wall: float) -> None:
-        pass
+    def finished(self, result: Any, wall: float) -> bool | None:
+        return None
 
     def commit(self) -> None:
         pass

@@ -29,7 +29,8 @@ from broker import __version__, compiled
 from broker.bus import EventPublisher
 from broker.config import BrokerConfig
 from broker.engine.engine import Engine, Sends
-from broker.journal import open_journal
+from broker.journal import Durability, open_journal
+from broker.results import ResultStore
 from broker.service import Delivery, Frames, RouterService
 from wire.documents import StatusDocument
 from wire.errors import DecodeError
@@ -66,6 +67,18 @@ class Broker:
         self.service = RouterService(self, send_hwm=config.send_hwm,
                                      drain_batch=config.drain_batch,
                                      backlog_limit=BACKLOG_LIMIT, clock=clock, name="broker")
+        self.engine.agents.peer_address = self.service.peer_address
+        #: large payloads on disk (broker/results.py); None without a journal
+        self.store: ResultStore | None = None
+        if self.journal.durability is not Durability.NONE:
+            self.store = ResultStore(config.data_dir, self.service.wake,
+                                     fsync=self.journal.durability is Durability.FSYNC)
+            self.journal.attach_store(self.store, config.result_store_threshold)
+            finished = self.engine.ledger.finished
+            finished.large_bytes = float(config.result_store_threshold)
+            finished.max_stored_bytes = config.result_store_max_bytes
+            finished.load = self.store.load
+            finished.delete = self.store.delete
         #: the broker's own events on the bus (:meth:`attach_bus`); None without a bus
         self.events: EventPublisher | None = None
         #: the forwarder's frame counters, when it runs in this process
@@ -86,6 +99,10 @@ class Broker:
     def bind(self) -> str:
         """Replay the journal, create and bind the ROUTER socket; returns the endpoint."""
         self.engine.restore(self.journal.open(), self.clock())
+        if self.store is not None:
+            swept = self.store.sweep(self.engine.ledger.finished.stored_keys())
+            if swept:
+                logger.info("result store: %d file(s) no result names removed", swept)
         return self.service.bind(self.config.router_endpoint)
 
     def attach_bus(self, bus_out: str, bus_in: str, hwm: int,
@@ -162,6 +179,8 @@ class Broker:
     def after_drain(self, now: float) -> bool:
         """Timers, dispatch and the flush; False once a graceful stop has completed."""
         engine = self.engine
+        if self.store is not None and self.store.pending:
+            self._release_stored()
         try:
             engine.tick(now)
             engine.dispatch(now)
@@ -189,7 +208,40 @@ class Broker:
             # lease expires.
             counters["send_dropped"] += 1
 
+    def _release_stored(self) -> None:
+        """Results whose payload the store wrote: their ``S`` record goes into this
+        pass's commit, the retained copy keeps only the reference, and the RESULT leaves
+        after the commit (broker/results.py)."""
+        assert self.store is not None
+        ledger = self.engine.ledger
+        finished = ledger.finished
+        for result, wall, ref in self.store.completed():
+            task = finished.writing.pop(result.task_id, None)
+            if ref is None:
+                # The store could not write it: journal the payload whole instead.
+                held = self.journal.store
+                self.journal.store = None
+                self.journal.finished(result, wall)
+                self.journal.store = held
+            else:
+                stored = result._replace(payload=ref)
+                self.journal.finished(stored, wall)
+                if task is not None and finished.get(result.task_id) is task:
+                    finished.stored(task, stored)
+                elif task is None or finished.get(result.task_id) is None:
+                    self.store.delete(ref)  # gone from retention meanwhile
+            if task is None:
+                continue
+            client = task.client
+            ledger.outbox(client).results.append(result)
+            for watcher in task.watchers or ():
+                if watcher != client:
+                    ledger.outbox(watcher).results.append(result)
+
     def on_close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self._release_stored()
         self.journal.close()
         if self.events is not None:
             self.events.close()

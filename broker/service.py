@@ -34,7 +34,9 @@ from typing import Any, Protocol
 
 import zmq
 
-from wire.sockets import NOBLOCK, apply_common_options, has_input, recv_frames, send_frames
+from wire.sockets import NOBLOCK, apply_common_options, has_input, send_frames
+
+_backend_recv = zmq.backend.Socket.recv
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +234,8 @@ class RouterService:
         # it sleeps, about a dozen system calls a pass against three here.
         self._poller = select.poll()
         self._wake = WakePipe()
+        #: the first frame of the message being handled (:meth:`peer_address`)
+        self._first_frame: zmq.Frame | None = None
         self._wake_fd = self._wake.fileno()
         self._poller.register(self._wake_fd, select.POLLIN)
 
@@ -417,11 +421,19 @@ class RouterService:
         received = 0
         # Bounded, so that the application's timers, dispatch and sends run (and peers
         # start working) while the rest of a burst still waits in the socket.
+        recv = _backend_recv
         while received < self.drain_batch:
+            # recv_frames inlined, keeping the first frame: its connection's metadata
+            # (Peer-Address) is read only by a handler that asks (:meth:`peer_address`).
             try:
-                frames = recv_frames(router, NOBLOCK)
+                frame = recv(router, NOBLOCK, False)
             except zmq.Again:
                 break
+            self._first_frame = frame
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv(router, NOBLOCK, False)
+                frames.append(frame.bytes)
             received += 1
             try:
                 enough = handle(frames[0], frames[1:], now)
@@ -436,6 +448,17 @@ class RouterService:
             if enough or not has_input(router):
                 break
         self.counters.messages_in += received
+
+    def peer_address(self) -> str:
+        """The remote address of the message being handled ("" when the transport has
+        none, as ipc and inproc): from its first frame, kept until the next message."""
+        frame = self._first_frame
+        if frame is None:
+            return ""
+        try:
+            return str(frame.get("Peer-Address"))
+        except zmq.ZMQError:
+            return ""
 
     # ------------------------------------------------------------------ sending
 

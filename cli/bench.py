@@ -16,7 +16,9 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from cli.common import EXIT_FAILED, EXIT_USAGE, DataDirGroup, F, fail, json_option
+from broker.config import DURABILITIES
+
+from cli.common import EXIT_FAILED, EXIT_USAGE, DataDirGroup, F, count, fail, json_option
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
@@ -54,9 +56,9 @@ def _run(script: str, args: list[str], as_json: bool, what: str) -> None:
 def _common(function: F) -> F:
     """Add the options every suite takes: payload size, repeats and ``--json``."""
     for option in reversed([
-        click.option("--payload-bytes", type=click.IntRange(min=1), default=100,
+        click.option("--payload-bytes", type=count(1), default=100,
                      show_default=True, help="Bytes of payload per task."),
-        click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--repeat", type=count(1), default=1, show_default=True,
                      help="Alternate ours and the baseline N times; medians are reported."),
         json_option("Print one JSON document."),
     ]):
@@ -64,17 +66,32 @@ def _common(function: F) -> F:
     return function
 
 
+class Durabilities(click.ParamType):
+    """``--durability``: journal modes, comma-separated, each one the broker knows."""
+
+    name = "modes"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        modes = [mode.strip() for mode in str(value).split(",")]
+        if not all(mode in DURABILITIES for mode in modes):
+            self.fail(f"{value!r} is not a comma-separated list of {', '.join(DURABILITIES)}",
+                      param, ctx)
+        return ",".join(modes)
+
+
+DURABILITY_LIST = Durabilities()
 bench: click.Group = DataDirGroup("bench", help=BENCH_HELP)
 
 
 @bench.command(help="""Tasks per second with a window of tasks in flight, against zmq.proxy
 round trips per second (the standard workload: 50,000 tasks, window 500, 2 agents).""")
-@click.option("--tasks", type=click.IntRange(min=1), default=50_000, show_default=True)
-@click.option("--agents", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--tasks", type=count(1), default=50_000, show_default=True)
+@click.option("--agents", type=count(1), default=2, show_default=True,
               help="Echo agent processes (and baseline workers).")
-@click.option("--window", type=click.IntRange(min=1), default=500, show_default=True,
+@click.option("--window", type=count(1), default=500, show_default=True,
               help="Tasks in flight at once.")
-@click.option("--durability", default="batch", show_default=True,
+@click.option("--durability", type=DURABILITY_LIST, default="batch", show_default=True,
               help="Broker journal mode(s), comma-separated: none,batch,fsync.")
 @_common
 def throughput(tasks: int, agents: int, window: int, durability: str, payload_bytes: int,
@@ -88,7 +105,7 @@ def throughput(tasks: int, agents: int, window: int, durability: str, payload_by
 
 @bench.command(help="""p50 and p99 of sequential round trips through one agent, against
 zmq.proxy's (the standard workload: 5,000 round trips).""")
-@click.option("--tasks", type=click.IntRange(min=1), default=5000, show_default=True,
+@click.option("--tasks", type=count(1), default=5000, show_default=True,
               help="Round trips measured (after a warm-up).")
 @_common
 def latency(tasks: int, payload_bytes: int, repeat: int, as_json: bool) -> None:
@@ -100,7 +117,7 @@ def latency(tasks: int, payload_bytes: int, repeat: int, as_json: bool) -> None:
 @bench.command("latency-floor", help="""The latency benchmark next to a forwarding-only
 Python broker (no journal, no task table, no routing), with bare protocol endpoints and
 with the SDK's: what any Python broker costs here, against what Orchestrator costs.""")
-@click.option("--tasks", type=click.IntRange(min=1), default=3000, show_default=True,
+@click.option("--tasks", type=count(1), default=3000, show_default=True,
               help="Round trips measured per set-up (after a warm-up).")
 @_common
 def latency_floor(tasks: int, payload_bytes: int, repeat: int, as_json: bool) -> None:

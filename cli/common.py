@@ -8,7 +8,9 @@ the group: so no module of the CLI imports another that imports it back.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,8 @@ import click
 import orjson
 
 from broker.config import DEFAULT_BIND, LOCK_FILE, locate_home
+from wire.limits import MAX_NAME_CHARS
+from wire.state import MAX_KEY_BYTES
 
 if TYPE_CHECKING:
     from agent_sdk import SyncClient
@@ -70,8 +74,25 @@ def emit_json(document: Any) -> None:
     Args:
         document: Any value; bytes become text, sets and tuples lists, the rest ``str``.
     """
-    click.echo(orjson.dumps(document, default=_json_default,
-                            option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+    options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+    try:
+        text = orjson.dumps(document, default=_json_default, option=options)
+    except TypeError:
+        # Text with undecodable bytes (a path or value from argv): bytes as U+FFFD.
+        text = orjson.dumps(_valid_utf8(document), default=_json_default, option=options)
+    click.echo(text.decode())
+
+
+def _valid_utf8(value: Any) -> Any:
+    """``value`` with the lone surrogates of its strings (undecodable bytes, as Python
+    reads them from argv or the file system) replaced by U+FFFD, at any depth."""
+    if isinstance(value, str):
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    if isinstance(value, dict):
+        return {_valid_utf8(k): _valid_utf8(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_valid_utf8(v) for v in value]
+    return value
 
 
 def echo_data(data: Any) -> None:
@@ -87,9 +108,28 @@ def echo_data(data: Any) -> None:
 
 
 def json_requested() -> bool:
-    """Whether the command being run was given ``--json``."""
+    """Whether the command being run was given ``--json`` (anywhere on its command line)."""
     ctx = click.get_current_context(silent=True)
-    return ctx is not None and bool(ctx.params.get("as_json"))
+    if ctx is not None and ctx.params.get("as_json"):
+        return True
+    root = ctx.find_root().command if ctx is not None else None
+    return isinstance(root, CliGroup) and json_in(root.argv)
+
+
+def json_in(argv: list[str]) -> bool:
+    """Whether ``--json`` is among the options of a command line (before any ``--``)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: control characters (newlines, escapes) written as escapes,
+    so that an error quoting a hostile value still prints as one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def fail(message: str, code: int, details: dict[str, Any] | None = None,
@@ -104,7 +144,7 @@ def fail(message: str, code: int, details: dict[str, Any] | None = None,
         lines: Lines to print on stderr after the message, indented (a log's last lines);
             the JSON document has them under ``lines``.
     """
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {one_line(message)}", err=True)
     for line in lines or ():
         click.echo(f"  {line}", err=True)
     if json_requested():
@@ -151,7 +191,7 @@ def lock_held(home: Path) -> bool:
     """
     try:
         fd = os.open(home / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except OSError:  # missing, or a data dir that cannot exist (a name too long...)
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -250,7 +290,11 @@ class Context:
         info = running_broker_info(self.home)
         if info is not None:
             return str(info["endpoint"])
-        return os.environ.get("ORCH_BROKER", f"tcp://{DEFAULT_BIND}")
+        url = os.environ.get("ORCH_BROKER") or f"tcp://{DEFAULT_BIND}"
+        try:
+            return URL.convert(url, None, None)
+        except click.BadParameter as e:
+            fail(f"ORCH_BROKER: {e.format_message()}", EXIT_USAGE)
 
     def unreachable_message(self, url: str) -> str:
         """What to say when the broker at ``url`` does not answer: which data dir was
@@ -272,7 +316,7 @@ class Context:
         from agent_sdk import BrokerUnavailable, SyncClient
 
         url = self.broker_url
-        client = SyncClient(url)
+        client = open_client(SyncClient, url)
         return answered_or_exit(client, client.ping, BrokerUnavailable,
                                 self.unreachable_message(url))
 
@@ -309,3 +353,220 @@ class DataDirGroup(click.Group):
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_epilog(ctx, formatter)
         write_data_dir(ctx, formatter)
+
+
+class CliGroup(DataDirGroup):
+    """The ``orchestrator`` group: every usage error of any command, wherever click
+    raises it, is one line on stderr and exit 2 (never click's usage block), and, when
+    ``--json`` is anywhere on the command line, also one JSON document on stdout
+    (``{"error": ..., "exit_code": 2}``)."""
+
+    #: The command line being run (for ``--json`` before the command has parsed it).
+    argv: list[str] = []
+
+    def main(self, args: Any = None, *posargs: Any, **kwargs: Any) -> Any:
+        self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        return super().main(self.argv, *posargs, **kwargs)
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as e:
+            self._report(e)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            self._report(e)
+
+    def _report(self, error: click.ClickException) -> NoReturn:
+        """Print ``error`` as one line (and JSON under ``--json``); exit with its code."""
+        if isinstance(error, click.exceptions.NoArgsIsHelpError):
+            error.show()  # a group run bare: its help, as click prints it
+            raise click.exceptions.Exit(error.exit_code)
+        message = error.format_message()
+        ctx = getattr(error, "ctx", None)
+        if isinstance(error, click.UsageError) and ctx is not None:
+            message = f"{message.rstrip('.')}; see `{ctx.command_path} --help`"
+        click.echo(f"error: {one_line(message)}", err=True)
+        if json_in(self.argv):
+            emit_json({"error": one_line(message), "exit_code": error.exit_code})
+        raise click.exceptions.Exit(error.exit_code)
+
+
+# ---------------------------------------------------------------- validated types
+# Every value an option takes is checked while click parses the command line, so that a
+# bad one is a usage error (one line, exit 2) before anything connects or starts.
+
+#: The longest time any option takes, in seconds (about 31 years): beyond it, waits
+#: overflow the platform's timers.
+MAX_SECONDS = 1e9
+#: Integers travel as msgpack int64.
+INT64_MIN = -(2 ** 63)
+INT64_MAX = 2 ** 63 - 1
+
+_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def _show(value: Any) -> str:
+    """A value quoted for an error message: one line, at most 60 characters."""
+    text = repr(value)
+    return one_line(text if len(text) <= 60 else text[:57] + "...")
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds greater than 0 and at most :data:`MAX_SECONDS`."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{_show(value)} is not a number of seconds", param, ctx)
+        if not (math.isfinite(number) and 0 < number <= MAX_SECONDS):
+            self.fail(f"{_show(value)} is not a number of seconds greater than 0 and at most "
+                      f"{MAX_SECONDS:g}", param, ctx)
+        return number
+
+
+class BoundedInt(click.ParamType):
+    """An integer within ``[low, high]`` (by default, what msgpack's int64 holds)."""
+
+    name = "integer"
+
+    def __init__(self, low: int = INT64_MIN, high: int = INT64_MAX) -> None:
+        self.low = low
+        self.high = high
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            self.fail(f"{_show(value)} is not an integer", param, ctx)
+        try:
+            number = int(value)
+        except ValueError:  # also a number of more than 4,300 digits
+            self.fail(f"{_show(value)} is not an integer", param, ctx)
+        if not self.low <= number <= self.high:
+            self.fail(f"{_show(value)} is not an integer from {self.low} to {self.high}",
+                      param, ctx)
+        return number
+
+
+class Text(click.ParamType):
+    """Text that travels on the wire: valid UTF-8 (no undecodable bytes), optionally
+    non-empty, printable, or at most so many bytes."""
+
+    name = "text"
+
+    def __init__(self, what: str = "text", non_empty: bool = False, printable: bool = False,
+                 max_bytes: int | None = None, max_chars: int | None = None) -> None:
+        self.what = what
+        self.non_empty = non_empty
+        self.printable = printable
+        self.max_bytes = max_bytes
+        self.max_chars = max_chars
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            self.fail(f"{_show(text)} is not valid UTF-8 text", param, ctx)
+        if self.non_empty and not text:
+            self.fail(f"the {self.what} must not be empty", param, ctx)
+        if self.printable and not text.isprintable():
+            self.fail(f"the {self.what} {_show(text)} contains control characters (newlines, "
+                      "tabs, escapes...)", param, ctx)
+        if self.max_chars is not None and len(text) > self.max_chars:
+            self.fail(f"the {self.what} has {len(text)} characters; at most {self.max_chars}",
+                      param, ctx)
+        if self.max_bytes is not None and size > self.max_bytes:
+            self.fail(f"the {self.what} has {size} bytes in UTF-8; at most {self.max_bytes}",
+                      param, ctx)
+        return text
+
+
+class Url(click.ParamType):
+    """A URL to connect to: ``tcp://HOST:PORT`` (``HOST:PORT`` is taken for the same),
+    port 1 to 65535."""
+
+    name = "url"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value)
+        host, sep, port = text.removeprefix("tcp://").rpartition(":")
+        if not (sep and _HOST.fullmatch(host) and port.isascii() and port.isdigit()
+                and 1 <= int(port) <= 65535):
+            self.fail(f"{_show(text)} is not a URL tcp://HOST:PORT (port 1 to 65535)",
+                      param, ctx)
+        return f"tcp://{host}:{int(port)}"
+
+
+class Bind(click.ParamType):
+    """An address to listen on: ``HOST:PORT`` (``*`` for every interface; port 0: any
+    free port)."""
+
+    name = "host:port"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value)
+        host, sep, port = text.removeprefix("tcp://").rpartition(":")
+        if not (sep and (host == "*" or _HOST.fullmatch(host)) and port.isascii()
+                and port.isdigit() and int(port) <= 65535):
+            self.fail(f"{_show(text)} is not HOST:PORT (port 0 to 65535)", param, ctx)
+        return f"{host}:{int(port)}"
+
+
+class DirPath(click.Path):
+    """A directory (the data dir): non-empty text, no NUL, not an existing file."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, dir_okay=True, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and (not value or "\0" in value):
+            self.fail(f"{_show(value)} is not a directory path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+SECONDS = Seconds()
+#: A count of retries, items or processes: 0 (or ``low``) up to int64.
+RETRIES = BoundedInt(0)
+PRIORITY = BoundedInt()
+URL = Url()
+BIND = Bind()
+#: State keys: what the state service accepts.
+KEY = Text("key", non_empty=True, max_bytes=MAX_KEY_BYTES)
+PREFIX = Text("prefix", max_bytes=MAX_KEY_BYTES)
+#: Agent names, agent ids and capabilities: what the broker accepts at registration.
+NAME = Text("name", non_empty=True, printable=True, max_chars=MAX_NAME_CHARS)
+#: Task ids: printed on lines of their own, so printable.
+TASK_ID = Text("task id", non_empty=True, printable=True, max_bytes=MAX_KEY_BYTES)
+TEXT = Text()
+
+
+def count(low: int = 1, high: int = INT64_MAX) -> BoundedInt:
+    """An integer option from ``low`` to ``high``."""
+    return BoundedInt(low, high)
+
+
+def open_client(factory: Callable[[str], C], url: str) -> C:
+    """``factory(url)``, or exit 2 when ZeroMQ refuses the address.
+
+    Returns:
+        The client the factory made.
+    """
+    import zmq
+
+    try:
+        return factory(url)
+    except zmq.ZMQError as e:
+        fail(f"cannot connect to {url}: {e}", EXIT_USAGE)

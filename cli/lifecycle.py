@@ -25,8 +25,8 @@ import orjson
 
 from broker.config import DEFAULT_BIND, DURABILITIES, POLICIES
 from cli.common import (
-    EXIT_FAILED, EXIT_UNREACHABLE, PING_TIMEOUT_S, Context, DataDirCommand, emit_json, fail,
-    json_option, lock_held, lock_holder, read_broker_info,
+    BIND, EXIT_FAILED, EXIT_UNREACHABLE, PING_TIMEOUT_S, Context, DataDirCommand, emit_json,
+    fail, json_option, lock_held, lock_holder, read_broker_info,
 )
 from cli.processes import (
     ProcessRef, end_child, end_process, log_size, log_tail, read_ref, spawn,
@@ -38,6 +38,8 @@ START_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 45.0
 #: How long a failed `start` gives what it started to exit before it kills it.
 UNDO_TIMEOUT_S: Final = 10.0
+#: Most processes `--agents` starts of one agent class.
+MAX_REPLICAS: Final = 1024
 
 START_HELP = """Start the broker in the background (lock, pid file and log in the data dir).
 
@@ -79,11 +81,28 @@ def _parse_agents(spec: str) -> list[tuple[str, int]]:
     agents = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, count = part.partition("=")
-        if ":" not in name or (count and not count.isdigit()):
-            raise click.BadParameter(f"expected module:Class[=N], got {part!r}",
-                                     param_hint="--agents")
+        module, _, cls = name.partition(":")
+        if not (module and cls and name.isprintable()) or (
+                count and not (count.isascii() and count.isdigit()
+                               and 1 <= int(count) <= MAX_REPLICAS)):
+            raise click.BadParameter(f"expected module:Class[=N] with N from 1 to "
+                                     f"{MAX_REPLICAS}, got {part!r}", param_hint="--agents")
         agents.append((name, int(count or 1)))
     return agents
+
+
+class AgentSpecs(click.ParamType):
+    """``--agents``: checked while the command line is parsed (see :func:`_parse_agents`)."""
+
+    name = "module:Class[=N],..."
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            _parse_agents(str(value))
+        except click.BadParameter as e:
+            self.fail(e.format_message(), param, ctx)
+        return str(value)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], what: str, log: Path,
@@ -271,15 +290,15 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]],
 
 
 @click.command(cls=DataDirCommand, help=START_HELP)
-@click.option("--bind", default=DEFAULT_BIND, show_default=True,
+@click.option("--bind", type=BIND, default=DEFAULT_BIND, show_default=True,
               help="HOST:PORT of the broker.")
 @click.option("--policy", type=click.Choice(POLICIES), default="capability", show_default=True)
 @click.option("--durability", type=click.Choice(DURABILITIES), default="batch", show_default=True,
               help="Journal: none, batch (survives a crash) or fsync (survives power loss).")
-@click.option("--agents", "agents_spec", default="", help="Agents to start: module:Class[=N],...")
+@click.option("--agents", "agents_spec", type=AgentSpecs(), default="", help="Agents to start: module:Class[=N],...")
 @click.option("--no-agents", is_flag=True, help="Start no agents (the default for now).")
 @click.option("--foreground", is_flag=True, help="Run the broker in this process.")
-@click.option("--state-bind", default=None,
+@click.option("--state-bind", type=BIND, default=None,
               help="HOST:PORT of the state service. Default: the broker's port + 3.")
 @click.option("--state-memory", is_flag=True, help="Keep shared state in memory only.")
 @click.option("--no-state", is_flag=True, help="Do not run the state service.")
@@ -301,7 +320,11 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
         from broker.__main__ import main as broker_main
 
         sys.exit(broker_main(broker_args[2:]))
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the data dir {home}: {e.strerror or e}", EXIT_FAILED,
+             {"home": str(home)})
     # What a killed broker left: its endpoint would only time out.
     (home / "broker.json").unlink(missing_ok=True)
     _launch(home, broker_args, agents, as_json)

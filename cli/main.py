@@ -16,7 +16,7 @@ import click
 
 from broker import __version__
 from cli.bench import bench
-from cli.common import Context, DataDirGroup
+from cli.common import URL, CliGroup, Context, DirPath
 from cli.lifecycle import start, status, stop
 from cli.state import state
 from cli.tasks import cancel, result, submit, tasks, trace
@@ -24,14 +24,15 @@ from cli.tasks import cancel, result, submit, tasks, trace
 HELP = "Orchestrator: run many AI agents as processes and coordinate them through a broker."
 
 
-@click.group(cls=DataDirGroup, help=HELP)
+@click.group(cls=CliGroup, help=HELP)
 @click.version_option(__version__, prog_name="orchestrator")
-@click.option("--home", type=click.Path(path_type=Path), default=None, envvar="ORCH_HOME",
+@click.option("--home", type=DirPath(), default=None, envvar="ORCH_HOME",
               help="Data dir (lock, pid files, logs, journal, state). Default: $ORCH_HOME, "
                    "else ./.orchestrator where it exists, else "
                    "$XDG_STATE_HOME/orchestrator (~/.local/state/orchestrator).")
-@click.option("--broker", "broker_url", default=None,
-              help="Broker URL. Default: the running broker of the data dir, else $ORCH_BROKER.")
+@click.option("--broker", "broker_url", type=URL, default=None,
+              help="Broker URL, tcp://HOST:PORT. Default: the running broker of the data dir, "
+                   "else $ORCH_BROKER.")
 @click.pass_context
 def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
     """Resolve the options every command shares into the commands' context."""

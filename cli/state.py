@@ -18,8 +18,9 @@ import click
 import orjson
 
 from cli.common import (
-    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context, DataDirGroup,
-    answered_or_exit, echo_data, emit_json, fail, json_option, running_broker_info,
+    BIND, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, KEY, PING_TIMEOUT_S, PREFIX,
+    SECONDS, TEXT, URL, Context, DataDirGroup, DirPath, answered_or_exit, count, echo_data,
+    emit_json, fail, json_option, open_client, running_broker_info,
 )
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ STATE_HELP = """Shared state: versioned keys, locks (the state service).
 Values are JSON on the command line and msgpack in the store: what an agent writes with
 `self.state.set(key, {"a": 1})` reads back here as {"a": 1}, and the other way round.
 """
+#: The levels of :mod:`logging`, in any case.
+LOG_LEVEL = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
 SET_HELP = """Write KEY. VALUE is parsed as JSON when it is valid JSON (`42`, `"text"`,
 `{"a": 1}`), else stored as a string; --string always stores it as a string."""
 
@@ -77,7 +80,8 @@ class StateContext:
         from agent_sdk import StateUnavailable, SyncStateClient
 
         url = self.state_url()
-        client = SyncStateClient(url, name="cli", request_timeout_s=PING_TIMEOUT_S)
+        client = open_client(
+            lambda u: SyncStateClient(u, name="cli", request_timeout_s=PING_TIMEOUT_S), url)
         return answered_or_exit(client, client.connect, StateUnavailable,
                                 f"the state service at {url} is not answering; start it with "
                                 "`orchestrator start` or `orchestrator state serve` (or pass "
@@ -104,8 +108,8 @@ def _writing(obj: StateContext) -> Iterator[SyncStateClient]:
 
 
 @click.group("state", cls=DataDirGroup, help=STATE_HELP)
-@click.option("--state", "state_url", default=None, envvar="ORCH_STATE",
-              help="State service URL. Default: the running broker's.")
+@click.option("--state", "state_url", type=URL, default=None, envvar="ORCH_STATE",
+              help="State service URL, tcp://HOST:PORT. Default: the running broker's.")
 @click.pass_context
 def state(ctx: click.Context, state_url: str | None) -> None:
     """Give the ``state`` commands a context that knows where the state service is."""
@@ -113,7 +117,7 @@ def state(ctx: click.Context, state_url: str | None) -> None:
 
 
 @state.command("get", help="Print the value of KEY (exit 1 when it does not exist).")
-@click.argument("key")
+@click.argument("key", type=KEY)
 @json_option('Print {"key", "value", "version"}.')
 @click.pass_obj
 def get(obj: StateContext, key: str, as_json: bool) -> None:
@@ -132,12 +136,12 @@ def get(obj: StateContext, key: str, as_json: bool) -> None:
 
 
 @state.command("set", help=SET_HELP)
-@click.argument("key")
-@click.argument("value")
+@click.argument("key", type=KEY)
+@click.argument("value", type=TEXT)
 @click.option("--string", "as_string", is_flag=True, help="Store VALUE as a string, always.")
-@click.option("--ttl", type=click.FloatRange(min=0.001), default=None,
+@click.option("--ttl", type=SECONDS, default=None,
               help="Delete the key after this many seconds.")
-@click.option("--expect-version", type=click.IntRange(min=0), default=None,
+@click.option("--expect-version", type=count(0), default=None,
               help="Write only if the key is at this version (0: only if it does not exist).")
 @json_option('Print {"key", "version"}.')
 @click.pass_obj
@@ -162,8 +166,8 @@ def set_(obj: StateContext, key: str, value: str, as_string: bool, ttl: float | 
 
 
 @state.command("del", help="Delete KEY (succeeds whether or not it existed).")
-@click.argument("key")
-@click.option("--expect-version", type=click.IntRange(min=1), default=None,
+@click.argument("key", type=KEY)
+@click.option("--expect-version", type=count(1), default=None,
               help="Delete only if the key is at this version.")
 @json_option('Print {"key", "deleted"}.')
 @click.pass_obj
@@ -178,7 +182,7 @@ def delete(obj: StateContext, key: str, expect_version: int | None, as_json: boo
 
 
 @state.command("list", help="List the keys under PREFIX (all keys without one), in order.")
-@click.argument("prefix", default="")
+@click.argument("prefix", type=PREFIX, default="")
 @click.option("--values", is_flag=True, help="Include the values.")
 @json_option("Print a JSON array of entries.")
 @click.pass_obj
@@ -208,7 +212,7 @@ def list_(obj: StateContext, prefix: str, values: bool, as_json: bool) -> None:
 
 
 @state.command("locks", help="List the held locks under PREFIX: token, holder, time left.")
-@click.argument("prefix", default="")
+@click.argument("prefix", type=PREFIX, default="")
 @json_option("Print a JSON array of locks.")
 @click.pass_obj
 def locks(obj: StateContext, prefix: str, as_json: bool) -> None:
@@ -235,17 +239,17 @@ def locks(obj: StateContext, prefix: str, as_json: bool) -> None:
 
 Prints one JSON line {"event": "ready", "state": URL, ...} once it listens. `orchestrator
 start` already runs one beside the broker; this is for running it elsewhere.""")
-@click.option("--bind", default=None,
+@click.option("--bind", type=BIND, default=None,
               help="HOST:PORT to listen on (default 127.0.0.1:5558; port 0: any free).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--data-dir", type=DirPath(), default=None,
               help="Where state.db lives. Default: the data dir (--home).")
 @click.option("--memory", is_flag=True, help="Keep nothing on disk.")
-@click.option("--heartbeat-interval", type=click.FloatRange(min=0.001), default=None,
+@click.option("--heartbeat-interval", type=SECONDS, default=None,
               help="Seconds between client heartbeats.")
-@click.option("--heartbeat-liveness", type=click.IntRange(min=1), default=None,
+@click.option("--heartbeat-liveness", type=count(1, 1_000_000), default=None,
               help="Missed heartbeats after which a session (and its locks) expires.")
-@click.option("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"),
-              show_default=True)
+@click.option("--log-level", type=LOG_LEVEL, show_default=True,
+              default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
 @click.pass_obj
 def serve(obj: StateContext, bind: str | None, data_dir: Path | None, memory: bool,
           heartbeat_interval: float | None, heartbeat_liveness: int | None, log_level: str

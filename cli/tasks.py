@@ -8,6 +8,7 @@ it, and 3 when the broker does not answer.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import closing
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
@@ -16,12 +17,12 @@ import click
 import orjson
 
 from cli.common import (
-    EXIT_FAILED, EXIT_OK, PING_TIMEOUT_S, Context, DataDirCommand, echo_data, emit_json, fail,
-    json_option,
+    EXIT_FAILED, EXIT_OK, NAME, PING_TIMEOUT_S, PRIORITY, RETRIES, SECONDS, TASK_ID, TEXT,
+    Context, DataDirCommand, count, echo_data, emit_json, fail, json_option,
 )
 
 if TYPE_CHECKING:
-    from agent_sdk import Result, SyncTaskHandle
+    from agent_sdk import Result, SyncClient, SyncTaskHandle
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -30,10 +31,16 @@ SUBMIT_HELP = """Submit a task and (unless --no-wait) print its result.
 
 TEXT becomes the task's `text` field. Without --capability or --agent the task goes to
 any agent (the planner that turns TEXT into a workflow comes later)."""
-TASKS_HELP = """List finished tasks the broker retains, newest first.
+TASKS_HELP = """List tasks: the open ones (pending, dispatched, running, retrying), newest
+first, then the finished ones the broker retains, newest first.
 
 With --failed: the dead letters, tasks that failed or timed out after their retries,
 with their last error."""
+#: The exit code after Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+#: The task states ``tasks --status`` filters on.
+TASK_STATES = ("pending", "dispatched", "running", "retrying", "succeeded", "failed",
+               "timed_out", "cancelled", "rejected")
 
 
 def _known(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -50,13 +57,25 @@ def _known(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         fail(str(e), EXIT_FAILED)
 
 
+def _result_document(result: Result) -> dict[str, Any]:
+    """What ``--json`` prints for a result: a task that has not finished has no
+    confidence yet (nor data)."""
+    document = result.to_dict()
+    if not result.finished:
+        document.pop("confidence", None)
+    return document
+
+
 def _print_result(result: Result, as_json: bool) -> None:
     """Print a result: its data on stdout, or its error on stderr (all of it with --json)."""
     if as_json:
-        emit_json(result.to_dict())
+        emit_json(_result_document(result))
         return
-    if result.error is not None:
-        click.echo(f"{result.task_id}: {result.status}: {result.error}", err=True)
+    error = result.error
+    if error is not None:
+        # A code that only repeats the status (``cancelled``) is said once.
+        said = error.message if error.code == result.status else str(error)
+        click.echo(f"{result.task_id}: {result.status}: {said}", err=True)
         return
     echo_data(result.data)
 
@@ -67,29 +86,42 @@ def _exit_for(result: Result) -> NoReturn:
 
 
 def _result_or_exit(handle: SyncTaskHandle, wait_s: float | None) -> Result:
-    """The task's result within ``wait_s`` seconds, or exit 1 saying how to get it later."""
-    from agent_sdk import WaitTimeout
+    """The task's result within ``wait_s`` seconds, or exit 1 saying how to get it later.
 
-    try:
-        return handle.result(wait_s)
-    except WaitTimeout:
+    The wait is on an event set by the handle's done callback, not on a call into the
+    client's loop: Ctrl-C then interrupts this thread alone and leaves no coroutine
+    pending on the loop (``_interrupted`` reports it).
+    """
+    done = threading.Event()
+    handle.add_done_callback(lambda _: done.set())
+    if not done.wait(wait_s):
         fail(f"no result for {handle.id} yet; check later with `orchestrator result "
              f"{handle.id}`", EXIT_FAILED)
+    return handle.result_nowait()
 
 
-def _wait_with_progress(handle: SyncTaskHandle, timeout: float | None, quiet: bool) -> Result:
+def _interrupted(task_id: str | None) -> NoReturn:
+    """Ctrl-C while waiting: say where the task is and how to cancel it, exit 130."""
+    if task_id is not None:
+        click.echo(f"interrupted; task {task_id} goes on at the broker: see it with "
+                   f"`orchestrator result {task_id}`, cancel it with `orchestrator cancel "
+                   f"{task_id}`", err=True)
+    else:
+        click.echo("interrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _wait_with_progress(handle: SyncTaskHandle, wait_s: float | None, quiet: bool) -> Result:
     """Wait for the result, showing a spinner on stderr when it is a terminal.
 
     Args:
         handle: The task's handle.
-        timeout: The task's own timeout (None: wait as long as it takes).
+        wait_s: How long to wait (None: as long as it takes).
         quiet: No spinner (the output is JSON).
 
     Returns:
         The result; exits 1 when none came in time.
     """
-    # The broker ends the task at its own deadline; give its answer time to arrive.
-    wait_s = None if timeout is None else timeout + PING_TIMEOUT_S
     if quiet or not sys.stderr.isatty():
         return _result_or_exit(handle, wait_s)
     from rich.console import Console
@@ -99,17 +131,60 @@ def _wait_with_progress(handle: SyncTaskHandle, timeout: float | None, quiet: bo
 
 
 def _parse_payload(payload: str | None) -> dict[str, Any]:
-    """The ``data`` keyword of ``submit`` from ``--payload`` (none without it).
+    """The ``data`` keyword of ``submit`` from ``--payload`` (none without it): JSON
+    text, ``@FILE`` for a file's JSON, ``-`` for the JSON on stdin (a shell argument tops
+    out near 128 KiB).
 
     Raises:
-        click.BadParameter: ``payload`` is not valid JSON.
+        click.BadParameter: the file cannot be read, or the text is not valid JSON.
     """
     if payload is None:
         return {}
+    text: str | bytes = payload
+    source = ""
+    if payload == "-":
+        text, source = sys.stdin.buffer.read(), " (stdin)"
+    elif payload.startswith("@"):
+        path = payload[1:]
+        try:
+            with open(path, "rb") as file:
+                text = file.read()
+        except OSError as e:
+            raise click.BadParameter(f"cannot read {path}: {e.strerror or e}",
+                                     param_hint="--payload") from None
+        source = f" ({path})"
     try:
-        return {"data": orjson.loads(payload)}
+        return {"data": orjson.loads(text)}
     except orjson.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON: {e}", param_hint="--payload") from None
+        raise click.BadParameter(f"not valid JSON{source}: {e}",
+                                 param_hint="--payload") from None
+
+
+def _offered(status: dict[str, Any], capabilities: tuple[str, ...],
+             agent: str | None) -> bool:
+    """Whether a live agent of the broker's status can take a task needing these."""
+    wanted = set(capabilities)
+    return any(a.get("state") == "ready" and wanted <= set(a.get("capabilities", ()))
+               and (agent is None or agent in (a.get("name"), a.get("id")))
+               for a in status.get("agents", ()))
+
+
+def _need(capabilities: tuple[str, ...], agent: str | None) -> str:
+    """What a task needs of an agent, for people."""
+    parts = [f"capability {c!r}" for c in capabilities]
+    if agent is not None:
+        return f"no agent named {agent!r}" + (f" with {' and '.join(parts)}" if parts else "") \
+            + " is online"
+    if not parts:
+        return "no agent is online"
+    return f"no agent online offers {' and '.join(parts)}"
+
+
+def _say_waiting(task_id: str, need: str, timeout_s: float | None) -> None:
+    """Tell the user at once that the task waits for an agent nobody runs yet."""
+    how_long = f"up to {timeout_s:g} s (its timeout)" if timeout_s else "until one comes"
+    click.echo(f"{need}; task {task_id} waits for one {how_long}. Start an agent, or "
+               f"cancel it with `orchestrator cancel {task_id}`", err=True)
 
 
 def _report_accepted(handle: SyncTaskHandle, as_json: bool) -> None:
@@ -131,62 +206,105 @@ def _report_accepted(handle: SyncTaskHandle, as_json: bool) -> None:
 
 
 @click.command(cls=DataDirCommand, help=SUBMIT_HELP)
-@click.argument("text")
-@click.option("--capability", "-c", "capabilities", multiple=True,
+@click.argument("text", type=TEXT)
+@click.option("--capability", "-c", "capabilities", type=NAME, multiple=True,
               help="A capability the agent must have (repeatable).")
-@click.option("--agent", default=None, help="The agent name (or id) to run it.")
-@click.option("--payload", default=None, help="JSON data for the task (task.data).")
-@click.option("--timeout", type=click.FloatRange(min=0.001), default=None,
-              help="Seconds the task may take, queueing included.")
-@click.option("--retries", type=click.IntRange(min=0), default=None, help="Retries on failure.")
-@click.option("--priority", type=int, default=0, show_default=True)
-@click.option("--id", "task_id", default=None, help="Task id (the idempotency key).")
+@click.option("--agent", type=NAME, default=None, help="The agent name (or id) to run it.")
+@click.option("--payload", default=None,
+              help="JSON data for the task (task.data); @FILE reads it from a file, - from "
+                   "stdin.")
+@click.option("--timeout", type=SECONDS, default=None,
+              help="The task's deadline: seconds from submission for the whole task "
+                   "(waiting for an agent, every attempt and retry); it then ends timed_out "
+                   "and submit returns (default: the broker's default task timeout).")
+@click.option("--attempt-timeout", type=SECONDS, default=None,
+              help="Seconds each attempt may run before it is cut and retried within "
+                   "--timeout (default: no limit but --timeout).")
+@click.option("--retries", type=RETRIES, default=None, help="Retries on failure.")
+@click.option("--priority", type=PRIORITY, default=0, show_default=True)
+@click.option("--id", "task_id", type=TASK_ID, default=None, help="Task id (the idempotency key).")
 @click.option("--no-wait", is_flag=True, help="Return once the broker accepted the task.")
 @json_option()
 @click.pass_obj
 def submit(obj: Context, text: str, capabilities: tuple[str, ...], agent: str | None,
-           payload: str | None, timeout: float | None, retries: int | None, priority: int,
-           task_id: str | None, no_wait: bool, as_json: bool) -> None:
-    """Submit TEXT as a task; print its id (``--no-wait``) or wait and print its result."""
+           payload: str | None, timeout: float | None, attempt_timeout: float | None,
+           retries: int | None, priority: int, task_id: str | None, no_wait: bool,
+           as_json: bool) -> None:
+    """Submit TEXT as a task; print its id (``--no-wait``) or wait and print its result.
+
+    A task no live agent can take is said at once on stderr (with how long it waits);
+    Ctrl-C while waiting says how to cancel the task and exits 130.
+    """
     # Parsed before connecting, so that a bad --payload is a usage error (exit 2), not 3.
     options = _parse_payload(payload)
-    with closing(obj.client()) as client:
-        handle = client.submit(text, capabilities=capabilities, agent=agent, timeout=timeout,
-                               retries=retries, priority=priority, task_id=task_id, **options)
-        if no_wait:
-            _report_accepted(handle, as_json)
-            return
-        result = _wait_with_progress(handle, timeout, as_json)
-        _print_result(result, as_json)
-        _exit_for(result)
+    submitted: str | None = None
+    try:
+        with closing(obj.client()) as client:
+            existed = task_id is not None and _exists(client, task_id)
+            if existed:
+                click.echo(f"task {task_id} exists; showing its result", err=True)
+            status = client.status(PING_TIMEOUT_S)
+            # None: the broker applies its default, which the CLI then waits for.
+            timeout_s = timeout or status.get("broker", {}).get("default_timeout_s")
+            handle = client.submit(text, capabilities=capabilities, agent=agent,
+                                   timeout=timeout, retries=retries, priority=priority,
+                                   task_id=task_id, attempt_timeout=attempt_timeout,
+                                   **options)
+            submitted = handle.id
+            if not existed and not _offered(status, capabilities, agent):
+                _say_waiting(handle.id, _need(capabilities, agent), timeout_s)
+            if no_wait:
+                _report_accepted(handle, as_json)
+                return
+            # The broker ends the task at its deadline; give its answer time to arrive.
+            wait_s = None if timeout_s is None else timeout_s + PING_TIMEOUT_S
+            result = _wait_with_progress(handle, wait_s, as_json)
+    except KeyboardInterrupt:
+        _interrupted(submitted)
+    _print_result(result, as_json)
+    _exit_for(result)
+
+
+def _exists(client: SyncClient, task_id: str) -> bool:
+    """Whether the broker knows a task with this id (a submit with it shows that task)."""
+    from agent_sdk import TaskNotFound
+
+    try:
+        client.fetch(task_id, PING_TIMEOUT_S)
+    except TaskNotFound:
+        return False
+    return True
 
 
 @click.command(cls=DataDirCommand,
                help="Print a task's result (or its state, if it has not finished).")
-@click.argument("task_id")
+@click.argument("task_id", type=TASK_ID)
 @click.option("--wait", is_flag=True, help="Wait until the task finishes.")
-@click.option("--timeout", type=float, default=None, help="With --wait: give up after S seconds.")
+@click.option("--timeout", type=SECONDS, default=None, help="With --wait: give up after S seconds.")
 @json_option()
 @click.pass_obj
 def result(obj: Context, task_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
     """Print a finished task's result, else its state (or wait for it with ``--wait``)."""
-    with closing(obj.client()) as client:
-        found = _known(client.fetch, task_id, PING_TIMEOUT_S)
-        if not found.finished:
-            if not wait:
-                if as_json:
-                    emit_json(found.to_dict())
-                else:
-                    click.echo(f"{task_id}: {found.status}")
-                return
-            found = _wait_with_progress(client.watch(task_id), timeout, as_json)
-        _print_result(found, as_json)
-        _exit_for(found)
+    try:
+        with closing(obj.client()) as client:
+            found = _known(client.fetch, task_id, PING_TIMEOUT_S)
+            if not found.finished:
+                if not wait:
+                    if as_json:
+                        emit_json(_result_document(found))
+                    else:
+                        click.echo(f"{task_id}: {found.status}")
+                    return
+                found = _wait_with_progress(client.watch(task_id), timeout, as_json)
+    except KeyboardInterrupt:
+        _interrupted(task_id)
+    _print_result(found, as_json)
+    _exit_for(found)
 
 
 @click.command(cls=DataDirCommand,
                help="Cancel a task: pending ones are dropped, running ones stopped.")
-@click.argument("task_id")
+@click.argument("task_id", type=TASK_ID)
 @json_option("Print the outcome as JSON.")
 @click.pass_obj
 def cancel(obj: Context, task_id: str, as_json: bool) -> None:
@@ -229,7 +347,7 @@ def _print_trace(document: dict[str, Any], indent: int = 0) -> None:
 
 @click.command(cls=DataDirCommand,
                help="Show a task's timeline (every state change) and its subtask tree.")
-@click.argument("task_id")
+@click.argument("task_id", type=TASK_ID)
 @json_option("Print the trace as JSON.")
 @click.pass_obj
 def trace(obj: Context, task_id: str, as_json: bool) -> None:
@@ -245,14 +363,14 @@ def trace(obj: Context, task_id: str, as_json: bool) -> None:
 @click.command(cls=DataDirCommand, help=TASKS_HELP)
 @click.option("--failed", is_flag=True, help="Only tasks that failed or timed out.")
 @click.option("--status", "statuses", multiple=True,
-              type=click.Choice(["succeeded", "failed", "timed_out", "cancelled", "rejected"]),
+              type=click.Choice(TASK_STATES),
               help="Only tasks with this status (repeatable).")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--limit", type=count(1), default=50, show_default=True)
 @json_option("Print the list as JSON.")
 @click.pass_obj
 def tasks(obj: Context, failed: bool, statuses: tuple[str, ...], limit: int,
           as_json: bool) -> None:
-    """List the finished tasks the broker retains, as a table or JSON."""
+    """List the open tasks, then the finished ones the broker retains, as a table or JSON."""
     wanted = list(statuses) + (["failed", "timed_out"] if failed else [])
     with closing(obj.client()) as client:
         listed = client.tasks(wanted or None, limit, PING_TIMEOUT_S)

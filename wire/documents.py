@@ -131,6 +131,8 @@ class BrokerDocument(TypedDict, total=False):
     uptime_s: float
     #: ``running`` or ``stopping``
     state: str
+    #: the timeout of a task that names none (seconds)
+    default_timeout_s: float
 
 
 class QueueDocument(TypedDict):

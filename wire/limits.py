@@ -9,15 +9,18 @@ from typing import Final
 #: speak the same one: a peer of another version is refused with ERROR ``bad_version``,
 #: whose message names both versions (docs/protocol.md, "Versions").
 #:
-#: History: 1: the first release of the protocol.
-PROTOCOL_VERSION: Final = 1
+#: History: 1: the first release of the protocol. 2: ``timeout_s`` of SUBMIT is the
+#: whole task's deadline (queue and every attempt); SUBMIT items gain a ninth field,
+#: ``attempt_timeout_s`` (each attempt's limit, nil: none); TASK's ``timeout_s`` is the
+#: time the attempt has left.
+PROTOCOL_VERSION: Final = 2
 #: What frame 0 of every message starts with; the protocol version follows in ASCII
 #: digits. Frame 0 starting with this but for another version is ``bad_version``, any
 #: other frame 0 ``bad_frame``.
 SIGNATURE_PREFIX: Final = b"ORCH"
 #: Frame 0 of every message this release sends: the prefix and the protocol version
 #: (a literal, so that compiled code compares against a constant; a test checks it).
-SIGNATURE: Final = b"ORCH1"
+SIGNATURE: Final = b"ORCH2"
 
 #: Largest frame any socket accepts (ZMQ_MAXMSGSIZE is per frame). A bigger frame makes
 #: libzmq drop the connection, so senders check against it first (:class:`TooLarge`).

@@ -93,6 +93,9 @@ class ErrorCode(str, enum.Enum):
     STORAGE_FULL = "storage_full"
     #: a well-formed message whose values are refused (a name with control characters)
     BAD_REQUEST = "bad_request"
+    #: a READY refused because the broker holds as many agents as it takes from that
+    #: remote address, or in all (``--max-agents-per-address``, ``--max-agents``)
+    TOO_MANY_AGENTS = "too_many_agents"
 
 
 class TaskStatus(str, enum.Enum):
@@ -207,7 +210,10 @@ class TaskSpec(NamedTuple):
     """One task as a client submits it.
 
     Wire item (msgpack array, in field order):
-    ``[id, payload, caps, agent, priority, timeout_s, max_retries, parent_id]``.
+    ``[id, payload, caps, agent, priority, timeout_s, max_retries, parent_id,
+    attempt_timeout_s]``. ``timeout_s`` is the whole task's deadline, counted from its
+    acceptance (queueing, every attempt and the back-off between them);
+    ``attempt_timeout_s`` bounds each attempt (nil: only the task's deadline does).
     """
 
     id: str
@@ -218,6 +224,7 @@ class TaskSpec(NamedTuple):
     timeout_s: float | None = None
     max_retries: int | None = None
     parent_id: str | None = None
+    attempt_timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +237,9 @@ class Submit:
 class Assignment(NamedTuple):
     """One task handed to an agent.
 
-    Wire item: ``[id, payload, attempt, timeout_s, caps, parent_id]``.
+    Wire item: ``[id, payload, attempt, timeout_s, caps, parent_id]``; ``timeout_s`` is
+    the time this attempt has left when the broker sends it (the earlier of the attempt
+    limit and the task's deadline).
     """
 
     id: str
@@ -508,9 +517,9 @@ def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
     tasks: list[TaskSpec] = []
     append = tasks.append
     for item in as_array(header):
-        if type(item) is not tuple or len(item) != 8:
-            raise ValueError("a SUBMIT item must be an array of 8")
-        tid, ref, caps, agent, priority, timeout_s, retries, parent = item
+        if type(item) is not tuple or len(item) != 9:
+            raise ValueError("a SUBMIT item must be an array of 9")
+        tid, ref, caps, agent, priority, timeout_s, retries, parent, attempt_s = item
         if type(tid) is not str or type(caps) is not tuple or type(priority) is not int:
             raise ValueError("task id must be a string, caps an array, priority an integer")
         for cap in caps:
@@ -520,12 +529,16 @@ def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
             raise ValueError("agent must be a string or nil")
         if timeout_s is not None and (type(timeout_s) not in (int, float) or not timeout_s > 0):
             raise ValueError("timeout_s must be a positive number or nil")
+        if attempt_s is not None and (type(attempt_s) not in (int, float)
+                                      or not attempt_s > 0):
+            raise ValueError("attempt_timeout_s must be a positive number or nil")
         if retries is not None and (type(retries) is not int or retries < 0):
             raise ValueError("max_retries must be a non-negative integer or nil")
         if parent is not None and type(parent) is not str:
             raise ValueError("parent_id must be a string or nil")
         if type(ref) is not bytes:
-            item = (tid, blob(ref, blobs), caps, agent, priority, timeout_s, retries, parent)
+            item = (tid, blob(ref, blobs), caps, agent, priority, timeout_s, retries, parent,
+                    attempt_s)
         append(new_tuple(TaskSpec, item))
     return Submit(tasks)
 

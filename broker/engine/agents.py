@@ -4,6 +4,8 @@ liveness, heartbeats, lost dispatches, circuit breakers, removal."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from typing import Callable
 
 from broker.engine.circuit import AgentCircuit, CircuitState
 from broker.engine.direct import DirectRouting
@@ -30,6 +32,10 @@ _TIMED_OUT_STATUS = TaskStatus.TIMED_OUT.value
 _NOT_REGISTERED = DisconnectReason.NOT_REGISTERED.value
 
 
+def _no_address() -> str:
+    return ""
+
+
 class AgentDesk:
     """Keeps the books of agents and of the tasks they hold.
 
@@ -48,8 +54,39 @@ class AgentDesk:
         self.liveness = Liveness(config.heartbeat_interval_s, config.heartbeat_liveness)
         #: acknowledgements of results, sent with the next tick (or once a batch is full)
         self.deferred_acks: dict[bytes, list[str]] = {}
+        #: the remote address of the message being handled (the server's port; asked only
+        #: for a READY, so that no other message pays for it)
+        self.peer_address: Callable[[], str] = _no_address
+        #: registered agents per remote address, and each agent's address
+        self.per_address: Counter[str] = Counter()
+        self.address_of: dict[bytes, str] = {}
 
     # ------------------------------------------------------------ registration
+
+    def _cap_refusal(self, identity: bytes) -> str | None:
+        """Why a READY from ``identity`` (not registered yet) would pass a cap, or None;
+        remembers its address when it may register."""
+        config = self.ledger.config
+        if len(self.address_of) >= config.max_agents:
+            return (f"the broker holds {len(self.address_of)} agents, its limit "
+                    f"(--max-agents {config.max_agents})")
+        address = self.peer_address()
+        if self.per_address[address] >= config.max_agents_per_address:
+            return (f"the broker holds {self.per_address[address]} agents from "
+                    f"{address or 'this address'}, its limit per address "
+                    f"(--max-agents-per-address {config.max_agents_per_address})")
+        self.per_address[address] += 1
+        self.address_of[identity] = address
+        return None
+
+    def _forget_address(self, identity: bytes) -> None:
+        address = self.address_of.pop(identity, None)
+        if address is not None:
+            left = self.per_address[address] - 1
+            if left > 0:
+                self.per_address[address] = left
+            else:
+                del self.per_address[address]
 
     def ready(self, identity: bytes, msg: Ready, now: float) -> None:
         ledger = self.ledger
@@ -57,6 +94,12 @@ class AgentDesk:
         if refusal is not None:
             ledger.reject(identity, ErrorCode.BAD_REQUEST, refusal)
             return
+        if identity not in self.address_of:
+            refusal = self._cap_refusal(identity)
+            if refusal is not None:
+                ledger.counters["agents_refused"] += 1
+                ledger.reject(identity, ErrorCode.TOO_MANY_AGENTS, refusal)
+                return
         config = ledger.config
         previous = ledger.agents.remove(identity)
         agent = AgentRecord(identity, msg.agent_id, msg.name, frozenset(msg.capabilities),
@@ -282,6 +325,7 @@ class AgentDesk:
         have used up their retries)."""
         ledger = self.ledger
         ledger.agents.remove(agent.identity)
+        self._forget_address(agent.identity)
         ledger.agents.mark(agent, AgentState.DEAD)
         self.direct.departed(agent.identity, reason)
         ledger.events.agent_left(agent.agent_id, agent.name, sorted(agent.capabilities), reason)

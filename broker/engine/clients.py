@@ -57,7 +57,8 @@ class ClientDesk:
                 resubmitted += 1
                 accepted.append(task_id)
                 if existing.result is not None:
-                    ledger.outbox(identity).results.append(existing.result)
+                    ledger.outbox(identity).results.append(
+                        ledger.finished.outgoing(existing.result))
                 elif existing.client != identity:
                     existing.add_watcher(identity)
                 continue
@@ -140,7 +141,7 @@ class ClientDesk:
             if task is None:
                 missing.append(task_id)
             elif task.result is not None:
-                box.results.append(task.result)
+                box.results.append(ledger.finished.outgoing(task.result))
             elif msg.wait:
                 task.add_watcher(identity)
             else:

@@ -161,7 +161,15 @@ class Engine:
     def _expire_deadlines(self, now: float) -> None:
         lifecycle = self.lifecycle
         for task in self.ledger.deadlines.pop_expired(now):
-            if task.state is TaskState.RETRYING or not task.open:
+            if not task.open:
+                continue
+            if task.state is TaskState.RETRYING:
+                # A late tick: the task's deadline came before its retry was released.
+                if now >= task.expires_at:
+                    lifecycle.end_by_broker(
+                        task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
+                        f"its {task.timeout_s:g} s deadline passed after {task.attempts} "
+                        "attempt(s)", now)
                 continue
             if task.state is _PENDING:
                 describe = task.requirement.describe()
@@ -169,7 +177,8 @@ class Engine:
                     lifecycle.end_by_broker(
                         task, TaskStatus.FAILED, ErrorCode.NO_AGENT,
                         f"no live agent offers {describe} (waited {task.timeout_s:g} s); "
-                        "start one or check the capability name", now)
+                        "start one or check the "
+                        + ("agent name" if task.requirement.agent else "capability name"), now)
                 else:
                     lifecycle.end_by_broker(
                         task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
@@ -180,9 +189,15 @@ class Engine:
             if agent is not None:
                 self.agents.breaker_failure(agent, now)
                 agent.failed += 1
-            lifecycle.end_by_broker(task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
-                                    f"attempt {task.attempts} ran past its {task.timeout_s:g} "
-                                    "s timeout", now, retryable=True)
+            if now >= task.expires_at:
+                lifecycle.end_by_broker(task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
+                                        f"its {task.timeout_s:g} s deadline passed during "
+                                        f"attempt {task.attempts}", now)
+            else:
+                lifecycle.end_by_broker(task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
+                                        f"attempt {task.attempts} ran past its "
+                                        f"{task.attempt_timeout_s:g} s attempt limit", now,
+                                        retryable=True)
 
     def dispatch(self, now: float) -> None:
         """Give waiting tasks to agents with credit."""

@@ -33,7 +33,10 @@ class JournalSink(Protocol):
 
     def accepted(self, spec: TaskSpec, client: bytes, wall: float) -> None: ...
 
-    def finished(self, result: ResultItem, wall: float) -> None: ...
+    def finished(self, result: ResultItem, wall: float) -> bool | None:
+        """Record a final result. True: its payload went to the result store, and its
+        RESULT waits until the store wrote it (``broker/results.py``)."""
+        ...
 
     def retry(self) -> JournalFailure | None:
         """Write again what a failed write left; the failure that remains, or None."""
@@ -75,7 +78,7 @@ class NoJournal:
     def accepted(self, spec: TaskSpec, client: bytes, wall: float) -> None:
         return None
 
-    def finished(self, result: ResultItem, wall: float) -> None:
+    def finished(self, result: ResultItem, wall: float) -> bool | None:
         return None
 
     def retry(self) -> JournalFailure | None:
@@ -145,7 +148,8 @@ class Ledger:
         self.requirements = Requirements()
         self.tasks: dict[str, TaskRecord] = {}
         self.pending = PendingQueue()
-        self.finished = FinishedResults(config.result_retention_max, config.result_retention_s)
+        self.finished = FinishedResults(config.result_retention_max, config.result_retention_s,
+                                        config.result_retention_bytes)
         self.deadlines = Deadlines()
         #: tasks waiting out a retry back-off
         self.retrying: deque[TaskRecord] = deque()

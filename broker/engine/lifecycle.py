@@ -85,15 +85,30 @@ class Lifecycle:
         task.agent = agent
         attempts = task.attempts = task.attempts + 1
         task.dispatched_at = task.last_sign = now
-        timeout_s = task.timeout_s
-        task.deadline = now + timeout_s
-        self.ledger.deadlines.add(task, timeout_s)
+        if task.attempt_timeout_s is not None:
+            self.arm(task, now, True)
         spec = task.spec
         agent.in_flight[spec.id] = task
         if self.ledger.watch_tasks:
             self.publish(task, now)
-        return _new_tuple(Assignment, (spec.id, spec.payload, attempts, timeout_s,
+        # The attempt's time left: the agent's own deadline for it.
+        return _new_tuple(Assignment, (spec.id, spec.payload, attempts, task.deadline - now,
                                        spec.capabilities, spec.parent_id))
+
+    def arm(self, task: TaskRecord, now: float, attempt: bool) -> None:
+        """Set the deadline of what the task does from ``now``: an attempt (``attempt``)
+        ends at the earlier of its limit and the task's deadline; a wait for an agent at
+        the task's deadline. A task with no per-attempt limit keeps the deadline it was
+        accepted with (tracked since): nothing to do."""
+        attempt_s = task.attempt_timeout_s
+        if attempt_s is None:
+            return
+        deadline = task.expires_at
+        if attempt and now + attempt_s < deadline:
+            deadline = now + attempt_s
+        if deadline != task.deadline:
+            task.deadline = deadline
+            self.ledger.deadlines.add_unordered(task)
 
     def start(self, task: TaskRecord, now: float) -> None:
         """The agent said it started the task."""
@@ -109,8 +124,7 @@ class Lifecycle:
         self.ledger.pending.discard(task)
         task.agent = agent
         task.dispatched_at = task.last_sign = now
-        task.deadline = now + task.timeout_s
-        self.ledger.deadlines.add(task, task.timeout_s)
+        self.arm(task, now, True)
         agent.in_flight[task.spec.id] = task
         task.note(now, "reclaimed", agent.agent_id)
         if self.ledger.watch_tasks:
@@ -139,15 +153,18 @@ class Lifecycle:
         error the agent marks transient) is retried while retries last. A failure the
         agent does not mark (``retryable`` None: an exception of ``execute``, most often
         the task's own input) is retried only when the task asked for retries itself;
-        ``retryable`` False, or a code no retry can help, never."""
+        ``retryable`` False, or a code no retry can help, never. Nor a retry whose
+        back-off would reach the task's deadline."""
         ledger = self.ledger
         if retryable is None:
             retryable = task.spec.max_retries is not None
         if not retryable or code in NOT_RETRYABLE or \
                 task.attempts > ledger.max_retries(task) or ledger.stopping_since is not None:
             return False
-        transition(task, TaskEvent.RETRY)
         delay = ledger.backoff.delay(task.attempts)
+        if now + delay >= task.expires_at:
+            return False
+        transition(task, TaskEvent.RETRY)
         if task.dispatched_at:
             # The next dispatch overwrites dispatched_at: keep this attempt's in history.
             task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
@@ -168,8 +185,7 @@ class Lifecycle:
         ledger = self.ledger
         transition(task, TaskEvent.REQUEUE)
         task.second_opinion_of = failed_on.identity
-        task.deadline = now + task.timeout_s
-        ledger.deadlines.add(task, task.timeout_s)
+        self.arm(task, now, False)
         ledger.pending.push_front(task)
         if task.dispatched_at:
             task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
@@ -190,8 +206,7 @@ class Lifecycle:
                 still.append(task)
                 continue
             transition(task, TaskEvent.RELEASE)
-            task.deadline = now + task.timeout_s
-            ledger.deadlines.add(task, task.timeout_s)
+            self.arm(task, now, False)
             ledger.pending.push(task)
             if ledger.watch_tasks:
                 self.publish(task, now)
@@ -206,8 +221,7 @@ class Lifecycle:
                                f"{why}; no retries left after {task.attempts} attempt(s)", now)
             return
         transition(task, TaskEvent.REQUEUE)
-        task.deadline = now + task.timeout_s
-        ledger.deadlines.add(task, task.timeout_s)
+        self.arm(task, now, False)
         ledger.pending.push_front(task)
         if task.dispatched_at:
             task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
@@ -227,10 +241,14 @@ class Lifecycle:
         task.finished_at = now
         del ledger.tasks[task.spec.id]
         ledger.finished.add(task)
-        ledger.journal.finished(result, now + ledger.wall_offset)
+        held = ledger.journal.finished(result, now + ledger.wall_offset)
         ledger.counters[state._value_] += 1
         if ledger.watch_tasks:
             self.publish(task, now)
+        if held:
+            # A large payload: the result store writes it, and its RESULT leaves once
+            # written (broker/results.py), without holding up anything else.
+            return
         client = task.client
         ledger.outbox(client).results.append(result)
         if task.watchers:

@@ -133,7 +133,8 @@ class TaskRecord:
     __slots__ = ("spec", "requirement", "client", "submitted_at", "deadline", "state", "agent",
                  "attempts", "dispatched_at", "started_at", "last_sign", "finished_at",
                  "result", "watchers", "history", "retry_at", "timeout_s", "children",
-                 "holders", "restored", "second_opinion_of")
+                 "holders", "restored", "second_opinion_of", "expires_at",
+                 "attempt_timeout_s")
 
     def __init__(self, spec: TaskSpec, requirement: Requirement, client: bytes,
                  submitted_at: float, timeout_s: float) -> None:
@@ -142,10 +143,15 @@ class TaskRecord:
         #: ROUTER identity of the client that submitted it (results are pushed there)
         self.client = client
         self.submitted_at = submitted_at
-        #: each attempt (and each wait for an agent) may take this long
+        #: the whole task (queueing, every attempt, back-offs) may take this long
         self.timeout_s = timeout_s
-        #: when the current wait or attempt must end
-        self.deadline = submitted_at + timeout_s
+        #: the task's deadline: it ends ``timed_out`` then, whatever its retries
+        self.expires_at = submitted_at + timeout_s
+        #: each attempt may take this long (None: only the task's deadline bounds it)
+        self.attempt_timeout_s: float | None = spec.attempt_timeout_s
+        #: when the current wait or attempt must end: ``expires_at``, or an attempt's
+        #: earlier limit (:meth:`broker.engine.lifecycle.Lifecycle.arm`)
+        self.deadline = self.expires_at
         self.state = TaskState.PENDING
         self.agent: AgentRecord | None = None
         self.attempts = 0

@@ -6,9 +6,10 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 from broker.engine.model import OPEN_STATES, Requirement, TaskRecord, TaskState
+from wire.tasks import ResultItem
 
 
 class PendingQueue:
@@ -87,14 +88,44 @@ class PendingQueue:
         return requirement in self._groups
 
 
+class StoredPayload(NamedTuple):
+    """A retained result's payload kept in the result store (``broker/results.py``), not
+    in memory: the file's key and size. FETCH loads it through
+    :attr:`FinishedResults.load`."""
+
+    key: str
+    size: int
+
+
 class FinishedResults:
     """Finished tasks kept for FETCH and idempotent resubmits: newest ``max_count``,
-    none older than ``max_age_s``."""
+    none older than ``max_age_s``, at most ``max_bytes`` of payloads in memory and
+    ``max_stored_bytes`` in the result store.
 
-    def __init__(self, max_count: int, max_age_s: float) -> None:
+    A payload of at least ``large_bytes`` is on its way to the result store (the journal
+    hands it over): it is not counted in memory, and :meth:`stored` swaps it for its
+    :class:`StoredPayload` once written. Without a store, ``large_bytes`` is infinite and
+    every payload counts.
+    """
+
+    def __init__(self, max_count: int, max_age_s: float, max_bytes: int = 1 << 62,
+                 max_stored_bytes: int = 1 << 62, large_bytes: float = float("inf")) -> None:
         self.max_count = max_count
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
+        self.max_stored_bytes = max_stored_bytes
+        self.large_bytes = large_bytes
         self._tasks: OrderedDict[str, TaskRecord] = OrderedDict()
+        #: bytes of retained payloads in memory, and in the store
+        self.bytes = 0
+        self.stored_bytes = 0
+        #: retained results whose payload is in the store, oldest first
+        self._stored: OrderedDict[str, StoredPayload] = OrderedDict()
+        #: tasks whose large payload the store is writing (their RESULT waits for it)
+        self.writing: dict[str, TaskRecord] = {}
+        #: the result store's ports (set by the server): a payload's bytes, and removal
+        self.load: Callable[[StoredPayload], Any] | None = None
+        self.delete: Callable[[StoredPayload], None] | None = None
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -108,8 +139,71 @@ class FinishedResults:
     def add(self, task: TaskRecord) -> None:
         tasks = self._tasks
         tasks[task.spec.id] = task
+        result = task.result
+        if result is not None:
+            payload = result[2]
+            if type(payload) is StoredPayload:  # restored from the journal
+                self._stored[task.spec.id] = payload
+                self.stored_bytes += payload.size
+                self._trim_stored()
+            else:
+                size = len(payload)
+                if size < self.large_bytes:
+                    self.bytes += size
+                    if self.bytes > self.max_bytes:
+                        self._trim_bytes()
+                else:
+                    self.writing[task.spec.id] = task
         if len(tasks) > self.max_count:
-            tasks.popitem(last=False)
+            self._drop(tasks.popitem(last=False)[1])
+
+    def stored(self, task: TaskRecord, result: ResultItem) -> None:
+        """``task``'s payload is in the store now: keep ``result`` (its reference)."""
+        task.result = result
+        ref: StoredPayload = result[2]
+        self._stored[task.spec.id] = ref
+        self.stored_bytes += ref.size
+        self._trim_stored()
+
+    def outgoing(self, result: ResultItem) -> ResultItem:
+        """``result`` as a client gets it: a stored payload loaded (mapped) again."""
+        payload = result[2]
+        if type(payload) is not StoredPayload or self.load is None:
+            return result
+        return result._replace(payload=self.load(payload))
+
+    def _drop(self, task: TaskRecord) -> None:
+        """Account for ``task`` leaving the table."""
+        result = task.result
+        if result is None:
+            return
+        payload = result[2]
+        if type(payload) is StoredPayload:
+            if self._stored.pop(task.spec.id, None) is not None:
+                self.stored_bytes -= payload.size
+                if self.delete is not None:
+                    self.delete(payload)
+        else:
+            size = len(payload)
+            if size < self.large_bytes:
+                self.bytes -= size
+
+    def _trim_bytes(self) -> None:
+        tasks = self._tasks
+        while self.bytes > self.max_bytes and len(tasks) > 1:
+            self._drop(tasks.popitem(last=False)[1])
+
+    def _trim_stored(self) -> None:
+        while self.stored_bytes > self.max_stored_bytes and len(self._stored) > 1:
+            task_id = next(iter(self._stored))
+            task = self._tasks.pop(task_id, None)
+            if task is None:  # cannot happen: _drop keeps both in step
+                self._stored.pop(task_id)
+                continue
+            self._drop(task)
+
+    def stored_keys(self) -> set[str]:
+        return {ref.key for ref in self._stored.values()}
 
     def newest_first(self) -> list[TaskRecord]:
         return list(reversed(self._tasks.values()))
@@ -122,7 +216,7 @@ class FinishedResults:
             oldest = next(iter(tasks.values()))
             if now - oldest.finished_at <= self.max_age_s:
                 break
-            tasks.popitem(last=False)
+            self._drop(tasks.popitem(last=False)[1])
             dropped += 1
         return dropped
 
@@ -156,6 +250,12 @@ class Deadlines:
                 return
             lane = self._lanes[timeout_s] = deque()
         lane.append((task.deadline, task))
+
+    def add_unordered(self, task: TaskRecord) -> None:
+        """Track ``task.deadline`` where it may come before deadlines added earlier (a
+        task with a per-attempt limit: each attempt's deadline is the earlier of its limit
+        and the task's deadline), in the heap."""
+        heapq.heappush(self._heap, (task.deadline, next(self._sequence), task))
 
     @staticmethod
     def _live(deadline: float, task: TaskRecord) -> bool:

@@ -21,13 +21,14 @@ def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) ->
         if accepted is None or wall_now - record.wall > ledger.finished.max_age_s:
             continue
         task = _task_from_journal(ledger, accepted, now)
+        task.attempts = record.attempts
         lifecycle.restore_finished(task, record.item(), record.wall - ledger.wall_offset)
         restored_results += 1
     reopened = 0
     for task_id, accepted in replay.accepted.items():
         if task_id in replay.results:
             continue
-        task = _task_from_journal(ledger, accepted, now)
+        task = _task_from_journal(ledger, accepted, now, replay.attempt_limits.get(task_id))
         task.note(now, "restored", "the broker restarted; dispatching again")
         task.restored = True
         ledger.tasks[task_id] = task
@@ -42,9 +43,12 @@ def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) ->
     ledger.counters["restored_results"] = restored_results
 
 
-def _task_from_journal(ledger: Ledger, record: AcceptedRecord, now: float) -> TaskRecord:
-    spec = record.spec()
+def _task_from_journal(ledger: Ledger, record: AcceptedRecord, now: float,
+                       attempt_timeout_s: float | None = None) -> TaskRecord:
+    spec = record.spec(attempt_timeout_s)
     task = TaskRecord(spec, ledger.requirements.get(spec.capabilities, spec.agent),
                       record.client, now, spec.timeout_s or ledger.config.default_timeout_s)
+    # The task keeps the deadline it was accepted with (a restart does not extend it).
     task.submitted_at = record.wall - ledger.wall_offset
+    task.deadline = task.expires_at = task.submitted_at + task.timeout_s
     return task

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Final
@@ -16,6 +17,8 @@ from wire.tasks import ErrorCode, StatusReply, StatusRequest, TaskList, TaskQuer
 TRACE_DEPTH: Final = 8
 _ENDED_STATES: Final = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT,
                         TaskState.CANCELLED)
+#: the statuses a finished task can have (``rejected`` too: a refused resubmit)
+_ENDED_VALUES: Final = frozenset(s.value for s in _ENDED_STATES) | {"rejected"}
 
 
 @dataclass(slots=True)
@@ -27,6 +30,10 @@ class StatusWaiter:
     requirement: Requirement
     count: int
     deadline: float
+
+
+def _submitted_at(task: TaskRecord) -> float:
+    return task.submitted_at
 
 
 def no_extras() -> dict[str, Any]:
@@ -97,6 +104,7 @@ class StatusDesk:
             "policy": ledger.policy.name,
             "uptime_s": round(now - ledger.started_at, 3),
             "state": ledger.phase.value,
+            "default_timeout_s": ledger.config.default_timeout_s,
         }
         broker.update(extras.pop("broker", {}))  # type: ignore[typeddict-item]
         document: StatusDocument = {
@@ -140,21 +148,33 @@ class StatusDesk:
     # ------------------------------------------------------------ task queries
 
     def query(self, identity: bytes, msg: TaskQuery) -> None:
-        """TASKS: given ids with their subtask trees, or the newest finished tasks."""
+        """TASKS: given ids with their subtask trees, or a listing: the open tasks
+        (pending, dispatched, running, retrying; newest submitted first), then the
+        finished ones the broker retains (newest finished first), up to ``limit``.
+        ``statuses`` filters by state (``failed``, ``timed_out``: the dead letters)."""
         listed: list[TaskDocument]
         if msg.task_ids is not None:
             listed = [self._describe(task_id, depth=0) for task_id in msg.task_ids]
         else:
-            wanted = set(msg.statuses) if msg.statuses else None
-            listed = []
+            listed = [self.task_document(task)
+                      for task in self.listing(set(msg.statuses or ()), msg.limit)]
+        self.ledger.outbox(identity).control.append(encode(TaskList(msg.req, listed)))
+
+    def listing(self, wanted: set[str], limit: int) -> list[TaskRecord]:
+        """Up to ``limit`` tasks whose state is in ``wanted`` (any, if empty): the open
+        ones newest submitted first, then the retained finished ones newest first."""
+        open_tasks = (t for t in self.ledger.tasks.values()
+                      if t.open and (not wanted or t.state.value in wanted))
+        listed = heapq.nlargest(limit, open_tasks, key=_submitted_at)
+        if not wanted or not wanted.isdisjoint(_ENDED_VALUES):
             for task in self.ledger.finished.newest_first():
-                if len(listed) >= msg.limit:
+                if len(listed) >= limit:
                     break
                 result = task.result
-                if result is None or (wanted is not None and result.status not in wanted):
+                if result is None or (wanted and result.status not in wanted):
                     continue
-                listed.append(self.task_document(task))
-        self.ledger.outbox(identity).control.append(encode(TaskList(msg.req, listed)))
+                listed.append(task)
+        return listed
 
     def task_document(self, task: TaskRecord) -> TaskDocument:
         result = task.result

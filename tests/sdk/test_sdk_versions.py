@@ -5,7 +5,7 @@ versions (:class:`VersionMismatch`), and stop: no wait until a timeout, no
 
 End to end, both ways round:
 
-- an SDK of "version 2" against a real broker and state service of version 1: a client,
+- an SDK of the next version against a real broker and state service of this one: a client,
   a state client and an agent in a subprocess whose wire constants are patched
   (``python -m tests.sdk.test_sdk_versions ROLE URL``, the ``__main__`` block below);
 - the SDK of this release against a peer of "version 2": a raw ROUTER in this process
@@ -30,6 +30,7 @@ import pytest
 import zmq
 
 from tests.conftest import ROOT, Cluster
+from wire.limits import PROTOCOL_VERSION
 
 #: How long a refused subprocess may take to exit: far less than any timeout it uses.
 EXIT_S = 20.0
@@ -38,7 +39,7 @@ AT_ONCE_S = 5.0
 #: What a call waits at most in the subprocess: a hang shows as a step this long.
 CALL_TIMEOUT_S = 30.0
 #: The wire version the patched subprocess speaks, and the fake newer peer's.
-OTHER_VERSION = 2
+OTHER_VERSION = PROTOCOL_VERSION + 1
 
 
 def run_peer(*args: str) -> subprocess.CompletedProcess[str]:
@@ -89,7 +90,7 @@ def test_a_client_of_another_version_fails_at_once_and_stops(cluster: Cluster) -
     # Then the task's result, the status and the next submit each fail at once, with
     # both versions named
     for step in ("result", "status", "submit_again"):
-        assert_refused(done[step], "the broker", OTHER_VERSION, 1)
+        assert_refused(done[step], "the broker", OTHER_VERSION, PROTOCOL_VERSION)
     # And the client keeps nothing to send again
     assert done["open"]["message"] == "0", done["open"]
     # And the broker refused its one message (the SUBMIT), and took no task
@@ -103,14 +104,14 @@ def test_a_state_client_of_another_version_fails_at_once(cluster: Cluster) -> No
     state_url = cluster.client(broker.url).status()["broker"]["endpoints"]["state"]
     done = steps(run_peer("-m", "tests.sdk.test_sdk_versions", "state", state_url))
     for step in ("connect", "get", "set_again"):
-        assert_refused(done[step], "the state service", OTHER_VERSION, 1)
+        assert_refused(done[step], "the state service", OTHER_VERSION, PROTOCOL_VERSION)
     assert done["open"]["message"] == "0", done["open"]
 
 
 def test_an_agent_of_another_version_exits_with_one_line(cluster: Cluster) -> None:
     broker = cluster.broker()
     done = run_peer("-m", "tests.sdk.test_sdk_versions", "agent", broker.url)
-    assert_one_line_refusal(done, OTHER_VERSION, 1)
+    assert_one_line_refusal(done, OTHER_VERSION, PROTOCOL_VERSION)
     assert cluster.client(broker.url).status()["agents"] == []
 
 
@@ -170,7 +171,7 @@ def test_a_client_refused_by_a_newer_broker_fails_at_once(newer_peer: NewerPeer)
     done = steps(run_peer("-m", "tests.sdk.test_sdk_versions", "client", newer_peer.url,
                           "--unpatched"))
     for step in ("result", "status", "submit_again"):
-        assert_refused(done[step], "the broker", 1, OTHER_VERSION)
+        assert_refused(done[step], "the broker", PROTOCOL_VERSION, OTHER_VERSION)
     assert done["open"]["message"] == "0", done["open"]
     assert newer_peer.received == 1  # the SUBMIT; nothing after the refusal
 
@@ -180,7 +181,7 @@ def test_a_state_client_refused_by_a_newer_service_fails_at_once(
     done = steps(run_peer("-m", "tests.sdk.test_sdk_versions", "state", newer_peer.url,
                           "--unpatched"))
     for step in ("connect", "get", "set_again"):
-        assert_refused(done[step], "the state service", 1, OTHER_VERSION)
+        assert_refused(done[step], "the state service", PROTOCOL_VERSION, OTHER_VERSION)
     assert newer_peer.received == 1  # the HELLO; no HELLO again
 
 
@@ -188,7 +189,7 @@ def test_an_agent_refused_by_a_newer_broker_exits_with_one_line(newer_peer: Newe
     started = time.monotonic()
     done = run_peer("-m", "agent_sdk", "run", "tests.e2e.faults.agents:CountingAgent",
                     "--broker", newer_peer.url)
-    assert_one_line_refusal(done, 1, OTHER_VERSION)
+    assert_one_line_refusal(done, PROTOCOL_VERSION, OTHER_VERSION)
     assert time.monotonic() - started < EXIT_S
     # One READY, refused; no registering again
     assert newer_peer.received == 1
@@ -198,7 +199,7 @@ def test_an_agent_refused_by_a_newer_broker_exits_with_one_line(newer_peer: Newe
 
 
 def _speak_other_version() -> None:
-    """Make this process's wire package speak protocol version 2 (pure Python only)."""
+    """Make this process's wire package speak another protocol version (pure Python only)."""
     import wire.codec
     import wire.state
     import wire.tasks

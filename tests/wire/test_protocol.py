@@ -314,9 +314,9 @@ def _frames(command: int, header: Any, *blobs: bytes) -> list[bytes]:
     pytest.param(_frames(Command.READY, ["not", "a", "map"]), id="ready-array"),
     pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 0, "v": 1}),
                  id="ready-zero-max"),
-    pytest.param(_frames(Command.READY, {"id": 1, "name": "n", "caps": [], "max": 1, "v": 1}),
+    pytest.param(_frames(Command.READY, {"id": 1, "name": "n", "caps": [], "max": 1, "v": 2}),
                  id="ready-int-id"),
-    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": "x", "max": 1, "v": 1}),
+    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": "x", "max": 1, "v": 2}),
                  id="ready-string-caps"),
     pytest.param(_frames(Command.WELCOME, {"live": 3}), id="welcome-missing-interval"),
     pytest.param(_frames(Command.WELCOME, {"ivl": "fast", "live": 3}), id="welcome-str-interval"),
@@ -338,12 +338,12 @@ def test_malformed_frames_raise_bad_frame(frames: list[bytes]) -> None:
 
 
 @pytest.mark.parametrize("frames", [
-    pytest.param([b"ORCH2", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH2"),
+    pytest.param([b"ORCH3", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH3"),
     pytest.param([b"ORCH0", bytes((Command.STATUS,)), packb({"req": 1})], id="signature-ORCH0"),
     pytest.param([b"ORCH", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH"),
     pytest.param([b"ORCH12", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH12"),
-    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1, "v": 2}),
-                 id="ready-version-2"),
+    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1, "v": 3}),
+                 id="ready-version-3"),
     pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1}),
                  id="ready-no-version"),
 ])
@@ -390,7 +390,7 @@ _header_keys = st.sampled_from(["id", "name", "caps", "max", "v", "running", "iv
 _map_headers = st.dictionaries(_header_keys, _msgpack_values, max_size=7)
 _batch_headers = st.lists(st.lists(_msgpack_values, min_size=5, max_size=10), max_size=4)
 _command_bytes = st.sampled_from([bytes((c,)) for c in Command]) | st.binary(max_size=3)
-_signatures = st.sampled_from([SIGNATURE, b"ORCH2", b"ORCH", b""]) | st.binary(max_size=6)
+_signatures = st.sampled_from([SIGNATURE, b"ORCH3", b"ORCH", b""]) | st.binary(max_size=6)
 
 #: Frame lists that are mostly well-formed on the outside, so that the header decoders
 #: (not only the signature check) see arbitrary input.
@@ -427,9 +427,9 @@ def _state(command: StateCommand, header: Any) -> list[bytes]:
 
 @pytest.mark.parametrize(("frames", "code", "req"), [
     pytest.param([SIGNATURE], "bad_frame", None, id="one-frame"),
-    pytest.param([b"ORCH2", bytes((StateCommand.GET,)), packb({"req": 1, "key": "k"})],
-                 "bad_version", None, id="signature-ORCH2"),
-    pytest.param(_state(StateCommand.HELLO, {"req": 1, "v": 2}), "bad_version", 1,
+    pytest.param([b"ORCH3", bytes((StateCommand.GET,)), packb({"req": 1, "key": "k"})],
+                 "bad_version", None, id="signature-ORCH3"),
+    pytest.param(_state(StateCommand.HELLO, {"req": 1, "v": 3}), "bad_version", 1,
                  id="hello-version-2"),
     pytest.param([SIGNATURE, bytes((Command.SUBMIT,)), packb([])], "unknown_command", None,
                  id="task-command"),

@@ -211,14 +211,15 @@ def test_agent_slower_than_timeout_times_out_and_is_stopped(cluster: Cluster,
                   done_log=str(done_log))
     client = cluster.client(broker.url)
     tap = WireTap(client.client)
-    # When tasks with a 0.5 s timeout and no retries run on it
+    # When tasks with a 0.5 s deadline (the whole task's timeout) and no retries run on it
     handles = [client.submit(capabilities=["echo"], data=i, task_id=f"t0-{i}", timeout=0.5,
                              retries=0) for i in range(3)]
     results = collect(handles, broker)
-    # Then each ends timed_out after its one attempt
+    # Then each ends timed_out at its deadline, during its one attempt
     for r in results:
         assert r.status == "timed_out" and r.error is not None and r.error.code == "timeout", r
-        assert r.attempts == 1 and "ran past its 0.5 s timeout" in r.error.message, r
+        assert r.attempts == 1, r
+        assert r.error.message == "its 0.5 s deadline passed during attempt 1", r
     # And each was stopped on the agent (cancelled), none ran to its end
     wait_status(client, lambda s: s["tasks"]["in_flight"] == 0
                 and agent_field(s, "slow", "in_flight") == 0, what="the slow agent idle")
@@ -250,13 +251,15 @@ def test_agent_slower_than_timeout_is_retried_then_times_out(cluster: Cluster,
                   echo_delay_s="30", exec_log=str(log), cancel_log=str(cancel_log))
     client = cluster.client(broker.url)
     tap = WireTap(client.client)
-    # When tasks with a 0.5 s timeout and 1 retry run on it
-    handles = [client.submit(capabilities=["echo"], data=i, task_id=f"t1-{i}", timeout=0.5,
-                             retries=1) for i in range(2)]
+    # When tasks with a 0.5 s limit per attempt, 1 retry and a whole-task deadline long
+    # enough for both attempts run on it
+    handles = [client.submit(capabilities=["echo"], data=i, task_id=f"t1-{i}", timeout=30,
+                             attempt_timeout=0.5, retries=1) for i in range(2)]
     results = collect(handles, broker)
     # Then each ends timed_out after 2 attempts, each of which ran and was stopped
     for r in results:
         assert r.status == "timed_out" and r.error is not None and r.error.code == "timeout", r
+        assert r.error.message == "attempt 2 ran past its 0.5 s attempt limit", r
     assert [r.attempts for r in results] == [2, 2]
     runs = read_log(log)
     assert [runs.count(h.id) for h in handles] == [2, 2]
@@ -300,8 +303,9 @@ def test_retry_on_same_agent_is_not_ended_by_the_old_attempts_cancel(
                           echo_delay_s="30", slow_attempts="1", exec_log=str(log),
                           cancel_log=str(cancel_log))
     client = cluster.client(broker.url)
-    handle = client.submit(capabilities=["echo"], data="z", task_id="twice", timeout=1.0,
-                           retries=1)
+    # (1 s per attempt; a whole-task deadline long enough for the retry's wait and run)
+    handle = client.submit(capabilities=["echo"], data="z", task_id="twice", timeout=30,
+                           attempt_timeout=1.0, retries=1)
     wait_status(client, lambda s: s["tasks"]["running"] == 1, what="attempt 1 runs")
     # When the agent is stopped while attempt 1 times out (its CANCEL cannot be answered)
     signals.stop(agent)
@@ -327,8 +331,10 @@ def test_timed_out_attempt_succeeds_on_retry_on_a_faster_agent(cluster: Cluster,
                   echo_delay_s="30", exec_log=str(slow_log))
     client = cluster.client(broker.url)
     tap = WireTap(client.client)
-    # (3 s per attempt and per wait in the queue: time for the fast agent to start)
-    handle = client.submit(capabilities=["echo"], data="y", task_id="slowpoke", timeout=3.0)
+    # (3 s per attempt: time for the fast agent to start; a whole-task deadline long
+    # enough for the retry)
+    handle = client.submit(capabilities=["echo"], data="y", task_id="slowpoke", timeout=30,
+                           attempt_timeout=3.0)
     wait_status(client, lambda s: s["tasks"]["running"] == 1, what="the slow agent runs it")
     cluster.agent(broker.url, f"{AGENTS}:CountingAgent", agent_name="fast",
                   exec_log=str(fast_log))
