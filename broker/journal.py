@@ -418,9 +418,19 @@ class Journal:
         if len(payload) >= self.store_threshold and self.store is not None:
             self.store.put(result, wall)
             return True
+        self._record_inline(result, payload, wall)
+        return None
+
+    def finished_inline(self, result: Any, wall: float) -> None:
+        """Record a final result with its payload in the journal itself, never the store
+        (the store could not write it)."""
+        payload = result[2]
+        self._record_inline(result, payload if type(payload) is bytes else bytes(payload),
+                            wall)
+
+    def _record_inline(self, result: Any, payload: bytes, wall: float) -> None:
         self._buffer.append(("R", result[0], result[1], payload, result[3], result[4],
                              result[5], result[6], result[7], result[8], wall))
-        return None
 
     @property
     def dirty(self) -> bool:
@@ -566,6 +576,9 @@ class NullJournal(Journal):
         pass
 
     def finished(self, result: Any, wall: float) -> bool | None:
+        return None
+
+    def finished_inline(self, result: Any, wall: float) -> None:
         return None
 
     def commit(self) -> None:

@@ -209,34 +209,11 @@ class Broker:
             counters["send_dropped"] += 1
 
     def _release_stored(self) -> None:
-        """Results whose payload the store wrote: their ``S`` record goes into this
-        pass's commit, the retained copy keeps only the reference, and the RESULT leaves
-        after the commit (broker/results.py)."""
+        """Hand the results whose payload the store wrote (or failed to) to the engine."""
         assert self.store is not None
-        ledger = self.engine.ledger
-        finished = ledger.finished
+        result_written = self.engine.lifecycle.result_written
         for result, wall, ref in self.store.completed():
-            task = finished.writing.pop(result.task_id, None)
-            if ref is None:
-                # The store could not write it: journal the payload whole instead.
-                held = self.journal.store
-                self.journal.store = None
-                self.journal.finished(result, wall)
-                self.journal.store = held
-            else:
-                stored = result._replace(payload=ref)
-                self.journal.finished(stored, wall)
-                if task is not None and finished.get(result.task_id) is task:
-                    finished.stored(task, stored)
-                elif task is None or finished.get(result.task_id) is None:
-                    self.store.delete(ref)  # gone from retention meanwhile
-            if task is None:
-                continue
-            client = task.client
-            ledger.outbox(client).results.append(result)
-            for watcher in task.watchers or ():
-                if watcher != client:
-                    ledger.outbox(watcher).results.append(result)
+            result_written(result, wall, ref)
 
     def on_close(self) -> None:
         if self.store is not None:

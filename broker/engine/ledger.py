@@ -33,6 +33,10 @@ class JournalSink(Protocol):
 
     def accepted(self, spec: TaskSpec, client: bytes, wall: float) -> None: ...
 
+    def finished_inline(self, result: ResultItem, wall: float) -> None:
+        """Record a final result with its payload in the journal itself (the result
+        store could not write it)."""
+
     def finished(self, result: ResultItem, wall: float) -> bool | None:
         """Record a final result. True: its payload went to the result store, and its
         RESULT waits until the store wrote it (``broker/results.py``)."""
@@ -79,6 +83,9 @@ class NoJournal:
         return None
 
     def finished(self, result: ResultItem, wall: float) -> bool | None:
+        return None
+
+    def finished_inline(self, result: ResultItem, wall: float) -> None:
         return None
 
     def retry(self) -> JournalFailure | None:

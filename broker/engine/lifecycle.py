@@ -16,6 +16,7 @@ from broker.engine.ledger import Ledger
 from broker.engine.model import (
     ENDING_OF_STATUS, TRANSITIONS, AgentRecord, TaskEvent, TaskRecord, TaskState,
 )
+from broker.engine.queues import StoredPayload
 from broker.errors import IllegalTransition
 from wire.tasks import Assignment, ErrorCode, ResultItem, TaskStatus
 
@@ -255,6 +256,33 @@ class Lifecycle:
             for watcher in task.watchers:
                 if watcher != client:
                     ledger.outbox(watcher).results.append(result)
+
+    def result_written(self, result: ResultItem, wall: float,
+                       ref: StoredPayload | None) -> None:
+        """The result store is done with a large payload :meth:`finish` handed it: its
+        ``S`` record joins this pass's commit (or, when the store could not write it, the
+        whole result does), the retained copy keeps only the reference, and the RESULT is
+        released to the client and watchers after the commit."""
+        ledger = self.ledger
+        finished = ledger.finished
+        task = finished.writing.pop(result.task_id, None)
+        if ref is None:
+            ledger.journal.finished_inline(result, wall)
+        else:
+            stored = result._replace(payload=ref)
+            ledger.journal.finished(stored, wall)
+            if task is not None and finished.get(result.task_id) is task:
+                finished.stored(task, stored)
+            elif (task is None or finished.get(result.task_id) is None) and \
+                    finished.delete is not None:
+                finished.delete(ref)  # gone from retention meanwhile
+        if task is None:
+            return
+        client = task.client
+        ledger.outbox(client).results.append(result)
+        for watcher in task.watchers or ():
+            if watcher != client:
+                ledger.outbox(watcher).results.append(result)
 
     def end_by_broker(self, task: TaskRecord, status: TaskStatus, code: ErrorCode,
                       message: str, now: float, retryable: bool = False) -> None:
