@@ -1,10 +1,11 @@
 """The state service protocol (commands 0x40-0x5F).
 
 The state service (``broker/state/``) has a ROUTER socket of its own and speaks the same
-frame layout: frame 0 ``b"ORCH1"``, frame 1 the command byte, frame 2 a msgpack map. Its
-commands live in their own range and have their own codec (:func:`encode_state`,
-:func:`decode_state`), so that the broker's :func:`decode` answers them with
-``unknown_command`` and the state service answers task commands the same way.
+frame layout: frame 0 ``SIGNATURE`` (``b"ORCH"`` and the protocol version), frame 1 the
+command byte, frame 2 a msgpack map. Its commands live in their own range and have their
+own codec (:func:`encode_state`, :func:`decode_state`), so that the broker's
+:func:`decode` answers them with ``unknown_command`` and the state service answers task
+commands the same way.
 
 Every request carries ``req`` (an integer chosen by the client) and every reply echoes
 it. Values are opaque to the service: the client msgpack-encodes a value and sends the
@@ -104,7 +105,7 @@ Fence = tuple[str, int]
 class StateHello:
     """Client -> state: open (or re-open) this routing id's session.
 
-    Frames: ``[b"ORCH1", 0x40, {"req", "name", "v"}]``. ``name`` labels the session in
+    Frames: ``[SIGNATURE, 0x40, {"req", "name", "v"}]``. ``name`` labels the session in
     ``locks`` listings. Leases this routing id held before a restart of the service are
     adopted by the new session; the WELCOME lists them.
     """
@@ -117,12 +118,12 @@ class StateHello:
 @dataclass(frozen=True, slots=True)
 class StatePing:
     """Liveness, both ways: the client sends it when idle for an interval, the service
-    answers each one. Frames: ``[b"ORCH1", 0x41, {}]``."""
+    answers each one. Frames: ``[SIGNATURE, 0x41, {}]``."""
 
 
 @dataclass(frozen=True, slots=True)
 class StateGet:
-    """Client -> state: read one key. Frames: ``[b"ORCH1", 0x42, {"req", "key"}]``.
+    """Client -> state: read one key. Frames: ``[SIGNATURE, 0x42, {"req", "key"}]``.
     Answered with VALUE (version 0 and a nil value when the key does not exist)."""
 
     req: int
@@ -133,7 +134,7 @@ class StateGet:
 class StatePut:
     """Client -> state: write one key (SET, or CAS when ``expected`` is given).
 
-    Frames: ``[b"ORCH1", 0x43, {"req", "key", "value", "expected", "ttl_s", "fence"}]``.
+    Frames: ``[SIGNATURE, 0x43, {"req", "key", "value", "expected", "ttl_s", "fence"}]``.
     ``value`` is msgpack ``bin`` (the encoded value). ``expected``: nil for an
     unconditional write, 0 for "must not exist", else the version the key must have.
     ``ttl_s``: nil, or seconds after which the key is deleted. ``fence``: nil, or
@@ -153,7 +154,7 @@ class StatePut:
 class StateDelete:
     """Client -> state: delete one key.
 
-    Frames: ``[b"ORCH1", 0x44, {"req", "key", "expected", "fence"}]``. Answered with DONE
+    Frames: ``[SIGNATURE, 0x44, {"req", "key", "expected", "fence"}]``. Answered with DONE
     (``existed`` says whether there was a key; ``version`` is the deletion's version).
     """
 
@@ -167,7 +168,7 @@ class StateDelete:
 class StateList:
     """Client -> state: the keys under ``prefix`` in key order.
 
-    Frames: ``[b"ORCH1", 0x45, {"req", "prefix", "after", "limit", "values"}]``. ``after``
+    Frames: ``[SIGNATURE, 0x45, {"req", "prefix", "after", "limit", "values"}]``. ``after``
     continues a listing past that key; without ``values`` the items carry nil values.
     Answered with ITEMS.
     """
@@ -183,7 +184,7 @@ class StateList:
 class LockAcquire:
     """Client -> state: take the lock ``name`` for ``ttl_s``, waiting up to ``wait_s``.
 
-    Frames: ``[b"ORCH1", 0x46, {"req", "name", "ttl_s", "wait_s"}]``. ``wait_s`` nil waits
+    Frames: ``[SIGNATURE, 0x46, {"req", "name", "ttl_s", "wait_s"}]``. ``wait_s`` nil waits
     without limit, 0 tries once. Waiters are served first come, first served. Answered
     with LEASE (when granted) or ERROR ``lock_timeout``.
     """
@@ -198,7 +199,7 @@ class LockAcquire:
 class LockRenew:
     """Client -> state: extend a held lease to ``ttl_s`` from now (nil: its own ttl).
 
-    Frames: ``[b"ORCH1", 0x47, {"req", "name", "token", "ttl_s"}]``. Answered with LEASE
+    Frames: ``[SIGNATURE, 0x47, {"req", "name", "token", "ttl_s"}]``. Answered with LEASE
     or ERROR ``not_held``.
     """
 
@@ -210,7 +211,7 @@ class LockRenew:
 
 @dataclass(frozen=True, slots=True)
 class LockRelease:
-    """Client -> state: give a lease back. Frames: ``[b"ORCH1", 0x48, {"req", "name",
+    """Client -> state: give a lease back. Frames: ``[SIGNATURE, 0x48, {"req", "name",
     "token"}]``. Answered with DONE or ERROR ``not_held``."""
 
     req: int
@@ -222,7 +223,7 @@ class LockRelease:
 class StateWatch:
     """Client -> state: send me every change of keys under ``prefix``.
 
-    Frames: ``[b"ORCH1", 0x49, {"req", "prefix", "since"}]``. The watch's id is ``req``:
+    Frames: ``[SIGNATURE, 0x49, {"req", "prefix", "since"}]``. The watch's id is ``req``:
     EVENTS messages carry it. With ``since`` (a version), changes after it are replayed
     first. Answered with DONE whose ``version`` is the service's current version.
     """
@@ -235,7 +236,7 @@ class StateWatch:
 @dataclass(frozen=True, slots=True)
 class StateUnwatch:
     """Client -> state: stop the watch ``watch`` (the req of its WATCH).
-    Frames: ``[b"ORCH1", 0x4A, {"req", "watch"}]``. Answered with DONE."""
+    Frames: ``[SIGNATURE, 0x4A, {"req", "watch"}]``. Answered with DONE."""
 
     req: int
     watch: int
@@ -243,7 +244,7 @@ class StateUnwatch:
 
 @dataclass(frozen=True, slots=True)
 class LockList:
-    """Client -> state: the held locks under ``prefix``. Frames: ``[b"ORCH1", 0x4B,
+    """Client -> state: the held locks under ``prefix``. Frames: ``[SIGNATURE, 0x4B,
     {"req", "prefix"}]``. Answered with LOCK_TABLE."""
 
     req: int
@@ -252,7 +253,7 @@ class LockList:
 
 @dataclass(frozen=True, slots=True)
 class StateInfoRequest:
-    """Client -> state: the service's counters. Frames: ``[b"ORCH1", 0x4C, {"req"}]``.
+    """Client -> state: the service's counters. Frames: ``[SIGNATURE, 0x4C, {"req"}]``.
     Answered with INFO_REPLY."""
 
     req: int
@@ -262,7 +263,7 @@ class StateInfoRequest:
 class StateWelcome:
     """State -> client, in answer to HELLO.
 
-    Frames: ``[b"ORCH1", 0x50, {"req", "ivl", "live", "version", "instance", "leases"}]``:
+    Frames: ``[SIGNATURE, 0x50, {"req", "ivl", "live", "version", "instance", "leases"}]``:
     the heartbeat interval (s) and liveness the client should use, the service's current
     version, an id that changes whenever the service restarts, and the leases
     ``[[name, token, ttl_s]]`` the session holds (adopted after a restart).
@@ -288,7 +289,7 @@ class Entry(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class StateValue:
-    """State -> client: the answer to GET. Frames: ``[b"ORCH1", 0x51, {"req", "key",
+    """State -> client: the answer to GET. Frames: ``[SIGNATURE, 0x51, {"req", "key",
     "version", "value"}]``."""
 
     req: int
@@ -301,7 +302,7 @@ class StateValue:
 class StateDone:
     """State -> client: a write, delete, release, watch or unwatch succeeded.
 
-    Frames: ``[b"ORCH1", 0x52, {"req", "version", "existed"}]``. ``version``: the new
+    Frames: ``[SIGNATURE, 0x52, {"req", "version", "existed"}]``. ``version``: the new
     version of the key (PUT, DELETE) or the service's current version (WATCH); ``existed``:
     whether DELETE found a key.
     """
@@ -313,7 +314,7 @@ class StateDone:
 
 @dataclass(frozen=True, slots=True)
 class StateItems:
-    """State -> client: the answer to LIST. Frames: ``[b"ORCH1", 0x53, {"req", "version",
+    """State -> client: the answer to LIST. Frames: ``[SIGNATURE, 0x53, {"req", "version",
     "items", "more"}]``; ``items`` are :class:`Entry` arrays in key order, ``more`` says
     the listing stopped at a limit (continue with ``after`` the last key)."""
 
@@ -327,7 +328,7 @@ class StateItems:
 class LeaseGranted:
     """State -> client: the lock is yours (ACQUIRE) or still yours (RENEW).
 
-    Frames: ``[b"ORCH1", 0x54, {"req", "name", "token", "ttl_s"}]``. ``token`` is the
+    Frames: ``[SIGNATURE, 0x54, {"req", "name", "token", "ttl_s"}]``. ``token`` is the
     fencing token: it only ever increases per lock name, across restarts of the service.
     """
 
@@ -341,7 +342,7 @@ class LeaseGranted:
 class StateEvents:
     """State -> client: changes seen by a watch, in version order.
 
-    Frames: ``[b"ORCH1", 0x55, {"watch", "events", "resync"}]``: ``events`` are
+    Frames: ``[SIGNATURE, 0x55, {"watch", "events", "resync"}]``: ``events`` are
     :class:`Entry` arrays (nil value: the key was deleted or expired). ``resync`` marks a
     replay that could not be exact (the ``since`` version was older than the service's
     change log): the events are then the current keys, and deletions in between are lost.
@@ -365,7 +366,7 @@ class LockInfo(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class LockTable:
-    """State -> client: the answer to LOCKS. Frames: ``[b"ORCH1", 0x56, {"req", "locks"}]``."""
+    """State -> client: the answer to LOCKS. Frames: ``[SIGNATURE, 0x56, {"req", "locks"}]``."""
 
     req: int
     locks: list[LockInfo]
@@ -373,7 +374,7 @@ class LockTable:
 
 @dataclass(frozen=True, slots=True)
 class StateInfo:
-    """State -> client: the answer to INFO. Frames: ``[b"ORCH1", 0x57, {"req", "info"}]``."""
+    """State -> client: the answer to INFO. Frames: ``[SIGNATURE, 0x57, {"req", "info"}]``."""
 
     req: int
     info: dict[str, Any] = field(default_factory=dict)
@@ -383,7 +384,7 @@ class StateInfo:
 class StateErrorReply:
     """State -> client: a request was refused.
 
-    Frames: ``[b"ORCH1", 0x5F, {"req", "code", "message", "current", "value"}]``. ``req`` is
+    Frames: ``[SIGNATURE, 0x5F, {"req", "code", "message", "current", "value"}]``. ``req`` is
     nil when the request could not be read that far. For ``conflict``, ``current`` is the
     key's version (0: it does not exist) and ``value`` its value, so that a retrying
     writer needs no extra read.
