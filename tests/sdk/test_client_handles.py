@@ -100,11 +100,12 @@ def test_an_exception_in_a_callback_is_reported_and_the_client_goes_on(
 
 def test_many_awaiters_of_one_handle_get_the_same_result_whatever_the_others_do(cluster: Cluster) -> None:
     broker = cluster.broker()
-    cluster.agent(broker.url)
 
     async def scenario() -> list[Any]:
         async with Client(broker.url) as client:
-            handle = client.submit(capabilities=["echo"], data=[1, 2], timeout=RESULT_S)
+            # No agent offers the capability yet: the task cannot finish (and make the
+            # cancelled waiter below return instead) until the agent starts at the end
+            handle = client.submit(capabilities=["echo-later"], data=[1, 2], timeout=RESULT_S)
             # One waiter times out first; that must not spoil the others
             with pytest.raises(WaitTimeout):
                 await handle.result(timeout=0.0)
@@ -120,6 +121,7 @@ def test_many_awaiters_of_one_handle_get_the_same_result_whatever_the_others_do(
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
+            await asyncio.to_thread(cluster.agent, broker.url, agent_caps="echo-later")
             return await asyncio.gather(*(handle.result(timeout=RESULT_S) for _ in range(3)))
     results = run_loop(scenario())
     assert [r.data for r in results] == [[1, 2]] * 3
