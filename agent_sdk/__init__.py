@@ -34,6 +34,7 @@ from agent_sdk.errors import (
 )
 from agent_sdk.handles import TaskHandle
 from agent_sdk.messaging import BusMessage, DirectMessage, Subscription
+from agent_sdk.payloads import ResultUnreadable
 from agent_sdk.resilience import CircuitBreaker, CircuitBreakerOpen, CircuitState, RetryPolicy
 from agent_sdk.state import Change, Lease, StateClient, Versioned, Watch
 from agent_sdk.sync import SyncClient, SyncStateClient, SyncSubscription, SyncTaskHandle
@@ -42,7 +43,8 @@ from agent_sdk.task import Result, Task, TaskError
 __all__ = [
     "AgentState", "BaseAgent", "BrokerUnavailable", "CircuitBreaker", "CircuitBreakerOpen",
     "CircuitState", "Client", "InvalidName", "OrchestratorError", "PermanentFailure",
-    "RegistrationRefused", "RequestRefused", "Result", "RetryPolicy", "RetryableError",
+    "RegistrationRefused", "RequestRefused", "Result", "ResultUnreadable", "RetryPolicy",
+    "RetryableError",
     "SyncClient", "SyncTaskHandle", "Task", "TaskError", "TaskHandle", "TaskNotFound",
     "VersionMismatch", "WaitTimeout",
     # wire errors, as the SDK raises them

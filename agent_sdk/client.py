@@ -9,7 +9,8 @@
 ``submit`` returns at once; submits made in the same loop iteration leave in one
 message, and results come back in batches, so one client connection carries thousands
 of tasks in flight. The blocking :class:`~agent_sdk.sync.SyncClient` runs one of these
-on a loop thread.
+on a loop thread. A large result's payload, which the broker withholds from RESULT, is
+read in chunks (:mod:`agent_sdk.payloads`) before its handle resolves.
 
 A client messages agents as agents do (:mod:`agent_sdk.messaging`): ``publish`` /
 ``subscribe`` on the bus, ``send`` / ``request`` / ``receive`` / ``on_message`` for direct
@@ -21,23 +22,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
+from functools import partial
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast, Final
 
 from wire.codec import chunks
 from wire.limits import MAX_FRAME_BYTES
 from wire.tasks import (
-    Accepted, Cancel, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch, Heartbeat,
-    Message, Results, StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec,
-    TaskStatus,
+    Accepted, Cancel, Chunk, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch,
+    Heartbeat, Message, Release, Results, StatusReply, StatusRequest, Submit, TaskList,
+    TaskQuery, TaskSpec,
 )
 from agent_sdk.config import broker_url
 from agent_sdk.connection import Connection, TASK_CODEC, Transport
 from agent_sdk.errors import (
     BrokerUnavailable, RequestRefused, TaskNotFound, TooLarge, VersionMismatch, WaitTimeout,
 )
-from agent_sdk.handles import deliver_results, open_work, overdue_work, TaskHandle
+from agent_sdk.handles import (
+    deliver_results, mark_accepted, open_work, overdue_work, PeekAnswer, Peeks, reject, TaskHandle,
+)
 from agent_sdk.messaging import MAILBOX_SIZE, MessagingMixin, Messenger
+from agent_sdk.payloads import PayloadReader
 from agent_sdk.state import endpoint_from, StateClient
 from agent_sdk.reach import Reach
 from agent_sdk.task import _MISSING, encode_payload, Result
@@ -76,7 +81,7 @@ class _Requests:
         self.reach = reach
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
-        self.peeks: dict[str, list[asyncio.Future[Result]]] = {}
+        self.peeks: Peeks = {}
         self.refusal: Error | None = None
 
     def check(self) -> None:
@@ -117,19 +122,25 @@ class _Requests:
     async def peek(self, send: Callable[[Message], None], task_id: str,
                    timeout: float) -> Result:
         """FETCH ``task_id`` without waiting for it to finish; see :meth:`Client.fetch`."""
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[PeekAnswer] = asyncio.get_running_loop().create_future()
         # The answer is a RESULT, which goes to the peeks, or an ERROR to the request.
         self.peeks.setdefault(task_id, []).append(future)
         req = next(self._ids)
         try:
-            return await self._send_and_wait(send, Fetch(req, [task_id], wait=False), req,
-                                             future, timeout)
+            answer = await self._send_and_wait(send, Fetch(req, [task_id], wait=False), req,
+                                               future, timeout)
         finally:
             peeks = self.peeks.get(task_id)
             if peeks is not None and future in peeks:
                 peeks.remove(future)
                 if not peeks:
                     del self.peeks[task_id]
+        if isinstance(answer, Result):
+            return answer
+        # The result's payload was withheld: the broker did answer within ``timeout``,
+        # and the chunked read of the payload has deadlines of its own.
+        result: Result = await answer
+        return result
 
     async def _send_and_wait(self, send: Callable[[Message], None], msg: Message, req: int,
                              future: asyncio.Future[Any], timeout: float) -> Any:
@@ -153,7 +164,7 @@ class _Requests:
         """The broker answered a request with ERROR; False if nobody waits for it."""
         if error.req not in self._waiting:
             return False
-        future = self._waiting.pop(error.req)  # type: ignore[arg-type]
+        future = self._waiting.pop(error.req)
         if not future.done():
             if error.code == ErrorCode.NOT_FOUND.value:
                 future.set_exception(TaskNotFound(
@@ -187,6 +198,7 @@ class Client(MessagingMixin):
         self._outgoing: list[TaskSpec] = []
         self._reach = Reach(self.url, self._fail_all)
         self._requests = _Requests(self.url, self._reach)
+        self._payloads = PayloadReader(partial(self._requests.ask, self._send_message))
         self._task_ids = itertools.count(1)
         self._pinger: asyncio.Task[None] | None = None
         #: the broker's boot id as last heard
@@ -240,6 +252,7 @@ class Client(MessagingMixin):
     async def close(self) -> None:
         """Send what is queued and close; pending handles stay unresolved."""
         await self.messaging.close()
+        await self._payloads.close()
         if self._shared_state is not None:
             await self._shared_state.close()
             self._shared_state = None
@@ -277,14 +290,14 @@ class Client(MessagingMixin):
                                            RECOVER_AFTER_S))
 
     def _send_again(self, specs: list[TaskSpec], watched: list[str]) -> None:
-        """Submit again (idempotent by task id) and ask again for results: whatever the
-        broker still has is answered once, whatever it lost is run again."""
+        """Submit again (idempotent by id) and ask again for results, if any (every ping
+        calls this): what the broker still has is answered once, what it lost runs again."""
         channel = self._channel
         if channel is None:
             return
-        for part in chunks(specs):
+        for part in chunks(specs) if specs else ():
             channel.send(Submit(part))
-        for part in chunks(watched):
+        for part in chunks(watched) if watched else ():
             channel.send(Fetch(self._requests.next_id(), part, wait=True))
 
     def _on_boot(self, boot: str) -> None:
@@ -299,7 +312,7 @@ class Client(MessagingMixin):
                agent: str | None = None, data: Any = _MISSING, task_id: str | None = None,
                timeout: float | None = None, retries: int | None = None, priority: int = 0,
                parent_id: str | None = None, attempt_timeout: float | None = None,
-               **fields: Any) -> TaskHandle:
+               hold: bool = False, **fields: Any) -> TaskHandle:
         """Queue a task for the broker; returns its handle at once.
 
         Args:
@@ -314,6 +327,9 @@ class Client(MessagingMixin):
             retries: retries after failures (per the broker's retry policy).
             priority: higher runs first among waiting tasks.
             parent_id: the task this one is a subtask of.
+            hold: keep the result in the broker, whatever its retention limits, until
+                :meth:`release` names the task (a workflow step, until checkpointed);
+                resubmits (recovery) keep it.
 
         Raises:
             TooLarge: the encoded payload exceeds the frame limit.
@@ -339,7 +355,7 @@ class Client(MessagingMixin):
         spec = _new_tuple(TaskSpec, (
             task_id, payload, caps, agent, priority,
             timeout if timeout is not None else self.default_timeout_s, retries, parent_id,
-            attempt_timeout))
+            attempt_timeout, hold))
         loop = self._loop
         assert loop is not None  # set by _ensure_open
         handle = TaskHandle(task_id, self, spec, loop.time())
@@ -370,13 +386,23 @@ class Client(MessagingMixin):
 
     async def fetch(self, task_id: str, timeout: float = STATUS_TIMEOUT_S) -> Result:
         """The task's result if it finished, else its current state (``result.finished``
-        is False then).
+        is False then). A large payload is read in chunks after the broker's answer.
 
         Raises:
             TaskNotFound: the broker knows no such task.
             BrokerUnavailable: no answer within ``timeout``.
+            ResultUnreadable: the large payload's read failed (it went past retention).
         """
         return await self._requests.peek(self._send_message, task_id, timeout)
+
+    async def release(self, task_ids: Iterable[str]) -> None:
+        """Let the broker drop the results of these tasks, submitted with ``hold=True``,
+        under its retention limits again (ids it holds no result of are ignored). The
+        submits queued before leave first; no ids, no message; the broker never answers."""
+        self._flush()
+        channel = self._ensure_open()
+        for part in chunks(ids) if (ids := list(task_ids)) else ():
+            channel.send(Release(part))
 
     async def cancel(self, task_id: str) -> None:
         """Ask the broker to cancel ``task_id`` (no-op if it already finished)."""
@@ -453,12 +479,8 @@ class Client(MessagingMixin):
             case Results(items):
                 self._on_results(items)
             case Accepted(ids):
-                handles = self._handles
-                for task_id in ids:
-                    handle = handles.get(task_id)
-                    if handle is not None:
-                        handle._mark_accepted()
-            case StatusReply(req) | TaskList(req):
+                mark_accepted(ids, self._handles)
+            case StatusReply(req) | TaskList(req) | Chunk(req):
                 self._requests.answer(req, msg)
             case Error():
                 self._on_error(msg)
@@ -473,7 +495,7 @@ class Client(MessagingMixin):
                 pass  # only agents register; a client has nothing to do here
 
     def _on_results(self, items: list[Any]) -> None:
-        deliver_results(items, self._handles, self._requests.peeks)
+        deliver_results(items, self._handles, self._requests.peeks, self._payloads.take)
 
     def _on_error(self, error: Error) -> None:
         if error.code == ErrorCode.BAD_VERSION.value:
@@ -485,13 +507,7 @@ class Client(MessagingMixin):
                 lost = [self._handles[i]._spec for i in error.task_ids if i in self._handles]
                 self._send_again([spec for spec in lost if spec is not None], [])
             return
-        for task_id in error.task_ids:
-            # Refused submits (queue_full, shutting_down) end as rejected results.
-            handle = self._handles.pop(task_id, None)
-            if handle is not None and not handle.done():
-                result = Result.failure(error.code, error.message, TaskStatus.REJECTED.value)
-                result.task_id = task_id
-                handle._resolve(result)
+        reject(error, self._handles)  # refused submits (queue_full, shutting_down)
 
     def _version_refused(self, error: Error) -> None:
         """The broker speaks another protocol version: fail whatever waits on it (requests,
@@ -502,6 +518,7 @@ class Client(MessagingMixin):
     def _fail_all(self, error: Exception) -> None:
         """Fail every request, task handle and direct message waiting with ``error``."""
         self._requests.fail_all(error)
+        self._payloads.fail_all(error)
         self._outgoing.clear()
         handles, self._handles = self._handles, {}
         for handle in handles.values():

@@ -6,6 +6,11 @@ items in batches on the agent's connection, and keeps them until the broker
 acknowledges them, sending them again after a reconnect or when an acknowledgement is
 overdue. :class:`~agent_sdk.agent.BaseAgent` owns one and feeds it the broker's
 DISPATCH, ACK and CANCEL messages.
+
+Large results (:data:`LARGE_RESULT_BYTES` and more) go out through a window: while
+those sent and not yet acknowledged add up to :data:`LARGE_WINDOW_BYTES`, the next ones
+wait in line, and each acknowledgement lets the next go. Small results never wait for
+them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,18 @@ from agent_sdk.task import Result, Task
 
 _new_tuple = tuple.__new__
 _SUCCEEDED: Final = TaskStatus.SUCCEEDED.value
+
+#: A result whose payload has at least this many bytes is large: it goes out only within
+#: the window below. The broker's default ``result_store_threshold``: it holds a payload
+#: this big in memory until its result store has written it, and acknowledges it only then.
+LARGE_RESULT_BYTES: Final = 1024 * 1024
+#: Most bytes of large results sent and not yet acknowledged (one result always goes,
+#: however big). Without a window an agent with many finished large results pushes them
+#: all into the broker at once, which holds each until written: 12 results of 64 MB took
+#: the broker to 3 GB. 64 MiB keeps a few results of some MB in flight, enough to keep
+#: the broker's store writing, and it is the largest result there can be
+#: (``MAX_FRAME_BYTES``): a result never waits for more room than the window has.
+LARGE_WINDOW_BYTES: Final = 64 * 1024 * 1024
 
 #: The id of the task whose ``execute`` is running: subtasks submitted from it name it as
 #: their parent. Set around the eager first step in :meth:`TaskRunner.start`; the asyncio
@@ -105,6 +122,9 @@ class TaskRunner:
             derive from it).
         tasks_done: tasks that ended succeeded here.
         tasks_failed: tasks that ended otherwise here.
+        large_in_flight_bytes: payload bytes of large results sent and not yet
+            acknowledged (at most ``window_bytes``, or one result's).
+        window_bytes: the window of large results (:data:`LARGE_WINDOW_BYTES`).
     """
 
     def __init__(self, execute: Execute,
@@ -120,6 +140,13 @@ class TaskRunner:
         self.tasks_done = 0
         self.tasks_failed = 0
         self._outgoing: list[ResultItem] = []
+        #: large results not sent yet, in the order they finished, waiting for the window
+        self._large_waiting: deque[ResultItem] = deque()
+        #: large results sent and not acknowledged: payload bytes by task id (a result
+        #: sent again stays one entry: it does not count twice)
+        self._large_in_flight: dict[str, int] = {}
+        self.large_in_flight_bytes = 0
+        self.window_bytes = LARGE_WINDOW_BYTES
         #: (when, task ids) of result batches sent, oldest first, to resend unacked ones
         self._sent_log: deque[tuple[float, list[str]]] = deque()
         #: tasks that started running as asyncio tasks since the last flush
@@ -178,10 +205,19 @@ class TaskRunner:
         return parent, task_id
 
     def ack(self, ids: list[str]) -> None:
-        """The broker holds these results: forget them."""
+        """The broker holds these results: forget them (and let large ones waiting for
+        the window go)."""
         unacked = self.unacked
         for task_id in ids:
             unacked.pop(task_id, None)
+        in_flight = self._large_in_flight
+        if in_flight:
+            for task_id in ids:
+                size = in_flight.pop(task_id, None)
+                if size is not None:
+                    self.large_in_flight_bytes -= size
+            if self._large_waiting and self.channel is not None:
+                self.channel.request_flush()
 
     def cancel(self, ids: list[str]) -> None:
         """The broker cancels these tasks: stop them, or answer for them."""
@@ -190,7 +226,8 @@ class TaskRunner:
             if runner is not None:
                 runner.cancel()
             elif task_id in self.unacked:
-                # Finished here, and the broker asks again: the result was lost on the way.
+                # Finished here, and the broker asks again: the result was lost on the way
+                # (or, a large one, it still waits for the window).
                 self.send_again([self.unacked[task_id]])
             else:
                 # Never reached us (or long gone): answer so the broker frees the slot.
@@ -227,10 +264,14 @@ class TaskRunner:
             # The common case, kept short: a plain successful result.
             item = _new_result((task_id, outcome.status, outcome.to_payload(), None, None, None,
                                 0, None, run_ms, None))
-            if len(item[2]) <= MAX_FRAME_BYTES:
+            size = len(item[2])
+            if size <= MAX_FRAME_BYTES:
                 self.tasks_done += 1
                 self.unacked[task_id] = item
-                self._outgoing.append(item)
+                if size < LARGE_RESULT_BYTES:
+                    self._outgoing.append(item)
+                else:
+                    self._large_waiting.append(item)
                 return
         if isinstance(outcome, BaseException):
             item = self._failed(task_id, outcome, run_ms)
@@ -243,7 +284,10 @@ class TaskRunner:
             else:
                 self.tasks_failed += 1
         self.unacked[task_id] = item
-        self._outgoing.append(item)
+        if len(item[2]) < LARGE_RESULT_BYTES:
+            self._outgoing.append(item)
+        else:
+            self._large_waiting.append(item)
 
     def _failed(self, task_id: str, error: BaseException, run_ms: float) -> ResultItem:
         """The item of a task whose ``execute`` raised (or was cancelled)."""
@@ -288,6 +332,8 @@ class TaskRunner:
         if self._started:
             started, self._started = self._started, []
             channel.send(Progress(started=started))
+        if self._large_waiting:
+            self._admit_large()
         if self._outgoing:
             batch, self._outgoing = self._outgoing, []
             now = asyncio.get_running_loop().time()
@@ -295,10 +341,42 @@ class TaskRunner:
                 channel.send(Results(part))
             self._sent_log.append((now, [item[0] for item in batch]))
 
+    def _admit_large(self) -> None:
+        """Move large results from their line into the next batch while the window has
+        room for them, oldest first; one goes whenever none is in flight."""
+        waiting = self._large_waiting
+        in_flight = self._large_in_flight
+        unacked = self.unacked
+        while waiting:
+            item = waiting[0]
+            task_id = item[0]
+            if unacked.get(task_id) is not item:
+                waiting.popleft()  # acknowledged meanwhile, or a rerun replaced it
+                continue
+            size = len(item[2])
+            counted = in_flight.get(task_id, 0)  # a rerun of a task whose result is out
+            if in_flight and self.large_in_flight_bytes - counted + size > self.window_bytes:
+                return
+            waiting.popleft()
+            in_flight[task_id] = size
+            self.large_in_flight_bytes += size - counted
+            self._outgoing.append(item)
+
     def send_again(self, kept: list[ResultItem]) -> None:
-        """Queue kept (unacknowledged) results for the next flush, unless already queued."""
-        queued = {item[0] for item in self._outgoing}
-        self._outgoing.extend(item for item in kept if item[0] not in queued)
+        """Queue kept (unacknowledged) results for the next flush, unless already queued.
+
+        A large result in flight goes again (it counts in the window once, however often
+        it is sent); one not sent yet keeps its place in the window's line.
+        """
+        outgoing = self._outgoing
+        queued = {item[0] for item in outgoing}
+        in_flight = self._large_in_flight
+        for item in kept:
+            task_id = item[0]
+            if task_id not in queued and (len(item[2]) < LARGE_RESULT_BYTES
+                                          or task_id in in_flight):
+                outgoing.append(item)
+                queued.add(task_id)
 
     def renew_leases(self, now: float, interval_s: float) -> None:
         """Renew the leases of running tasks, at most once per ``interval_s`` (a dispatch
@@ -338,4 +416,6 @@ class TaskRunner:
         return len(again)
 
 
-__all__ = ["TaskRunner", "current_task", "retryable"]
+__all__ = [
+    "LARGE_RESULT_BYTES", "LARGE_WINDOW_BYTES", "TaskRunner", "current_task", "retryable",
+]

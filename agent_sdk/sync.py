@@ -186,6 +186,11 @@ class SyncClient(_Blocking):
         """Ask the broker to cancel a task."""
         self._call(self.client.cancel(task_id))
 
+    def release(self, task_ids: Iterable[str]) -> None:
+        """Let the broker drop these held results (``submit(..., hold=True)``) under its
+        retention limits again; see :meth:`Client.release`."""
+        self._call(self.client.release(list(task_ids)))
+
     def status(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
         """The broker's status document."""
         return self._call(self.client.status(timeout))

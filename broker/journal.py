@@ -25,6 +25,9 @@ Records (msgpack arrays; :meth:`Journal.open` hands them back typed):
     accepted record, only for a task that has one. A broker that predates it skips the
     record (it reads only ``A`` and ``R``) and runs the task with no per-attempt limit,
     as it reads a task accepted before the limit existed: no new format.
+    ``["H", id]``: the task's result is held (SUBMIT's ``hold``) until a ``["U", id]``
+    record releases it; like ``T``, right after its accepted record, and skipped by a
+    broker that predates it (which then retains the result as any other).
     ``["R", task_id, status, payload, error_code, error_message, agent, attempts, queued_ms,
     run_ms, wall]`` (:class:`FinishedRecord`)
     ``["S", ...]``: an ``R`` record whose payload is ``[key, size]``, a file of the result
@@ -147,10 +150,10 @@ class AcceptedRecord(NamedTuple):
     client: bytes
     wall: float
 
-    def spec(self, attempt_timeout_s: float | None = None) -> TaskSpec:
-        """The task as its client submitted it (its per-attempt limit is kept apart:
-        :attr:`Replay.attempt_limits`)."""
-        return _new_tuple(TaskSpec, (*self[1:9], attempt_timeout_s))
+    def spec(self, attempt_timeout_s: float | None = None, hold: bool = False) -> TaskSpec:
+        """The task as its client submitted it (its per-attempt limit and hold are kept
+        apart: :attr:`Replay.attempt_limits`, :attr:`Replay.held`)."""
+        return _new_tuple(TaskSpec, (*self[1:9], attempt_timeout_s, hold))
 
 
 class FinishedRecord(NamedTuple):
@@ -207,6 +210,8 @@ class Replay:
     format: int = JOURNAL_FORMAT
     #: per-attempt limits (``T`` records) by task id; a task without one has none
     attempt_limits: dict[str, float] = field(default_factory=dict)
+    #: tasks whose result is held (``H`` records not followed by a ``U``)
+    held: set[str] = field(default_factory=set)
 
 
 def _frame(records: list[Any]) -> bytes:
@@ -300,6 +305,7 @@ class Journal:
         accepted: dict[str, AcceptedRecord] = {}
         results: dict[str, FinishedRecord] = {}
         limits: dict[str, float] = {}
+        held: set[str] = set()
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -328,6 +334,10 @@ class Journal:
                     results[record[1]] = _new_tuple(FinishedRecord, record)
                 elif kind == "T" and len(record) == 3:
                     limits[record[1]] = record[2]
+                elif kind == "H" and len(record) == 2:
+                    held.add(record[1])
+                elif kind == "U" and len(record) == 2:
+                    held.discard(record[1])
                 elif kind == "S" and len(record) == _FINISHED_FIELDS:
                     ref = record[3]
                     results[record[1]] = _new_tuple(FinishedRecord, (
@@ -340,7 +350,8 @@ class Journal:
                 f.truncate(good_end)
                 f.flush()
                 os.fsync(f.fileno())
-        return Replay(accepted, results, records, truncated, found, attempt_limits=limits)
+        return Replay(accepted, results, records, truncated, found, attempt_limits=limits,
+                      held=held)
 
     def _check_header(self, header: tuple[Any, ...]) -> int:
         """The format a header names, if this broker reads it.
@@ -370,6 +381,7 @@ class Journal:
                                           *replay.results.values()]
         records.extend(("T", task_id, limit) for task_id, limit
                        in replay.attempt_limits.items())
+        records.extend(("H", task_id) for task_id in replay.held)
         size = self._replace_file(records)
         logger.warning("journal %s: migrated from format %d to format %d (%d record(s) "
                        "read, %d kept, %d bytes)", self.path, replay.format, JOURNAL_FORMAT,
@@ -400,6 +412,12 @@ class Journal:
                              spec[6], spec[7], client, wall))
         if spec[8] is not None:
             self._buffer.append(("T", spec[0], spec[8]))
+        if spec[9]:
+            self._buffer.append(("H", spec[0]))
+
+    def released(self, task_ids: list[str]) -> None:
+        """Record that the held results of ``task_ids`` may go (RELEASE)."""
+        self._buffer.extend(("U", task_id) for task_id in task_ids)
 
     def finished(self, result: Any, wall: float) -> bool | None:
         """Record a task's final result (``result`` is a protocol ResultItem), as the
@@ -408,17 +426,18 @@ class Journal:
         waits for the write, see ``broker/results.py``); a stored one is recorded as an
         ``S`` record naming its file."""
         payload = result[2]
-        if type(payload) is not bytes:
-            if type(payload) is StoredPayload:
-                self._buffer.append(("S", result[0], result[1], list(payload), result[3],
-                                     result[4], result[5], result[6], result[7], result[8],
-                                     wall))
-                return None
-            payload = bytes(payload)
+        if type(payload) is StoredPayload:
+            self._buffer.append(("S", result[0], result[1], list(payload), result[3],
+                                 result[4], result[5], result[6], result[7], result[8],
+                                 wall))
+            return None
+        # The size first: a large payload arrives as a view of libzmq's buffer, and goes
+        # to the store from there without a copy.
         if len(payload) >= self.store_threshold and self.store is not None:
             self.store.put(result, wall)
             return True
-        self._record_inline(result, payload, wall)
+        self._record_inline(result, payload if type(payload) is bytes else bytes(payload),
+                            wall)
         return None
 
     def finished_inline(self, result: Any, wall: float) -> None:
@@ -513,8 +532,10 @@ class Journal:
 
     def compact(self, accepted: Iterable[tuple[Any, bytes, float]],
                 results: Iterable[tuple[Any, float]]) -> None:
-        """Replace the log with one holding only ``accepted`` (open tasks: spec, client,
-        wall) and ``results`` (retained results: item, wall).
+        """Replace the log with one holding only ``accepted`` (the tasks of both: spec,
+        client, wall) and ``results`` (retained results: item, wall). A retained result
+        needs its task's accepted record too: replay restores only results whose task it
+        knows.
 
         A compaction that cannot write its file (a full disk) leaves the log as it was,
         whole, and is tried again after another :data:`COMPACT_AFTER_BYTES`.
@@ -580,6 +601,9 @@ class NullJournal(Journal):
 
     def finished_inline(self, result: Any, wall: float) -> None:
         return None
+
+    def released(self, task_ids: list[str]) -> None:
+        pass
 
     def commit(self) -> None:
         pass

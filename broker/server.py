@@ -18,6 +18,7 @@ decision is the engine's (``broker/engine/``); this module only moves bytes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -149,10 +150,11 @@ class Broker:
 
     def _compact_journal(self) -> None:
         offset = self.engine.ledger.wall_offset
+        retained = [t for t in self.engine.retained() if t.result is not None]
         self.journal.compact(
-            ((t.spec, t.client, t.submitted_at + offset) for t in self.engine.tasks.values()),
-            ((t.result, t.finished_at + offset) for t in self.engine.retained()
-             if t.result is not None))
+            ((t.spec, t.client, t.submitted_at + offset)
+             for t in itertools.chain(self.engine.tasks.values(), retained)),
+            ((t.result, t.finished_at + offset) for t in retained))
         self.engine.ledger.counters["journal_compactions"] += 1
 
     # ------------------------------------------------------------------ RouterApp

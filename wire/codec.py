@@ -63,7 +63,9 @@ def items_with_blobs(items: list[Any], payload_index: int, blobs: list[Any]) -> 
     placed = []
     for item in items:
         payload = item[payload_index]
-        if type(payload) is not bytes or len(payload) > INLINE_PAYLOAD_MAX:
+        if type(payload) is not bytes and isinstance(payload, tuple):
+            pass  # a withheld payload's [size] (wire.tasks.Withheld) goes in the header
+        elif type(payload) is not bytes or len(payload) > INLINE_PAYLOAD_MAX:
             blobs.append(payload)
             item = item._replace(payload=len(blobs) - 1)
         placed.append(item)

@@ -12,19 +12,25 @@ from typing import Final
 #: History: 1: the first release of the protocol. 2: ``timeout_s`` of SUBMIT is the
 #: whole task's deadline (queue and every attempt); SUBMIT items gain a ninth field,
 #: ``attempt_timeout_s`` (each attempt's limit, nil: none); TASK's ``timeout_s`` is the
-#: time the attempt has left.
-PROTOCOL_VERSION: Final = 2
+#: time the attempt has left. 3: a RESULT's payload may be withheld (``[size]``: the
+#: client reads it in ranges with READ, answered by CHUNK); SUBMIT items gain a tenth
+#: field, ``hold`` (the result outlives retention until RELEASE).
+PROTOCOL_VERSION: Final = 3
 #: What frame 0 of every message starts with; the protocol version follows in ASCII
 #: digits. Frame 0 starting with this but for another version is ``bad_version``, any
 #: other frame 0 ``bad_frame``.
 SIGNATURE_PREFIX: Final = b"ORCH"
 #: Frame 0 of every message this release sends: the prefix and the protocol version
 #: (a literal, so that compiled code compares against a constant; a test checks it).
-SIGNATURE: Final = b"ORCH2"
+SIGNATURE: Final = b"ORCH3"
 
 #: Largest frame any socket accepts (ZMQ_MAXMSGSIZE is per frame). A bigger frame makes
 #: libzmq drop the connection, so senders check against it first (:class:`TooLarge`).
 MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+
+#: Largest range one READ asks for: a withheld payload comes in pieces this big, so that
+#: a client's other messages (a small task's RESULT) wait behind at most one of them.
+READ_CHUNK_BYTES: Final = 4 * 1024 * 1024
 
 #: Payloads up to this size ride inside the header; larger ones get a frame of their own.
 INLINE_PAYLOAD_MAX: Final = 16 * 1024

@@ -6,7 +6,7 @@ dataclasses below and calls :func:`encode` / :func:`decode`.
 
 Every message is a ZeroMQ multipart message::
 
-    frame 0: SIGNATURE           b"ORCH" and the protocol version (b"ORCH2" today)
+    frame 0: SIGNATURE           b"ORCH" and the protocol version (b"ORCH3" today)
     frame 1: one byte            the command (:class:`Command`)
     frame 2: msgpack             the header (layout per command, see each class)
     frame 3..: opaque bytes      large payloads ("blobs"), referenced from the header
@@ -60,8 +60,11 @@ class Command(enum.IntEnum):
     FETCH = 0x21
     STATUS = 0x22
     TASKS = 0x23
+    READ = 0x24
+    RELEASE = 0x25
     # broker -> client
     ACCEPTED = 0x30
+    CHUNK = 0x31
     ERROR = 0x7F
 
 
@@ -211,9 +214,11 @@ class TaskSpec(NamedTuple):
 
     Wire item (msgpack array, in field order):
     ``[id, payload, caps, agent, priority, timeout_s, max_retries, parent_id,
-    attempt_timeout_s]``. ``timeout_s`` is the whole task's deadline, counted from its
-    acceptance (queueing, every attempt and the back-off between them);
-    ``attempt_timeout_s`` bounds each attempt (nil: only the task's deadline does).
+    attempt_timeout_s, hold]``. ``timeout_s`` is the whole task's deadline, counted from
+    its acceptance (queueing, every attempt and the back-off between them);
+    ``attempt_timeout_s`` bounds each attempt (nil: only the task's deadline does);
+    ``hold`` keeps the task's result in the broker, whatever its retention limits, until
+    a RELEASE names it (a workflow step's result, until its run has checkpointed it).
     """
 
     id: str
@@ -225,6 +230,7 @@ class TaskSpec(NamedTuple):
     max_retries: int | None = None
     parent_id: str | None = None
     attempt_timeout_s: float | None = None
+    hold: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,12 +263,24 @@ class Dispatch:
     tasks: list[Assignment]
 
 
+class Withheld(NamedTuple):
+    """A RESULT payload the broker keeps in its result store instead of sending it:
+    ``size`` bytes, which the client reads in ranges (:class:`Read`, at most
+    :data:`~wire.limits.READ_CHUNK_BYTES` each), so that a large result neither sits in
+    the broker's memory on its way out nor holds up the client's other messages.
+    On the wire: ``[size]`` in the payload's place."""
+
+    size: int
+
+
 class ResultItem(NamedTuple):
     """One task outcome, agent -> broker and broker -> client.
 
     Wire item: ``[task_id, status, payload, error_code, error_message, agent, attempts,
     queued_ms, run_ms, retryable]``. Agents leave ``agent``, ``attempts`` and
-    ``queued_ms`` nil; the broker fills them in for clients.
+    ``queued_ms`` nil; the broker fills them in for clients. ``payload`` is bin (inline),
+    an integer (the index of its frame, counted from frame 3), or, broker -> client only,
+    ``[size]`` (:class:`Withheld`).
     """
 
     task_id: str
@@ -318,6 +336,38 @@ class Fetch:
     req: int
     task_ids: list[str]
     wait: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Client -> broker: ``length`` bytes from ``offset`` of a finished task's payload
+    (one its RESULT withheld). Header: map ``{"req", "id", "offset", "length"}``.
+    Answer: CHUNK, or ERROR ``not_found`` carrying ``req`` (the result is gone)."""
+
+    req: int
+    task_id: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Broker -> client: the answer to :class:`Read`. Header: map ``{"req", "id",
+    "offset", "total"}`` (``total``: the whole payload's size); frame 3: the bytes."""
+
+    req: int
+    task_id: str
+    offset: int
+    total: int
+    data: Payload = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Client -> broker: the held results of these tasks (SUBMIT's ``hold``) may go;
+    retention applies to them again. Header: map ``{"ids"}``. No answer."""
+
+    task_ids: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +467,7 @@ class DirectVerdict:
 
 Message = Union[
     Ready, Welcome, Heartbeat, Progress, TaskQuery, TaskList, Disconnect, Submit, Dispatch, Results, Accepted, Ack, Cancel,
-    Fetch, StatusRequest, StatusReply, Error, Direct, DirectVerdict,
+    Fetch, StatusRequest, StatusReply, Error, Direct, DirectVerdict, Read, Chunk, Release,
 ]
 
 def _frames(command: Command, header: bytes, blobs: list[Any] | None = None) -> list[Any]:
@@ -451,6 +501,18 @@ def _heartbeat_header(role: str | None, boot: str | None,
     if stats is not None:
         header["stats"] = stats
     return header
+
+
+def _encode_reads(msg: Read | Chunk | Release) -> list[Any]:
+    """READ, CHUNK and RELEASE: the commands of withheld and held results."""
+    match msg:
+        case Read(req, task_id, offset, length):
+            return _frames(Command.READ, pack(
+                {"req": req, "id": task_id, "offset": offset, "length": length}))
+        case Chunk(req, task_id, offset, total, data):
+            return _frames(Command.CHUNK, pack(
+                {"req": req, "id": task_id, "offset": offset, "total": total}), [data])
+    return _frames(Command.RELEASE, pack({"ids": msg.task_ids}))
 
 
 def encode(msg: Message) -> list[Any]:
@@ -497,6 +559,8 @@ def encode(msg: Message) -> list[Any]:
             return _frames(Command.CANCEL, pack({"ids": ids}))
         case Fetch(req, ids, wait):
             return _frames(Command.FETCH, pack({"req": req, "ids": ids, "wait": wait}))
+        case Read() | Chunk() | Release():
+            return _encode_reads(msg)
         case StatusRequest(req, until, timeout_s):
             return _frames(Command.STATUS,
                            pack({"req": req, "until": until, "timeout_s": timeout_s}))
@@ -517,9 +581,11 @@ def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
     tasks: list[TaskSpec] = []
     append = tasks.append
     for item in as_array(header):
-        if type(item) is not tuple or len(item) != 9:
-            raise ValueError("a SUBMIT item must be an array of 9")
-        tid, ref, caps, agent, priority, timeout_s, retries, parent, attempt_s = item
+        if type(item) is not tuple or len(item) != 10:
+            raise ValueError("a SUBMIT item must be an array of 10")
+        tid, ref, caps, agent, priority, timeout_s, retries, parent, attempt_s, hold = item
+        if type(hold) is not bool:
+            raise ValueError("hold must be a boolean")
         if type(tid) is not str or type(caps) is not tuple or type(priority) is not int:
             raise ValueError("task id must be a string, caps an array, priority an integer")
         for cap in caps:
@@ -538,7 +604,7 @@ def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
             raise ValueError("parent_id must be a string or nil")
         if type(ref) is not bytes:
             item = (tid, blob(ref, blobs), caps, agent, priority, timeout_s, retries, parent,
-                    attempt_s)
+                    attempt_s, hold)
         append(new_tuple(TaskSpec, item))
     return Submit(tasks)
 
@@ -555,10 +621,19 @@ def _decode_results(header: Any, blobs: list[Any]) -> Results:
         if code is not None and (type(code) is not str or type(message) is not str):
             raise ValueError("error code and message must be strings")
         if type(ref) is not bytes:
-            item = (tid, status, blob(ref, blobs), code, message, agent, attempts,
+            item = (tid, status, _result_payload(ref, blobs), code, message, agent, attempts,
                     queued_ms, run_ms, retryable)
         append(new_tuple(ResultItem, item))
     return Results(results)
+
+
+def _result_payload(ref: Any, blobs: list[Any]) -> Payload | Withheld:
+    """A RESULT item's payload that is not inline: a frame, or withheld (``[size]``)."""
+    if type(ref) is tuple:
+        if len(ref) != 1 or type(ref[0]) is not int or ref[0] < 0:
+            raise ValueError("a withheld payload must be [size]")
+        return Withheld(ref[0])
+    return blob(ref, blobs)
 
 
 def _decode_dispatch(header: Any, blobs: list[Any]) -> Dispatch:
@@ -709,6 +784,10 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             if type(req) is not int:
                 raise ValueError("req must be an integer")
             return Fetch(req, as_id_list(h.get("ids")), bool(h.get("wait", False)))
+        case Command.READ | Command.CHUNK:
+            return _decode_range(command, as_map(header), blobs)
+        case Command.RELEASE:
+            return Release(as_id_list(as_map(header).get("ids")))
         case Command.STATUS:
             h = as_map(header)
             req = h.get("req")
@@ -760,6 +839,22 @@ def _decode_direct(header: Any, blobs: list[Any]) -> Direct | DirectVerdict:
             item = (to, msg_id, blob(ref, blobs), reply_to, flags, error, sender)
         append(new_tuple(DirectItem, item))
     return Direct(items)
+
+
+def _decode_range(command: Command, h: dict[str, Any], blobs: list[Any]) -> Read | Chunk:
+    req, task_id, offset = h.get("req"), h.get("id"), h.get("offset")
+    if type(req) is not int or type(task_id) is not str or type(offset) is not int or \
+            offset < 0:
+        raise ValueError("req and offset must be integers (offset >= 0), id a string")
+    if command is Command.READ:
+        length = h.get("length")
+        if type(length) is not int or length <= 0:
+            raise ValueError("length must be a positive integer")
+        return Read(req, task_id, offset, length)
+    total = h.get("total")
+    if type(total) is not int or total < 0 or len(blobs) != 1:
+        raise ValueError("a CHUNK has a total (integer) and one frame of data")
+    return Chunk(req, task_id, offset, total, blobs[0])
 
 
 def _stats(value: Any) -> dict[str, int] | None:

@@ -197,7 +197,6 @@ class AgentDesk:
         ledger = self.ledger
         results = msg.results
         ledger.items_this_pass += len(results)
-        ledger.outbox(identity).acks.extend([item.task_id for item in results])
         tasks = ledger.tasks
         foreign = agent.foreign_running if agent is not None else None
         elapsed_total = 0.0
@@ -230,6 +229,7 @@ class AgentDesk:
                 owner.name, task.attempts,
                 (dispatched_at - task.submitted_at) * 1000.0 if dispatched_at else None,
                 item.run_ms, None)), now)
+        self._acknowledge(identity, results)
         if answered and agent is not None:
             # One response-time sample per message (its mean): cheaper than one per task,
             # and the routing policies only look at a coarse bucket of it anyway.
@@ -238,6 +238,20 @@ class AgentDesk:
             # Results from an unregistered peer (e.g. after our restart): accepted above,
             # and the peer is asked to register so that it gets work again.
             self._ask_to_register(identity)
+
+    def _acknowledge(self, identity: bytes, results: list[ResultItem]) -> None:
+        """ACK the results the broker holds now. One whose large payload the result
+        store is still writing is acknowledged once written (``Lifecycle.result_written``):
+        until then the agent keeps it, and sends no more large ones than its window."""
+        ids = [item.task_id for item in results]
+        writing = self.ledger.finished.writing
+        if writing:
+            after_write = self.ledger.acks_after_write
+            for task_id in ids:
+                if task_id in writing:
+                    after_write[task_id] = identity
+            ids = [task_id for task_id in ids if task_id not in writing]
+        self.ledger.outbox(identity).acks.extend(ids)
 
     def _try_again(self, task: TaskRecord, owner: AgentRecord, item: ResultItem,
                    now: float) -> bool:

@@ -8,7 +8,8 @@ from typing import Final
 from broker.engine.ledger import Ledger
 from broker.engine.lifecycle import Lifecycle
 from broker.engine.model import Requirement, TaskRecord, TaskState
-from wire.tasks import Cancel, ErrorCode, Fetch, ResultItem, Submit
+from wire.limits import READ_CHUNK_BYTES
+from wire.tasks import Cancel, Chunk, ErrorCode, Fetch, Read, Release, ResultItem, Submit, encode
 
 #: How long ACCEPTED may wait to be batched (or made unnecessary by the result).
 ACCEPT_DELAY_S: Final = 0.002
@@ -56,7 +57,8 @@ class ClientDesk:
                 # Idempotent resubmit: same id, same task; never run it twice.
                 resubmitted += 1
                 accepted.append(task_id)
-                if existing.result is not None:
+                # (a result the store still writes leaves once written: result_written)
+                if existing.result is not None and task_id not in ledger.finished.writing:
                     ledger.outbox(identity).results.append(
                         ledger.finished.outgoing(existing.result))
                 elif existing.client != identity:
@@ -136,13 +138,16 @@ class ClientDesk:
         ledger = self.ledger
         missing = []
         box = ledger.outbox(identity)
+        writing = ledger.finished.writing
         for task_id in msg.task_ids:
             task = ledger.task_or_result(task_id)
             if task is None:
                 missing.append(task_id)
-            elif task.result is not None:
+            elif task.result is not None and not (msg.wait and task_id in writing):
                 box.results.append(ledger.finished.outgoing(task.result))
             elif msg.wait:
+                # An open task, or one whose result the store still writes: its RESULT
+                # comes with the others' (Lifecycle.finish / result_written), once.
                 task.add_watcher(identity)
             else:
                 # Not finished and the caller will not wait: tell it where the task is.
@@ -154,6 +159,26 @@ class ClientDesk:
                           + (" ..." if len(missing) > 5 else "")
                           + " (unknown, or its result is past retention)",
                           req=msg.req, task_ids=missing)
+
+    def read(self, identity: bytes, msg: Read) -> None:
+        """A range of a retained result's payload (one its RESULT withheld)."""
+        ledger = self.ledger
+        found = ledger.finished.read(msg.task_id, msg.offset,
+                                     min(msg.length, READ_CHUNK_BYTES))
+        if found is None:
+            ledger.reject(identity, ErrorCode.NOT_FOUND,
+                          f"no result for task {msg.task_id!r} (unknown, or past retention)",
+                          req=msg.req, task_ids=[msg.task_id])
+            return
+        total, data = found
+        ledger.outbox(identity).control.append(
+            encode(Chunk(msg.req, msg.task_id, msg.offset, total, data)))
+
+    def release(self, msg: Release) -> None:
+        """Held results may go: retention applies to them again."""
+        released = self.ledger.finished.release(msg.task_ids)
+        if released:
+            self.ledger.journal.released(released)
 
     def cancel(self, msg: Cancel, now: float) -> None:
         for task_id in msg.task_ids:

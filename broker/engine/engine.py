@@ -29,6 +29,7 @@ from wire.documents import DisconnectReason
 from wire.limits import MAX_BATCH_ITEMS
 from wire.tasks import (
     Accepted, Ack, Cancel, Direct, Disconnect, ErrorCode, Fetch, Heartbeat, Message, Progress,
+    Read, Release,
     Ready, Results, StatusRequest, Submit, TaskQuery, TaskStatus, encode, encode_dispatch,
     encode_results,
 )
@@ -100,6 +101,10 @@ class Engine:
                     self.status.agents_changed(now)
                 case Fetch():
                     self.clients.fetch(identity, msg)
+                case Read():
+                    self.clients.read(identity, msg)
+                case Release():
+                    self.clients.release(msg)
                 case StatusRequest():
                     self.status.request(identity, msg, now)
                 case TaskQuery():

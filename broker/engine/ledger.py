@@ -42,6 +42,9 @@ class JournalSink(Protocol):
         RESULT waits until the store wrote it (``broker/results.py``)."""
         ...
 
+    def released(self, task_ids: list[str]) -> None:
+        """Record that the held results of ``task_ids`` may go."""
+
     def retry(self) -> JournalFailure | None:
         """Write again what a failed write left; the failure that remains, or None."""
         ...
@@ -86,6 +89,9 @@ class NoJournal:
         return None
 
     def finished_inline(self, result: ResultItem, wall: float) -> None:
+        return None
+
+    def released(self, task_ids: list[str]) -> None:
         return None
 
     def retry(self) -> JournalFailure | None:
@@ -161,6 +167,8 @@ class Ledger:
         #: tasks waiting out a retry back-off
         self.retrying: deque[TaskRecord] = deque()
         self.outboxes: dict[bytes, Outbox] = {}
+        #: results whose large payload the store is writing: the agent to ACK once written
+        self.acks_after_write: dict[str, bytes] = {}
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         #: open tasks survive a stop (the journal keeps them): durability is not "none"

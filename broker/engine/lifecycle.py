@@ -18,7 +18,7 @@ from broker.engine.model import (
 )
 from broker.engine.queues import StoredPayload
 from broker.errors import IllegalTransition
-from wire.tasks import Assignment, ErrorCode, ResultItem, TaskStatus
+from wire.tasks import Ack, Assignment, ErrorCode, ResultItem, TaskStatus, encode
 
 logger = logging.getLogger(__name__)
 
@@ -261,21 +261,31 @@ class Lifecycle:
                        ref: StoredPayload | None) -> None:
         """The result store is done with a large payload :meth:`finish` handed it: its
         ``S`` record joins this pass's commit (or, when the store could not write it, the
-        whole result does), the retained copy keeps only the reference, and the RESULT is
-        released to the client and watchers after the commit."""
+        whole result does), the retained copy keeps only the reference, the agent gets
+        its ACK, and the RESULT (its payload withheld) is released to the client and
+        watchers after the commit."""
         ledger = self.ledger
         finished = ledger.finished
-        task = finished.writing.pop(result.task_id, None)
+        task_id = result.task_id
+        task = finished.writing.pop(task_id, None)
+        agent = ledger.acks_after_write.pop(task_id, None)
+        if agent is not None:
+            # At once (after this pass's commit), not with the next tick as other acks:
+            # the agent sends its next large result only when this one is acknowledged.
+            ledger.outbox(agent).control.append(encode(Ack([task_id])))
         if ref is None:
             ledger.journal.finished_inline(result, wall)
         else:
             stored = result._replace(payload=ref)
             ledger.journal.finished(stored, wall)
-            if task is not None and finished.get(result.task_id) is task:
+            if task is not None and finished.get(task_id) is task:
                 finished.stored(task, stored)
-            elif (task is None or finished.get(result.task_id) is None) and \
+            elif (task is None or finished.get(task_id) is None) and \
                     finished.delete is not None:
                 finished.delete(ref)  # gone from retention meanwhile
+            # The client reads the payload from the store, in ranges (READ): it never
+            # waits in the broker's memory for a slow reader.
+            result = finished.outgoing(stored)
         if task is None:
             return
         client = task.client

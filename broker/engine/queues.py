@@ -9,7 +9,7 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, ClassVar, NamedTuple
 
 from broker.engine.model import OPEN_STATES, Requirement, TaskRecord, TaskState
-from wire.tasks import ResultItem
+from wire.tasks import ResultItem, Withheld
 
 
 class PendingQueue:
@@ -106,6 +106,10 @@ class FinishedResults:
     hands it over): it is not counted in memory, and :meth:`stored` swaps it for its
     :class:`StoredPayload` once written. Without a store, ``large_bytes`` is infinite and
     every payload counts.
+
+    A held result (SUBMIT's ``hold``: a workflow step's, until its run checkpointed it)
+    is kept apart, outside every limit, until :meth:`release` names it; then it is
+    retained as any other, as the newest.
     """
 
     def __init__(self, max_count: int, max_age_s: float, max_bytes: int = 1 << 62,
@@ -123,20 +127,47 @@ class FinishedResults:
         self._stored: OrderedDict[str, StoredPayload] = OrderedDict()
         #: tasks whose large payload the store is writing (their RESULT waits for it)
         self.writing: dict[str, TaskRecord] = {}
+        #: held results, outside the limits until released
+        self.held: dict[str, TaskRecord] = {}
         #: the result store's ports (set by the server): a payload's bytes, and removal
         self.load: Callable[[StoredPayload], Any] | None = None
         self.delete: Callable[[StoredPayload], None] | None = None
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) + len(self.held)
 
     def __contains__(self, task_id: str) -> bool:
-        return task_id in self._tasks
+        return task_id in self._tasks or task_id in self.held
 
     def get(self, task_id: str) -> TaskRecord | None:
-        return self._tasks.get(task_id)
+        task = self._tasks.get(task_id)
+        if task is None and self.held:
+            return self.held.get(task_id)
+        return task
 
     def add(self, task: TaskRecord) -> None:
+        if task.spec[9]:  # hold
+            self.held[task.spec.id] = task
+            result = task.result
+            if result is not None and type(result[2]) is not StoredPayload and \
+                    len(result[2]) >= self.large_bytes:
+                self.writing[task.spec.id] = task
+            return
+        self._retain(task)
+
+    def release(self, task_ids: list[str]) -> list[str]:
+        """The held results of ``task_ids`` fall under the limits again; returns the ids
+        that were held (the others are ignored: unknown, or released already)."""
+        released = []
+        for task_id in task_ids:
+            task = self.held.pop(task_id, None)
+            if task is not None:
+                task.spec = task.spec._replace(hold=False)
+                released.append(task_id)
+                self._retain(task)
+        return released
+
+    def _retain(self, task: TaskRecord) -> None:
         tasks = self._tasks
         tasks[task.spec.id] = task
         result = task.result
@@ -160,17 +191,42 @@ class FinishedResults:
     def stored(self, task: TaskRecord, result: ResultItem) -> None:
         """``task``'s payload is in the store now: keep ``result`` (its reference)."""
         task.result = result
+        if task.spec[9]:  # held: outside the limits
+            return
         ref: StoredPayload = result[2]
         self._stored[task.spec.id] = ref
         self.stored_bytes += ref.size
         self._trim_stored()
 
     def outgoing(self, result: ResultItem) -> ResultItem:
-        """``result`` as a client gets it: a stored payload loaded (mapped) again."""
+        """``result`` as a client gets it: a stored payload stays in the store, and the
+        client reads it in ranges (:meth:`read`)."""
         payload = result[2]
-        if type(payload) is not StoredPayload or self.load is None:
+        if type(payload) is not StoredPayload:
             return result
-        return result._replace(payload=self.load(payload))
+        return result._replace(payload=Withheld(payload.size))
+
+    def read(self, task_id: str, offset: int, length: int) -> tuple[int, Any] | None:
+        """``length`` bytes from ``offset`` of a retained result's payload, and its whole
+        size; None when no such result is retained. A stored payload is mapped, not read:
+        the range goes out from the page cache."""
+        task = self.get(task_id)
+        if task is None or task.result is None:
+            return None
+        payload = task.result[2]
+        if type(payload) is StoredPayload:
+            if self.load is None:
+                return None
+            total = payload.size
+            try:
+                payload = self.load(payload)
+            except OSError:
+                return None  # the file went (removed by hand, a full disk's cleanup)
+        else:
+            total = len(payload)
+        if offset >= total:
+            return total, b""
+        return total, memoryview(payload)[offset:offset + length]
 
     def _drop(self, task: TaskRecord) -> None:
         """Account for ``task`` leaving the table."""
@@ -203,10 +259,17 @@ class FinishedResults:
             self._drop(task)
 
     def stored_keys(self) -> set[str]:
-        return {ref.key for ref in self._stored.values()}
+        """The store files some retained result names (held ones included)."""
+        keys = {ref.key for ref in self._stored.values()}
+        for task in self.held.values():
+            payload = task.result[2] if task.result is not None else None
+            if type(payload) is StoredPayload:
+                keys.add(payload.key)
+        return keys
 
     def newest_first(self) -> list[TaskRecord]:
-        return list(reversed(self._tasks.values()))
+        """Every retained result, the held ones first."""
+        return [*self.held.values(), *reversed(self._tasks.values())]
 
     def expire(self, now: float) -> int:
         """Drop results older than the retention age; returns how many went."""

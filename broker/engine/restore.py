@@ -18,9 +18,10 @@ def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) ->
     restored_results = 0
     for task_id, record in replay.results.items():
         accepted = replay.accepted.get(task_id)
-        if accepted is None or wall_now - record.wall > ledger.finished.max_age_s:
+        if accepted is None or (wall_now - record.wall > ledger.finished.max_age_s
+                                and task_id not in replay.held):
             continue
-        task = _task_from_journal(ledger, accepted, now)
+        task = _task_from_journal(ledger, accepted, now, None, task_id in replay.held)
         task.attempts = record.attempts
         lifecycle.restore_finished(task, record.item(), record.wall - ledger.wall_offset)
         restored_results += 1
@@ -28,7 +29,8 @@ def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) ->
     for task_id, accepted in replay.accepted.items():
         if task_id in replay.results:
             continue
-        task = _task_from_journal(ledger, accepted, now, replay.attempt_limits.get(task_id))
+        task = _task_from_journal(ledger, accepted, now, replay.attempt_limits.get(task_id),
+                                  task_id in replay.held)
         task.note(now, "restored", "the broker restarted; dispatching again")
         task.restored = True
         ledger.tasks[task_id] = task
@@ -44,8 +46,9 @@ def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) ->
 
 
 def _task_from_journal(ledger: Ledger, record: AcceptedRecord, now: float,
-                       attempt_timeout_s: float | None = None) -> TaskRecord:
-    spec = record.spec(attempt_timeout_s)
+                       attempt_timeout_s: float | None = None,
+                       hold: bool = False) -> TaskRecord:
+    spec = record.spec(attempt_timeout_s, hold)
     task = TaskRecord(spec, ledger.requirements.get(spec.capabilities, spec.agent),
                       record.client, now, spec.timeout_s or ledger.config.default_timeout_s)
     # The task keeps the deadline it was accepted with (a restart does not extend it).

@@ -116,7 +116,7 @@ def test_state_and_broker_codecs_refuse_each_others_commands() -> None:
 
 @pytest.mark.parametrize("frames, code, req", [
     ([SIGNATURE, bytes([StateCommand.GET])], "bad_frame", None),
-    ([b"ORCH3", bytes([StateCommand.GET]), packb({"req": 1, "key": "k"})], "bad_version", None),
+    ([b"ORCH2", bytes([StateCommand.GET]), packb({"req": 1, "key": "k"})], "bad_version", None),
     ([b"HTTP/", bytes([StateCommand.GET]), packb({})], "bad_frame", None),
     ([SIGNATURE, b"\x42\x42", packb({})], "bad_frame", None),
     ([SIGNATURE, bytes([0x4F]), packb({"req": 1})], "unknown_command", None),
@@ -138,7 +138,7 @@ def test_state_and_broker_codecs_refuse_each_others_commands() -> None:
     ([SIGNATURE, bytes([StateCommand.ACQUIRE]),
       packb({"req": 10, "name": "l", "ttl_s": 1, "wait_s": float("nan")})], "bad_request", 10),
     ([SIGNATURE, bytes([StateCommand.LIST]), packb({"req": 11, "limit": 0})], "bad_request", 11),
-    ([SIGNATURE, bytes([StateCommand.HELLO]), packb({"req": 12, "v": 3})], "bad_version", 12),
+    ([SIGNATURE, bytes([StateCommand.HELLO]), packb({"req": 12, "v": 4})], "bad_version", 12),
     ([SIGNATURE, bytes([StateCommand.GET]), packb({"req": "one", "key": "k"})], "bad_request",
      None),
 ])

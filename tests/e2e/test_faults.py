@@ -303,7 +303,7 @@ def fuzz_frames(rng: random.Random) -> list[bytes]:
     if kind == 1:  # empty frames
         return [b""] * rng.randint(1, 5)
     if kind == 2:  # another protocol version
-        return [rng.choice([b"ORCH1", b"ORCH3"]), cmd, packb({})]
+        return [rng.choice([b"ORCH1", b"ORCH4"]), cmd, packb({})]
     if kind == 3:  # a wrong signature
         return [rng.choice([b"ORCH", b"ORCH10", b"orch1", b"ZMTP", rng.randbytes(5)]), cmd,
                 packb({})]

@@ -28,7 +28,7 @@ from wire.tasks import (
     Accepted, Ack, Assignment, Cancel, Command, decode, Direct, DIRECT_ASK, DIRECT_BROADCAST,
     DIRECT_NO_ACK, DirectItem, DirectVerdict, Disconnect, Dispatch, encode, Error, ErrorCode,
     Fetch, Heartbeat, Progress, Ready, ResultItem, Results, StatusReply, StatusRequest, Submit,
-    TaskList, TaskQuery, TaskSpec, Welcome,
+    TaskList, TaskQuery, TaskSpec, Welcome, Chunk, Read, Release, Withheld,
 )
 
 BIG = INLINE_PAYLOAD_MAX + 1
@@ -55,6 +55,7 @@ EVERY_MESSAGE = [
     Submit([
         TaskSpec("t-1", b"\x81\xa4data\x01", ("echo",), None, 0, None, None, None),
         TaskSpec("t-2", b"", ("a", "b"), "alpha", -3, 1.5, 2, "t-1"),
+        TaskSpec("t-3", b"", ("a",), None, 0, 2.0, None, None, 1.0, True),
     ]),
     Submit([]),
     Dispatch([
@@ -65,7 +66,12 @@ EVERY_MESSAGE = [
         ResultItem("t-1", "succeeded", b"\x90"),
         ResultItem("t-2", "failed", b"", "agent_error", "ValueError: boom", "alpha", 2, 1.25,
                    3.5, False),
+        ResultItem("t-3", "succeeded", Withheld(64_000_000), agent="big", attempts=1),
     ]),
+    Read(30, "t-3", 4_194_304, 4_194_304),
+    Chunk(31, "t-3", 0, 64_000_000, b"\x00" * 100),
+    Release(["t-1", "t-3"]),
+    Release([]),
     Accepted(["t-1", "t-2"]),
     Accepted([]),
     Ack(["t-1"]),
@@ -135,7 +141,7 @@ def test_every_message_type_round_trips(msg: Any) -> None:
     assert decoded == msg
     assert type(decoded) is type(msg)
     assert frames[0] == SIGNATURE
-    assert len(frames) == 3
+    assert len(frames) == (4 if isinstance(msg, Chunk) else 3)
 
 
 def test_round_trip_covers_every_message_class() -> None:
@@ -314,9 +320,9 @@ def _frames(command: int, header: Any, *blobs: bytes) -> list[bytes]:
     pytest.param(_frames(Command.READY, ["not", "a", "map"]), id="ready-array"),
     pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 0, "v": 1}),
                  id="ready-zero-max"),
-    pytest.param(_frames(Command.READY, {"id": 1, "name": "n", "caps": [], "max": 1, "v": 2}),
+    pytest.param(_frames(Command.READY, {"id": 1, "name": "n", "caps": [], "max": 1, "v": 3}),
                  id="ready-int-id"),
-    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": "x", "max": 1, "v": 2}),
+    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": "x", "max": 1, "v": 3}),
                  id="ready-string-caps"),
     pytest.param(_frames(Command.WELCOME, {"live": 3}), id="welcome-missing-interval"),
     pytest.param(_frames(Command.WELCOME, {"ivl": "fast", "live": 3}), id="welcome-str-interval"),
@@ -327,6 +333,18 @@ def _frames(command: int, header: Any, *blobs: bytes) -> list[bytes]:
     pytest.param(_frames(Command.STATUS, {"req": 1, "until": 5}), id="status-int-until"),
     pytest.param(_frames(Command.STATUS, {"req": 1, "timeout_s": "x"}), id="status-str-timeout"),
     pytest.param(_frames(Command.ERROR, [1]), id="error-array"),
+    pytest.param(_frames(Command.SUBMIT, [["t", b"", [], None, 0, None, None, None, None, 1]]),
+                 id="submit-int-hold"),
+    pytest.param(_frames(Command.RESULT, [["t", "succeeded", [-1], None, None, None, 0, None,
+                                           None, None]]), id="result-negative-withheld"),
+    pytest.param(_frames(Command.RESULT, [["t", "succeeded", [1, 2], None, None, None, 0,
+                                           None, None, None]]), id="result-withheld-pair"),
+    pytest.param(_frames(Command.READ, {"req": 1, "id": "t", "offset": 0}), id="read-no-length"),
+    pytest.param(_frames(Command.READ, {"req": 1, "id": "t", "offset": -1, "length": 5}),
+                 id="read-negative-offset"),
+    pytest.param(_frames(Command.CHUNK, {"req": 1, "id": "t", "offset": 0, "total": 3}),
+                 id="chunk-without-frame"),
+    pytest.param(_frames(Command.RELEASE, {"ids": "t"}), id="release-string"),
 ])
 def test_malformed_frames_raise_bad_frame(frames: list[bytes]) -> None:
     # Given frames that are not a valid message
@@ -338,12 +356,12 @@ def test_malformed_frames_raise_bad_frame(frames: list[bytes]) -> None:
 
 
 @pytest.mark.parametrize("frames", [
-    pytest.param([b"ORCH3", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH3"),
+    pytest.param([b"ORCH2", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH2"),
     pytest.param([b"ORCH0", bytes((Command.STATUS,)), packb({"req": 1})], id="signature-ORCH0"),
     pytest.param([b"ORCH", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH"),
     pytest.param([b"ORCH12", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH12"),
-    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1, "v": 3}),
-                 id="ready-version-3"),
+    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1, "v": 4}),
+                 id="ready-version-4"),
     pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1}),
                  id="ready-no-version"),
 ])
@@ -390,7 +408,7 @@ _header_keys = st.sampled_from(["id", "name", "caps", "max", "v", "running", "iv
 _map_headers = st.dictionaries(_header_keys, _msgpack_values, max_size=7)
 _batch_headers = st.lists(st.lists(_msgpack_values, min_size=5, max_size=10), max_size=4)
 _command_bytes = st.sampled_from([bytes((c,)) for c in Command]) | st.binary(max_size=3)
-_signatures = st.sampled_from([SIGNATURE, b"ORCH3", b"ORCH", b""]) | st.binary(max_size=6)
+_signatures = st.sampled_from([SIGNATURE, b"ORCH2", b"ORCH", b""]) | st.binary(max_size=6)
 
 #: Frame lists that are mostly well-formed on the outside, so that the header decoders
 #: (not only the signature check) see arbitrary input.
@@ -427,10 +445,10 @@ def _state(command: StateCommand, header: Any) -> list[bytes]:
 
 @pytest.mark.parametrize(("frames", "code", "req"), [
     pytest.param([SIGNATURE], "bad_frame", None, id="one-frame"),
-    pytest.param([b"ORCH3", bytes((StateCommand.GET,)), packb({"req": 1, "key": "k"})],
-                 "bad_version", None, id="signature-ORCH3"),
-    pytest.param(_state(StateCommand.HELLO, {"req": 1, "v": 3}), "bad_version", 1,
-                 id="hello-version-2"),
+    pytest.param([b"ORCH2", bytes((StateCommand.GET,)), packb({"req": 1, "key": "k"})],
+                 "bad_version", None, id="signature-ORCH2"),
+    pytest.param(_state(StateCommand.HELLO, {"req": 1, "v": 4}), "bad_version", 1,
+                 id="hello-version-4"),
     pytest.param([SIGNATURE, bytes((Command.SUBMIT,)), packb([])], "unknown_command", None,
                  id="task-command"),
     pytest.param([SIGNATURE, bytes((StateCommand.GET,)), b"\xc1"], "bad_frame", None,
