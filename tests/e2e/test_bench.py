@@ -1,5 +1,5 @@
-"""The latency benchmarks run end to end and print what the benchmark contract says
-(a few round trips each: their numbers are for bench runs, not for tests)."""
+"""The latency and workflow benchmarks run end to end and print what the benchmark
+contract says (a few round trips each: their numbers are for bench runs, not for tests)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,11 @@ def test_latency_floor_reports_every_setup_against_the_baseline() -> None:
     for setup in ("baseline", "forwarder", "forwarder_sdk", "orchestrator"):
         assert report[f"{setup}_p50_us"] > 0, setup
     assert report["baseline_ratio"] == 1.0
+
+
+def test_workflows_reports_the_workflow_and_the_direct_side() -> None:
+    report = run_bench("workflows.py", "--items", "200", "--rounds", "1")
+    assert report["items"] == 200
+    for key in ("workflow_tasks_per_s", "direct_tasks_per_s", "ratio"):
+        assert report[key] > 0, key
+    assert len(report["runs"]["ratio"]) == 1
