@@ -537,6 +537,19 @@ class DirPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class ExistingDir(click.Path):
+    """A directory that exists (``submit --path``): non-empty text, no NUL."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, file_okay=False, dir_okay=True, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and (not value or "\0" in value):
+            self.fail(f"{_show(value)} is not a directory path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 SECONDS = Seconds()
 #: A count of retries, items or processes: 0 (or ``low``) up to int64.
 RETRIES = BoundedInt(0)

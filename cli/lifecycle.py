@@ -12,8 +12,6 @@ pid.
 
 from __future__ import annotations
 
-import select
-import subprocess
 import sys
 import time
 from contextlib import closing
@@ -21,179 +19,34 @@ from pathlib import Path
 from typing import Any, Final
 
 import click
-import orjson
 
 from broker.config import DEFAULT_BIND, DURABILITIES, POLICIES
 from cli.common import (
     BIND, EXIT_FAILED, EXIT_UNREACHABLE, PING_TIMEOUT_S, Context, DataDirCommand, emit_json,
     fail, json_option, lock_held, lock_holder, read_broker_info,
 )
-from cli.processes import (
-    ProcessRef, end_child, end_process, log_size, log_tail, read_ref, spawn,
+from cli.launch import (
+    RUNNER_PID, AgentSpecs, Launch, StartFailed, broker_pid_file, parse_agents,
 )
+from cli.processes import ProcessRef, end_process, log_tail, read_ref
 
-#: How long `start` waits for the broker, then each agent, to report ready.
-START_TIMEOUT_S: Final = 30.0
 #: How long `stop` waits for a graceful exit before it kills.
 STOP_TIMEOUT_S: Final = 45.0
-#: How long a failed `start` gives what it started to exit before it kills it.
-UNDO_TIMEOUT_S: Final = 10.0
-#: Most processes `--agents` starts of one agent class.
-MAX_REPLICAS: Final = 1024
 
 START_HELP = """Start the broker in the background (lock, pid file and log in the data dir).
 
-Returns once the broker answers. Built-in agents do not exist yet, so no agent is started
+Returns once the broker answers, with the standing workflow runner (which drives the
+runs of `workflow run` and `submit TEXT`; --no-runner to skip it). Built-in agents do not exist yet, so no agent is started
 unless --agents names some: `--agents module:Class[=N],...` starts N processes of each,
-one after the other. If the broker or an agent does not come up, everything this start
+one after the other. If the broker, the runner or an agent does not come up, everything this start
 started is stopped again, and the error names the log and prints its last lines.
 """
 
 
-def _pid_file(home: Path) -> Path:
-    return home / "broker.pid"
+_pid_file = broker_pid_file
 
 
 # ---------------------------------------------------------------------- start
-
-
-class StartFailed(Exception):
-    """Raised when a process `start` launched did not report ready.
-
-    Args:
-        message: What did not start, and how it ended.
-        log: The log it wrote to.
-        offset: Where its lines begin in the log.
-    """
-
-    def __init__(self, message: str, log: Path, offset: int) -> None:
-        super().__init__(message)
-        self.log = log
-        self.offset = offset
-
-
-def _parse_agents(spec: str) -> list[tuple[str, int]]:
-    """Parse ``--agents module:Class[=N],...`` into (``module:Class``, N) pairs.
-
-    Raises:
-        click.BadParameter: A part is not ``module:Class`` with an optional ``=N``.
-    """
-    agents = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, count = part.partition("=")
-        module, _, cls = name.partition(":")
-        if not (module and cls and name.isprintable()) or (
-                count and not (count.isascii() and count.isdigit()
-                               and 1 <= int(count) <= MAX_REPLICAS)):
-            raise click.BadParameter(f"expected module:Class[=N] with N from 1 to "
-                                     f"{MAX_REPLICAS}, got {part!r}", param_hint="--agents")
-        agents.append((name, int(count or 1)))
-    return agents
-
-
-class AgentSpecs(click.ParamType):
-    """``--agents``: checked while the command line is parsed (see :func:`_parse_agents`)."""
-
-    name = "module:Class[=N],..."
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> str:
-        try:
-            _parse_agents(str(value))
-        except click.BadParameter as e:
-            self.fail(e.format_message(), param, ctx)
-        return str(value)
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], what: str, log: Path,
-                offset: int) -> dict[str, Any]:
-    """The first stdout line of a started process (its ready report), parsed as JSON.
-
-    Raises:
-        StartFailed: It exited, printed something else, or printed nothing within
-            :data:`START_TIMEOUT_S`.
-    """
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-    line = proc.stdout.readline() if ready else b""
-    if line:
-        try:
-            report: dict[str, Any] = orjson.loads(line)
-            return report
-        except orjson.JSONDecodeError:
-            raise StartFailed(f"{what} printed {line[:80]!r} instead of its ready line",
-                              log, offset) from None
-    if not ready:
-        raise StartFailed(f"{what} did not report ready within {START_TIMEOUT_S:g} s",
-                          log, offset)
-    try:
-        code: int | None = proc.wait(PING_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        code = None
-    raise StartFailed(f"{what} did not start (exit code {code})", log, offset)
-
-
-class Launch:
-    """What one `start` launched: the broker, then its agents, so that a failure can stop
-    exactly those again.
-
-    Args:
-        home: The data dir.
-    """
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.broker: subprocess.Popen[bytes] | None = None
-        self.agents: list[tuple[subprocess.Popen[bytes], Path | None]] = []
-
-    def start_broker(self, args: list[str]) -> dict[str, Any]:
-        """Run the broker; returns its ready report once it answers."""
-        log = self.home / "broker.log"
-        offset = log_size(log)
-        self.broker = spawn(args, log)
-        info = _wait_ready(self.broker, "the broker", log, offset)
-        _pid_file(self.home).write_text(ProcessRef.of(self.broker.pid).text())
-        return info
-
-    def start_agents(self, agents: list[tuple[str, int]], endpoint: str) -> list[str]:
-        """Start each agent's processes one at a time, each registered before the next.
-
-        Returns:
-            The agent ids, in the order they registered; their pid files are in
-            ``home/agents``.
-        """
-        started = []
-        log = self.home / "agents.log"
-        pid_dir = self.home / "agents"
-        pid_dir.mkdir(exist_ok=True)
-        for spec, replicas in agents:
-            for _ in range(replicas):
-                offset = log_size(log)
-                agent = spawn(["-m", "agent_sdk", "run", spec, "--broker", endpoint], log)
-                self.agents.append((agent, None))
-                registered = _wait_ready(agent, f"the agent {spec}", log, offset)
-                pid_file = pid_dir / f"{registered['agent_id']}.pid"
-                pid_file.write_text(ProcessRef.of(agent.pid).text())
-                self.agents[-1] = (agent, pid_file)
-                started.append(registered["agent_id"])
-        return started
-
-    def undo(self) -> dict[str, Any]:
-        """Stop what was launched (agents first, then the broker) and remove its files.
-
-        Returns:
-            The pids stopped, for the report: ``{"broker": pid, "agents": [pid, ...]}``.
-        """
-        for agent, pid_file in reversed(self.agents):
-            end_child(agent, UNDO_TIMEOUT_S)
-            if pid_file is not None:
-                pid_file.unlink(missing_ok=True)
-        if self.broker is not None:
-            end_child(self.broker, UNDO_TIMEOUT_S)
-            _pid_file(self.home).unlink(missing_ok=True)
-            (self.home / "broker.json").unlink(missing_ok=True)
-        return {"broker": self.broker.pid if self.broker is not None else None,
-                "agents": [agent.pid for agent, _ in self.agents]}
 
 
 def _ask_broker(endpoint: str | None) -> dict[str, Any] | None:
@@ -247,13 +100,16 @@ def _broker_args(home: Path, bind: str, policy: str, durability: str, state_bind
     return broker_args
 
 
-def _print_started(pid: int, info: dict[str, Any], started: list[str], home: Path,
-                   as_json: bool) -> None:
-    """Report a started broker: its pid, endpoints, agents and data dir."""
+def _print_started(pid: int, info: dict[str, Any], runner: dict[str, Any] | None,
+                   started: list[str], home: Path, as_json: bool) -> None:
+    """Report a started broker: its pid, endpoints, runner, agents and data dir."""
     if as_json:
         emit_json({"status": "started", "pid": pid, "endpoint": info["endpoint"],
                    "state": info.get("state"), "bus_out": info.get("bus_out"),
-                   "bus_in": info.get("bus_in"), "agents": started, "home": str(home)})
+                   "bus_in": info.get("bus_in"),
+                   "runner": None if runner is None else {"pid": runner.get("pid"),
+                                                          "runner_id": runner.get("runner_id")},
+                   "agents": started, "home": str(home)})
         return
     click.echo(f"broker started (pid {pid}) at {info['endpoint']}; data in {home}")
     if info.get("state"):
@@ -261,24 +117,41 @@ def _print_started(pid: int, info: dict[str, Any], started: list[str], home: Pat
     if info.get("bus_out"):
         click.echo(f"bus: subscribers connect to {info['bus_out']}, publishers to "
                    f"{info['bus_in']}")
+    if runner is not None:
+        click.echo(f"workflow runner started (pid {runner.get('pid')})")
     if started:
         click.echo(f"agents: {', '.join(started)}")
 
 
-def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]],
+def _undone(launch: Launch) -> str:
+    """What a failed start stopped again, before the process that failed: for its
+    message (empty when the broker itself failed)."""
+    if launch.broker is None or (launch.runner is None and not launch.agents):
+        return ""
+    # The process that failed is the last one started: the runner, or the last agent.
+    earlier = ["the broker"]
+    if launch.agents:
+        if launch.runner is not None:
+            earlier.append("the workflow runner")
+        if len(launch.agents) > 1:
+            earlier.append(f"the {len(launch.agents) - 1} agent(s) started before it")
+    if len(earlier) == 1:
+        return "; the broker was stopped again"
+    return f"; {', '.join(earlier[:-1])} and {earlier[-1]} were stopped again"
+
+
+def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], runner: bool,
             as_json: bool) -> None:
-    """Start the broker and the agents; on any failure stop them again and exit 1 with
-    the log and its last lines."""
+    """Start the broker, the workflow runner (when ``runner``) and the agents; on any
+    failure stop them again and exit 1 with the log and its last lines."""
     launch = Launch(home)
     try:
         info = launch.start_broker(broker_args)
+        ready = launch.start_runner(info["endpoint"]) if runner else None
         started = launch.start_agents(agents, info["endpoint"])
     except StartFailed as e:
+        undone = _undone(launch)
         stopped = launch.undo()
-        earlier = len(launch.agents) - 1
-        undone = "" if not launch.agents else "; the broker was stopped again" \
-            if not earlier else f"; the broker and the {earlier} agent(s) started before " \
-            "it were stopped again"
         fail(f"{e}{undone}. Its log is {e.log}; its last lines:", EXIT_FAILED,
              {"status": "failed", "log": str(e.log), "stopped": stopped, "home": str(home)},
              log_tail(e.log, e.offset))
@@ -286,7 +159,7 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]],
         launch.undo()  # Ctrl-C, or a bug: leave nothing half-started behind
         raise
     assert launch.broker is not None
-    _print_started(launch.broker.pid, info, started, home, as_json)
+    _print_started(launch.broker.pid, info, ready, started, home, as_json)
 
 
 @click.command(cls=DataDirCommand, help=START_HELP)
@@ -303,15 +176,19 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]],
 @click.option("--state-memory", is_flag=True, help="Keep shared state in memory only.")
 @click.option("--no-state", is_flag=True, help="Do not run the state service.")
 @click.option("--no-bus", is_flag=True, help="Do not run the pub/sub forwarder.")
+@click.option("--no-runner", is_flag=True,
+              help="Do not start the standing workflow runner (it drives the workflow runs "
+                   "submitted from the CLI; none starts with --no-state either).")
 @json_option()
 @click.pass_obj
 def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: str,
           no_agents: bool, foreground: bool, state_bind: str | None, state_memory: bool,
-          no_state: bool, no_bus: bool, as_json: bool) -> None:
-    """Start the broker and the agents of ``--agents``, unless it already runs."""
+          no_state: bool, no_bus: bool, no_runner: bool, as_json: bool) -> None:
+    """Start the broker, the workflow runner and the agents of ``--agents``, unless the
+    broker already runs."""
     home = obj.home
     # Parsed first, so that a bad --agents is a usage error before anything starts.
-    agents = [] if no_agents else _parse_agents(agents_spec)
+    agents = [] if no_agents else parse_agents(agents_spec)
     if _report_running(home, as_json):
         return
     broker_args = _broker_args(home, bind, policy, durability, state_bind, state_memory,
@@ -327,7 +204,7 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
              {"home": str(home)})
     # What a killed broker left: its endpoint would only time out.
     (home / "broker.json").unlink(missing_ok=True)
-    _launch(home, broker_args, agents, as_json)
+    _launch(home, broker_args, agents, not (no_runner or no_state), as_json)
 
 
 # ---------------------------------------------------------------------- stop
@@ -368,18 +245,45 @@ def _take_agents(home: Path) -> list[ProcessRef]:
     return agents
 
 
+def _take_runner(home: Path) -> ProcessRef | None:
+    """The data dir's standing workflow runner, if it runs; its pid file is removed."""
+    path = home / RUNNER_PID
+    ref = read_ref(path)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a data dir that cannot exist (a name too long...): no runner there
+        pass
+    return ref
+
+
+def runner_state(home: Path) -> dict[str, Any] | None:
+    """The standing workflow runner `start` launched for the data dir, for `status`:
+    ``{"pid", "running"}``, or None when `start` launched none (or it was stopped)."""
+    path = home / RUNNER_PID
+    try:
+        ref = ProcessRef.parse(path.read_text())
+    except OSError:
+        return None
+    return None if ref is None else {"pid": ref.pid, "running": ref.alive()}
+
+
 @click.command(cls=DataDirCommand,
-               help="Stop the broker gracefully (in-flight work drains first) and its agents.")
+               help="Stop the workflow runner, then the broker gracefully (in-flight work "
+                    "drains first), then its agents.")
 @json_option()
 @click.pass_obj
 def stop(obj: Context, as_json: bool) -> None:
-    """Stop the broker, then its agents; exit 3 when neither runs."""
+    """Stop the runner, the broker, then its agents; exit 3 when none of them runs."""
     home = obj.home
     agents = _take_agents(home)
-    if not lock_held(home) and not agents:
+    runner = _take_runner(home)
+    if not lock_held(home) and not agents and runner is None:
         _pid_file(home).unlink(missing_ok=True)
         fail(f"no broker is running for the data dir {home} ({obj.home_source})",
              EXIT_UNREACHABLE, {"home": str(home)})
+    # The runner first: it lets go of the runs it drives while the broker still answers.
+    if runner is not None:
+        end_process(runner.pid, runner.gone, STOP_TIMEOUT_S)
     pid, graceful = _stop_broker(home)
     for agent in agents:
         end_process(agent.pid, agent.gone, STOP_TIMEOUT_S)
@@ -387,9 +291,11 @@ def stop(obj: Context, as_json: bool) -> None:
     (home / "broker.json").unlink(missing_ok=True)
     if as_json:
         emit_json({"status": "stopped", "pid": pid, "graceful": graceful,
+                   "runner_stopped": runner.pid if runner is not None else None,
                    "agents_stopped": len(agents), "home": str(home)})
     elif pid is None:
-        click.echo(f"no broker was running; {len(agents)} agent(s) stopped")
+        click.echo(f"no broker was running; {len(agents)} agent(s) stopped"
+                   + (f", the workflow runner (pid {runner.pid}) stopped" if runner else ""))
     else:
         click.echo(f"broker stopped (pid {pid})" + ("" if graceful else " (killed after timeout)"))
 
@@ -404,10 +310,17 @@ def stop(obj: Context, as_json: bool) -> None:
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 @click.pass_obj
 def status(obj: Context, as_json: bool, watch: bool) -> None:
-    """Print the broker's status once, or refresh it every second with ``--watch``."""
+    """Print the broker's status once, or refresh it every second with ``--watch``;
+    the standing workflow runner `start` launched is shown under ``runner``."""
+
+    def document() -> dict[str, Any]:
+        found = client.status(PING_TIMEOUT_S)
+        found["runner"] = runner_state(obj.home)
+        return found
+
     with closing(obj.client()) as client:
         if as_json:
-            emit_json(client.status(PING_TIMEOUT_S))
+            emit_json(document())
             return
         from rich.console import Console
         from rich.live import Live
@@ -416,13 +329,12 @@ def status(obj: Context, as_json: bool, watch: bool) -> None:
 
         console = Console()
         if not watch:
-            print_status(client.status(PING_TIMEOUT_S), str(obj.home), console)
+            print_status(document(), str(obj.home), console)
             return
         with Live(console=console) as live:
             try:
                 while True:
-                    live.update(status_view(client.status(PING_TIMEOUT_S), str(obj.home),
-                                            console.width))
+                    live.update(status_view(document(), str(obj.home), console.width))
                     time.sleep(1.0)  # the refresh period of --watch
             except KeyboardInterrupt:
                 pass

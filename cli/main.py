@@ -4,7 +4,8 @@ Exit codes: 0 success, 1 task failed or not found, 2 usage error, 3 broker unrea
 Every command that prints data takes ``--json`` and then prints exactly one JSON document.
 
 This module only assembles the group: the commands live in one module per topic
-(:mod:`cli.lifecycle`, :mod:`cli.tasks`, :mod:`cli.state`, :mod:`cli.bench`) and what
+(:mod:`cli.lifecycle`, :mod:`cli.tasks`, :mod:`cli.state`, :mod:`cli.bench`,
+:mod:`cli.workflow`) and what
 they share in :mod:`cli.common`. Nothing imports this module but the entry points.
 """
 
@@ -20,6 +21,7 @@ from cli.common import URL, CliGroup, Context, DirPath
 from cli.lifecycle import start, status, stop
 from cli.state import state
 from cli.tasks import cancel, result, submit, tasks, trace
+from cli.workflow import workflow
 
 HELP = "Orchestrator: run many AI agents as processes and coordinate them through a broker."
 
@@ -42,7 +44,8 @@ def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
 
 
 # `--help` lists the commands sorted by name, so the order here does not show.
-for _command in (start, stop, status, submit, result, cancel, trace, tasks, bench, state):
+for _command in (start, stop, status, submit, result, cancel, trace, tasks, bench, state,
+                 workflow):
     main.add_command(_command)
 
 

@@ -107,6 +107,10 @@ def summary(status: dict[str, Any], data_dir: str) -> Table:
                             f"{bus['subscribed_prefixes']} subscribed prefix(es)")
     if messaging.get("direct"):
         head.add_row("direct", "  ".join(f"{k} {v}" for k, v in messaging["direct"].items()))
+    runner = status.get("runner")
+    if runner:
+        head.add_row("workflow runner", f"pid {runner['pid']}  "
+                     + ("running" if runner["running"] else "not running (see runner.log)"))
     return head
 
 

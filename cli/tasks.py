@@ -11,15 +11,17 @@ import sys
 import threading
 from collections.abc import Callable
 from contextlib import closing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 import orjson
 
 from cli.common import (
-    EXIT_FAILED, EXIT_OK, NAME, PING_TIMEOUT_S, PRIORITY, RETRIES, SECONDS, TASK_ID, TEXT,
-    Context, DataDirCommand, count, echo_data, emit_json, fail, json_option,
+    EXIT_FAILED, EXIT_OK, EXIT_USAGE, NAME, PING_TIMEOUT_S, PRIORITY, RETRIES, SECONDS, TASK_ID, TEXT,
+    Context, DataDirCommand, ExistingDir, count, echo_data, emit_json, fail, json_option,
 )
+from cli.plans import submit_planned
 
 if TYPE_CHECKING:
     from agent_sdk import Result, SyncClient, SyncTaskHandle
@@ -29,8 +31,13 @@ T = TypeVar("T")
 
 SUBMIT_HELP = """Submit a task and (unless --no-wait) print its result.
 
-TEXT becomes the task's `text` field. Without --capability or --agent the task goes to
-any agent (the planner that turns TEXT into a workflow comes later)."""
+With --capability or --agent, TEXT becomes the task's `text` field and the task goes to an
+agent that matches. Without them, the planner turns TEXT into a workflow ("Analyze this
+codebase for security issues", "Research vector databases", "Build a REST API", ...) over
+the files of --path (default: the working directory) and runs it as a durable run: the
+run id is printed first (on stderr), then the steps done/total and the output. --plan
+prints the plan instead, marking the capabilities no agent online offers; a text the
+planner cannot place exits 2, listing what the agents online can do."""
 TASKS_HELP = """List tasks: the open ones (pending, dispatched, running, retrying), newest
 first, then the finished ones the broker retains, newest first.
 
@@ -223,20 +230,38 @@ def _report_accepted(handle: SyncTaskHandle, as_json: bool) -> None:
 @click.option("--retries", type=RETRIES, default=None, help="Retries on failure.")
 @click.option("--priority", type=PRIORITY, default=0, show_default=True)
 @click.option("--id", "task_id", type=TASK_ID, default=None, help="Task id (the idempotency key).")
-@click.option("--no-wait", is_flag=True, help="Return once the broker accepted the task.")
+@click.option("--no-wait", is_flag=True, help="Return once the broker accepted the task "
+                                               "(or the run was submitted).")
+@click.option("--path", type=ExistingDir(), default=None,
+              help="Without --capability/--agent: the directory the planned workflow works "
+                   "on (default: the working directory).")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Without --capability/--agent: print the plan, run nothing.")
 @json_option()
 @click.pass_obj
 def submit(obj: Context, text: str, capabilities: tuple[str, ...], agent: str | None,
            payload: str | None, timeout: float | None, attempt_timeout: float | None,
            retries: int | None, priority: int, task_id: str | None, no_wait: bool,
-           as_json: bool) -> None:
+           path: Path | None, plan_only: bool, as_json: bool) -> None:
     """Submit TEXT as a task; print its id (``--no-wait``) or wait and print its result.
+    Without ``--capability``/``--agent``, plan TEXT into a workflow and run that
+    (:func:`cli.plans.submit_planned`; ``--id`` is then the run id, ``--timeout`` the
+    run's deadline).
 
     A task no live agent can take is said at once on stderr (with how long it waits);
     Ctrl-C while waiting says how to cancel the task and exits 130.
     """
     # Parsed before connecting, so that a bad --payload is a usage error (exit 2), not 3.
     options = _parse_payload(payload)
+    if not capabilities and agent is None:
+        given = [name for name, value in (("--payload", payload), ("--retries", retries),
+                                          ("--priority", priority or None),
+                                          ("--attempt-timeout", attempt_timeout))
+                 if value is not None]
+        submit_planned(obj, text, path, plan_only, timeout, task_id, no_wait, as_json, given)
+    if plan_only or path is not None:
+        fail("--plan and --path are for the planner: leave out --capability and --agent",
+             EXIT_USAGE)
     submitted: str | None = None
     try:
         with closing(obj.client()) as client:

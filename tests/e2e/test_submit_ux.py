@@ -50,11 +50,13 @@ def read_line(stream: object, timeout: float = LINE_TIMEOUT_S) -> str:
 def test_a_task_nobody_can_take_is_said_at_once_and_ctrl_c_says_how_to_cancel(
         home: Path) -> None:
     start(home)
-    proc = spawn(home, "submit", "anything", "--id", "lonely")
+    # (free text without --capability goes to the planner: this task names one)
+    proc = spawn(home, "submit", "anything", "-c", "nobody-offers-this", "--id", "lonely")
     try:
         # The first line on stderr, at once: nobody offers it, it waits, how long, its id.
         line = read_line(proc.stderr)
-        assert "no agent is online" in line and "lonely" in line, line
+        assert "no agent online offers capability 'nobody-offers-this'" in line, line
+        assert "lonely" in line, line
         assert "up to 300 s" in line and "orchestrator cancel lonely" in line, line
         assert proc.poll() is None  # it waits
         proc.send_signal(signal.SIGINT)

@@ -1,0 +1,193 @@
+"""What ``orchestrator start`` launches: the broker, the standing workflow runner and the
+agents of ``--agents``, each waited for until it reports ready, so that a failure can stop
+exactly what was started.
+
+Every process prints one JSON line on stdout once it is ready (the broker its endpoints,
+the runner ``{"event": "ready", ...}``, an agent its registration); its stderr goes to its
+log in the data dir, which a failed start quotes.
+"""
+
+from __future__ import annotations
+
+import select
+import subprocess
+from pathlib import Path
+from typing import Any, Final
+
+import click
+import orjson
+
+from cli.common import PING_TIMEOUT_S
+from cli.processes import ProcessRef, end_child, log_size, spawn
+
+#: How long `start` waits for the broker, the runner, then each agent, to report ready.
+START_TIMEOUT_S: Final = 30.0
+#: How long a failed `start` gives what it started to exit before it kills it.
+UNDO_TIMEOUT_S: Final = 10.0
+#: Most processes `--agents` starts of one agent class.
+MAX_REPLICAS: Final = 1024
+#: The standing runner's pid file and log, in the data dir.
+RUNNER_PID: Final = "runner.pid"
+RUNNER_LOG: Final = "runner.log"
+
+
+def broker_pid_file(home: Path) -> Path:
+    """The broker's pid file in the data dir ``home``."""
+    return home / "broker.pid"
+
+
+class StartFailed(Exception):
+    """Raised when a process `start` launched did not report ready.
+
+    Args:
+        message: What did not start, and how it ended.
+        log: The log it wrote to.
+        offset: Where its lines begin in the log.
+    """
+
+    def __init__(self, message: str, log: Path, offset: int) -> None:
+        super().__init__(message)
+        self.log = log
+        self.offset = offset
+
+
+def parse_agents(spec: str) -> list[tuple[str, int]]:
+    """Parse ``--agents module:Class[=N],...`` into (``module:Class``, N) pairs.
+
+    Raises:
+        click.BadParameter: A part is not ``module:Class`` with an optional ``=N``.
+    """
+    agents = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, count = part.partition("=")
+        module, _, cls = name.partition(":")
+        if not (module and cls and name.isprintable()) or (
+                count and not (count.isascii() and count.isdigit()
+                               and 1 <= int(count) <= MAX_REPLICAS)):
+            raise click.BadParameter(f"expected module:Class[=N] with N from 1 to "
+                                     f"{MAX_REPLICAS}, got {part!r}", param_hint="--agents")
+        agents.append((name, int(count or 1)))
+    return agents
+
+
+class AgentSpecs(click.ParamType):
+    """``--agents``: checked while the command line is parsed (see :func:`parse_agents`)."""
+
+    name = "module:Class[=N],..."
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            parse_agents(str(value))
+        except click.BadParameter as e:
+            self.fail(e.format_message(), param, ctx)
+        return str(value)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], what: str, log: Path,
+               offset: int) -> dict[str, Any]:
+    """The first stdout line of a started process (its ready report), parsed as JSON.
+
+    Raises:
+        StartFailed: It exited, printed something else, or printed nothing within
+            :data:`START_TIMEOUT_S`.
+    """
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+    line = proc.stdout.readline() if ready else b""
+    if line:
+        try:
+            report: dict[str, Any] = orjson.loads(line)
+            return report
+        except orjson.JSONDecodeError:
+            raise StartFailed(f"{what} printed {line[:80]!r} instead of its ready line",
+                              log, offset) from None
+    if not ready:
+        raise StartFailed(f"{what} did not report ready within {START_TIMEOUT_S:g} s",
+                          log, offset)
+    try:
+        code: int | None = proc.wait(PING_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    raise StartFailed(f"{what} did not start (exit code {code})", log, offset)
+
+
+class Launch:
+    """What one `start` launched: the broker, the runner, then the agents, so that a
+    failure can stop exactly those again.
+
+    Args:
+        home: The data dir.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.runner: subprocess.Popen[bytes] | None = None
+        self.agents: list[tuple[subprocess.Popen[bytes], Path | None]] = []
+
+    def start_broker(self, args: list[str]) -> dict[str, Any]:
+        """Run the broker; returns its ready report once it answers."""
+        log = self.home / "broker.log"
+        offset = log_size(log)
+        self.broker = spawn(args, log)
+        info = wait_ready(self.broker, "the broker", log, offset)
+        broker_pid_file(self.home).write_text(ProcessRef.of(self.broker.pid).text())
+        return info
+
+    def start_runner(self, endpoint: str) -> dict[str, Any]:
+        """Run the standing workflow runner (``python -m workflows.runner``) against the
+        broker; returns its ready report (``runner_id``, ``pid``). Its pid file is
+        ``home/runner.pid``, its log ``home/runner.log``."""
+        log = self.home / RUNNER_LOG
+        offset = log_size(log)
+        self.runner = spawn(["-m", "workflows.runner", "--broker", endpoint], log)
+        info = wait_ready(self.runner, "the workflow runner", log, offset)
+        (self.home / RUNNER_PID).write_text(ProcessRef.of(self.runner.pid).text())
+        return info
+
+    def start_agents(self, agents: list[tuple[str, int]], endpoint: str) -> list[str]:
+        """Start each agent's processes one at a time, each registered before the next.
+
+        Returns:
+            The agent ids, in the order they registered; their pid files are in
+            ``home/agents``.
+        """
+        started = []
+        log = self.home / "agents.log"
+        pid_dir = self.home / "agents"
+        pid_dir.mkdir(exist_ok=True)
+        for spec, replicas in agents:
+            for _ in range(replicas):
+                offset = log_size(log)
+                agent = spawn(["-m", "agent_sdk", "run", spec, "--broker", endpoint], log)
+                self.agents.append((agent, None))
+                registered = wait_ready(agent, f"the agent {spec}", log, offset)
+                pid_file = pid_dir / f"{registered['agent_id']}.pid"
+                pid_file.write_text(ProcessRef.of(agent.pid).text())
+                self.agents[-1] = (agent, pid_file)
+                started.append(registered["agent_id"])
+        return started
+
+    def undo(self) -> dict[str, Any]:
+        """Stop what was launched (agents first, then the runner, then the broker) and
+        remove their files.
+
+        Returns:
+            The pids stopped, for the report:
+            ``{"broker": pid, "runner": pid, "agents": [pid, ...]}``.
+        """
+        for agent, pid_file in reversed(self.agents):
+            end_child(agent, UNDO_TIMEOUT_S)
+            if pid_file is not None:
+                pid_file.unlink(missing_ok=True)
+        if self.runner is not None:
+            end_child(self.runner, UNDO_TIMEOUT_S)
+            (self.home / RUNNER_PID).unlink(missing_ok=True)
+        if self.broker is not None:
+            end_child(self.broker, UNDO_TIMEOUT_S)
+            broker_pid_file(self.home).unlink(missing_ok=True)
+            (self.home / "broker.json").unlink(missing_ok=True)
+        return {"broker": self.broker.pid if self.broker is not None else None,
+                "runner": self.runner.pid if self.runner is not None else None,
+                "agents": [agent.pid for agent, _ in self.agents]}

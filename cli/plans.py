@@ -1,0 +1,81 @@
+"""``orchestrator submit TEXT`` without ``--capability`` or ``--agent``: the planner turns
+the text into a workflow (:mod:`workflows.planner`), which runs as a durable run.
+
+``--plan`` prints the plan without running it, marking the capabilities no agent online
+offers. A text the planner cannot place is a usage error (exit 2) whose one line lists
+what the agents online can do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from cli.common import EXIT_OK, EXIT_USAGE, PING_TIMEOUT_S, Context, emit_json, fail
+from cli.runs import Session, submit_and_follow, warn_if_undriven
+
+def online_capabilities(status: dict[str, Any]) -> set[str]:
+    """What the live agents of a broker status document offer."""
+    return {c for agent in status.get("agents", ()) if agent.get("state") == "ready"
+            for c in agent.get("capabilities", ())}
+
+
+def _say_missing(missing: tuple[str, ...], run_id: str, deadline_s: float | None) -> None:
+    """Tell the user at once which capabilities nobody online offers, and how long the
+    run waits for them."""
+    how_long = (f"up to its deadline ({deadline_s:g} s)" if deadline_s
+                else "until an agent offers them (no deadline; --timeout sets one)")
+    names = ", ".join(repr(c) for c in missing)
+    click.echo(f"no agent online offers {names}; run {run_id} waits for them {how_long}. "
+               f"Start an agent, or cancel it with `orchestrator workflow cancel {run_id}`",
+               err=True)
+
+
+def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
+                   timeout: float | None, run_id: str | None, no_wait: bool, as_json: bool,
+                   task_only: list[str]) -> NoReturn:
+    """Plan ``text`` and print the plan (``plan_only``) or run it as a durable run.
+
+    Args:
+        obj: The command's context.
+        text: The request.
+        path: ``--path``: the tree to work on (default: the working directory).
+        plan_only: ``--plan``: print the plan, run nothing.
+        timeout: ``--timeout``: the run's deadline in seconds.
+        run_id: ``--id``: the run id.
+        no_wait: ``--no-wait``: print the run id once submitted.
+        as_json: ``--json``.
+        task_only: The options given that only a task sent as is takes.
+    """
+    from workflows.planner import PlanError, plan
+
+    with Session(obj) as session:
+        if task_only:
+            verb = "applies" if len(task_only) == 1 else "apply"
+            fail(f"{', '.join(task_only)} {verb} only to a task sent with --capability or "
+                 "--agent; without them the planner turns TEXT into a workflow", EXIT_USAGE)
+        status = session.call(session.client.status(PING_TIMEOUT_S))
+        online = online_capabilities(status)
+        try:
+            planned = plan(text, cwd=os.getcwd(), path=path, online_capabilities=online)
+        except PlanError as e:
+            fail(str(e), EXIT_USAGE)
+        if plan_only:
+            if as_json:
+                emit_json(planned.to_dict(include_input=False))
+            else:
+                click.echo(planned.describe())
+            raise SystemExit(EXIT_OK)
+        deadline_s = timeout or planned.workflow.deadline_s
+
+        def submitted(new_id: str) -> None:
+            if planned.missing:
+                _say_missing(planned.missing, new_id, deadline_s)
+
+        warn_if_undriven(obj)
+        submit_and_follow(session, planned.workflow, planned.input, run_id=run_id,
+                          deadline_s=timeout, no_wait=no_wait, as_json=as_json,
+                          on_submitted=submitted)
