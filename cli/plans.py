@@ -75,7 +75,7 @@ def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
             if planned.missing:
                 _say_missing(planned.missing, new_id, deadline_s)
 
-        warn_if_undriven(obj)
+        warn_if_undriven(obj, session)
         submit_and_follow(session, planned.workflow, planned.input, run_id=run_id,
                           deadline_s=timeout, no_wait=no_wait, as_json=as_json,
                           on_submitted=submitted)

@@ -331,17 +331,23 @@ def submit_and_follow(session: Session, workflow: Workflow, data: Any, *,
     print_outcome(details, as_json)
 
 
-def warn_if_undriven(obj: Context) -> None:
-    """Say on stderr when the data dir's standing runner, which drives submitted runs,
-    was started but is not running (its log says why)."""
+def warn_if_undriven(obj: Context, session: Session) -> None:
+    """Say on stderr when no standing runner, on any machine, will drive a submitted run:
+    the data dir's runner was started but is not running (its log says why), or no
+    runner serves this broker at all."""
     from cli.processes import ProcessRef
+    from workflows.api import live_runners
 
     path = obj.home / "runner.pid"
     try:
         ref = ProcessRef.parse(path.read_text())
     except OSError:
-        return
+        ref = None
     if ref is not None and not ref.alive():
         click.echo(f"warning: the workflow runner (pid {ref.pid}) is not running; the run "
                    f"waits until one drives it (see {obj.home / 'runner.log'}, restart with "
                    "`orchestrator stop` and `orchestrator start`)", err=True)
+    elif not session.call(live_runners(client=session.client)):
+        click.echo("warning: no workflow runner serves this broker; the run waits until one "
+                   "drives it (`orchestrator start` runs one, or `python -m workflows.runner "
+                   f"--broker {session.url}`)", err=True)

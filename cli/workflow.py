@@ -88,7 +88,7 @@ def run(obj: Context, text: str, data: Any, timeout: float | None, run_id: str |
     definition = _load(text) if Path(text).is_file() else None
     with Session(obj) as session:
         definition = definition or _load(text)
-        warn_if_undriven(obj)
+        warn_if_undriven(obj, session)
         submit_and_follow(session, definition, data, run_id=run_id, deadline_s=timeout,
                           no_wait=no_wait, as_json=as_json)
 

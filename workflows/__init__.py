@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from workflows.api import (
     ApprovalRecord, CancelRecord, ResumeRecord, RunDetails, RunProgress, RunSummary,
-    StepCheckpoint, approve, approve_run, cancel_run, drive_run, list_runs, resume_run,
+    StepCheckpoint, approve, approve_run, cancel_run, drive_run, list_runs, live_runners,
+    resume_run,
     run_status, submit_run, wait_run,
 )
 from workflows.errors import (
@@ -46,7 +47,7 @@ __all__ = [
     # durable runs
     "ApprovalRecord", "CancelRecord", "ResumeRecord", "RunDetails", "RunProgress", "RunStatus",
     "RunSummary", "StepCheckpoint", "StepOutput", "approve", "approve_run", "cancel_run",
-    "drive_run", "list_runs", "resume_run", "run_status", "submit_run", "wait_run",
+    "drive_run", "list_runs", "live_runners", "resume_run", "run_status", "submit_run", "wait_run",
     # errors
     "AlreadyAnswered", "NoAgentFor", "RunCancelled", "RunEnded", "RunFailed", "RunNotFound",
     "RunRejected", "RunStateError", "StepFailed", "WorkflowError", "WorkflowInputError",

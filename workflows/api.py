@@ -211,6 +211,15 @@ def new_record(workflow: Workflow, data: Any, run_id: str | None, submitted_by: 
     return record
 
 
+async def live_runners(*, client: Client | None = None, broker: str | None = None
+                       ) -> list[str]:
+    """The ids of the standing runners serving now, on any machine (each holds its
+    presence lock while it serves): none means a submitted run waits for one."""
+    async with connected(client, broker) as c:
+        locks = await c.state.locks(ids.RUNNERS_PREFIX)
+    return sorted(lock.name[len(ids.RUNNERS_PREFIX):] for lock in locks)
+
+
 async def submit_run(definition: Workflow | dict[str, Any], data: Any = None, *,
                      client: Client | None = None, broker: str | None = None,
                      run_id: str | None = None, deadline_s: float | None = None,

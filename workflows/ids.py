@@ -35,6 +35,9 @@ CHECKPOINTS_PREFIX: Final = "wf/ckpt/"
 CONTROL_PREFIX: Final = "wf/ctl/"
 BLOBS_PREFIX: Final = "wf/blob/"
 LEASES_PREFIX: Final = "wf/lease/"
+#: Each standing runner holds the lock ``RUNNERS_PREFIX + runner id`` while it serves,
+#: so a client can tell whether any runner, on any machine, will drive its run.
+RUNNERS_PREFIX: Final = "wf/runners/"
 #: Bus topics of run events: ``workflow.<run id>``.
 EVENTS_TOPIC_PREFIX: Final = "workflow."
 #: The prefix of every task id a run submits.
@@ -113,6 +116,11 @@ def blob_prefix(run_id: str, what: str) -> str:
 def lease_name(run_id: str) -> str:
     """The lock a runner holds while it drives the run."""
     return f"{LEASES_PREFIX}{run_id}"
+
+
+def runner_presence(runner_id: str) -> str:
+    """The lock a standing runner holds while it serves (see :data:`RUNNERS_PREFIX`)."""
+    return f"{RUNNERS_PREFIX}{runner_id}"
 
 
 def events_topic(run_id: str) -> str:

@@ -85,6 +85,11 @@ class Runner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, ACQUIRE_RETRY_MAX_S)
 
+    async def acquire_presence(self) -> Lease:
+        """The lock that tells clients this runner serves (``ids.RUNNERS_PREFIX``)."""
+        return await self.client.state.acquire(ids.runner_presence(self.runner_id),
+                                                ttl=self.lease_ttl_s, wait=None)
+
     async def drive(self, run_id: str, lease: Lease | None = None) -> RunRecord:
         """Drive ``run_id`` until it ends; returns its final record. Without ``lease``,
         waits for it first; a turn that loses the lease, or is asked to resume, waits
@@ -127,6 +132,8 @@ class Runner:
     async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Drive every run that has not ended, as its lease comes free, until
         :meth:`stop`; ``on_ready`` is called once the watch on the runs is in place."""
+        # Held (and renewed) while this runner serves; it lapses with the process.
+        presence = await self.acquire_presence()
         watch = await self.client.state.watch(ids.RUNS_PREFIX, self._on_record)
         try:
             for record in await self.store.records():
@@ -136,6 +143,7 @@ class Runner:
             await self._stopping.wait()
         finally:
             await watch.cancel()
+            await presence.release()
             drivers = list(self._drivers.values())
             for driver in drivers:
                 driver.cancel()

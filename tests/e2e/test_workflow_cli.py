@@ -131,6 +131,11 @@ def test_start_launches_the_runner_status_shows_it_and_stop_stops_it(tmp_path: P
         assert status.returncode == 0, status.stderr
         assert as_json(status)["runner"] == {"pid": runner["pid"], "running": True}
         assert "workflow runner" in orchestrator(home, "status").stdout
+        # A run submitted now has a runner to drive it: no warning
+        (tmp_path / "two.yaml").write_text(TWO_STEPS)
+        queued = orchestrator(home, "workflow", "run", str(tmp_path / "two.yaml"), "--no-wait")
+        assert queued.returncode == 0, queued.stderr
+        assert "warning" not in queued.stderr, queued.stderr
     finally:
         stopped = orchestrator(home, "stop", "--json")
     assert stopped.returncode == 0, stopped.stderr
@@ -144,6 +149,10 @@ def test_start_launches_the_runner_status_shows_it_and_stop_stops_it(tmp_path: P
         assert started.returncode == 0, started.stderr
         assert as_json(started)["runner"] is None
         assert as_json(orchestrator(home, "status", "--json"))["runner"] is None
+        # A run submitted now waits for a runner, and the user is told so at once
+        queued = orchestrator(home, "workflow", "run", str(tmp_path / "two.yaml"), "--no-wait")
+        assert queued.returncode == 0, queued.stderr
+        assert "warning: no workflow runner serves this broker" in queued.stderr, queued.stderr
     finally:
         assert orchestrator(home, "stop").returncode == 0
 
