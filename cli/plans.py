@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import zmq
 
 from cli.common import EXIT_OK, EXIT_USAGE, PING_TIMEOUT_S, Context, emit_json, fail
 from cli.runs import Session, submit_and_follow, warn_if_undriven
@@ -34,6 +35,43 @@ def _say_missing(missing: tuple[str, ...], run_id: str, deadline_s: float | None
                err=True)
 
 
+def _online_if_reachable(obj: Context) -> set[str] | None:
+    """What the agents of the broker offer, or None when no broker answers (a plan can
+    still be shown: nothing of it needs the broker but this check)."""
+    from agent_sdk import OrchestratorError, SyncClient
+
+    try:
+        client = SyncClient(obj.broker_url)
+    except (OrchestratorError, zmq.ZMQError):
+        return None
+    try:
+        return online_capabilities(client.status(timeout=PING_TIMEOUT_S))
+    except OrchestratorError:
+        return None
+    finally:
+        client.close()
+
+
+def _print_plan(obj: Context, text: str, path: Path | None, as_json: bool) -> NoReturn:
+    """``--plan``: the plan, its missing capabilities marked when a broker answers, and
+    a note on stderr when none does."""
+    from workflows.planner import PlanError, plan
+
+    online = _online_if_reachable(obj)
+    try:
+        planned = plan(text, cwd=os.getcwd(), path=path, online_capabilities=online)
+    except PlanError as e:
+        fail(str(e), EXIT_USAGE)
+    if online is None:
+        click.echo(f"note: no broker answers at {obj.broker_url}: the plan does not say which "
+                   "capabilities are online", err=True)
+    if as_json:
+        emit_json({**planned.to_dict(include_input=False), "online_checked": online is not None})
+    else:
+        click.echo(planned.describe())
+    raise SystemExit(EXIT_OK)
+
+
 def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
                    timeout: float | None, run_id: str | None, no_wait: bool, as_json: bool,
                    task_only: list[str]) -> NoReturn:
@@ -52,23 +90,19 @@ def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
     """
     from workflows.planner import PlanError, plan
 
+    if task_only:
+        verb = "applies" if len(task_only) == 1 else "apply"
+        fail(f"{', '.join(task_only)} {verb} only to a task sent with --capability or "
+             "--agent; without them the planner turns TEXT into a workflow", EXIT_USAGE)
+    if plan_only:
+        _print_plan(obj, text, path, as_json)
     with Session(obj) as session:
-        if task_only:
-            verb = "applies" if len(task_only) == 1 else "apply"
-            fail(f"{', '.join(task_only)} {verb} only to a task sent with --capability or "
-                 "--agent; without them the planner turns TEXT into a workflow", EXIT_USAGE)
         status = session.call(session.client.status(PING_TIMEOUT_S))
         online = online_capabilities(status)
         try:
             planned = plan(text, cwd=os.getcwd(), path=path, online_capabilities=online)
         except PlanError as e:
             fail(str(e), EXIT_USAGE)
-        if plan_only:
-            if as_json:
-                emit_json(planned.to_dict(include_input=False))
-            else:
-                click.echo(planned.describe())
-            raise SystemExit(EXIT_OK)
         deadline_s = timeout or planned.workflow.deadline_s
 
         def submitted(new_id: str) -> None:

@@ -337,3 +337,24 @@ def test_every_workflow_command_has_help_and_needs_a_broker(tmp_path: Path) -> N
                         "--json")
     assert down.returncode == 3 and as_json(down)["exit_code"] == 3
     assert "not answering" in one_line_error(down)
+
+
+def test_submit_plan_works_without_a_broker_and_says_so(tmp_path: Path) -> None:
+    # Given no broker at all, and a project
+    home = tmp_path / "home"
+    (tmp_path / "app.py").write_text("import os\n")
+    text = "audit this project for vulnerabilities"
+    # When the plan is asked for
+    shown = orchestrator(home, "--broker", "tcp://127.0.0.1:1", "submit", "--plan", text,
+                         "--path", str(tmp_path))
+    # Then it is shown, with a note that the capabilities online were not checked
+    assert shown.returncode == 0, shown.stderr
+    assert "capability security_audit" in shown.stdout
+    assert "no broker answers at tcp://127.0.0.1:1" in shown.stderr
+    planned = orchestrator(home, "--broker", "tcp://127.0.0.1:1", "submit", "--plan", text,
+                           "--path", str(tmp_path), "--json")
+    assert planned.returncode == 0 and as_json(planned)["online_checked"] is False
+    # And running it still needs the broker (exit 3)
+    ran = orchestrator(home, "--broker", "tcp://127.0.0.1:1", "submit", text, "--path",
+                       str(tmp_path))
+    assert ran.returncode == 3, ran.stderr
