@@ -90,13 +90,13 @@ def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
     """
     from workflows.planner import PlanError, plan
 
-    if task_only:
-        verb = "applies" if len(task_only) == 1 else "apply"
-        fail(f"{', '.join(task_only)} {verb} only to a task sent with --capability or "
-             "--agent; without them the planner turns TEXT into a workflow", EXIT_USAGE)
-    if plan_only:
+    if plan_only and not task_only:
         _print_plan(obj, text, path, as_json)
     with Session(obj) as session:
+        if task_only:
+            verb = "applies" if len(task_only) == 1 else "apply"
+            fail(f"{', '.join(task_only)} {verb} only to a task sent with --capability or "
+                 "--agent; without them the planner turns TEXT into a workflow", EXIT_USAGE)
         status = session.call(session.client.status(PING_TIMEOUT_S))
         online = online_capabilities(status)
         try:
