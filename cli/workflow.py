@@ -85,7 +85,11 @@ def run(obj: Context, text: str, data: Any, timeout: float | None, run_id: str |
     """Submit the workflow of the file ``text`` as a durable run, then follow it."""
     # A file that is there is checked before anything connects; one that is not is said
     # once the broker answered (as an unknown run id would be).
-    definition = _load(text) if Path(text).is_file() else None
+    try:
+        exists = Path(text).is_file()
+    except OSError:  # a name the system refuses (too long): _load says so in one line
+        exists = False
+    definition = _load(text) if exists else None
     with Session(obj) as session:
         definition = definition or _load(text)
         warn_if_undriven(obj, session)

@@ -111,7 +111,13 @@ def tally(votes: Sequence[Vote], threshold: float) -> tuple[Any, float, bool]:
     # max() keeps the first of equal weights: the vote seen first (lowest slot) wins ties.
     winner = max(weights, key=lambda key: weights[key])
     share = weights[winner] / total
-    return decisions[winner], share, share >= threshold
+    # A share that equals the threshold is consensus: 3 of 5 at 0.6 must not lose to the
+    # rounding of a sum of floats (0.5999999999999999).
+    return decisions[winner], share, share >= threshold - SHARE_TOLERANCE
+
+
+#: How far below the threshold a share may fall and still count (float rounding only).
+SHARE_TOLERANCE = 1e-9
 
 
 class VoterWatch:
@@ -148,7 +154,9 @@ class VoterWatch:
         except OrchestratorError as e:
             logger.warning("run %s: cannot check the voters' agents: %s", self.ex.run_id, e)
             return
-        live = {str(a.get("id")) for a in status.get("agents") or [] if a.get("state") == "ready"}
+        # A draining agent still finishes what it holds: its ballot stays.
+        live = {str(a.get("id")) for a in status.get("agents") or []
+                if a.get("state") in ("ready", "draining")}
         for agent_id, _ in list(self.slots.values()):
             if agent_id not in live:
                 await self._leave(agent_id, "not live")

@@ -150,6 +150,13 @@ class ReviewLoop:
 
     kind: ClassVar[str] = "review_loop"
 
+    def __post_init__(self) -> None:
+        # Built from Python as well as from the dict form (which says where): the step
+        # names derive the task ids, so equal names would make one task of two steps.
+        if self.producer.name == self.reviewer.name:
+            raise DefinitionError(("reviewer", "name"), "the reviewer needs a name other "
+                                  f"than the producer's ({self.producer.name!r})")
+
 
 @dataclass(frozen=True)
 class Approval:
@@ -308,6 +315,12 @@ def _review_loop(doc: _Fields, default_name: str) -> ReviewLoop:
     name = doc.name("name", default=default_name)
     producer = doc.node("producer", "produce")
     reviewer = doc.node("reviewer", "review")
+    if producer.name == reviewer.name:
+        # Their tasks' ids derive from their names: the reviewer would attach to the
+        # producer's task and review nothing.
+        raise DefinitionError(doc.path + ("reviewer", "name"),
+                              f"the reviewer needs a name other than the producer's "
+                              f"({producer.name!r})")
     max_rounds = doc.count("max_rounds", minimum=1)
     doc.done({"kind", "name", "producer", "reviewer", "max_rounds"})
     return ReviewLoop(name, producer, reviewer, 3 if max_rounds is None else max_rounds)

@@ -358,3 +358,10 @@ def test_submit_plan_works_without_a_broker_and_says_so(tmp_path: Path) -> None:
     ran = orchestrator(home, "--broker", "tcp://127.0.0.1:1", "submit", text, "--path",
                        str(tmp_path))
     assert ran.returncode == 3, ran.stderr
+
+
+def test_a_file_name_the_system_refuses_is_no_traceback(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    refused = orchestrator(home, "--broker", "tcp://127.0.0.1:1", "workflow", "run", "x" * 300)
+    assert refused.returncode in (2, 3), refused.stderr
+    one_line_error(refused)

@@ -136,3 +136,30 @@ def test_bad_python_workflows_are_refused_with_workflow_errors() -> None:
     with pytest.raises(DefinitionError) as caught:
         MapReduceWorkflow(Step(capability="a"), max_parallel=0).to_workflow()
     assert isinstance(caught.value, OrchestratorError) and "max_parallel" in str(caught.value)
+
+
+def test_a_share_exactly_at_the_threshold_is_consensus() -> None:
+    # 0.7 + 0.6 + 0.2 of 2.5 is 0.6, which floats add up to 0.5999999999999999
+    votes = [vote("yes", 0.7), vote("yes", 0.6), vote("yes", 0.2), vote("no", 0.1),
+             vote("no", 0.9)]
+    decision, share, agreed = tally(votes, threshold=0.6)
+    assert decision == "yes" and share == pytest.approx(0.6) and agreed is True
+
+
+def test_a_review_loop_whose_steps_share_a_name_is_refused() -> None:
+    from workflows.model import DefinitionError, Workflow
+
+    with pytest.raises(DefinitionError) as info:
+        Workflow.from_dict({"steps": [{"kind": "review_loop", "name": "loop",
+                                       "producer": {"capability": "write", "name": "x"},
+                                       "reviewer": {"capability": "critique", "name": "x"}}]})
+    assert info.value.path == ("steps", 0, "reviewer", "name")
+
+
+def test_a_python_review_loop_whose_steps_share_a_name_is_refused() -> None:
+    from workflows import ReviewLoop, Step
+    from workflows.model import DefinitionError
+
+    loop = ReviewLoop(Step(capability="write", name="x"), Step(capability="critique", name="x"))
+    with pytest.raises(DefinitionError):
+        loop.to_node()
