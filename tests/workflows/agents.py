@@ -32,8 +32,6 @@ from typing import Any
 
 from agent_sdk import BaseAgent, PermanentFailure, Result, Task
 
-#: How long a hanging task sleeps: far past any test's deadline (the test kills it).
-HANG_S = 600.0
 
 
 class WorkAgent(BaseAgent):
@@ -68,7 +66,9 @@ class WorkAgent(BaseAgent):
                 await self.wait_for_subscribers("test.hanging")
                 await self.publish("test.hanging", {"agent_id": self.agent_id,
                                                     "task_id": task.id})
-                await asyncio.sleep(HANG_S)  # the test kills this process meanwhile
+                # Never set: the task hangs until the test kills this process (or the
+                # broker cancels the task), with no timer standing in for either.
+                await asyncio.Event().wait()
             sleep_s = float(task.get("sleep_s", 0) or 0)
             if sleep_s:
                 await asyncio.sleep(sleep_s)  # the simulated work, not a wait
