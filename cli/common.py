@@ -525,23 +525,11 @@ class Bind(click.ParamType):
 
 
 class DirPath(click.Path):
-    """A directory (the data dir): non-empty text, no NUL, not an existing file."""
+    """A directory: non-empty text, no NUL, not an existing file; with ``exists`` (``submit
+    --path``), one that exists. Without, the data dir, which is made when missing."""
 
-    def __init__(self) -> None:
-        super().__init__(file_okay=False, dir_okay=True, path_type=Path)
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and (not value or "\0" in value):
-            self.fail(f"{_show(value)} is not a directory path", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class ExistingDir(click.Path):
-    """A directory that exists (``submit --path``): non-empty text, no NUL."""
-
-    def __init__(self) -> None:
-        super().__init__(exists=True, file_okay=False, dir_okay=True, path_type=Path)
+    def __init__(self, exists: bool = False) -> None:
+        super().__init__(exists=exists, file_okay=False, dir_okay=True, path_type=Path)
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:

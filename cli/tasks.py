@@ -19,7 +19,7 @@ import orjson
 
 from cli.common import (
     EXIT_FAILED, EXIT_OK, EXIT_USAGE, NAME, PING_TIMEOUT_S, PRIORITY, RETRIES, SECONDS, TASK_ID, TEXT,
-    Context, DataDirCommand, ExistingDir, count, echo_data, emit_json, fail, json_option,
+    Context, DataDirCommand, DirPath, count, echo_data, emit_json, fail, json_option,
 )
 from cli.plans import submit_planned
 
@@ -232,7 +232,7 @@ def _report_accepted(handle: SyncTaskHandle, as_json: bool) -> None:
 @click.option("--id", "task_id", type=TASK_ID, default=None, help="Task id (the idempotency key).")
 @click.option("--no-wait", is_flag=True, help="Return once the broker accepted the task "
                                                "(or the run was submitted).")
-@click.option("--path", type=ExistingDir(), default=None,
+@click.option("--path", type=DirPath(exists=True), default=None,
               help="Without --capability/--agent: the directory the planned workflow works "
                    "on (default: the working directory).")
 @click.option("--plan", "plan_only", is_flag=True,
