@@ -297,9 +297,14 @@ class TaskRunner:
         if not isinstance(error, Exception):
             raise error  # KeyboardInterrupt, SystemExit: not the task's business
         kind = type(error).__name__
+        # A PermanentFailure or RetryableError may carry a stable code of its own
+        # (``budget_exceeded``, ``llm_unavailable``): the client sees it as the task's.
+        code = getattr(error, "code", None) if isinstance(
+            error, (PermanentFailure, RetryableError)) else None
         return ResultItem(task_id, TaskStatus.FAILED.value,
                           Result(None, 0.0, error_type=kind).to_payload(),
-                          ErrorCode.AGENT_ERROR.value, f"{kind}: {error}", run_ms=run_ms,
+                          code if isinstance(code, str) and code else ErrorCode.AGENT_ERROR.value,
+                          f"{kind}: {error}", run_ms=run_ms,
                           retryable=retryable(error, self.retry_on))
 
     @staticmethod
