@@ -113,7 +113,8 @@ def class_lines(tree: ast.Module) -> dict[str, tuple[int, list[str]]]:
 
 
 def test_no_class_is_over_the_limit() -> None:
-    # Every class of ours by name: a mixin's lines count toward each class that uses it.
+    # Every class of ours by name: a mixin's lines count toward each class that uses it
+    # (a base class's do not: an agent is not as big as BaseAgent plus its own code).
     files = [p for package in OURS if (ROOT / package).is_dir() for p in modules(package)]
     classes: dict[str, tuple[int, list[str], Path]] = {}
     for path in files:
@@ -123,7 +124,7 @@ def test_no_class_is_over_the_limit() -> None:
     def total(name: str, seen: frozenset[str] = frozenset()) -> int:
         lines, bases, _ = classes[name]
         return lines + sum(total(b, seen | {name}) for b in bases
-                           if b in classes and b not in seen)
+                           if b in classes and b not in seen and b.endswith("Mixin"))
 
     too_big = [f"{path.relative_to(ROOT)}: {name} ({total(name)} lines)"
                for name, (_, _, path) in classes.items() if total(name) > MAX_CLASS_LINES]
