@@ -17,7 +17,9 @@ A submitted run is driven by a standing runner (``python -m workflows.runner``, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -40,7 +42,8 @@ from workflows.runs import (
     Answer, HistoryEntry, MAX_COMMENT_CHARS, PendingApproval, RunError, RunRecord, RunStatus,
     RunStore,
 )
-from workflows.tasks import cancel_run_tasks
+
+logger = logging.getLogger(__name__)
 
 #: The values of the statuses a run ends with.
 TERMINAL_STATUSES: Final = frozenset(s.value for s in RunStatus if s.terminal)
@@ -150,12 +153,18 @@ class ResumeRecord:
     Attributes:
         holder: who holds the run's lease now (None: no runner drives it; start one,
             or :func:`drive_run` it here).
+        runners: the standing runners serving now (their presence locks).
+        drive_here: no standing runner serves, so nobody will act on the request: the
+            caller should drive the run itself (:func:`drive_run`), which takes the
+            lease as soon as a dead holder's state session has expired.
     """
 
     run_id: str
     status: RunStatus
     holder: str | None
     at: float
+    runners: tuple[str, ...] = ()
+    drive_here: bool = False
 
 
 def whoami() -> str:
@@ -194,7 +203,7 @@ def as_workflow(definition: Workflow | dict[str, Any], deadline_s: float | None 
     if deadline_s is not None:
         if not deadline_s > 0:
             raise DefinitionError(("deadline_s",), "must be a positive number of seconds")
-        workflow = Workflow(workflow.name, workflow.root, float(deadline_s))
+        workflow = dataclasses.replace(workflow, deadline_s=float(deadline_s))
     return workflow
 
 
@@ -434,25 +443,38 @@ async def cancel_run(run_id: str, *, reason: str = "", by: str = "",
 
 async def _cancel_undriven(client: Client, store: RunStore, run_id: str, who: str,
                            reason: str, lease: Lease) -> None:
-    """End a run nobody drives: cancel its open tasks (a runner that died may have left
-    some), mark it cancelled."""
+    """End a run nobody drives: mark it cancelled, then cancel its open tasks and release
+    its held results (a runner that died may have left both; see
+    :func:`workflows.driver.release_ended`). A release the broker could not confirm stays
+    due in the record, for the next runner that starts."""
+    from workflows.driver import release_ended  # see run_workflow
+
     record = await store.require(run_id)
     if record.status.terminal:
         return
-    await cancel_run_tasks(client, run_id)
     record.status = RunStatus.CANCELLED
     record.error = RunError("cancelled", f"cancelled by {who}" + (f": {reason}" if reason else ""))
     record.pending = []
+    record.release_due = True
     record.finished_at = time.time()
     record.note("cancel", by=who, comment=reason)
     record.note("finished", by=who, detail="cancelled")
     await store.save(record, lease)
+    try:
+        await release_ended(client, record, lease)
+    except OrchestratorError as e:
+        logger.warning("run %s: its held results are released later (%s)", run_id, e)
 
 
 async def resume_run(run_id: str, *, by: str = "", client: Client | None = None,
                      broker: str | None = None) -> ResumeRecord:
     """Ask the runner driving a run to take it over again from its checkpoints (open
-    tasks are attached to, not run again); returns who holds it now.
+    tasks are attached to, not run again); returns who holds it now, and whether any
+    standing runner serves (``drive_here``: none does, so drive it in this process).
+
+    A lease whose holder died cannot be taken before the state service notices: it
+    releases a silent session's leases after a few missed heartbeats (not after the
+    lease's time to live), and every runner waiting for the lease gets it then.
 
     Raises:
         RunNotFound: there is no such run.
@@ -471,8 +493,9 @@ async def resume_run(run_id: str, *, by: str = "", client: Client | None = None,
 
         await c.state.update(ids.resume_key(run_id), bump)
         locks = await c.state.locks(ids.lease_name(run_id))
+        runners = tuple(await live_runners(client=c))
     holder = next((lock.holder for lock in locks if lock.name == ids.lease_name(run_id)), None)
-    return ResumeRecord(run_id, record.status, holder or None, at)
+    return ResumeRecord(run_id, record.status, holder or None, at, runners, not runners)
 
 
 def raise_for(record: RunRecord) -> None:

@@ -7,8 +7,17 @@ The runner (:mod:`workflows.runner`) holds the run's lease; the driver does the 
 2. marks the run running (noting a takeover when another runner drove it before);
 3. runs the :class:`~workflows.executor.Executor` over the definition and the input,
    with a timer for the run's deadline and a watch on the lease;
-4. ends the run: output or error, final status, checkpoints flushed, the broker's held
-   results released.
+4. ends the run: output or error, final status, checkpoints flushed; then what the
+   broker still runs of it is cancelled and every held result of its tasks released
+   (:func:`release_ended`).
+
+An ended run's record says ``release_due`` until the broker confirmed that release, so
+a release lost to a broker restart (or to the runner dying right after the end) is done
+again by whoever takes the run's lease next (:meth:`workflows.runner.Runner.drive`;
+standing runners look for such runs when they start and on every record change).
+An error the driver does not expect (a bug, an output it cannot handle) ends the run
+``failed`` with code ``internal`` and the error's one line, rather than leaving it
+``running`` with nobody driving it.
 
 Or it stops early and leaves the run as it is: the lease was lost (another runner took
 over: every write is fenced, so this one cannot interfere), a resume was asked for (the
@@ -25,6 +34,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Iterable
 
 from agent_sdk import (
     BrokerUnavailable, Change, Client, Lease, OrchestratorError, StaleFencingToken, StateError,
@@ -41,7 +51,7 @@ from workflows.outputs import StepOutput
 from workflows.runs import (
     Answer, PendingApproval, retry_unavailable, RunError, RunRecord, RunStatus, RunStore,
 )
-from workflows.tasks import cancel_run_tasks, Deadline, StepTasks
+from workflows.tasks import cancel_run_tasks, Deadline, release_run_tasks, StepTasks
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +77,44 @@ class Stop(enum.Enum):
     BROKEN = "broken"
 
 
+def internal_error(error: BaseException) -> RunError:
+    """The run error of an unexpected exception: code ``internal``, one line."""
+    text = " ".join(str(error).split())
+    return RunError("internal", f"{type(error).__name__}: {text}" if text
+                    else type(error).__name__)
+
+
+async def release_ended(client: Client, record: RunRecord, lease: Lease,
+                        known: Iterable[str] = (), complete: bool = False) -> None:
+    """For an ended run whose record says ``release_due``: cancel what the broker still
+    runs of it, release every held result of its tasks, and clear the flag in the record
+    (fenced by ``lease``). Idempotent: a second call releases nothing new.
+
+    Args:
+        known: task ids of the run the caller knows of.
+        complete: ``known`` are all of them and none is open (one turn drove the run
+            from its start to its success); otherwise the checkpoints' ids and the
+            broker's listing are added.
+
+    Raises:
+        BrokerUnavailable: the broker did not answer or restarted meanwhile (the flag
+            stays set: call again later).
+        StaleFencingToken: the lease is gone (the next holder does it).
+    """
+    chosen = set(known)
+    if not complete:
+        loaded = await load_log(client.state, record.run_id)
+        chosen.update(str(entry["t"]) for entry in loaded.entries.values() if "t" in entry)
+    cancelled, released = await release_run_tasks(client, record.run_id, chosen,
+                                                   listed=not complete)
+    record.release_due = False
+    store = RunStore(client.state)
+    await retry_unavailable(lambda: store.save(record, lease),
+                            f"the record of run {record.run_id}")
+    logger.info("run %s: %d open task(s) cancelled, %d held result(s) released",
+                record.run_id, cancelled, released)
+
+
 class RunDriver:
     """Drives one run while its runner holds the lease (see the module docstring).
 
@@ -84,6 +132,8 @@ class RunDriver:
         self.lease = lease
         self.runner_id = runner_id
         self.run_id = record.run_id
+        #: this turn starts the run: no earlier turn submitted any of its tasks
+        self._fresh = record.status is RunStatus.SUBMITTED and not record.runner
         self._stop: Stop | None = None
         self._stop_detail = ""
         self._root: asyncio.Task[StepOutput] | None = None
@@ -173,6 +223,10 @@ class RunDriver:
             # Refused for good (another protocol version, say): no retry can help.
             return await self._end(RunStatus.FAILED, tasks, log, events,
                                    error=RunError(type(e).__name__, str(e)))
+        except Exception as e:  # noqa: BLE001 - a bug must end the run, not strand it
+            logger.exception("run %s: the executor failed", self.run_id)
+            return await self._end(RunStatus.FAILED, tasks, log, events,
+                                   error=internal_error(e))
         if self._stop is Stop.LEASE_LOST:
             return Outcome.LEASE_LOST
         return await self._end(RunStatus.SUCCEEDED, tasks, log, events, output=output)
@@ -224,6 +278,7 @@ class RunDriver:
         record.status = status
         record.error = error
         record.pending = []
+        record.release_due = True
         record.finished_at = record.updated_at = time.time()
         record.note("finished", by=self.runner_id, detail=status.value +
                     (f" ({error.code}: {error.message})" if error else ""))
@@ -231,13 +286,20 @@ class RunDriver:
             return Outcome.LEASE_LOST
         events.emit("run_finished", status=status.value,
                     error=None if error is None else error.to_doc())
-        held = tasks.held | set(log.references)
-        if held:
-            try:
-                await tasks.release(held)
-            except Exception:  # noqa: BLE001 - a release lost is retention, not data
-                logger.exception("run %s: releasing %d held results failed", self.run_id,
-                                 len(held))
+        try:
+            # A run this turn drove from its start and that succeeded left nothing open,
+            # and every id it submitted is in tasks.held; any other end lists the rest.
+            await release_ended(self.client, record, self.lease,
+                                tasks.held | set(log.references),
+                                complete=self._fresh and status is RunStatus.SUCCEEDED)
+        except (BrokerUnavailable, StateUnavailable):
+            raise  # the runner drives the ended run again: that redoes the release
+        except StateError as e:
+            logger.warning("run %s: release left to the next lease holder (%s)",
+                           self.run_id, e)
+        except OrchestratorError:
+            logger.exception("run %s: releasing its held results failed; the next runner "
+                             "to start tries again", self.run_id)
         return Outcome.FINISHED
 
     async def _flush_quietly(self, log: CheckpointLog) -> None:
@@ -362,4 +424,4 @@ class RunDriver:
         self._interrupt(Stop.BROKEN)
 
 
-__all__ = ["Outcome", "RunDriver", "Stop"]
+__all__ = ["Outcome", "RunDriver", "Stop", "internal_error", "release_ended"]

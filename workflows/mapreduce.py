@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any, Final, TYPE_CHECKING
 
-from agent_sdk import OrchestratorError, TaskHandle
+from agent_sdk import OrchestratorError, Result, ResultUnreadable, TaskHandle
 from workflows.errors import StepFailed
 from workflows.events import planned_steps
 from workflows.ids import Scope
@@ -34,6 +34,7 @@ from workflows.model import MapReduce, TaskStep
 from workflows.outputs import (
     entry_error, entry_output, is_reference, leaf_entry, StepOutput, SUCCEEDED,
 )
+from workflows.tasks import reread
 
 if TYPE_CHECKING:
     from workflows.executor import Executor
@@ -207,6 +208,9 @@ class LeafMap:
         #: ``(index, handle)`` of the results not settled yet (see :meth:`_fill`)
         self._arrived: list[tuple[int, TaskHandle]] = []
         self._canceller: asyncio.Task[None] | None = None
+        #: results read again after a ResultUnreadable (see :meth:`_read_again`)
+        self._reread: dict[str, Result] = {}
+        self._rereading: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Map every item; returns when all settled (or the map became hopeless)."""
@@ -318,6 +322,16 @@ class LeafMap:
                 index, handle = arrived.pop()
                 try:
                     result = handle.result_nowait()
+                except ResultUnreadable as e:
+                    again = self._reread.pop(handle.id, None)
+                    if again is None:
+                        # Read it again in the background; the item stays open (its
+                        # window slot taken) until that read settles it.
+                        open_[handle.id] = index
+                        self._read_again(handle, e)
+                        del handle
+                        continue
+                    result = again
                 except OrchestratorError as e:  # the broker refused this SDK's version
                     self._finish(e)
                     return False
@@ -369,6 +383,22 @@ class LeafMap:
             self.ex.log.record_tasks(finished)
             self._report_progress()
         return True
+
+    def _read_again(self, handle: TaskHandle, error: ResultUnreadable) -> None:
+        """Read a result whose payload could not be read again, a few times with a
+        back-off (:func:`workflows.tasks.reread`); it then settles as any result: a
+        failed read counts as the item's failure, so ``min_success`` decides."""
+        async def read() -> None:
+            try:
+                self._reread[handle.id] = await reread(self.ex.client, handle.id, error)
+            except OrchestratorError as e:  # the broker is gone: the run is driven again
+                self._finish(e)
+                return
+            self._on_result(handle)
+
+        task = asyncio.get_running_loop().create_task(read())
+        self._rereading.add(task)
+        task.add_done_callback(self._rereading.discard)
 
     def _report_progress(self) -> None:
         """A ``progress`` event, at most every PROGRESS_INTERVAL_S while items finish

@@ -11,7 +11,13 @@ start`` runs one). It watches the run records and, for every run that has not en
 waits for the run's lease: a run just submitted gets it at once, a run driven elsewhere
 when its driver lets go or dies. Once ready it prints one JSON line
 ``{"event": "ready", "runner_id", "pid", "broker"}`` on stdout, so that whoever started
-it can wait for that instead of sleeping.
+it can wait for that instead of sleeping. It also takes the ended runs whose record still
+says ``release_due`` (their end's release was lost) and releases their held results.
+
+A run whose driving fails with an error that is neither the broker's nor the state
+service's absence (a bug) is ended ``failed`` (code ``internal``, the error's one line),
+its open tasks cancelled: ``workflow status`` never shows a run ``running`` that nobody
+drives.
 
 Exit codes: 0 stopped (SIGINT, SIGTERM), 1 the broker refused this SDK, 3 no broker
 answered at the address.
@@ -25,19 +31,21 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Final
 
 import orjson
 
 from agent_sdk import (
-    BrokerUnavailable, Change, Client, Lease, OrchestratorError, StateUnavailable,
+    BrokerUnavailable, Change, Client, Lease, OrchestratorError, StateError,
+    StateUnavailable,
 )
 from agent_sdk.loop import run as run_loop
 from workflows import ids
-from workflows.driver import Outcome, RunDriver
+from workflows.driver import internal_error, Outcome, release_ended, RunDriver
 from workflows.errors import RunNotFound
-from workflows.runs import RunRecord, RunStatus, RunStore
+from workflows.runs import retry_unavailable, RunRecord, RunStatus, RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +101,9 @@ class Runner:
     async def drive(self, run_id: str, lease: Lease | None = None) -> RunRecord:
         """Drive ``run_id`` until it ends; returns its final record. Without ``lease``,
         waits for it first; a turn that loses the lease, or is asked to resume, waits
-        for it again.
+        for it again. An ended run whose release is due is released (again). An error
+        that is not the broker's or the state service's absence (a bug) ends the run
+        ``failed``, code ``internal``, rather than leaving it running with no driver.
 
         Raises:
             RunNotFound: there is no such run.
@@ -109,6 +119,8 @@ class Runner:
                 if record is None:
                     raise RunNotFound(run_id)
                 if record.status.terminal:
+                    if record.release_due:
+                        await self._release_ended(record, lease)
                     return record
                 outcome = await RunDriver(self.client, record, lease, self.runner_id).drive()
             except (BrokerUnavailable, StateUnavailable) as e:
@@ -116,6 +128,13 @@ class Runner:
                 # and try again, from the checkpoints, once they answer.
                 logger.warning("run %s: %s; driving it again in %.1f s", run_id, e, delay)
                 outcome = None
+            except (RunNotFound, StateError):
+                raise  # no run, or a lease refused: nothing this runner may write
+            except Exception as e:  # noqa: BLE001 - a bug must end the run, not strand it
+                logger.exception("run %s: driving it failed; it ends failed", run_id)
+                if not await self._fail(run_id, lease, e):
+                    raise  # it had ended: the bug is in the end's release, not the run
+                outcome = None  # the next pass finds it ended and releases what it held
             finally:
                 await lease.release()
                 lease = None
@@ -127,6 +146,33 @@ class Runner:
                 return await self.store.require(run_id)
             logger.info("run %s: %s; waiting for its lease again", run_id, outcome.value)
 
+    async def _release_ended(self, record: RunRecord, lease: Lease) -> None:
+        """Redo the lost release of an ended run (see :func:`release_ended`)."""
+        try:
+            await release_ended(self.client, record, lease)
+        except (BrokerUnavailable, StateUnavailable):
+            raise  # drive() tries again once they answer
+        except StateError as e:
+            logger.warning("run %s: release left to the next lease holder (%s)",
+                           record.run_id, e)
+
+    async def _fail(self, run_id: str, lease: Lease, error: BaseException) -> bool:
+        """End ``run_id`` ``failed`` with ``error`` (code ``internal``), ``lease`` held;
+        its release is then due, and :meth:`drive` does it. False: it had ended."""
+        store = self.store
+        record = await store.require(run_id)
+        if record.status.terminal:
+            return False
+        record.status = RunStatus.FAILED
+        record.error = internal_error(error)
+        record.pending = []
+        record.release_due = True
+        record.finished_at = time.time()
+        record.note("finished", by=self.runner_id,
+                    detail=f"failed (internal: {record.error.message})")
+        await retry_unavailable(lambda: store.save(record, lease), f"the record of run {run_id}")
+        return True
+
     # ------------------------------------------------------------------ standing
 
     async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
@@ -137,7 +183,7 @@ class Runner:
         watch = await self.client.state.watch(ids.RUNS_PREFIX, self._on_record)
         try:
             for record in await self.store.records():
-                self._consider(record.run_id, record.status)
+                self._consider(record.run_id, record.status, record.release_due)
             if on_ready is not None:
                 on_ready()
             await self._stopping.wait()
@@ -166,10 +212,13 @@ class Runner:
             status = RunStatus(change.value.get("status"))
         except ValueError:
             return
-        self._consider(run_id, status)
+        self._consider(run_id, status, bool(change.value.get("release_due")))
 
-    def _consider(self, run_id: str, status: RunStatus) -> None:
-        if status.terminal or run_id in self._drivers or self._stopping.is_set():
+    def _consider(self, run_id: str, status: RunStatus, release_due: bool = False) -> None:
+        """Drive the run, unless it has ended (and its held results are released) or
+        this runner drives it already."""
+        if (status.terminal and not release_due) or run_id in self._drivers or \
+                self._stopping.is_set():
             return
         driver = asyncio.get_running_loop().create_task(self._drive_logged(run_id),
                                                         name=f"drive-{run_id}")
@@ -182,8 +231,8 @@ class Runner:
         except RunNotFound:
             return
         except OrchestratorError:
-            # Broker or state trouble outlasting the retries: the run stays for the next
-            # record change (or the next runner) to pick up.
+            # State trouble outlasting the retries: the run stays for the next record
+            # change (or the next runner) to pick up.
             logger.exception("run %s: driving it failed", run_id)
             return
         logger.info("run %s ended %s", run_id, record.status.value)

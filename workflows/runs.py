@@ -11,7 +11,9 @@ by the runner holding the run's lease (fenced by it)::
      "history": [{"event", "at", "by", "path", "approved", "comment", "detail"}],
      "output": {"data", "confidence", "extras"} or None,
      "error": {"code", "message", "path"} or None,
-     "input_chunks" / "output_chunks": n when the value lives in wf/blob/<run>/...}
+     "input_chunks" / "output_chunks": n when the value lives in wf/blob/<run>/...,
+     "release_due": true from the run's end until the broker confirmed it let go of
+                    every held result of the run's tasks (a runner redoes it)}
 
 Everybody else writes control keys, each once or by compare-and-set, never the record:
 an approval's answer (``wf/ctl/<run>/answer/<path>``: ``{"approved", "comment", "by",
@@ -226,6 +228,9 @@ class RunRecord:
     error: RunError | None = None
     input_chunks: int = 0
     output_chunks: int = 0
+    #: the run has ended, and the broker may still hold results of its tasks: whoever
+    #: gets the lease next releases them (see ``workflows.driver.release_ended``)
+    release_due: bool = False
 
     def note(self, event: str, **fields: Any) -> None:
         """Append a history entry (now), keeping the newest MAX_HISTORY."""
@@ -247,6 +252,7 @@ class RunRecord:
             else self.output.to_doc(),
             "error": None if self.error is None else self.error.to_doc(),
             "input_chunks": self.input_chunks, "output_chunks": self.output_chunks,
+            "release_due": self.release_due,
         }
 
     @classmethod
@@ -281,6 +287,7 @@ class RunRecord:
         record.error = RunError.from_doc(error) if isinstance(error, dict) else None
         record.input_chunks = int(doc.get("input_chunks", 0))
         record.output_chunks = int(doc.get("output_chunks", 0))
+        record.release_due = bool(doc.get("release_due", False))
         return record
 
 

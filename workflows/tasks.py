@@ -10,11 +10,14 @@ again hands back the held result.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from agent_sdk import Client, Result, TaskHandle, TooLarge
+from agent_sdk import (
+    BrokerUnavailable, Client, OrchestratorError, Result, ResultUnreadable, TaskHandle, TooLarge,
+)
 from workflows import ids
 from workflows.errors import StepFailed, WorkflowInputError
 from workflows.model import TaskStep
@@ -23,10 +26,34 @@ from workflows.model import TaskStep
 OPEN_TASK_STATES: Final = ("pending", "dispatched", "running", "retrying")
 #: Most open tasks a cancel lists from the broker.
 MAX_LISTED_TASKS: Final = 100_000
+#: Tasks a run's end lists from the broker to find its held results: open tasks and held
+#: results come first, so this bounds the cost (a listing of the 100,000 results a broker
+#: may retain took it a noticeable pause) without missing any but in a huge backlog.
+RELEASE_LISTED_TASKS: Final = 10_000
+#: Reads of a result whose withheld payload could not be read (ResultUnreadable): the
+#: first try plus these, with a doubling back-off from REREAD_DELAY_S between them.
+REREAD_TRIES: Final = 3
+REREAD_DELAY_S: Final = 0.5
+#: The error code of a step whose result stayed unreadable: the step's failure, not the
+#: run's (a map item's counts against ``min_success``).
+UNREADABLE: Final = "result_unreadable"
 #: Keywords of ``Client.submit``: a step's ``params`` may not use them as task fields.
 RESERVED_FIELDS: Final = frozenset({
     "text", "capabilities", "agent", "data", "task_id", "timeout", "retries", "priority",
     "parent_id", "attempt_timeout", "hold"})
+
+
+class ReleaseUnconfirmed(BrokerUnavailable):
+    """Raised when the broker restarted while a run's held results were released: the
+    RELEASE may not have reached the journal, so it is sent again later (a
+    :class:`~agent_sdk.BrokerUnavailable`: whoever retries those retries this too)."""
+
+    def __init__(self, url: str, run_id: str) -> None:
+        OrchestratorError.__init__(self, f"the broker at {url} restarted while the held "
+                                         f"results of run {run_id} were released")
+        self.refused = False
+        self.url = url
+        self.waited_s = 0.0
 
 
 class Deadline:
@@ -185,8 +212,9 @@ class StepTasks:
         self.open: dict[str, TaskHandle] = {}
         #: open tasks kept by others (a map's items), by task id (see :meth:`track`)
         self._tracked: list[Mapping[str, Any]] = []
-        #: submitted here with ``hold`` and not released yet (whatever is left is
-        #: released when the run ends: cancelled steps, a failed run's last steps)
+        #: every task submitted here with ``hold``: released once checkpointed, and all
+        #: again when the run ends (a RELEASE is not acknowledged, so one sent while
+        #: the broker restarted is lost unnoticed; a second release of an id is a no-op)
         self.held: set[str] = set()
 
     def prepare(self, step: TaskStep, fields: dict[str, Any] | None = None,
@@ -226,6 +254,8 @@ class StepTasks:
         handle = self.submit(path, step, data, fields, pin)
         try:
             return await handle.result()
+        except ResultUnreadable as e:
+            return await reread(self.client, handle.id, e)
         finally:
             self.settled(handle.id)
 
@@ -243,9 +273,78 @@ class StepTasks:
     async def release(self, task_ids: Iterable[str]) -> None:
         """Let the broker forget the held results of ``task_ids`` (their checkpoint is
         written, or the run ended) under its normal retention."""
-        chosen = list(task_ids)
-        self.held.difference_update(chosen)
-        await self.client.release(chosen)
+        await self.client.release(task_ids)
+
+
+async def reread(client: Client, task_id: str, error: ResultUnreadable,
+                 tries: int = REREAD_TRIES, delay_s: float = REREAD_DELAY_S) -> Result:
+    """The result of ``task_id``, read again after ``error`` (its large payload could
+    not be read in time: the broker was slow or restarting); up to ``tries`` more reads,
+    with a doubling back-off. The result is held until the run releases it, so a later
+    read can succeed. When none does, a failed result with code :data:`UNREADABLE`: the
+    step fails (a map item counts as failed), the run does not end for it.
+
+    Raises:
+        BrokerUnavailable: the broker did not answer the read (the run is driven again).
+    """
+    last: ResultUnreadable = error
+    for attempt in range(tries):
+        await asyncio.sleep(delay_s * (2 ** attempt))  # a back-off, not a wait for an event
+        try:
+            result = await client.fetch(task_id)
+        except ResultUnreadable as e:
+            last = e
+            continue
+        if result.finished:
+            result.task_id = result.task_id or task_id
+            return result
+    failed = Result.failure(UNREADABLE, str(last))
+    failed.task_id = task_id
+    return failed
+
+
+async def release_run_tasks(client: Client, run_id: str, known: Iterable[str] = (),
+                            listed: bool = True) -> tuple[int, int]:
+    """Cancel every open task of the ended run ``run_id`` and release every held result
+    of its tasks, whoever submitted them; returns ``(cancelled, released)`` (ids named).
+
+    The ids are ``known`` (this runner's, the checkpoints') and, with ``listed``, the
+    run's tasks among the first :data:`RELEASE_LISTED_TASKS` the broker lists: its open
+    tasks, then its held results (listed before the other finished ones, whatever their
+    age). A runner that died may have submitted steps nobody checkpointed; only a run
+    driven start to end by one turn that knows every id it submitted can skip the
+    listing. A cancelled task ends at once in the broker, and a connection's messages
+    are applied in order, so the tasks cancelled here are finished, and held, when the
+    RELEASE after them arrives.
+
+    Raises:
+        ReleaseUnconfirmed: the broker restarted meanwhile (the RELEASE may be lost).
+        BrokerUnavailable: the broker did not answer; the caller tries again later.
+    """
+    prefix = ids.task_id(run_id, "")
+    before = await _boot_of(client)
+    chosen = set(known)
+    cancelled = 0
+    for task in await client.tasks(None, limit=RELEASE_LISTED_TASKS) if listed else ():
+        task_id = str(task.get("task_id", ""))
+        if task_id.startswith(prefix):
+            chosen.add(task_id)
+            if task.get("status") in OPEN_TASK_STATES:
+                await client.cancel(task_id)
+                cancelled += 1
+    await client.release(sorted(chosen))
+    # The broker answers a connection's requests in order: this answer comes after the
+    # RELEASE was applied (and journaled), unless a restart came between them.
+    if await _boot_of(client) != before:
+        raise ReleaseUnconfirmed(client.url, run_id)
+    return cancelled, len(chosen)
+
+
+async def _boot_of(client: Client) -> str:
+    """The broker's boot id (a new one after every restart)."""
+    status = await client.status()
+    broker = status.get("broker") if isinstance(status, dict) else None
+    return str(broker.get("boot", "")) if isinstance(broker, dict) else ""
 
 
 async def cancel_run_tasks(client: Client, run_id: str) -> int:
@@ -263,6 +362,6 @@ async def cancel_run_tasks(client: Client, run_id: str) -> int:
 
 __all__ = [
     "Deadline", "MAX_LISTED_TASKS", "OPEN_TASK_STATES", "PreparedStep", "RESERVED_FIELDS",
-    "StepTasks",
-    "cancel_run_tasks", "check_params",
+    "RELEASE_LISTED_TASKS", "REREAD_DELAY_S", "REREAD_TRIES", "ReleaseUnconfirmed", "StepTasks", "UNREADABLE",
+    "cancel_run_tasks", "check_params", "release_run_tasks", "reread",
 ]

@@ -119,10 +119,12 @@ class Lifecycle:
             self.publish(task, now)
 
     def reclaim(self, task: TaskRecord, agent: AgentRecord, now: float) -> None:
-        """We had requeued the task (its agent looked dead), but the agent still runs it:
-        it keeps it, rather than the task running twice."""
+        """We had requeued the task (its agent looked dead), or held it back after a
+        restart (:meth:`hold_back`), but the agent still runs it: it keeps it, rather
+        than the task running twice."""
         transition(task, TaskEvent.RECLAIM)
         self.ledger.pending.discard(task)
+        task.retry_at = 0.0  # not held back any more (release_retries skips it)
         task.agent = agent
         task.dispatched_at = task.last_sign = now
         self.arm(task, now, True)
@@ -196,17 +198,42 @@ class Lifecycle:
         if ledger.watch_tasks:
             self.publish(task, now)
 
+    def hold_back(self, task: TaskRecord, now: float) -> None:
+        """A task restored from the journal after a restart, which a crash may have left
+        running on an agent: it stays PENDING (counted as waiting) but out of the queue
+        for one heartbeat expiry, the time that agent takes to register again and claim
+        it (READY lists what it runs: :meth:`reclaim`); :meth:`release_retries` queues
+        it then. Without this, the first agent to register could run it a second time."""
+        ledger = self.ledger
+        task.retry_at = now + ledger.config.heartbeat_expiry_s
+        # Counted as pending from now on, as a queued task is: a reclaim or a cancel
+        # meanwhile discards it as it would a queued one.
+        ledger.pending.count += 1
+        ledger.retrying.append(task)
+
     def release_retries(self, now: float) -> None:
         """Tasks whose back-off is over wait for an agent again."""
         ledger = self.ledger
         still: deque[TaskRecord] = deque()
         for task in ledger.retrying:
+            if task.state is _PENDING:
+                # Held back after a restart (hold_back); retry_at 0: claimed or queued.
+                if not task.retry_at:
+                    continue
+                if task.retry_at > now:
+                    still.append(task)
+                    continue
+                task.retry_at = 0.0
+                ledger.pending.count -= 1  # push counts it again
+                ledger.pending.push(task)
+                continue
             if task.state is not TaskState.RETRYING:
                 continue
             if task.retry_at > now:
                 still.append(task)
                 continue
             transition(task, TaskEvent.RELEASE)
+            task.retry_at = 0.0  # a stale entry of it in the list is skipped
             self.arm(task, now, False)
             ledger.pending.push(task)
             if ledger.watch_tasks:

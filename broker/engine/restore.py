@@ -31,10 +31,11 @@ def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) ->
             continue
         task = _task_from_journal(ledger, accepted, now, replay.attempt_limits.get(task_id),
                                   task_id in replay.held)
-        task.note(now, "restored", "the broker restarted; dispatching again")
+        task.note(now, "restored", "the broker restarted; dispatching again unless the "
+                                   "agent running it claims it first")
         task.restored = True
         ledger.tasks[task_id] = task
-        ledger.pending.push(task)
+        lifecycle.hold_back(task, now)
         ledger.deadlines.add(task, task.timeout_s)
         reopened += 1
     if replay.records:

@@ -107,9 +107,12 @@ def test_journal_records_from_before_the_attempt_limit_are_read(tmp_path: Path) 
     engine = make_engine(tmp_path)
     engine.ledger.wall_offset = wall - START
     engine.restore(replay, START)
-    register(engine, AGENT, ("echo",), START)
-    [(task_id, attempt, left)] = dispatched(run_pass(engine, START + 1.0))
-    assert (task_id, attempt) == ("old", 1) and 28.5 < left <= 29.0 + 1e-6
+    # (a restored task waits one heartbeat expiry for the agent that may still run it)
+    later = START + engine.ledger.config.heartbeat_expiry_s + 1.0
+    register(engine, AGENT, ("echo",), later)
+    [(task_id, attempt, left)] = dispatched(run_pass(engine, later))
+    expected = 30.0 - (later - START)
+    assert (task_id, attempt) == ("old", 1) and expected - 0.5 < left <= expected + 1e-6
 
 
 def test_new_journal_records_keep_the_attempt_limit(tmp_path: Path) -> None:
@@ -128,7 +131,8 @@ def test_new_journal_records_keep_the_attempt_limit(tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     engine.ledger.wall_offset = wall - START
     engine.restore(replay, START)
-    register(engine, AGENT, ("echo",), START)
-    [(task_id, _, left)] = dispatched(run_pass(engine, START))
+    later = START + engine.ledger.config.heartbeat_expiry_s  # the restored task's wait
+    register(engine, AGENT, ("echo",), later)
+    [(task_id, _, left)] = dispatched(run_pass(engine, later))
     assert task_id == "t" and abs(left - 4.0) < 1e-6
     assert engine.tasks["t"].spec.attempt_timeout_s == 4.0  # compaction writes it again
