@@ -11,13 +11,23 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.installed
 
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "error: Orchestrator needs Python 3.11 or newer, and $PYTHON is not installed (Debian/Ubuntu: sudo apt install python3 python3-venv)" >&2
+    exit 2
+fi
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     echo "error: Orchestrator needs Python 3.11 or newer ($PYTHON is $("$PYTHON" --version 2>&1))" >&2
     exit 2
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-    echo "creating $VENV" >&2
+    # Debian and Ubuntu ship venv and ensurepip apart from python3 itself.
+    if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+        minor=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+        echo "error: $PYTHON -m venv is missing; install it (Debian/Ubuntu: sudo apt install python${minor}-venv), then run this again" >&2
+        exit 2
+    fi
+    echo "creating $VENV (first use: this takes a minute)" >&2
     "$PYTHON" -m venv "$VENV"
 fi
 

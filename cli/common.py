@@ -30,6 +30,12 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+#: A findings report has a finding at or above ``--fail-on``.
+EXIT_FINDINGS = 4
+
+#: The exit codes, as ``--help`` and the docs list them.
+EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 task or run failed, or not found; 2 usage error; "
+                   "3 broker unreachable; 4 findings at or above --fail-on.")
 
 #: How long a command waits for the broker to answer before calling it unreachable.
 PING_TIMEOUT_S = 3.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,8 +25,6 @@ from cli.processes import ProcessRef, end_child, log_size, spawn
 START_TIMEOUT_S: Final = 30.0
 #: How long a failed `start` gives what it started to exit before it kills it.
 UNDO_TIMEOUT_S: Final = 10.0
-#: Most processes `--agents` starts of one agent class.
-MAX_REPLICAS: Final = 1024
 #: The standing runner's pid file and log, in the data dir.
 RUNNER_PID: Final = "runner.pid"
 RUNNER_LOG: Final = "runner.log"
@@ -49,39 +48,6 @@ class StartFailed(Exception):
         super().__init__(message)
         self.log = log
         self.offset = offset
-
-
-def parse_agents(spec: str) -> list[tuple[str, int]]:
-    """Parse ``--agents module:Class[=N],...`` into (``module:Class``, N) pairs.
-
-    Raises:
-        click.BadParameter: A part is not ``module:Class`` with an optional ``=N``.
-    """
-    agents = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, count = part.partition("=")
-        module, _, cls = name.partition(":")
-        if not (module and cls and name.isprintable()) or (
-                count and not (count.isascii() and count.isdigit()
-                               and 1 <= int(count) <= MAX_REPLICAS)):
-            raise click.BadParameter(f"expected module:Class[=N] with N from 1 to "
-                                     f"{MAX_REPLICAS}, got {part!r}", param_hint="--agents")
-        agents.append((name, int(count or 1)))
-    return agents
-
-
-class AgentSpecs(click.ParamType):
-    """``--agents``: checked while the command line is parsed (see :func:`parse_agents`)."""
-
-    name = "module:Class[=N],..."
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> str:
-        try:
-            parse_agents(str(value))
-        except click.BadParameter as e:
-            self.fail(e.format_message(), param, ctx)
-        return str(value)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], what: str, log: Path,
@@ -146,27 +112,38 @@ class Launch:
         (self.home / RUNNER_PID).write_text(ProcessRef.of(self.runner.pid).text())
         return info
 
-    def start_agents(self, agents: list[tuple[str, int]], endpoint: str) -> list[str]:
-        """Start each agent's processes one at a time, each registered before the next.
+    def start_agents(self, agents: list[tuple[str, int]], endpoint: str,
+                     env: Mapping[str, str] | None = None) -> list[str]:
+        """Start every agent process at once, then wait for each to register (their
+        imports overlap: a pool starts in about the time of its slowest agent).
+
+        Args:
+            agents: (``module:Class``, N) pairs.
+            endpoint: The broker's URL.
+            env: Variables added to the agents' environment (``ORCH_ALLOW_COMMANDS``).
 
         Returns:
-            The agent ids, in the order they registered; their pid files are in
-            ``home/agents``.
+            The agent ids, in launch order; their pid files are in ``home/agents``.
         """
-        started = []
         log = self.home / "agents.log"
         pid_dir = self.home / "agents"
         pid_dir.mkdir(exist_ok=True)
+        offset = log_size(log)
+        launched = []
         for spec, replicas in agents:
             for _ in range(replicas):
-                offset = log_size(log)
-                agent = spawn(["-m", "agent_sdk", "run", spec, "--broker", endpoint], log)
+                agent = spawn(["-m", "agent_sdk", "run", spec, "--broker", endpoint], log,
+                              env=env)
                 self.agents.append((agent, None))
-                registered = wait_ready(agent, f"the agent {spec}", log, offset)
-                pid_file = pid_dir / f"{registered['agent_id']}.pid"
-                pid_file.write_text(ProcessRef.of(agent.pid).text())
-                self.agents[-1] = (agent, pid_file)
-                started.append(registered["agent_id"])
+                launched.append((len(self.agents) - 1, spec))
+        started = []
+        for index, spec in launched:
+            agent, _ = self.agents[index]
+            registered = wait_ready(agent, f"the agent {spec}", log, offset)
+            pid_file = pid_dir / f"{registered['agent_id']}.pid"
+            pid_file.write_text(ProcessRef.of(agent.pid).text())
+            self.agents[index] = (agent, pid_file)
+            started.append(registered["agent_id"])
         return started
 
     def undo(self) -> dict[str, Any]:

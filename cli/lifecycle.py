@@ -25,21 +25,24 @@ from cli.common import (
     BIND, EXIT_FAILED, EXIT_UNREACHABLE, PING_TIMEOUT_S, Context, DataDirCommand, emit_json,
     fail, json_option, lock_held, lock_holder, read_broker_info,
 )
-from cli.launch import (
-    RUNNER_PID, AgentSpecs, Launch, StartFailed, broker_pid_file, parse_agents,
-)
+from cli.launch import RUNNER_PID, Launch, StartFailed, broker_pid_file
+from cli.pool import AgentSpecs, parse_agents, say_llm_endpoint
 from cli.processes import ProcessRef, end_process, log_tail, read_ref
 
 #: How long `stop` waits for a graceful exit before it kills.
 STOP_TIMEOUT_S: Final = 45.0
 
-START_HELP = """Start the broker in the background (lock, pid file and log in the data dir).
+START_HELP = """Start the broker, the workflow runner and the agents, in the background
+(lock, pid files and logs in the data dir).
 
-Returns once the broker answers, with the standing workflow runner (which drives the
-runs of `workflow run` and `submit TEXT`; --no-runner to skip it). Built-in agents do not exist yet, so no agent is started
-unless --agents names some: `--agents module:Class[=N],...` starts N processes of each,
-one after the other. If the broker, the runner or an agent does not come up, everything this start
-started is stopped again, and the error names the log and prints its last lines.
+Returns once every process answers. The standing workflow runner drives the runs of
+`workflow run` and `submit TEXT` (--no-runner to skip it). The default pool of built-in
+agents is reviewer x2, researcher, coder and synthesizer, each a process: built-in names
+adjust it (`--agents reviewer=4,coder=0`), a `module:Class[=N]` spec replaces it (the
+built-ins named beside it still start), and --no-agents starts none. The coder runs test
+commands (`debugging`) only with --allow-commands. If anything does not come up,
+everything this start started is stopped again, and the error names the log and prints
+its last lines.
 """
 
 
@@ -141,14 +144,14 @@ def _undone(launch: Launch) -> str:
 
 
 def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], runner: bool,
-            as_json: bool) -> None:
+            agent_env: dict[str, str], as_json: bool) -> None:
     """Start the broker, the workflow runner (when ``runner``) and the agents; on any
     failure stop them again and exit 1 with the log and its last lines."""
     launch = Launch(home)
     try:
         info = launch.start_broker(broker_args)
         ready = launch.start_runner(info["endpoint"]) if runner else None
-        started = launch.start_agents(agents, info["endpoint"])
+        started = launch.start_agents(agents, info["endpoint"], agent_env)
     except StartFailed as e:
         undone = _undone(launch)
         stopped = launch.undo()
@@ -168,8 +171,13 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], r
 @click.option("--policy", type=click.Choice(POLICIES), default="capability", show_default=True)
 @click.option("--durability", type=click.Choice(DURABILITIES), default="batch", show_default=True,
               help="Journal: none, batch (survives a crash) or fsync (survives power loss).")
-@click.option("--agents", "agents_spec", type=AgentSpecs(), default="", help="Agents to start: module:Class[=N],...")
-@click.option("--no-agents", is_flag=True, help="Start no agents (the default for now).")
+@click.option("--agents", "agents_spec", type=AgentSpecs(), default="",
+              help="Adjust the default pool (reviewer=4,coder=0) or replace it "
+                   "(module:Class[=N],...).")
+@click.option("--no-agents", is_flag=True, help="Start no agents.")
+@click.option("--allow-commands", is_flag=True,
+              help="Let the coder run test commands on the files of `debugging` tasks (in a "
+                   "throwaway copy, with time and memory limits, no network).")
 @click.option("--foreground", is_flag=True, help="Run the broker in this process.")
 @click.option("--state-bind", type=BIND, default=None,
               help="HOST:PORT of the state service. Default: the broker's port + 3.")
@@ -183,11 +191,14 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], r
 @click.pass_obj
 def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: str,
           no_agents: bool, foreground: bool, state_bind: str | None, state_memory: bool,
-          no_state: bool, no_bus: bool, no_runner: bool, as_json: bool) -> None:
-    """Start the broker, the workflow runner and the agents of ``--agents``, unless the
-    broker already runs."""
+          no_state: bool, no_bus: bool, no_runner: bool, allow_commands: bool,
+          as_json: bool) -> None:
+    """Start the broker, the workflow runner and the agents, unless the broker already
+    runs."""
     home = obj.home
     # Parsed first, so that a bad --agents is a usage error before anything starts.
+    if no_agents and agents_spec:
+        raise click.UsageError("--agents and --no-agents contradict each other; give one")
     agents = [] if no_agents else parse_agents(agents_spec)
     if _report_running(home, as_json):
         return
@@ -204,7 +215,28 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
              {"home": str(home)})
     # What a killed broker left: its endpoint would only time out.
     (home / "broker.json").unlink(missing_ok=True)
-    _launch(home, broker_args, agents, not (no_runner or no_state), as_json)
+    if agents:
+        say_llm_endpoint()
+    agent_env = {"ORCH_ALLOW_COMMANDS": "1"} if allow_commands else {}
+    _launch(home, broker_args, agents, not (no_runner or no_state), agent_env, as_json)
+
+
+def _llm_usage(status: dict[str, Any]) -> dict[str, Any] | None:
+    """The agents' LLM token usage and the budgets, from the state service (None when
+    it does not answer or no agent called an LLM)."""
+    url = (status.get("broker", {}).get("endpoints") or {}).get("state")
+    if not url:
+        return None
+    from agent_sdk import OrchestratorError, SyncStateClient
+    from agent_sdk.llm import read_usage
+
+    try:
+        with closing(SyncStateClient(str(url))) as state:
+            state.connect(PING_TIMEOUT_S)
+            usage = read_usage(state)
+    except OrchestratorError:
+        return None
+    return usage if usage["agents"] or usage["budgets"] else None
 
 
 # ---------------------------------------------------------------------- stop
@@ -316,6 +348,7 @@ def status(obj: Context, as_json: bool, watch: bool) -> None:
     def document() -> dict[str, Any]:
         found = client.status(PING_TIMEOUT_S)
         found["runner"] = runner_state(obj.home)
+        found["llm"] = _llm_usage(found)
         return found
 
     with closing(obj.client()) as client:

@@ -1,6 +1,7 @@
 """The ``orchestrator`` command line: start and stop the broker, submit work, inspect it.
 
-Exit codes: 0 success, 1 task failed or not found, 2 usage error, 3 broker unreachable.
+Exit codes: 0 success, 1 task failed or not found, 2 usage error, 3 broker unreachable,
+4 findings at or above ``--fail-on``.
 Every command that prints data takes ``--json`` and then prints exactly one JSON document.
 
 This module only assembles the group: the commands live in one module per topic
@@ -17,8 +18,9 @@ import click
 
 from broker import __version__
 from cli.bench import bench
-from cli.common import URL, CliGroup, Context, DirPath
+from cli.common import EXIT_CODES_HELP, URL, CliGroup, Context, DirPath
 from cli.lifecycle import start, status, stop
+from cli.oneshot import run
 from cli.state import state
 from cli.tasks import cancel, result, submit, tasks, trace
 from cli.workflow import workflow
@@ -26,7 +28,7 @@ from cli.workflow import workflow
 HELP = "Orchestrator: run many AI agents as processes and coordinate them through a broker."
 
 
-@click.group(cls=CliGroup, help=HELP)
+@click.group(cls=CliGroup, help=HELP, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="orchestrator")
 @click.option("--home", type=DirPath(), default=None, envvar="ORCH_HOME",
               help="Data dir (lock, pid files, logs, journal, state). Default: $ORCH_HOME, "
@@ -45,7 +47,7 @@ def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
 
 # `--help` lists the commands sorted by name, so the order here does not show.
 for _command in (start, stop, status, submit, result, cancel, trace, tasks, bench, state,
-                 workflow):
+                 workflow, run):
     main.add_command(_command)
 
 

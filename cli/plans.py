@@ -8,6 +8,7 @@ what the agents online can do.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,6 +17,7 @@ import click
 import zmq
 
 from cli.common import EXIT_OK, EXIT_USAGE, PING_TIMEOUT_S, Context, emit_json, fail
+from cli.report_view import Presentation
 from cli.runs import Session, submit_and_follow, warn_if_undriven
 
 def online_capabilities(status: dict[str, Any]) -> set[str]:
@@ -55,11 +57,13 @@ def _online_if_reachable(obj: Context) -> set[str] | None:
 def _print_plan(obj: Context, text: str, path: Path | None, as_json: bool) -> NoReturn:
     """``--plan``: the plan, its missing capabilities marked when a broker answers, and
     a note on stderr when none does."""
-    from workflows.planner import PlanError, plan
+    from workflows.llm_planner import make_planner
+    from workflows.planner import PlanError
 
     online = _online_if_reachable(obj)
     try:
-        planned = plan(text, cwd=os.getcwd(), path=path, online_capabilities=online)
+        planned = make_planner().plan(text, cwd=os.getcwd(), path=path,
+                                            online_capabilities=online)
     except PlanError as e:
         fail(str(e), EXIT_USAGE)
     if online is None:
@@ -74,7 +78,8 @@ def _print_plan(obj: Context, text: str, path: Path | None, as_json: bool) -> No
 
 def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
                    timeout: float | None, run_id: str | None, no_wait: bool, as_json: bool,
-                   task_only: list[str]) -> NoReturn:
+                   task_only: list[str], presentation: Presentation,
+                   max_tokens: int | None = None) -> NoReturn:
     """Plan ``text`` and print the plan (``plan_only``) or run it as a durable run.
 
     Args:
@@ -87,8 +92,11 @@ def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
         no_wait: ``--no-wait``: print the run id once submitted.
         as_json: ``--json``.
         task_only: The options given that only a task sent as is takes.
+        presentation: How a findings report the run ends with is presented.
+        max_tokens: ``--max-tokens``: the run's LLM token budget.
     """
-    from workflows.planner import PlanError, plan
+    from workflows.llm_planner import make_planner
+    from workflows.planner import PlanError
 
     if plan_only and not task_only:
         _print_plan(obj, text, path, as_json)
@@ -100,7 +108,8 @@ def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
         status = session.call(session.client.status(PING_TIMEOUT_S))
         online = online_capabilities(status)
         try:
-            planned = plan(text, cwd=os.getcwd(), path=path, online_capabilities=online)
+            planned = make_planner().plan(text, cwd=os.getcwd(), path=path,
+                                            online_capabilities=online)
         except PlanError as e:
             fail(str(e), EXIT_USAGE)
         deadline_s = timeout or planned.workflow.deadline_s
@@ -110,6 +119,8 @@ def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
                 _say_missing(planned.missing, new_id, deadline_s)
 
         warn_if_undriven(obj, session)
-        submit_and_follow(session, planned.workflow, planned.input, run_id=run_id,
+        workflow = planned.workflow if max_tokens is None else \
+            dataclasses.replace(planned.workflow, max_tokens=max_tokens)
+        submit_and_follow(session, workflow, planned.input, run_id=run_id,
                           deadline_s=timeout, no_wait=no_wait, as_json=as_json,
-                          on_submitted=submitted)
+                          on_submitted=submitted, presentation=presentation)

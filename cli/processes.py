@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -129,12 +129,15 @@ def log_tail(log: Path, offset: int = 0) -> list[str]:
     return [line for line in lines if line.strip()][-LOG_TAIL_LINES:]
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Run ``python ARGS`` detached from this terminal, stderr appended to ``log``."""
+def spawn(args: list[str], log: Path,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Run ``python ARGS`` detached from this terminal, stderr appended to ``log``, with
+    ``env`` added to this process's environment."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **env} if env else None
     with open(log, "ab") as log_file:
         return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=log_file,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=full_env)
 
 
 def wait_until(done: Callable[[], bool], timeout: float) -> bool:

@@ -24,6 +24,7 @@ from cli.common import (
     EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context, Text,
     echo_data, emit_json, fail, one_line,
 )
+from cli.report_view import Presentation, is_report, present_report, readable
 
 if TYPE_CHECKING:
     from agent_sdk import Client
@@ -205,15 +206,24 @@ def outcome_line(details: RunDetails) -> str:
     return one_line(line)
 
 
-def print_outcome(details: RunDetails, as_json: bool) -> NoReturn:
+def print_outcome(details: RunDetails, as_json: bool,
+                  presentation: Presentation | None = None) -> NoReturn:
     """Print how a run ended (its output, or why it did not succeed) and exit 0 when it
-    succeeded, 1 otherwise."""
+    succeeded, 1 otherwise; a run that ended with a findings report is presented as one
+    (:mod:`cli.report_view`: files written, exit 4 past ``--fail-on``)."""
     ok = details.status.value == "succeeded"
+    if ok and details.output is not None and is_report(details.output.data):
+        present_report(details.run_id, details.output.data, presentation or Presentation(),
+                       as_json)
     if as_json:
         emit_json(details_document(details))
     elif ok:
         if details.output is not None:
-            echo_data(details.output.data)
+            text = readable(details.output.data)
+            if text is not None:
+                click.echo(text)
+            else:
+                echo_data(details.output.data)
     else:
         click.echo(f"error: {outcome_line(details)}", err=True)
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
@@ -296,7 +306,8 @@ def follow(session: Session, run_id: str, as_json: bool) -> RunDetails:
 def submit_and_follow(session: Session, workflow: Workflow, data: Any, *,
                       run_id: str | None, deadline_s: float | None, no_wait: bool,
                       as_json: bool,
-                      on_submitted: Callable[[str], None] | None = None) -> NoReturn:
+                      on_submitted: Callable[[str], None] | None = None,
+                      presentation: Presentation | None = None) -> NoReturn:
     """Submit a durable run, say its id first (on stderr), then follow it and print how
     it ended (see :func:`print_outcome`); with ``no_wait``, print the id and exit 0.
 
@@ -309,6 +320,7 @@ def submit_and_follow(session: Session, workflow: Workflow, data: Any, *,
         no_wait: Return once submitted.
         as_json: Print one JSON document on stdout.
         on_submitted: Called with the run id once it is said (more to say about it).
+        presentation: How a findings report it ends with is presented.
     """
     from workflows import submit_run
 
@@ -328,7 +340,7 @@ def submit_and_follow(session: Session, workflow: Workflow, data: Any, *,
         details = follow(session, submitted, as_json)
     except KeyboardInterrupt:
         interrupted(submitted)
-    print_outcome(details, as_json)
+    print_outcome(details, as_json, presentation)
 
 
 def warn_if_undriven(obj: Context, session: Session) -> None:

@@ -107,6 +107,16 @@ def summary(status: dict[str, Any], data_dir: str) -> Table:
                             f"{bus['subscribed_prefixes']} subscribed prefix(es)")
     if messaging.get("direct"):
         head.add_row("direct", "  ".join(f"{k} {v}" for k, v in messaging["direct"].items()))
+    llm = status.get("llm")
+    if llm:
+        total = llm["total"]
+        per_agent = "  ".join(f"{a.get('agent', '?')} {a.get('total_tokens', 0)}"
+                              for a in llm["agents"])
+        head.add_row("llm tokens", f"{total['total_tokens']} in {total['calls']} call(s)"
+                     + (f"  ({per_agent})" if per_agent else ""))
+        for budget in llm["budgets"]:
+            head.add_row("token budget", f"{budget['scope']}  {budget['spent']} of "
+                                         f"{budget['max_tokens']}")
     runner = status.get("runner")
     if runner:
         head.add_row("workflow runner", f"pid {runner['pid']}  "

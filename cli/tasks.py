@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -22,6 +23,9 @@ from cli.common import (
     Context, DataDirCommand, DirPath, count, echo_data, emit_json, fail, json_option,
 )
 from cli.plans import submit_planned
+from cli.report_view import (
+    Presentation, fail_on_option, max_tokens_option, report_dir_option,
+)
 
 if TYPE_CHECKING:
     from agent_sdk import Result, SyncClient, SyncTaskHandle
@@ -237,12 +241,16 @@ def _report_accepted(handle: SyncTaskHandle, as_json: bool) -> None:
                    "on (default: the working directory).")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Without --capability/--agent: print the plan, run nothing.")
+@max_tokens_option()
+@fail_on_option()
+@report_dir_option()
 @json_option()
 @click.pass_obj
 def submit(obj: Context, text: str, capabilities: tuple[str, ...], agent: str | None,
            payload: str | None, timeout: float | None, attempt_timeout: float | None,
            retries: int | None, priority: int, task_id: str | None, no_wait: bool,
-           path: Path | None, plan_only: bool, as_json: bool) -> None:
+           path: Path | None, plan_only: bool, max_tokens: int | None, fail_on: str,
+           report_dir: Path | None, as_json: bool) -> None:
     """Submit TEXT as a task; print its id (``--no-wait``) or wait and print its result.
     Without ``--capability``/``--agent``, plan TEXT into a workflow and run that
     (:func:`cli.plans.submit_planned`; ``--id`` is then the run id, ``--timeout`` the
@@ -253,12 +261,16 @@ def submit(obj: Context, text: str, capabilities: tuple[str, ...], agent: str | 
     """
     # Parsed before connecting, so that a bad --payload is a usage error (exit 2), not 3.
     options = _parse_payload(payload)
+    if max_tokens is not None:
+        options["llm_budget"] = {"scope": f"task:{uuid.uuid4().hex}", "max_tokens": max_tokens}
     if not capabilities and agent is None:
         given = [name for name, value in (("--payload", payload), ("--retries", retries),
                                           ("--priority", priority or None),
                                           ("--attempt-timeout", attempt_timeout))
                  if value is not None]
-        submit_planned(obj, text, path, plan_only, timeout, task_id, no_wait, as_json, given)
+        presentation = Presentation(fail_on.lower(), report_dir, obj.home)
+        submit_planned(obj, text, path, plan_only, timeout, task_id, no_wait, as_json, given,
+                       presentation, max_tokens)
     if plan_only or path is not None:
         fail("--plan and --path are for the planner: leave out --capability and --agent",
              EXIT_USAGE)

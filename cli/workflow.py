@@ -12,6 +12,7 @@ and exits 130.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,9 @@ import click
 from cli.common import (
     EXIT_USAGE, SECONDS, TEXT, Context, DataDirGroup, Text, count, emit_json, fail,
     json_option,
+)
+from cli.report_view import (
+    Presentation, fail_on_option, max_tokens_option, report_dir_option,
 )
 from cli.runs import (
     JSON_VALUE, RUN_ID, Session, details_document, follow, interrupted, outcome_line,
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
 LIST_PIPE_WIDTH = 200
 #: The statuses a run can have, for ``workflow list --status``.
 RUN_STATES = ("submitted", "running", "waiting_approval", "succeeded", "failed", "cancelled",
-              "rejected")
+              "rejected", "budget_exceeded")
 
 WORKFLOW_HELP = """Declarative workflows and durable runs.
 
@@ -78,10 +82,14 @@ def _load(file: str) -> Workflow:
 @click.option("--id", "run_id", type=RUN_ID, default=None,
               help="The run id (default: a new one).")
 @click.option("--no-wait", is_flag=True, help="Print the run id once submitted and return.")
+@max_tokens_option()
+@fail_on_option()
+@report_dir_option()
 @json_option("Print the run's details (status, output, error, steps) as JSON.")
 @click.pass_obj
 def run(obj: Context, text: str, data: Any, timeout: float | None, run_id: str | None,
-        no_wait: bool, as_json: bool) -> None:
+        no_wait: bool, max_tokens: int | None, fail_on: str, report_dir: Path | None,
+        as_json: bool) -> None:
     """Submit the workflow of the file ``text`` as a durable run, then follow it."""
     # A file that is there is checked before anything connects; one that is not is said
     # once the broker answered (as an unknown run id would be).
@@ -92,9 +100,12 @@ def run(obj: Context, text: str, data: Any, timeout: float | None, run_id: str |
     definition = _load(text) if exists else None
     with Session(obj) as session:
         definition = definition or _load(text)
+        if max_tokens is not None:
+            definition = dataclasses.replace(definition, max_tokens=max_tokens)
         warn_if_undriven(obj, session)
         submit_and_follow(session, definition, data, run_id=run_id, deadline_s=timeout,
-                          no_wait=no_wait, as_json=as_json)
+                          no_wait=no_wait, as_json=as_json,
+                          presentation=Presentation(fail_on.lower(), report_dir, obj.home))
 
 
 def _print_details(details: RunDetails) -> None:
@@ -134,9 +145,12 @@ def _json_text(value: Any) -> str:
 @click.argument("task_id", metavar="RUN_ID", type=RUN_ID)
 @click.option("--wait", is_flag=True, help="Follow the run until it ends, then print its "
                                            "output (exit 1 if it did not succeed).")
+@fail_on_option()
+@report_dir_option()
 @json_option("Print the run's details as JSON (its input included).")
 @click.pass_obj
-def status(obj: Context, task_id: str, wait: bool, as_json: bool) -> None:
+def status(obj: Context, task_id: str, wait: bool, fail_on: str, report_dir: Path | None,
+           as_json: bool) -> None:
     """Print the run ``task_id``; with ``--wait``, follow it and print how it ended."""
     from workflows import run_status
 
@@ -146,7 +160,8 @@ def status(obj: Context, task_id: str, wait: bool, as_json: bool) -> None:
                 details = follow(session, task_id, as_json)
             except KeyboardInterrupt:
                 interrupted(task_id)
-            print_outcome(details, as_json)
+            print_outcome(details, as_json,
+                          Presentation(fail_on.lower(), report_dir, obj.home))
         details = session.call(run_status(task_id, client=session.client))
     if as_json:
         emit_json(details_document(details, include_input=True))

@@ -513,8 +513,9 @@ def raise_for(record: RunRecord) -> None:
         answer = next((h for h in reversed(record.history) if h.event == "approval"), None)
         raise RunRejected(record.run_id, error.message, error.path,
                           answer.comment if answer else "", answer.by if answer else "")
-    if record.status is RunStatus.FAILED:
-        raise RunFailed(record.run_id, "failed", error.code, error.message, error.path)
+    if record.status in (RunStatus.FAILED, RunStatus.BUDGET_EXCEEDED):
+        raise RunFailed(record.run_id, record.status.value, error.code, error.message,
+                        error.path)
     raise WorkflowError(f"run {record.run_id} has not ended ({record.status.value})")
 
 

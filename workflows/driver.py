@@ -35,6 +35,7 @@ import enum
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from agent_sdk import (
     BrokerUnavailable, Change, Client, Lease, OrchestratorError, StaleFencingToken, StateError,
@@ -75,6 +76,14 @@ class Stop(enum.Enum):
     LEASE_LOST = "lease_lost"
     RESUME = "resume"
     BROKEN = "broken"
+
+
+def budget_fields(workflow: Workflow, run_id: str) -> dict[str, Any]:
+    """The task fields that give every step of a run its share of the run's LLM token
+    budget (none without ``max_tokens``): one scope per run, in the state service."""
+    if workflow.max_tokens is None:
+        return {}
+    return {"llm_budget": {"scope": f"run:{run_id}", "max_tokens": workflow.max_tokens}}
 
 
 def internal_error(error: BaseException) -> RunError:
@@ -170,7 +179,8 @@ class RunDriver:
             data = await self.store.input_of(self.record)
             loaded = await load_log(state, self.run_id)
             progress = Progress(0, planned_steps(workflow.root))
-            tasks = StepTasks(self.client, self.run_id, Deadline(self.record.deadline_at))
+            tasks = StepTasks(self.client, self.run_id, Deadline(self.record.deadline_at),
+                              budget_fields(workflow, self.run_id))
             events = RunEvents(self.client, self.run_id, progress)
             log = CheckpointLog(state, self.run_id, loaded, self.lease, progress.snapshot,
                                 tasks.release, self._checkpoint_failed)
@@ -209,7 +219,9 @@ class RunDriver:
                 raise  # the runner is stopping: leave the run to the next one
             return await self._stopped(tasks, log, events)
         except StepFailed as e:
-            return await self._end(RunStatus.FAILED, tasks, log, events,
+            status = RunStatus.BUDGET_EXCEEDED if await self._budget_spent(tasks) \
+                else RunStatus.FAILED
+            return await self._end(status, tasks, log, events,
                                    error=RunError(e.code, e.reason, e.path))
         except RunRejected as e:
             return await self._end(RunStatus.REJECTED, tasks, log, events,
@@ -230,6 +242,17 @@ class RunDriver:
         if self._stop is Stop.LEASE_LOST:
             return Outcome.LEASE_LOST
         return await self._end(RunStatus.SUCCEEDED, tasks, log, events, output=output)
+
+    async def _budget_spent(self, tasks: StepTasks) -> bool:
+        """Whether the run has a token budget and it is spent (a step that failed then
+        failed for want of it, or its agents could not go on)."""
+        spec = tasks.run_fields.get("llm_budget")
+        if not spec:
+            return False
+        from agent_sdk.llm import TokenBudget  # only runs with a budget need it
+
+        budget = TokenBudget(spec["scope"], spec["max_tokens"], self.client.state)
+        return await budget.spent() >= budget.max_tokens
 
     async def _stopped(self, tasks: StepTasks, log: CheckpointLog,
                        events: RunEvents) -> Outcome:

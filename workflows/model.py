@@ -173,18 +173,27 @@ class Approval:
 Node = Union[TaskStep, Pipeline, MapReduce, Consensus, ReviewLoop, Approval]
 
 
+#: The largest token budget a run may set (far beyond any real run; a typo stops here).
+MAX_TOKEN_BUDGET: Final = 10 ** 12
+
+
 @dataclass(frozen=True)
 class Workflow:
-    """A whole definition: its root node and the run's own deadline."""
+    """A whole definition: its root node, the run's own deadline and its LLM token budget
+    (``max_tokens``: shared by every step's agents; the run ends ``budget_exceeded``
+    once spent)."""
 
     name: str
     root: Node
     deadline_s: float | None = None
+    max_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"workflow": self.name, "root": node_to_dict(self.root)}
         if self.deadline_s is not None:
             out["deadline_s"] = self.deadline_s
+        if self.max_tokens is not None:
+            out["max_tokens"] = self.max_tokens
         return out
 
     @classmethod
@@ -205,8 +214,14 @@ class Workflow:
             root = Pipeline(name, _steps(doc.data["steps"], ("steps",)))
         else:
             raise DefinitionError((), "a workflow needs 'steps' (a list) or 'root' (a node)")
-        doc.done({"workflow", "deadline_s", "root", "steps"})
-        return cls(name, root, deadline)
+        max_tokens = doc.data.get("max_tokens")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or
+                                       not isinstance(max_tokens, int) or
+                                       not 1 <= max_tokens <= MAX_TOKEN_BUDGET):
+            raise DefinitionError(("max_tokens",), f"must be a whole number of tokens from 1 "
+                                                   f"to {MAX_TOKEN_BUDGET}")
+        doc.done({"workflow", "deadline_s", "root", "steps", "max_tokens"})
+        return cls(name, root, deadline, max_tokens)
 
 
 def node_to_dict(node: Node) -> dict[str, Any]:

@@ -255,7 +255,7 @@ WEIGHTS: Final[dict[Intent, dict[str, float]]] = {
     Intent.SUMMARIZE: {"summarize": 4, "docs": 1.5, "codebase": 0.5, "@path": 1.5},
     Intent.REFACTOR: {"refactor": 4, "codebase": 1, "@path": 1.5},
     Intent.DEBUG: {"debug": 2.5, "tests": 1.5, "codebase": 0.5, "@path": 1.5},
-    Intent.RESEARCH: {"research": 3.5, "@question": 3, "@path": -3, "@change": -3},
+    Intent.RESEARCH: {"research": 3.5, "@question": 3, "@path": -1, "@change": -3},
     Intent.BUILD: {"build": 2.5, "artifact": 1.5, "language": 1},
 }
 
@@ -912,7 +912,7 @@ def _plan_debug(reading: Reading, base: Path, target: Path,
 def _plan_research(reading: Reading, base: Path, target: Path,
                    online: Collection[str] | None) -> Plan:
     """Parallel research over aspects of the topic, then synthesis."""
-    topic = extract_topic(reading.text)
+    topic = extract_topic(_without_path(reading.text, reading.path_text))
     if not topic:
         raise PlanError("research what? name a topic, as in: research vector databases")
     aspects = research_aspects(topic, comparison="compar" in reading.text.lower() or
@@ -943,6 +943,16 @@ def _plan_research(reading: Reading, base: Path, target: Path,
                f"({', '.join(name for name, _ in aspects)}), then a synthesis")
     return Plan(Intent.RESEARCH.value, workflow, items, summary, {"topic": topic}, files,
                 len(items))
+
+
+def _without_path(text: str, path_text: str | None) -> str:
+    """The text without the path it names and the word leading to it ("research X in
+    ./docs" -> "research X"): the path is the corpus, not the topic."""
+    if not path_text:
+        return text
+    return re.sub(r"(?:\b(?:in|from|using|under|at|of|with|inside)\s+(?:the\s+)?"
+                  r"(?:(?:docs?|documents?|files?|notes?)\s+(?:in|at|under)\s+)?)?"
+                  + re.escape(path_text), " ", text, count=1, flags=re.I)
 
 
 def extract_topic(text: str) -> str:

@@ -89,6 +89,8 @@ class RunStatus(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    #: a step failed once the run's LLM token budget (``max_tokens``) was spent
+    BUDGET_EXCEEDED = "budget_exceeded"
 
     @property
     def terminal(self) -> bool:
@@ -97,6 +99,7 @@ class RunStatus(str, enum.Enum):
 
 
 _TERMINAL: Final = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED,
+                              RunStatus.BUDGET_EXCEEDED,
                               RunStatus.REJECTED})
 
 

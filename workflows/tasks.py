@@ -200,12 +200,16 @@ class StepTasks:
         client: the broker connection.
         run_id: the run the tasks belong to (their ids derive from it).
         deadline: the run's deadline (each task's timeout is capped by it).
+        run_fields: task fields of every step (``llm_budget``).
     """
 
-    def __init__(self, client: Client, run_id: str, deadline: Deadline) -> None:
+    def __init__(self, client: Client, run_id: str, deadline: Deadline,
+                 run_fields: Mapping[str, Any] | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.deadline = deadline
+        #: fields every task of the run carries (its LLM token budget)
+        self.run_fields: dict[str, Any] = dict(run_fields or {})
         #: what every step task id of the run starts with (``wf:<run>:``)
         self.task_id_prefix = ids.task_id(run_id, "")
         #: submitted and not settled (see :meth:`settled`), by task id
@@ -226,13 +230,18 @@ class StepTasks:
             fields: extra task fields from the workflow (``failed``, ``feedback``...).
             pin: an agent id (or name) the tasks must run on, instead of ``step.agent``.
         """
-        return PreparedStep(self, step, fields, pin)
+        return PreparedStep(self, step, self._with_run_fields(fields), pin)
+
+    def _with_run_fields(self, fields: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not self.run_fields:
+            return fields
+        return {**self.run_fields, **(fields or {})}
 
     def submit(self, path: str, step: TaskStep, data: Any, fields: dict[str, Any] | None = None,
                pin: str | None = None) -> TaskHandle:
         """Submit (or, under the same id, attach to) the task of the step at ``path``;
         see :meth:`prepare` and :meth:`PreparedStep.submit`."""
-        return PreparedStep(self, step, fields, pin).submit(path, data)
+        return PreparedStep(self, step, self._with_run_fields(fields), pin).submit(path, data)
 
     def track(self, open_tasks: Mapping[str, Any]) -> Callable[[], None]:
         """Count the keys of ``open_tasks`` (task ids, kept current by the caller) among

@@ -98,7 +98,7 @@ def test_failures_have_meaningful_exit_codes(home: Path) -> None:
     assert "Traceback" not in down.stderr and "not answering" in down.stderr
     assert orchestrator(home, "submit", "x", broker="tcp://127.0.0.1:1").returncode == 3
 
-    orchestrator(home, "start", "--bind", "127.0.0.1:0")
+    orchestrator(home, "start", "--bind", "127.0.0.1:0", "--no-agents")
     # A task nobody can run fails with no_agent after its timeout: exit 1.
     failed = orchestrator(home, "submit", "x", "-c", "nobody-has-this", "--timeout", "0.3",
                           "--json")

@@ -115,7 +115,7 @@ def test_status_from_any_directory_finds_the_running_default_broker(
     here, elsewhere = tmp_path / "project", tmp_path / "somewhere/else"
     here.mkdir()
     elsewhere.mkdir(parents=True)
-    started = cli("start", "--bind", "127.0.0.1:0", "--no-state", "--no-bus", "--json",
+    started = cli("start", "--bind", "127.0.0.1:0", "--no-state", "--no-bus", "--no-agents", "--json",
                   env=user_env, cwd=here, capture_output=True)
     assert started.returncode == 0, started.stderr
     data_dir = tmp_path / "user/.local/state/orchestrator"

@@ -30,6 +30,8 @@ CLI_TIMEOUT_S = 60
 PR_SET_CHILD_SUBREAPER = 36
 #: Options of a broker that needs no state service and no bus here.
 LEAN = ("--bind", "127.0.0.1:0", "--no-state", "--no-bus")
+#: ... and for `start`, none of the built-in agents.
+BARE = (*LEAN, "--no-agents")
 
 
 def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -78,7 +80,7 @@ def zombie(pid: int) -> bool:
 def test_start_right_after_a_sigkill_starts_a_broker_with_its_journal(
         home: Path, adopted: list[int]) -> None:
     # Given a running broker with a task accepted and open (no agent can take it)
-    first = document(run(home, "start", *LEAN, "--json"))
+    first = document(run(home, "start", *BARE, "--json"))
     adopted.append(first["pid"])
     accepted = run(home, "submit", "x", "-c", "nobody", "--id", "before", "--timeout", "600",
                    "--no-wait", "--json")
@@ -89,7 +91,7 @@ def test_start_right_after_a_sigkill_starts_a_broker_with_its_journal(
     os.waitid(os.P_PID, first["pid"], os.WEXITED | os.WNOWAIT)
     assert zombie(first["pid"])
     # Then `start` at once starts a new broker on the first try
-    again = run(home, "start", *LEAN, "--json")
+    again = run(home, "start", *BARE, "--json")
     assert again.returncode == 0, again.stderr
     second = document(again)
     adopted.append(second["pid"])
@@ -111,7 +113,7 @@ def test_a_pid_file_naming_another_process_neither_blocks_start_nor_gets_it_kill
         (home / "agents").mkdir()
         (home / "agents" / "echo-gone.pid").write_text(f"{bystanders[1].pid} 1\n")
         # When start and stop run
-        started = run(home, "start", *LEAN, "--json")
+        started = run(home, "start", *BARE, "--json")
         assert started.returncode == 0, started.stderr
         assert document(started)["status"] == "started"
         stopped = run(home, "stop", "--json")
@@ -127,7 +129,7 @@ def test_a_pid_file_naming_another_process_neither_blocks_start_nor_gets_it_kill
 
 def test_a_second_broker_on_a_held_data_dir_exits_with_one_line(home: Path) -> None:
     # Given a running broker
-    started = document(run(home, "start", *LEAN, "--json"))
+    started = document(run(home, "start", *BARE, "--json"))
     assert lock_held(home)
     # When another broker process is started on the same data dir
     second = subprocess.run([sys.executable, "-m", "broker", *LEAN, "--data-dir", str(home)],
@@ -140,7 +142,7 @@ def test_a_second_broker_on_a_held_data_dir_exits_with_one_line(home: Path) -> N
         f"(it holds {home / 'broker.lock'}); stop it first (orchestrator stop) or give this "
         "one another --data-dir"]
     # And `start` says the first one runs
-    assert document(run(home, "start", *LEAN, "--json"))["status"] == "running"
+    assert document(run(home, "start", *BARE, "--json"))["status"] == "running"
 
 
 def test_a_failed_start_stops_what_it_started_and_prints_the_log(home: Path) -> None:
@@ -168,7 +170,7 @@ def test_a_failed_start_stops_what_it_started_and_prints_the_log(home: Path) -> 
 
 def test_a_broker_that_cannot_start_is_reported_with_its_log(home: Path) -> None:
     # Given a port that is taken
-    holder = document(run(home, "start", *LEAN, "--json"))
+    holder = document(run(home, "start", *BARE, "--json"))
     port = holder["endpoint"].rsplit(":", 1)[1]
     other = home.parent / f"{home.name}-other"
     # When another data dir's broker is started on it

@@ -28,7 +28,7 @@ def home(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def start(home: Path, *agents: str) -> None:
-    extra = ["--agents", ",".join(agents)] if agents else []
+    extra = ["--agents", ",".join(agents)] if agents else ["--no-agents"]
     started = orchestrator(home, "start", "--bind", "127.0.0.1:0", *extra)
     assert started.returncode == 0, started.stderr
 

@@ -122,7 +122,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, st
 
 def test_start_launches_the_runner_status_shows_it_and_stop_stops_it(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    started = orchestrator(home, "start", "--bind", "127.0.0.1:0", "--json")
+    started = orchestrator(home, "start", "--bind", "127.0.0.1:0", "--no-agents", "--json")
     try:
         assert started.returncode == 0, started.stderr
         runner = as_json(started)["runner"]
@@ -144,7 +144,7 @@ def test_start_launches_the_runner_status_shows_it_and_stop_stops_it(tmp_path: P
     assert not (home / "runner.pid").exists()
 
     # --no-runner: no runner at all
-    started = orchestrator(home, "start", "--bind", "127.0.0.1:0", "--no-runner", "--json")
+    started = orchestrator(home, "start", "--bind", "127.0.0.1:0", "--no-runner", "--no-agents", "--json")
     try:
         assert started.returncode == 0, started.stderr
         assert as_json(started)["runner"] is None

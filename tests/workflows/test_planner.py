@@ -228,6 +228,14 @@ def test_research_derives_four_aspects_or_a_comparison(project: Path) -> None:
         "history of Lisp"
 
 
+@pytest.mark.parametrize("text", ["Research cache eviction in ./src",
+                                  "research cache eviction using the files in src"])
+def test_research_in_a_directory_takes_it_as_the_corpus(project: Path, text: str) -> None:
+    p = plan(text, cwd=project)
+    assert p.intent == "research" and p.files > 0
+    assert all(item["topic"] == "cache eviction" and item["documents"] for item in p.input)
+
+
 def test_the_same_text_gives_the_same_plan(project: Path) -> None:
     first = plan("audit ./src for vulnerabilities", cwd=project).to_dict()
     assert plan("audit ./src for vulnerabilities", cwd=project).to_dict() == first

@@ -1,0 +1,138 @@
+"""``orchestrator run TEXT``: the answer in one command, no daemon.
+
+The planner turns TEXT into a workflow; a private broker starts in this process
+(:class:`broker.embedded.EmbeddedBroker`, its state and bus in memory, on free ports), the
+built-in agents the plan needs start as processes against it, this process drives the run
+and presents its outcome as ``submit`` does (a findings report: summary, three files,
+exit 4 past ``--fail-on``), and then everything stops, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Final
+
+import click
+
+from cli.common import (
+    EXIT_FAILED, EXIT_USAGE, SECONDS, TEXT, Context, DataDirCommand, DirPath, fail, json_option,
+)
+from cli.launch import Launch, StartFailed
+from cli.pool import AgentSpecs, BUILT_INS, builtins_for, parse_agents, say_llm_endpoint
+from cli.processes import log_tail
+from cli.report_view import (
+    Presentation, fail_on_option, max_tokens_option, report_dir_option,
+)
+from cli.runs import EXIT_INTERRUPTED, Session, follow, print_outcome
+
+#: How long the driver may take to close down after the run ended.
+DRIVER_EXIT_S: Final = 10.0
+
+RUN_HELP = """Plan TEXT into a workflow and run it in this process, with no daemon: a
+private broker and the built-in agents the plan needs start, the run is followed to its
+end, and everything stops again.
+
+  orchestrator run "Analyze this codebase for security issues"
+
+Ends as `submit TEXT` does: a findings report prints a summary and writes report.md,
+report.json and report.sarif (--report-dir), and exits 4 when a finding reaches
+--fail-on. --agents adjusts which agents start (reviewer=4, or module:Class[=N]).
+"""
+
+
+@click.command("run", cls=DataDirCommand, help=RUN_HELP)
+@click.argument("text", type=TEXT)
+@click.option("--path", type=DirPath(exists=True), default=None,
+              help="The directory the workflow works on (default: the working directory).")
+@click.option("--agents", "agents_spec", type=AgentSpecs(), default=None,
+              help="Agents to start instead of the ones the plan needs: NAME=N adjusts "
+                   "the built-ins, module:Class[=N] adds your own.")
+@click.option("--allow-commands", is_flag=True,
+              help="Let the coder run test commands (debugging) on the carried files.")
+@click.option("--timeout", type=SECONDS, default=None,
+              help="The run's deadline in seconds (default: the plan's).")
+@max_tokens_option()
+@fail_on_option()
+@report_dir_option()
+@json_option()
+@click.pass_obj
+def run(obj: Context, text: str, path: Path | None, agents_spec: str | None,
+        allow_commands: bool, timeout: float | None, max_tokens: int | None, fail_on: str,
+        report_dir: Path | None, as_json: bool) -> None:
+    """Plan, start a private broker and the agents, run, present, stop."""
+    from workflows.llm_planner import make_planner
+    from workflows.planner import PlanError
+
+    offered = {c for b in BUILT_INS.values() for c in b.capabilities}
+    try:
+        planned = make_planner().plan(text, cwd=os.getcwd(), path=path,
+                                            online_capabilities=offered)
+    except PlanError as e:
+        fail(str(e), EXIT_USAGE)
+    agents = parse_agents(agents_spec) if agents_spec is not None else \
+        builtins_for(set(planned.capabilities))
+    if not as_json:
+        click.echo(f"plan: {planned.summary}", err=True)
+    say_llm_endpoint()
+    presentation = Presentation(fail_on.lower(), report_dir, obj.home)
+    scratch = Path(tempfile.mkdtemp(prefix="orch-run-"))
+    try:
+        _run_private(scratch, agents, {"ORCH_ALLOW_COMMANDS": "1"} if allow_commands else {},
+                     dataclasses.replace(planned.workflow, max_tokens=max_tokens),
+                     planned.input, timeout, presentation, as_json,
+                     obj.home)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_private(scratch: Path, agents: list[tuple[str, int]], agent_env: dict[str, str],
+                 workflow: Any, data: Any, timeout: float | None,
+                 presentation: Presentation, as_json: bool, home: Path) -> None:
+    """Start the private broker and the agents, drive the run, present it; stop all."""
+    from broker.embedded import EmbeddedBroker
+    from workflows import drive_run, submit_run
+
+    launch = Launch(scratch)
+    with EmbeddedBroker(scratch / "broker") as embedded:
+        try:
+            if not as_json:
+                count = sum(n for _, n in agents)
+                click.echo(f"starting {count} agent process(es)", err=True)
+            launch.start_agents(agents, embedded.endpoint, agent_env)
+        except StartFailed as e:
+            launch.undo()
+            fail(f"{e}; its last lines:", EXIT_FAILED, {"log": str(e.log)},
+                 log_tail(e.log, e.offset))
+        try:
+            with Session(Context(home, embedded.endpoint)) as session:
+                run_id = session.call(submit_run(workflow, data, client=session.client,
+                                                 deadline_s=timeout, submitted_by="run"))
+                if not as_json:
+                    click.echo(f"run {run_id} started", err=True)
+                driver = asyncio.run_coroutine_threadsafe(
+                    drive_run(run_id, client=session.client), session.thread.loop)
+                try:
+                    details = follow(session, run_id, as_json)
+                except KeyboardInterrupt:
+                    driver.cancel()
+                    click.echo("interrupted; the private broker and its agents are stopped",
+                               err=True)
+                    sys.exit(EXIT_INTERRUPTED)
+                # The driver ends once it saved the outcome; let it close its checkpoint
+                # and event loops before this loop goes.
+                try:
+                    driver.result(DRIVER_EXIT_S)
+                except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                    driver.cancel()
+                except Exception as error:  # noqa: BLE001 - the run's outcome is known
+                    click.echo(f"warning: the run's driver ended with: {error}", err=True)
+                print_outcome(details, as_json, presentation)
+        finally:
+            launch.undo()
