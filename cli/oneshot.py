@@ -9,15 +9,13 @@ exit 4 past ``--fail-on``), and then everything stops, whatever happened.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import click
 
@@ -30,10 +28,7 @@ from cli.processes import log_tail
 from cli.report_view import (
     Presentation, fail_on_option, max_tokens_option, report_dir_option,
 )
-from cli.runs import EXIT_INTERRUPTED, Session, follow, print_outcome
-
-#: How long the driver may take to close down after the run ended.
-DRIVER_EXIT_S: Final = 10.0
+from cli.runs import Session, drive_and_follow
 
 RUN_HELP = """Plan TEXT into a workflow and run it in this process, with no daemon: a
 private broker and the built-in agents the plan needs start, the run is followed to its
@@ -97,7 +92,7 @@ def _run_private(scratch: Path, agents: list[tuple[str, int]], agent_env: dict[s
                  presentation: Presentation, as_json: bool, home: Path) -> None:
     """Start the private broker and the agents, drive the run, present it; stop all."""
     from broker.embedded import EmbeddedBroker
-    from workflows import drive_run, submit_run
+    from workflows import submit_run
 
     launch = Launch(scratch)
     with EmbeddedBroker(scratch / "broker") as embedded:
@@ -116,23 +111,6 @@ def _run_private(scratch: Path, agents: list[tuple[str, int]], agent_env: dict[s
                                                  deadline_s=timeout, submitted_by="run"))
                 if not as_json:
                     click.echo(f"run {run_id} started", err=True)
-                driver = asyncio.run_coroutine_threadsafe(
-                    drive_run(run_id, client=session.client), session.thread.loop)
-                try:
-                    details = follow(session, run_id, as_json)
-                except KeyboardInterrupt:
-                    driver.cancel()
-                    click.echo("interrupted; the private broker and its agents are stopped",
-                               err=True)
-                    sys.exit(EXIT_INTERRUPTED)
-                # The driver ends once it saved the outcome; let it close its checkpoint
-                # and event loops before this loop goes.
-                try:
-                    driver.result(DRIVER_EXIT_S)
-                except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-                    driver.cancel()
-                except Exception as error:  # noqa: BLE001 - the run's outcome is known
-                    click.echo(f"warning: the run's driver ended with: {error}", err=True)
-                print_outcome(details, as_json, presentation)
+                drive_and_follow(session, run_id, as_json, presentation)
         finally:
             launch.undo()

@@ -10,6 +10,7 @@ where the run is (it goes on, driven by the standing runner) and exits 130.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import re
 import sys
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: How long a driver may take to close down after its run ended.
+DRIVER_EXIT_S: Final = 10.0
 #: The exit code after Ctrl-C (128 + SIGINT), as a shell reports it.
 EXIT_INTERRUPTED: Final = 130
 #: Run ids: what :func:`workflows.ids.check_run_id` accepts.
@@ -340,6 +343,32 @@ def submit_and_follow(session: Session, workflow: Workflow, data: Any, *,
         details = follow(session, submitted, as_json)
     except KeyboardInterrupt:
         interrupted(submitted)
+    print_outcome(details, as_json, presentation)
+
+
+def drive_and_follow(session: Session, run_id: str, as_json: bool,
+                     presentation: Presentation | None = None) -> NoReturn:
+    """Drive the run in this process (no runner serves it) while following it; print how
+    it ended (see :func:`print_outcome`). Ctrl-C stops driving it and says so."""
+    from workflows import drive_run
+
+    driver = asyncio.run_coroutine_threadsafe(drive_run(run_id, client=session.client),
+                                              session.thread.loop)
+    try:
+        details = follow(session, run_id, as_json)
+    except KeyboardInterrupt:
+        driver.cancel()
+        click.echo(f"interrupted; run {run_id} is no longer driven here (a runner continues "
+                   f"it: `orchestrator workflow resume {run_id}`)", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    # The driver ends once it saved the outcome; let it close its checkpoint and event
+    # loops before this loop goes.
+    try:
+        driver.result(DRIVER_EXIT_S)
+    except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+        driver.cancel()
+    except Exception as error:  # noqa: BLE001 - the run's outcome is known already
+        click.echo(f"warning: the run's driver ended with: {error}", err=True)
     print_outcome(details, as_json, presentation)
 
 

@@ -27,8 +27,8 @@ from cli.report_view import (
     Presentation, fail_on_option, max_tokens_option, report_dir_option,
 )
 from cli.runs import (
-    JSON_VALUE, RUN_ID, Session, details_document, follow, interrupted, outcome_line,
-    print_outcome, submit_and_follow, warn_if_undriven,
+    JSON_VALUE, RUN_ID, Session, details_document, drive_and_follow, follow, interrupted,
+    outcome_line, print_outcome, submit_and_follow, warn_if_undriven,
 )
 
 if TYPE_CHECKING:
@@ -225,25 +225,35 @@ def cancel(obj: Context, task_id: str, reason: str, as_json: bool) -> None:
 
 
 @workflow.command("resume", help="Make a runner take a run over at once from its checkpoints "
-                                 "(open tasks are attached to, not run again).")
+                                 "(open tasks are attached to, not run again). When no "
+                                 "runner serves the broker, this command drives the run "
+                                 "itself until it ends.")
 @click.argument("task_id", metavar="RUN_ID", type=RUN_ID)
+@fail_on_option()
+@report_dir_option()
 @json_option("Print the outcome as JSON.")
 @click.pass_obj
-def resume(obj: Context, task_id: str, as_json: bool) -> None:
+def resume(obj: Context, task_id: str, fail_on: str, report_dir: Path | None,
+           as_json: bool) -> None:
     """Ask for a takeover of the run ``task_id``; say who drives it now."""
     from workflows import resume_run
 
     with Session(obj) as session:
         record = session.call(resume_run(task_id, client=session.client))
+        if record.drive_here and not record.status.terminal:
+            # No standing runner serves this broker: this command drives the run.
+            click.echo(f"no workflow runner serves this broker: driving run {record.run_id} "
+                       "here until it ends (Ctrl-C stops; `orchestrator start` runs a "
+                       "standing runner)", err=True)
+            drive_and_follow(session, record.run_id, as_json,
+                             Presentation(fail_on.lower(), report_dir, obj.home))
     if as_json:
         emit_json({"run_id": record.run_id, "status": record.status.value,
-                   "holder": record.holder, "at": record.at})
+                   "holder": record.holder, "at": record.at, "runners": list(record.runners)})
         return
     click.echo(f"{record.run_id}: {record.status.value}; "
-               + (f"driven by {record.holder}" if record.holder else "no runner drives it"))
-    if not record.holder:
-        click.echo("warning: no workflow runner holds the run; start one with `orchestrator "
-                   "start` (or `python -m workflows.runner --broker URL`)", err=True)
+               + (f"driven by {record.holder}" if record.holder else
+                  f"a runner takes it over ({len(record.runners)} serve this broker)"))
 
 
 @workflow.command("approve", help="Answer the approval step a run waits at: approve it, or "

@@ -221,6 +221,10 @@ def _git_listing(base: Path) -> list[str] | None:
         inside = _run_git(base, ["rev-parse", "--is-inside-work-tree"], check=False)
         if inside.returncode != 0 or inside.stdout.strip() != b"true":
             return None
+        # A directory the repository ignores (a tool's install under a dotfiles repo, say)
+        # was named on purpose: walk it, rather than find nothing in it.
+        if _run_git(base, ["check-ignore", "-q", "."], check=False).returncode == 0:
+            return None
         # ls-files prints paths relative to the directory it runs in, which is what a task
         # carries; -z keeps odd names (spaces, quotes, newlines) intact.
         listing = _run_git(base, ["ls-files", "-co", "--exclude-standard", "-z"]).stdout

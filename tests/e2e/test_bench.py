@@ -52,3 +52,15 @@ def test_workflows_reports_the_workflow_and_the_direct_side() -> None:
     for key in ("workflow_tasks_per_s", "direct_tasks_per_s", "ratio"):
         assert report[key] > 0, key
     assert len(report["runs"]["ratio"]) == 1
+
+
+def test_audit_reports_ours_against_bandit_on_the_same_files() -> None:
+    # The smoke run of bench/audit.py: the reviewer's planted fixture, whose bandit
+    # findings are known to be there
+    path = ROOT / "tests" / "agents" / "fixtures" / "planted"
+    report = run_bench("audit.py", "--path", str(path),
+                       "--agents", "reviewer=2,researcher=0,coder=0")
+    assert report["files"] >= 20 and report["tasks"] >= 1 and report["agents"] == 3
+    for key in ("ours_s", "bandit_s", "ratio"):
+        assert report[key] > 0, key
+    assert report["findings"] > 10 and report["same_findings"] is True, report

@@ -144,7 +144,8 @@ def test_start_launches_the_runner_status_shows_it_and_stop_stops_it(tmp_path: P
     assert not (home / "runner.pid").exists()
 
     # --no-runner: no runner at all
-    started = orchestrator(home, "start", "--bind", "127.0.0.1:0", "--no-runner", "--no-agents", "--json")
+    started = orchestrator(home, "start", "--bind", "127.0.0.1:0", "--no-runner", "--agents",
+                           AGENTS, "--json")
     try:
         assert started.returncode == 0, started.stderr
         assert as_json(started)["runner"] is None
@@ -153,6 +154,12 @@ def test_start_launches_the_runner_status_shows_it_and_stop_stops_it(tmp_path: P
         queued = orchestrator(home, "workflow", "run", str(tmp_path / "two.yaml"), "--no-wait")
         assert queued.returncode == 0, queued.stderr
         assert "warning: no workflow runner serves this broker" in queued.stderr, queued.stderr
+        # `workflow resume` with no runner anywhere drives the run itself, to its end
+        resumed = orchestrator(home, "workflow", "resume", queued.stdout.strip(), "--json")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "driving run" in resumed.stderr
+        assert as_json(resumed)["status"] == "succeeded"
+        assert as_json(resumed)["output"]["data"][-2:] == ["alpha", "beta"]
     finally:
         assert orchestrator(home, "stop").returncode == 0
 

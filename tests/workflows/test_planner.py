@@ -367,6 +367,9 @@ def test_collect_files_respects_gitignore_and_skips_vendored_dirs(project: Path)
     walked = [f.path for f in collect_files(project, suffixes=(".py",), use_git=False).files]
     assert "src/local_secrets.py" in walked and "build/gen.py" in walked
     assert not any(p.startswith(("node_modules/", ".venv/", "envs/", ".git/")) for p in walked)
+    # A directory the repository ignores, named on purpose, is walked (not found empty)
+    ignored = collect_files(project / "build", suffixes=(".py",))
+    assert not ignored.used_git and [f.path for f in ignored.files] == ["gen.py"]
 
 
 def test_collect_files_reports_what_it_leaves_out(tmp_path: Path) -> None:
