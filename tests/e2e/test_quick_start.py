@@ -133,8 +133,12 @@ def marked_processes(mark: str) -> list[int]:
 
 def test_run_does_it_with_no_daemon(tmp_path: Path, codebase: Path) -> None:
     home, mark = tmp_path / "home", tmp_path.name
-    done = orchestrator(home, codebase, "run", QUICK_START, "--json", ORCH_TEST_MARK=mark)
+    # An LLM configured (nothing listens there: the audit sends it nothing): run says once,
+    # before anything starts, where user code would go.
+    done = orchestrator(home, codebase, "run", QUICK_START, "--json", ORCH_TEST_MARK=mark,
+                        ORCH_LLM_BASE_URL="http://127.0.0.1:9/v1", ORCH_LLM_MODEL="m")
     assert done.returncode == 4, done.stderr
+    assert done.stderr.count("user code will be sent to http://127.0.0.1:9/v1") == 1
     report = json.loads(done.stdout)
     check_report(report)
     check_files(report["report_files"])

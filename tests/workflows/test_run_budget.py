@@ -5,12 +5,16 @@ fake server."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from agent_sdk import Client
-from tests.conftest import Cluster, read_json_line
+from tests.conftest import ROOT, Cluster, read_json_line
 from tests.fakes.llm_server import FakeLLMServer, TextReply
 from tests.workflows.support import run
 from workflows import Workflow
@@ -60,3 +64,15 @@ def test_a_run_ends_budget_exceeded_once_its_tokens_are_spent(
     # The fourth call never reached the model: 3 calls for the capped run, 4 for the other.
     assert len(server.chat_requests) == 3 + 4
     assert ample is RunStatus.SUCCEEDED
+
+    # `status` shows the tokens per agent and the budgets (the agents publish their usage
+    # at the end of each task)
+    shown = subprocess.run([sys.executable, "-m", "cli", "--broker", broker.url, "status",
+                            "--json"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert shown.returncode == 0, shown.stderr
+    llm = json.loads(shown.stdout)["llm"]
+    assert llm["total"]["calls"] == 7
+    assert llm["total"]["total_tokens"] == 7 * (PROMPT + COMPLETION)
+    assert sorted(a["agent"] for a in llm["agents"]) == ["llm-a", "llm-b"]
+    assert any(b["spent"] == spent and b["max_tokens"] == 70 for b in llm["budgets"])
