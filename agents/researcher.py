@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from agent_sdk import BaseAgent, Result, Task
 from agent_sdk.errors import PermanentFailure
+from wire.home import home_dir
 from agents.search_index import (
     STOP_WORDS, CorpusError, Hit, Passage, SearchIndex, content_terms, document_key, words,
 )
@@ -450,16 +451,8 @@ def analyze_document(path: str, content: str) -> DocumentStats:
 def researcher_data_dir() -> Path:
     """The researcher's data dir: ``researcher/`` under the data dir the broker would
     choose (``$ORCH_HOME``, else ``./.orchestrator`` where it exists, else the per-user
-    ``$XDG_STATE_HOME/orchestrator``). Agents do not import the broker, hence the copy."""
-    home = os.environ.get("ORCH_HOME")
-    if home:
-        return Path(home).absolute() / "researcher"
-    local = Path(".orchestrator")
-    if local.is_dir():
-        return local.absolute() / "researcher"
-    state = os.environ.get("XDG_STATE_HOME", "")
-    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
-    return base / "orchestrator" / "researcher"
+    ``$XDG_STATE_HOME/orchestrator``)."""
+    return home_dir() / "researcher"
 
 
 def _documents(value: Any, field_name: str) -> list[tuple[str, str]]:

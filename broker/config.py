@@ -8,15 +8,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import ConfigError
+from wire.home import home_dir
 
 #: Where agents and clients find the broker when nothing else says so.
 DEFAULT_BROKER_URL: Final = "tcp://127.0.0.1:5555"
 DEFAULT_BIND: Final = "127.0.0.1:5555"
-#: A data dir of the current directory's, used when it exists and ORCH_HOME is not set.
-DEFAULT_HOME: Final = ".orchestrator"
-#: The per-user data dir, under ``$XDG_STATE_HOME`` (default ``~/.local/state``): where
-#: the data dir is when neither ORCH_HOME nor ``./.orchestrator`` says otherwise.
-USER_HOME_NAME: Final = "orchestrator"
 #: The file in the data dir that a running broker holds locked (``fcntl.flock``) for its
 #: whole life; the lock dies with the process, so a killed broker never looks alive.
 LOCK_FILE: Final = "broker.lock"
@@ -36,40 +32,6 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"expected HOST:PORT, got {text!r}")
     return host, int(port_text)
-
-
-def home_dir() -> Path:
-    """The data dir (pid file, lock, logs, journal, state): see :func:`locate_home`."""
-    return locate_home()[0]
-
-
-def locate_home() -> tuple[Path, str]:
-    """The data dir and where that choice comes from, first match wins:
-
-    1. ``$ORCH_HOME``;
-    2. ``./.orchestrator``, where it exists in the current directory;
-    3. the per-user directory ``$XDG_STATE_HOME/orchestrator`` (``XDG_STATE_HOME``
-       defaults to ``~/.local/state``, and a relative one is ignored, as the XDG spec
-       says), so that any directory finds the user's running broker.
-
-    Returns:
-        The absolute path (it may not exist yet) and a few words saying why it is the one.
-    """
-    explicit = os.environ.get("ORCH_HOME")
-    if explicit:
-        return Path(explicit).absolute(), "from ORCH_HOME"
-    local = Path(DEFAULT_HOME)
-    if local.is_dir():
-        return local.absolute(), f"./{DEFAULT_HOME} exists in the current directory"
-    return user_home_dir(), "the per-user default"
-
-
-def user_home_dir() -> Path:
-    """``$XDG_STATE_HOME/orchestrator``, else ``~/.local/state/orchestrator``."""
-    state_home = os.environ.get("XDG_STATE_HOME", "")
-    base = Path(state_home) if os.path.isabs(state_home) else \
-        Path.home() / ".local" / "state"
-    return base / USER_HOME_NAME
 
 
 def broker_url() -> str:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 import click
 import orjson
 
-from broker.config import DEFAULT_BIND, LOCK_FILE, locate_home
+from broker.config import DEFAULT_BIND, LOCK_FILE
+from wire.home import locate_home
 from wire.limits import MAX_NAME_CHARS
 from wire.state import MAX_KEY_BYTES
 

@@ -30,7 +30,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from broker.config import home_dir, locate_home
+from wire.home import home_dir, locate_home
 from cli.main import main
 from cli.status_view import AGENT_COLUMNS, DROP_ORDER, status_view
 from tests.conftest import ROOT
