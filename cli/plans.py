@@ -17,14 +17,9 @@ import click
 import zmq
 
 from cli.common import EXIT_OK, EXIT_USAGE, PING_TIMEOUT_S, Context, emit_json, fail
+from agent_sdk.status import offered_capabilities
 from cli.report_view import Presentation
 from cli.runs import Session, submit_and_follow, warn_if_undriven
-
-def online_capabilities(status: dict[str, Any]) -> set[str]:
-    """What the live agents of a broker status document offer."""
-    return {c for agent in status.get("agents", ()) if agent.get("state") == "ready"
-            for c in agent.get("capabilities", ())}
-
 
 def _say_missing(missing: tuple[str, ...], run_id: str, deadline_s: float | None) -> None:
     """Tell the user at once which capabilities nobody online offers, and how long the
@@ -47,7 +42,7 @@ def _online_if_reachable(obj: Context) -> set[str] | None:
     except (OrchestratorError, zmq.ZMQError):
         return None
     try:
-        return online_capabilities(client.status(timeout=PING_TIMEOUT_S))
+        return offered_capabilities(client.status(timeout=PING_TIMEOUT_S))
     except OrchestratorError:
         return None
     finally:
@@ -106,7 +101,7 @@ def submit_planned(obj: Context, text: str, path: Path | None, plan_only: bool,
             fail(f"{', '.join(task_only)} {verb} only to a task sent with --capability or "
                  "--agent; without them the planner turns TEXT into a workflow", EXIT_USAGE)
         status = session.call(session.client.status(PING_TIMEOUT_S))
-        online = online_capabilities(status)
+        online = offered_capabilities(status)
         try:
             planned = make_planner().plan(text, cwd=os.getcwd(), path=path,
                                             online_capabilities=online)

@@ -174,10 +174,9 @@ def _parse_payload(payload: str | None) -> dict[str, Any]:
 def _offered(status: dict[str, Any], capabilities: tuple[str, ...],
              agent: str | None) -> bool:
     """Whether a live agent of the broker's status can take a task needing these."""
-    wanted = set(capabilities)
-    return any(a.get("state") == "ready" and wanted <= set(a.get("capabilities", ()))
-               and (agent is None or agent in (a.get("name"), a.get("id")))
-               for a in status.get("agents", ()))
+    from agent_sdk.status import live_agents, serves
+
+    return any(serves(a, capabilities, agent) for a in live_agents(status))
 
 
 def _need(capabilities: tuple[str, ...], agent: str | None) -> str:

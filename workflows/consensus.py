@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TYPE_CHECKING
 
 from agent_sdk import BusMessage, BusUnavailable, OrchestratorError, Subscription, WaitTimeout
+from agent_sdk.status import DRAINING, READY, live_agents, serves
 from wire.bus import BUS_AGENT_LEFT
 from workflows import ids
 from workflows.errors import StepFailed
@@ -69,12 +70,9 @@ def describe(step: TaskStep) -> str:
 def live_instances(status: dict[str, Any], step: TaskStep) -> list[str]:
     """Ids of the live agents that can take ``step``, the least busy first."""
     found = []
-    for agent in status.get("agents") or []:
-        if agent.get("state") != "ready" or agent.get("circuit") == "open":
-            continue
-        if step.capability is not None and step.capability not in agent.get("capabilities", ()):
-            continue
-        if step.agent is not None and step.agent not in (agent.get("name"), agent.get("id")):
+    wanted = () if step.capability is None else (step.capability,)
+    for agent in live_agents(status):
+        if agent.get("circuit") == "open" or not serves(agent, wanted, step.agent):
             continue
         load = agent.get("in_flight", 0) / max(1, agent.get("max_concurrent", 1))
         found.append((load, str(agent["id"])))
@@ -155,8 +153,7 @@ class VoterWatch:
             logger.warning("run %s: cannot check the voters' agents: %s", self.ex.run_id, e)
             return
         # A draining agent still finishes what it holds: its ballot stays.
-        live = {str(a.get("id")) for a in status.get("agents") or []
-                if a.get("state") in ("ready", "draining")}
+        live = {str(a.get("id")) for a in live_agents(status, (READY, DRAINING))}
         for agent_id, _ in list(self.slots.values()):
             if agent_id not in live:
                 await self._leave(agent_id, "not live")

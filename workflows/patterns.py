@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast, Union
 
 from agent_sdk import BaseAgent, Client, Result
+from agent_sdk.status import live_agents, offered_capabilities
 from workflows import model
 from workflows.api import as_workflow, connected, raise_for, run_workflow
 from workflows.errors import NoAgentFor, WorkflowInputError
@@ -318,10 +319,10 @@ async def check_live_agents(client: Client, root: Node) -> None:
     Raises:
         NoAgentFor: naming what is missing and what the live agents offer.
     """
-    agents = [a for a in (await client.status()).get("agents") or []
-              if a.get("state") == "ready"]
+    status = await client.status()
+    agents = live_agents(status)
     names = {str(a.get("name")) for a in agents} | {str(a.get("id")) for a in agents}
-    capabilities = {str(c) for a in agents for c in a.get("capabilities") or []}
+    capabilities = offered_capabilities(status)
     missing = []
     for step in task_steps(root):
         if step.agent is not None and step.agent not in names:
