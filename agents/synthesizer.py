@@ -45,6 +45,10 @@ from agents.report import (
 
 logger = logging.getLogger(__name__)
 
+#: Findings (the worst) the LLM's overview of a report is written from.
+OVERVIEW_FINDINGS: Final = 20
+#: Most tokens the LLM may write for that overview.
+OVERVIEW_MAX_TOKENS: Final = 400
 #: The tool whose rule id wins when it and our own check report one problem.
 CANONICAL_TOOL: Final = "bandit"
 #: Characters of an item's summary that the merged summary quotes.
@@ -386,6 +390,13 @@ class SynthesizerAgent(BaseAgent):
 
     def __init__(self) -> None:
         super().__init__(name="synthesizer", capabilities=["synthesis", "aggregation"])
+        # With an LLM, a findings report opens with a short overview written from its
+        # worst findings; without, the report is the same minus that paragraph.
+        from agent_sdk.llm import LLM
+
+        self.llm = LLM.from_env()
+        if self.llm is not None:
+            self.llm.attach(self)
 
     async def execute(self, task: Task) -> Result:
         """Merge the task's items; malformed input fails for good (a retry cannot fix it)."""
@@ -402,6 +413,45 @@ class SynthesizerAgent(BaseAgent):
             summary = report.summary
             logger.info("report %r: %d finding(s), %d file(s), %d failed item(s)",
                         report.title, summary.findings, summary.files, summary.failed_items)
+            if self.llm is not None and report.findings:
+                await self._add_overview(report, data, task)
             return Result(data=data, approved=report.approved,
                           counts=dict(summary.by_severity))
         return Result(data=data)
+
+    async def _add_overview(self, report: Report, data: dict[str, Any], task: Task) -> None:
+        """Ask the LLM for an overview of the worst findings (what matters, what to fix
+        first) and put it in ``data["overview"]`` and under the Markdown's title. A failed
+        call leaves the report without it: the overview is never worth the report."""
+        from agent_sdk.llm import LLMError, TokenBudget
+
+        assert self.llm is not None
+        top = ranked(list(report.findings))[:OVERVIEW_FINDINGS]
+        listing = "\n".join(f"- {f.severity.value} {f.rule} {f.path}:{f.line}: {f.message}"
+                             f" | {f.code}" for f in top)
+        messages = [
+            {"role": "system", "content": "You are a senior security engineer. Write a short "
+             "overview (3 to 5 sentences, plain text) of an audit for the developers who "
+             "own the code: the most important risks and what to fix first. Cite places as "
+             "file:line. Do not invent findings."},
+            {"role": "user", "content": f"{report.summary.findings} finding(s) in "
+             f"{report.summary.files} file(s). The worst:\n{listing}"}]
+        try:
+            budget = TokenBudget.from_task(task, self.state)
+            reply = await self.llm.chat(messages, max_tokens=OVERVIEW_MAX_TOKENS, budget=budget)
+        except LLMError as error:
+            logger.warning("report %r: no overview from the LLM: %s", report.title, error)
+            return
+        finally:
+            await self.llm.publish_usage()
+        overview = reply.text.strip()
+        if not overview:
+            return
+        data["overview"] = overview
+        markdown = str(data.get("markdown", ""))
+        title, _, rest = markdown.partition("\n")
+        data["markdown"] = f"{title}\n\n## Overview\n\n{overview}\n{rest}"
+
+    async def on_stop(self) -> None:
+        if self.llm is not None:
+            await self.llm.aclose()

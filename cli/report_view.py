@@ -139,6 +139,8 @@ def present_report(run_id: str, data: dict[str, Any], presentation: Presentation
                    **({"write_error": write_error} if write_error else {})})
         sys.exit(code)
     click.echo(render_summary(Report.from_data(data), top=SUMMARY_TOP))
+    if isinstance(data.get("overview"), str):
+        click.echo(f"\nOverview (written by the LLM): {data['overview']}")
     if written is not None:
         click.echo("full report: " + ", ".join(written.values()))
     else:
