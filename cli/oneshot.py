@@ -65,12 +65,17 @@ def run(obj: Context, text: str, path: Path | None, agents_spec: str | None,
     from workflows.llm_planner import make_planner
     from workflows.planner import PlanError
 
-    offered = {c for b in BUILT_INS.values() for c in b.capabilities}
+    offered = builtin_capabilities(allow_commands)
     try:
         planned = make_planner().plan(text, cwd=os.getcwd(), path=path,
-                                            online_capabilities=offered)
+                                      online_capabilities=offered)
     except PlanError as e:
         fail(str(e), EXIT_USAGE)
+    if planned.missing and agents_spec is None:
+        # Nothing else will come online in a private run: say so now, not at the deadline.
+        fail(f"the plan needs {', '.join(planned.missing)}, which no built-in agent offers "
+             f"here: {_how_to_offer(planned.missing)}", EXIT_USAGE,
+             {"missing": list(planned.missing)})
     agents = parse_agents(agents_spec) if agents_spec is not None else \
         builtins_for(set(planned.capabilities))
     if not as_json:
@@ -85,6 +90,33 @@ def run(obj: Context, text: str, path: Path | None, agents_spec: str | None,
                      obj.home)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def builtin_capabilities(allow_commands: bool) -> set[str]:
+    """What the built-in agents will offer in this environment: code generation only with
+    an LLM configured, debugging only with commands allowed."""
+    from agent_sdk.llm import LLMConfig
+
+    offered = {c for b in BUILT_INS.values() for c in b.capabilities}
+    if LLMConfig.from_env() is None:
+        offered.discard("code_generation")
+    if not allow_commands:
+        offered.discard("debugging")
+    return offered
+
+
+def _how_to_offer(missing: tuple[str, ...]) -> str:
+    """What would make the built-in agents offer ``missing``."""
+    ways = []
+    if "code_generation" in missing:
+        ways.append("code_generation needs an LLM (set ORCH_LLM_BASE_URL and ORCH_LLM_MODEL; "
+                    "see docs/agents.md)")
+    if "debugging" in missing:
+        ways.append("debugging runs test commands only with --allow-commands")
+    others = [c for c in missing if c not in ("code_generation", "debugging")]
+    if others:
+        ways.append(f"start agents offering {', '.join(others)} with --agents module:Class")
+    return "; ".join(ways)
 
 
 def _run_private(scratch: Path, agents: list[tuple[str, int]], agent_env: dict[str, str],

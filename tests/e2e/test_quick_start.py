@@ -145,3 +145,13 @@ def test_run_does_it_with_no_daemon(tmp_path: Path, codebase: Path) -> None:
     # Nothing is left running: no agent or analysis worker it started is alive (they
     # inherit its environment, so its mark).
     assert marked_processes(mark) == []
+
+
+def test_run_says_at_once_what_no_builtin_agent_offers(tmp_path: Path) -> None:
+    # Code generation needs an LLM; with none configured, a private run could only wait
+    # until its deadline for an agent that will never come: it says so, before starting.
+    done = orchestrator(tmp_path / "home", tmp_path, "run", "Build a REST API for todo items")
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "code_generation" in errors[0], done.stderr
+    assert "ORCH_LLM_BASE_URL" in errors[0]
