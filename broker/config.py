@@ -84,9 +84,14 @@ class BrokerConfig:
     #: an agent failing this many tasks in a row gets none until a probe succeeds
     circuit_failure_threshold: int = 5
     circuit_recovery_s: float = 30.0
+    #: HOST:PORT of the HTTP ``/metrics`` and ``/healthz`` (``broker/metrics.py``); None:
+    #: derived from ``bind`` (:func:`metrics_bind_for`); "" with ``--no-metrics``: none
+    metrics_bind: str | None = None
 
     def __post_init__(self) -> None:
         parse_host_port(self.bind)
+        if self.metrics_bind:
+            parse_host_port(self.metrics_bind)
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_liveness < 1:
@@ -175,6 +180,20 @@ class BusConfig:
         values: dict[str, Any] = {"out_bind": out_bind, "in_bind": in_bind}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+#: The metrics endpoint's port is the broker's plus this (5555 gives 9555).
+METRICS_PORT_OFFSET: Final = 4000
+
+
+def metrics_bind_for(broker_bind: str) -> str:
+    """The metrics endpoint's default HOST:PORT for a broker bound at ``broker_bind``:
+    127.0.0.1 whatever the broker's host (metrics are not for the network unless asked),
+    port + :data:`METRICS_PORT_OFFSET` (port 0 stays 0: any free port; a sum beyond
+    65535 also gives any free port)."""
+    _, port = parse_host_port(broker_bind)
+    derived = port + METRICS_PORT_OFFSET if port else 0
+    return f"127.0.0.1:{derived if derived <= 65535 else 0}"
 
 
 #: The state service's port is the broker's plus this (5555 gives 5558).

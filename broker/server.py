@@ -84,6 +84,13 @@ class Broker:
         self.events: EventPublisher | None = None
         #: the forwarder's frame counters, when it runs in this process
         self.bus_statistics: Callable[[], dict[str, int] | None] | None = None
+        #: build task events with no subscriber too (DEBUG task lines in the JSON log)
+        self.log_tasks = False
+        #: the clock reading of the loop's last pass (``/healthz`` reads it from its thread)
+        self.last_turn = 0.0
+        #: called on every pass with ``now``; None unless a test hook is installed
+        #: (``broker/metrics.py``: ``ORCH_TEST_HOOKS=1``)
+        self.loop_hook: Callable[[float], None] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -146,7 +153,7 @@ class Broker:
     def _read_bus(self) -> None:
         assert self.events is not None
         self.events.read_subscriptions()
-        self.engine.ledger.watch_tasks = self.events.watching_tasks
+        self.engine.ledger.watch_tasks = self.events.watching_tasks or self.log_tasks
 
     def _compact_journal(self) -> None:
         offset = self.engine.ledger.wall_offset
@@ -164,6 +171,9 @@ class Broker:
 
     def before_drain(self, now: float) -> None:
         self.engine.ledger.items_this_pass = 0
+        self.last_turn = now
+        if self.loop_hook is not None:
+            self.loop_hook(now)
 
     def handle(self, identity: bytes, frames: list[bytes], now: float) -> bool:
         engine = self.engine

@@ -17,6 +17,7 @@ from broker.engine.model import (
     ENDING_OF_STATUS, TRANSITIONS, AgentRecord, TaskEvent, TaskRecord, TaskState,
 )
 from broker.engine.queues import StoredPayload
+from broker.engine.status import TaskMetrics
 from broker.errors import IllegalTransition
 from wire.tasks import Ack, Assignment, ErrorCode, ResultItem, TaskStatus, encode
 
@@ -32,6 +33,7 @@ NOT_RETRYABLE = frozenset({ErrorCode.CANCELLED.value, ErrorCode.TOO_LARGE.value,
 _PENDING = TaskState.PENDING
 _DISPATCH_NEXT = TRANSITIONS[TaskEvent.DISPATCH]
 _new_tuple = tuple.__new__
+_SUCCEEDED_VALUE = TaskStatus.SUCCEEDED.value
 
 
 def transition(task: TaskRecord, event: TaskEvent) -> TaskState:
@@ -61,6 +63,8 @@ class Lifecycle:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+        #: plain task counters by agent name and capabilities (the metrics endpoint's)
+        self.metrics = TaskMetrics()
 
     def publish(self, task: TaskRecord, now: float) -> None:
         """Publish the task's new state on ``tasks.<id>``. Callers test
@@ -90,6 +94,7 @@ class Lifecycle:
             self.arm(task, now, True)
         spec = task.spec
         agent.in_flight[spec.id] = task
+        self.metrics.stats(agent.name, spec.capabilities).started += 1
         if self.ledger.watch_tasks:
             self.publish(task, now)
         # The attempt's time left: the agent's own deadline for it.
@@ -176,9 +181,22 @@ class Lifecycle:
                                    f"retry in {delay:.2f} s")
         ledger.retrying.append(task)
         ledger.counters["retried"] += 1
+        self.metrics.stats(self._last_agent_name(task), task.spec.capabilities).retried += 1
         if ledger.watch_tasks:
             self.publish(task, now)
         return True
+
+    def _last_agent_name(self, task: TaskRecord) -> str:
+        """The name of the agent that ran the task's last attempt ("" if unknown or
+        gone): callers release the agent before a retry, so it is looked up."""
+        if task.agent is not None:
+            return task.agent.name
+        holders = task.holders
+        if holders:
+            agent = self.ledger.agents.get(holders[-1])
+            if agent is not None:
+                return agent.name
+        return ""
 
     def second_opinion(self, task: TaskRecord, failed_on: AgentRecord, code: str | None,
                        message: str | None, now: float) -> None:
@@ -271,6 +289,10 @@ class Lifecycle:
         ledger.finished.add(task)
         held = ledger.journal.finished(result, now + ledger.wall_offset)
         ledger.counters[state._value_] += 1
+        status = result.status
+        self.metrics.ended(result.agent or "", task.spec.capabilities,
+                           None if status == _SUCCEEDED_VALUE else (result.error_code or status),
+                           now - task.dispatched_at if task.dispatched_at else -1.0)
         if ledger.watch_tasks:
             self.publish(task, now)
         if held:

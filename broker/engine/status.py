@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Final
@@ -19,6 +20,60 @@ _ENDED_STATES: Final = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_O
                         TaskState.CANCELLED)
 #: the statuses a finished task can have (``rejected`` too: a refused resubmit)
 _ENDED_VALUES: Final = frozenset(s.value for s in _ENDED_STATES) | {"rejected"}
+
+
+#: Upper bounds (seconds) of the task duration histogram's buckets, dispatch to end of the
+#: last attempt; a last, unbounded bucket (+Inf) follows. Fixed, so that the engine keeps
+#: plain counts and the metrics endpoint builds the histogram when scraped.
+DURATION_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                             5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class TaskStats:
+    """Plain counters of the tasks one agent name ran for one capability set.
+
+    A slotted class with integers only: it is updated on the per-task path, and read
+    (copied) by the metrics endpoint's thread when scraped (``broker/metrics.py``).
+    """
+
+    __slots__ = ("buckets", "completed", "duration_sum_s", "failed", "retried", "started")
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.completed = 0
+        self.retried = 0
+        #: error code -> tasks that ended with it (failed, timed out, cancelled)
+        self.failed: dict[str, int] = {}
+        #: per-bucket (not cumulative) counts; index len(DURATION_BUCKETS_S) is +Inf
+        self.buckets: list[int] = [0] * (len(DURATION_BUCKETS_S) + 1)
+        self.duration_sum_s = 0.0
+
+
+class TaskMetrics:
+    """The engine's task counters by (agent name, capabilities), kept for the broker's
+    life (they outlive the agents: Prometheus counters never go down)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, tuple[str, ...]], TaskStats] = {}
+
+    def stats(self, name: str, capabilities: tuple[str, ...]) -> TaskStats:
+        key = (name, capabilities)
+        stats = self.by_key.get(key)
+        if stats is None:
+            stats = self.by_key[key] = TaskStats()
+        return stats
+
+    def ended(self, name: str, capabilities: tuple[str, ...], code: str | None,
+              duration_s: float) -> None:
+        """A task ended: ``code`` None for success; ``duration_s`` < 0 if it never ran."""
+        stats = self.stats(name, capabilities)
+        if code is None:
+            stats.completed += 1
+        else:
+            stats.failed[code] = stats.failed.get(code, 0) + 1
+        if duration_s >= 0.0:
+            stats.buckets[bisect_left(DURATION_BUCKETS_S, duration_s)] += 1
+            stats.duration_sum_s += duration_s
 
 
 @dataclass(slots=True)

@@ -1,0 +1,410 @@
+"""Prometheus ``/metrics`` and ``/healthz``, served over HTTP from a thread of the broker.
+
+Nothing on the per-task path calls ``prometheus_client``: the engine keeps plain integer
+counters (:class:`broker.engine.status.TaskMetrics`, the ledger's counters, the service's
+message counters) and :class:`BrokerCollector` reads them when a scrape comes, building
+every family afresh (so the series of an agent that left disappear with it).
+
+The scrape runs on the HTTP thread and reads the engine without a lock. That is safe in
+CPython because it only copies: ``dict(x)`` and ``list(x)`` of a dict or list are one C
+call under the GIL, and reading an ``int`` or ``float`` attribute is atomic. Where a copy
+is taken through a Python-level iterator a concurrent change can raise "dictionary changed
+size during iteration": the snapshot is then taken again. The alternative, asking the
+loop for a snapshot through its wake-up pipe, would make a scrape of a stuck loop hang
+and put work on the loop; the copies cost the loop nothing.
+
+``/healthz`` answers 200 while the loop turns: the broker stores the clock reading of
+each pass (:attr:`broker.server.Broker.last_turn`), the loop wakes at least every quarter
+heartbeat interval even when idle, and a reading older than two heartbeat intervals
+answers 503.
+
+With ``ORCH_TEST_HOOKS=1`` (tests only; off by default) the loop polls the file
+``DATA_DIR/test-block-loop`` about four times a heartbeat interval; when it finds one it
+removes it and sleeps inside that pass for the seconds the file holds, which blocks the
+loop thread only (a SIGSTOP would freeze the HTTP thread too).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from broker.config import parse_host_port
+from broker.engine.circuit import CircuitState
+from broker.engine.model import TaskState
+from broker.engine.status import DURATION_BUCKETS_S
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+logger = logging.getLogger(__name__)
+
+#: The environment variable that turns the test hooks on ("1"); never set in production.
+TEST_HOOKS_ENV: Final = "ORCH_TEST_HOOKS"
+#: The file in the data dir whose presence blocks the loop (test hooks only).
+BLOCK_LOOP_FILE: Final = "test-block-loop"
+#: ``/healthz`` fails when the loop's last pass is older than this many heartbeat intervals.
+HEALTH_INTERVALS: Final = 2.0
+#: Snapshot attempts before a scrape gives up on a table the loop keeps changing.
+SNAPSHOT_TRIES: Final = 20
+_PREFIX: Final = "orchestrator_"
+# Enum members are compared by value here: in a broker running the mypyc build, members
+# read off engine objects did not match this module's enum members as dict keys.
+_CIRCUIT_VALUE: Final = {CircuitState.CLOSED.value: 0, CircuitState.HALF_OPEN.value: 1,
+                         CircuitState.OPEN.value: 2}
+_OPEN_VALUE: Final = CircuitState.OPEN.value
+_PENDING_VALUE: Final = TaskState.PENDING.value
+_IN_FLIGHT: Final = frozenset({TaskState.DISPATCHED.value, TaskState.RUNNING.value})
+_TASK_LABELS: Final = ["agent", "capability"]
+
+
+@dataclass(slots=True)
+class AgentSample:
+    """One live agent as a scrape saw it."""
+
+    agent_id: str
+    name: str
+    heartbeat_age_s: float
+    circuit: int
+
+
+@dataclass(slots=True)
+class TaskSample:
+    """One agent name and capability set's counters as a scrape saw them."""
+
+    name: str
+    capability: str
+    started: int
+    completed: int
+    retried: int
+    failed: dict[str, int]
+    buckets: list[int]
+    duration_sum_s: float
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything one scrape reports, copied out of the engine."""
+
+    tasks: list[TaskSample] = field(default_factory=list)
+    agents: list[AgentSample] = field(default_factory=list)
+    #: capability label -> waiting tasks
+    queue_depth: dict[str, int] = field(default_factory=dict)
+    #: (agent name, capability label) -> dispatched or running tasks
+    in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
+    pending: int = 0
+    clients: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+def capability_label(capabilities: tuple[str, ...] | list[str]) -> str:
+    """A task's capability set as one label value: sorted, comma-joined ("" for none)."""
+    return ",".join(sorted(capabilities))
+
+
+def circuit_value(state: CircuitState, opened_at: float, recovery_s: float, now: float) -> int:
+    """0 closed, 1 half-open, 2 open, computed without touching the breaker (its own
+    ``state_at`` turns it half-open, a write the HTTP thread must not make)."""
+    value = state.value
+    if value == _OPEN_VALUE and now - opened_at >= recovery_s:
+        return 1
+    return _CIRCUIT_VALUE[value]
+
+
+class BrokerCollector:
+    """Reads the broker's plain counters at scrape time (a prometheus_client collector).
+
+    Args:
+        broker: The broker whose engine and service are read.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def snapshot(self) -> Snapshot:
+        """Copy what a scrape reports, again if the loop changed a table meanwhile.
+
+        Raises:
+            RuntimeError: the tables kept changing for :data:`SNAPSHOT_TRIES` attempts.
+        """
+        for _ in range(SNAPSHOT_TRIES - 1):
+            try:
+                return self._snapshot()
+            except RuntimeError:  # "dictionary changed size during iteration"
+                continue
+        return self._snapshot()
+
+    def _snapshot(self) -> Snapshot:
+        broker = self.broker
+        engine = broker.engine
+        ledger = engine.ledger
+        now = broker.clock()
+        snap = Snapshot()
+        for (name, capabilities), stats in dict(engine.lifecycle.metrics.by_key).items():
+            snap.tasks.append(TaskSample(
+                name, capability_label(capabilities), stats.started, stats.completed,
+                stats.retried, dict(stats.failed), list(stats.buckets), stats.duration_sum_s))
+        for agent in list(ledger.agents.by_identity.values()):
+            breaker = agent.breaker
+            snap.agents.append(AgentSample(
+                agent.agent_id, agent.name, max(0.0, now - agent.last_seen),
+                circuit_value(breaker.state, breaker.opened_at, breaker.recovery_s, now)))
+        clients: set[bytes] = set()
+        for task in list(ledger.tasks.values()):
+            state = task.state.value
+            label = capability_label(task.spec.capabilities)
+            if state == _PENDING_VALUE:
+                snap.queue_depth[label] = snap.queue_depth.get(label, 0) + 1
+            elif state in _IN_FLIGHT:
+                holder = task.agent
+                key = (holder.name if holder is not None else "", label)
+                snap.in_flight[key] = snap.in_flight.get(key, 0) + 1
+            if task.open:
+                clients.add(task.client)
+        snap.clients = len(clients)
+        snap.pending = ledger.pending.count
+        counters = broker.service.counters
+        snap.messages_in = counters.messages_in
+        snap.messages_out = counters.messages_out
+        snap.rejected = dict(ledger.errors)
+        return snap
+
+    def collect(self) -> Iterator[Metric]:
+        """The families of one scrape, built afresh from a :meth:`snapshot`."""
+        snap = self.snapshot()
+        yield from self._task_families(snap)
+        yield from self._load_families(snap)
+        yield from self._agent_families(snap)
+        yield from self._broker_families(snap)
+
+    @staticmethod
+    def _task_families(snap: Snapshot) -> Iterator[Metric]:
+        task_labels = _TASK_LABELS
+        started = CounterMetricFamily(f"{_PREFIX}tasks_started",
+                                      "Task attempts dispatched to an agent.", labels=task_labels)
+        completed = CounterMetricFamily(f"{_PREFIX}tasks_completed",
+                                        "Tasks that ended succeeded.", labels=task_labels)
+        failed = CounterMetricFamily(
+            f"{_PREFIX}tasks_failed",
+            "Tasks that ended otherwise than succeeded (failed, timed out, cancelled), by "
+            "error code.", labels=[*task_labels, "code"])
+        retried = CounterMetricFamily(f"{_PREFIX}tasks_retried",
+                                      "Failed attempts scheduled for a retry.", labels=task_labels)
+        duration = HistogramMetricFamily(
+            f"{_PREFIX}task_duration_seconds",
+            "Seconds from a task's last dispatch to its end.", labels=task_labels)
+        for sample in snap.tasks:
+            labels = [sample.name, sample.capability]
+            started.add_metric(labels, sample.started)
+            completed.add_metric(labels, sample.completed)
+            retried.add_metric(labels, sample.retried)
+            for code, count in sorted(sample.failed.items()):
+                failed.add_metric([*labels, code], count)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip((*map(str, DURATION_BUCKETS_S), "+Inf"), sample.buckets):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            duration.add_metric(labels, buckets, sample.duration_sum_s)
+        yield from (started, completed, failed, retried, duration)
+
+    @staticmethod
+    def _load_families(snap: Snapshot) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(f"{_PREFIX}queue_depth",
+                                  "Tasks waiting for an agent, by capability set.",
+                                  labels=["capability"])
+        for label, count in sorted(snap.queue_depth.items()):
+            depth.add_metric([label], count)
+        in_flight = GaugeMetricFamily(f"{_PREFIX}tasks_in_flight",
+                                      "Tasks dispatched or running.", labels=_TASK_LABELS)
+        for (name, label), count in sorted(snap.in_flight.items()):
+            in_flight.add_metric([name, label], count)
+        yield from (depth, in_flight)
+
+    @staticmethod
+    def _agent_families(snap: Snapshot) -> Iterator[Metric]:
+        age = GaugeMetricFamily(f"{_PREFIX}agent_heartbeat_age_seconds",
+                                "Seconds since the agent's last message.",
+                                labels=["agent_id", "agent"])
+        circuit = GaugeMetricFamily(f"{_PREFIX}agent_circuit_state",
+                                    "The agent's circuit: 0 closed, 1 half-open, 2 open.",
+                                    labels=["agent_id", "agent"])
+        for agent in snap.agents:
+            age.add_metric([agent.agent_id, agent.name], agent.heartbeat_age_s)
+            circuit.add_metric([agent.agent_id, agent.name], agent.circuit)
+        yield from (age, circuit)
+
+    @staticmethod
+    def _broker_families(snap: Snapshot) -> Iterator[Metric]:
+        yield CounterMetricFamily(f"{_PREFIX}messages_received",
+                                  "Messages the broker's ROUTER received.",
+                                  value=snap.messages_in)
+        yield CounterMetricFamily(f"{_PREFIX}messages_sent",
+                                  "Messages the broker's ROUTER sent.", value=snap.messages_out)
+        rejected = CounterMetricFamily(f"{_PREFIX}messages_rejected",
+                                       "Messages answered with ERROR, by error code.",
+                                       labels=["code"])
+        for code, count in sorted(snap.rejected.items()):
+            rejected.add_metric([code], count)
+        yield rejected
+        yield GaugeMetricFamily(f"{_PREFIX}pending_tasks", "Tasks waiting for an agent.",
+                                value=snap.pending)
+        yield GaugeMetricFamily(
+            f"{_PREFIX}clients_with_open_tasks",
+            "Distinct client connections with open tasks (the broker keeps no table of idle "
+            "clients).", value=snap.clients)
+
+
+class HealthProbe:
+    """Whether the broker's loop turns: its last pass is recent enough.
+
+    Args:
+        broker: The broker whose ``last_turn`` is read.
+        max_age_s: The oldest last pass that still counts as turning.
+    """
+
+    def __init__(self, broker: Broker, max_age_s: float) -> None:
+        self.broker = broker
+        self.max_age_s = max_age_s
+
+    def healthy(self) -> tuple[bool, float]:
+        """(turning, seconds since the last pass)."""
+        last = self.broker.last_turn
+        age = self.broker.clock() - last
+        return last > 0.0 and age <= self.max_age_s, age
+
+
+class BlockLoopHook:
+    """Test hook (``ORCH_TEST_HOOKS=1`` only): blocks the loop thread when asked to.
+
+    Called by the loop on every pass; looks for :data:`BLOCK_LOOP_FILE` at most every
+    ``check_every_s`` (one ``stat`` then, nothing otherwise), and when the file is there,
+    removes it and sleeps the seconds it holds inside the pass.
+
+    Args:
+        data_dir: The broker's data dir.
+        check_every_s: The least time between two looks for the file.
+    """
+
+    def __init__(self, data_dir: Path, check_every_s: float) -> None:
+        self.path = data_dir / BLOCK_LOOP_FILE
+        self.check_every_s = check_every_s
+        self.next_check = 0.0
+
+    def __call__(self, now: float) -> None:
+        if now < self.next_check:
+            return
+        self.next_check = now + self.check_every_s
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        self.path.unlink(missing_ok=True)
+        seconds = float(text.strip() or "0")
+        logger.warning("test hook: blocking the broker loop for %.2f s", seconds)
+        time.sleep(seconds)  # the hook's purpose: a stuck loop, not a wait for an event
+
+
+def _handler_class(registry: CollectorRegistry, probe: HealthProbe
+                   ) -> type[BaseHTTPRequestHandler]:
+    class MetricsHandler(BaseHTTPRequestHandler):
+        """GET /metrics (Prometheus text format) and GET /healthz."""
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif path == "/healthz":
+                ok, age = probe.healthy()
+                body = f"{'ok' if ok else 'stalled'}: last loop pass {age:.3f} s ago\n"
+                self._reply(200 if ok else 503, "text/plain; charset=utf-8", body.encode())
+            else:
+                self._reply(404, "text/plain; charset=utf-8", b"not found: try /metrics\n")
+
+        def _reply(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            logger.debug("metrics http: " + format, *args)
+
+    return MetricsHandler
+
+
+class MetricsServer:
+    """The HTTP server of ``/metrics`` and ``/healthz``, run in a daemon thread.
+
+    Args:
+        broker: The broker to report on.
+        bind: HOST:PORT to listen on (port 0: any free port).
+        any_port_if_taken: when the port is taken, listen on any free one (and log it):
+            for a port derived from the broker's, never for one asked for.
+    """
+
+    def __init__(self, broker: Broker, bind: str, any_port_if_taken: bool) -> None:
+        host, port = parse_host_port(bind)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(BrokerCollector(broker))  # type: ignore[arg-type]
+        probe = HealthProbe(broker, broker.config.heartbeat_interval_s * HEALTH_INTERVALS)
+        handler = _handler_class(self.registry, probe)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or not any_port_if_taken:
+                raise
+            self.httpd = ThreadingHTTPServer((host, 0), handler)
+            logger.warning("metrics port %d is taken; serving on %d instead", port,
+                           self.httpd.socket.getsockname()[1])
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The URL of ``/metrics`` (with the real port)."""
+        host, port = self.httpd.socket.getsockname()[:2]
+        return f"http://{host}:{port}/metrics"
+
+    def start_thread(self) -> None:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop_thread(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+
+def install_test_hooks(broker: Broker, data_dir: Path,
+                       environ: dict[str, str] | None = None) -> bool:
+    """Install :class:`BlockLoopHook` when ``ORCH_TEST_HOOKS=1``; True if installed."""
+    env = os.environ if environ is None else environ
+    if env.get(TEST_HOOKS_ENV) != "1":
+        return False
+    logger.warning("%s=1: test hooks are on (never in production)", TEST_HOOKS_ENV)
+    hook: Callable[[float], None] = BlockLoopHook(
+        data_dir, broker.config.heartbeat_interval_s / 4)
+    broker.loop_hook = hook
+    return True
