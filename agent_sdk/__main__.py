@@ -24,6 +24,8 @@ import orjson
 from agent_sdk.agent import BaseAgent
 from agent_sdk.errors import OrchestratorError
 from agent_sdk.names import check_names, new_agent_id
+from wire.home import home_dir
+from wire.logs import install_json_log
 
 
 def load_agent_class(spec: str) -> Callable[[], BaseAgent]:
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # This machine's data dir: an agent on another host keeps its log there.
+    install_json_log(home_dir(), "agent-" + agent.agent_id.replace(os.sep, "_"),
+                     args.log_level, defaults={"agent_id": agent.agent_id})
     from agent_sdk.loop import run as run_loop
 
     try:

@@ -434,7 +434,8 @@ class BaseAgent(MessagingMixin, abc.ABC):
         self._task_runner.resend_unacked()
         if first:
             self._registered_event.set()
-            logger.info("agent %s registered with %s", self.agent_id, self.broker_url)
+            logger.info("agent %s registered with %s", self.agent_id, self.broker_url,
+                        extra={"agent_id": self.agent_id, "event": "registered"})
         else:
             logger.info("agent %s registered again", self.agent_id)
 

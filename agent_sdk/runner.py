@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
@@ -28,6 +29,9 @@ from wire.tasks import Assignment, ErrorCode, Message, Progress, ResultItem, Res
 from agent_sdk.connection import Transport
 from agent_sdk.errors import PermanentFailure, RetryableError
 from agent_sdk.task import Result, Task
+
+logger = logging.getLogger(__name__)
+_DEBUG: Final = logging.DEBUG
 
 _new_tuple = tuple.__new__
 _SUCCEEDED: Final = TaskStatus.SUCCEEDED.value
@@ -168,6 +172,9 @@ class TaskRunner:
                 # Done here already and the broker did not hear it: the answer, not a rerun.
                 self.send_again([done])
                 return
+        if logger.isEnabledFor(_DEBUG):
+            logger.debug("task %s started (attempt %s)", task_id, assignment[2],
+                         extra={"task_id": task_id, "event": "task_started"})
         token = current_task.set(task_id)
         started = time.perf_counter()
         try:
@@ -260,6 +267,8 @@ class TaskRunner:
 
     def _complete(self, task_id: str, outcome: Any, started: float) -> None:
         run_ms = (time.perf_counter() - started) * 1000.0
+        if logger.isEnabledFor(_DEBUG):
+            _log_outcome(task_id, outcome, run_ms)
         if type(outcome) is Result and not outcome.extras and outcome.status == _SUCCEEDED:
             # The common case, kept short: a plain successful result.
             item = _new_result((task_id, outcome.status, outcome.to_payload(), None, None, None,
@@ -424,3 +433,17 @@ class TaskRunner:
 __all__ = [
     "LARGE_RESULT_BYTES", "LARGE_WINDOW_BYTES", "TaskRunner", "current_task", "retryable",
 ]
+
+
+def _log_outcome(task_id: str, outcome: Any, run_ms: float) -> None:
+    """One DEBUG line for a task that ended here (per task, so DEBUG only: at INFO it
+    would cost every task a formatted record)."""
+    if isinstance(outcome, BaseException):
+        logger.debug("task %s failed after %.1f ms: %s: %s", task_id, run_ms,
+                     type(outcome).__name__, outcome,
+                     extra={"task_id": task_id, "event": "task_failed"})
+        return
+    status = outcome.status if isinstance(outcome, Result) else _SUCCEEDED
+    event = "task_finished" if status == _SUCCEEDED else "task_failed"
+    logger.debug("task %s %s after %.1f ms", task_id, status, run_ms,
+                 extra={"task_id": task_id, "event": event})

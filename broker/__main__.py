@@ -26,18 +26,29 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import zmq
 
 from broker.config import (
-    DURABILITIES, LOCK_FILE, POLICIES, BrokerConfig, StateConfig, home_dir, state_bind_for,
+    DURABILITIES, LOCK_FILE, POLICIES, BrokerConfig, StateConfig, home_dir, metrics_bind_for,
+    state_bind_for,
 )
 from broker.bus import BusForwarder
 from broker.config import DEFAULT_BUS_HWM, BusConfig
 from broker.errors import ConfigError
 from broker.server import Broker
+
+if TYPE_CHECKING:
+    # Not imported at run time: importing broker.engine.ledger before broker.server breaks
+    # the compiled build's module set (a withheld RESULT went out malformed).
+    from broker.engine.ledger import EventSink
+    from broker.metrics import MetricsServer
+from wire.logs import install_json_log
+
+#: The logger of the broker's structured event lines (``extra=`` task and agent ids).
+event_logger = logging.getLogger("broker.events")
 
 
 #: How long a starting broker tries for the data dir's lock. A running broker holds it for
@@ -147,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bus-connect", default=None, metavar="OUT_URL,IN_URL",
                         help="use a forwarder run elsewhere (python -m broker.bus)")
     parser.add_argument("--no-bus", action="store_true", help="run no pub/sub forwarder")
+    parser.add_argument("--metrics-bind", default=None, metavar="HOST:PORT",
+                        help="HTTP /metrics and /healthz (default: broker port + 4000)")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="serve no /metrics or /healthz")
     parser.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
     return parser
 
@@ -178,6 +193,69 @@ def start_bus(args: argparse.Namespace, config: BrokerConfig, broker: Broker
     broker.attach_bus(forwarder.out_endpoint, forwarder.in_endpoint, bus_config.hwm,
                       forwarder.statistics)
     return forwarder
+
+
+class LoggedEvents:
+    """The engine's event sink, wrapped: each event also becomes a log line with
+    ``task_id``, ``agent_id`` and ``event`` (``extra=``), for the JSON log.
+
+    Agents joining and leaving log at INFO; task state changes at DEBUG, and only while
+    the engine builds task events (``ledger.watch_tasks``), so that they cost nothing at
+    the default level.
+
+    Args:
+        inner: The sink the events went to (the bus publisher, or none).
+    """
+
+    def __init__(self, inner: EventSink) -> None:
+        self.inner = inner
+
+    def task_changed(self, task_id: str, state: str, attempt: int, agent: str | None,
+                     at: float, final: bool) -> None:
+        event_logger.debug("task %s %s (attempt %d, agent %s)", task_id, state, attempt, agent,
+                           extra={"task_id": task_id, "agent_id": agent,
+                                  "event": f"task_{state}"})
+        self.inner.task_changed(task_id, state, attempt, agent, at, final)
+
+    def agent_joined(self, agent_id: str, name: str, capabilities: list[str]) -> None:
+        event_logger.info("agent %s (%s) joined: capabilities %s", agent_id, name,
+                          capabilities, extra={"agent_id": agent_id, "event": "agent_joined"})
+        self.inner.agent_joined(agent_id, name, capabilities)
+
+    def agent_left(self, agent_id: str, name: str, capabilities: list[str],
+                   reason: str) -> None:
+        event_logger.info("agent %s (%s) left: %s", agent_id, name, reason,
+                          extra={"agent_id": agent_id, "event": "agent_left"})
+        self.inner.agent_left(agent_id, name, capabilities, reason)
+
+
+def install_event_log(broker: Broker) -> None:
+    """Log the engine's events (see :class:`LoggedEvents`); at DEBUG, build task events
+    from the start so that every task's state changes reach the log."""
+    ledger = broker.engine.ledger
+    ledger.events = LoggedEvents(ledger.events)
+    if event_logger.isEnabledFor(logging.DEBUG):
+        broker.log_tasks = ledger.watch_tasks = True
+
+
+def start_metrics(config: BrokerConfig, broker: Broker, data_dir: Path) -> MetricsServer | None:
+    """Serve ``/metrics`` and ``/healthz`` from a thread (None with ``--no-metrics``), and
+    install the loop's test hooks when ``ORCH_TEST_HOOKS=1``.
+
+    Raises:
+        OSError: the HTTP port could not be bound.
+    """
+    from broker.metrics import MetricsServer, install_test_hooks  # after broker.server
+
+    install_test_hooks(broker, data_dir)
+    if config.metrics_bind == "":
+        return None
+    # A port derived from the broker's may be taken by chance; one asked for must not be.
+    server = MetricsServer(broker, config.metrics_bind or metrics_bind_for(config.bind),
+                           any_port_if_taken=config.metrics_bind is None)
+    server.start_thread()
+    broker.endpoints["metrics"] = server.endpoint
+    return server
 
 
 def start_state_service(args: argparse.Namespace, config: BrokerConfig) -> Any:
@@ -236,7 +314,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         result_retention_bytes=args.retention_bytes,
         result_store_threshold=args.result_store_threshold,
         result_store_max_bytes=args.result_store_bytes,
-        max_agents_per_address=args.max_agents_per_address, max_agents=args.max_agents)
+        max_agents_per_address=args.max_agents_per_address, max_agents=args.max_agents,
+        metrics_bind="" if args.no_metrics else args.metrics_bind)
 
 
 def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
@@ -248,6 +327,8 @@ def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
         info["bus_in"] = broker.endpoints["bus_in"]
     if state is not None:
         broker.endpoints["state"] = info["state"] = state.endpoint
+    if "metrics" in broker.endpoints:
+        info["metrics"] = broker.endpoints["metrics"]
     document = orjson.dumps(info)
     try:
         (data_dir / "broker.json").write_bytes(document)
@@ -257,6 +338,24 @@ def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
         logging.getLogger(__name__).error("cannot write %s: %s", data_dir / "broker.json", e)
     sys.stdout.write(document.decode() + "\n")
     sys.stdout.flush()
+
+
+def serve(broker: Broker, data_dir: Path, metrics: MetricsServer | None,
+          bus: BusForwarder | None, state: Any) -> None:
+    """Run the broker's loop until a graceful stop, then stop the threads beside it."""
+    try:
+        broker.run()
+    finally:
+        if metrics is not None:
+            metrics.stop_thread()
+        if bus is not None:
+            bus.stop_thread()
+        if state is not None:
+            # After the broker: agents finishing their last tasks may still use state.
+            state.stop_thread()
+        # Only a clean exit gets here: a killed broker leaves its file, and the next
+        # start overwrites it.
+        (data_dir / "broker.json").unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot lock the data dir {data_dir}: {e}", file=sys.stderr)
         return 1
+    install_json_log(data_dir, "broker", args.log_level)
     broker = Broker(config)
     try:
         broker.bind()
@@ -296,20 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, zmq.ZMQError) as e:
         print(f"error: cannot start the bus: {e}", file=sys.stderr)
         return 3
+    install_event_log(broker)
+    try:
+        metrics = start_metrics(config, broker, data_dir)
+    except OSError as e:
+        print(f"error: cannot serve the metrics: {e}", file=sys.stderr)
+        return 3
     broker.install_signal_handlers()
     announce_ready(broker, state, data_dir)
     tune_garbage_collector()
-    try:
-        broker.run()
-    finally:
-        if bus is not None:
-            bus.stop_thread()
-        if state is not None:
-            # After the broker: agents finishing their last tasks may still use state.
-            state.stop_thread()
-        # Only a clean exit gets here: a killed broker leaves its file, and the next
-        # start overwrites it.
-        (data_dir / "broker.json").unlink(missing_ok=True)
+    serve(broker, data_dir, metrics, bus, state)
     return 0
 
 

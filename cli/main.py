@@ -19,7 +19,9 @@ import click
 from broker import __version__
 from cli.bench import bench
 from cli.common import EXIT_CODES_HELP, URL, CliGroup, Context, DirPath
+from cli.events import events
 from cli.lifecycle import start, status, stop
+from cli.logs import logs
 from cli.oneshot import run
 from cli.state import state
 from cli.tasks import cancel, result, submit, tasks, trace
@@ -47,7 +49,7 @@ def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
 
 # `--help` lists the commands sorted by name, so the order here does not show.
 for _command in (start, stop, status, submit, result, cancel, trace, tasks, bench, state,
-                 workflow, run):
+                 workflow, run, events, logs):
     main.add_command(_command)
 
 
