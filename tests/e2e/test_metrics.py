@@ -20,12 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.config import METRICS_PORT_OFFSET
 from broker.metrics import BLOCK_LOOP_FILE
+from cli.processes import wait_until as poll_until
 from tests.conftest import TEST_HEARTBEAT_S, Cluster, python_process
 
 #: Longest a test waits for a condition it polls.
 WAIT_S = 10.0
-#: Between two polls of an HTTP endpoint (a poll interval, not a synchronisation).
-POLL_S = 0.02
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -56,12 +55,11 @@ def health(url: str) -> int:
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT_S) -> float:
-    """Poll ``check`` until it holds; returns the seconds it took."""
+    """Look at ``check`` until it holds (the CLI's own poll, cli.processes.wait_until);
+    returns the seconds it took."""
     start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(POLL_S)  # poll interval of an HTTP endpoint, not a synchronisation
+    if not poll_until(check, timeout):
+        raise AssertionError(f"{what}: not within {timeout} s")
     return time.monotonic() - start
 
 
@@ -167,10 +165,7 @@ def test_healthz_stays_up_when_idle_and_no_metrics_serves_nothing(cluster: Clust
     broker = cluster.broker()
     url = metrics_url(broker.data_dir).removesuffix("/metrics") + "/healthz"
     # Idle for several intervals: the loop still turns (it wakes for its timers).
-    deadline = time.monotonic() + TEST_HEARTBEAT_S * 5
-    while time.monotonic() < deadline:
-        assert health(url) == 200
-        time.sleep(POLL_S)  # poll interval, not a synchronisation
+    assert not poll_until(lambda: health(url) != 200, TEST_HEARTBEAT_S * 5)
     quiet = cluster.broker("--no-metrics")
     assert "metrics" not in json.loads((quiet.data_dir / "broker.json").read_text())
     client = cluster.client(quiet.url)

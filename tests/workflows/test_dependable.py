@@ -28,7 +28,7 @@ from tests.workflows.support import (
 )
 from workflows import ids
 from workflows.api import cancel_run, resume_run, submit_run
-from workflows.runs import RunStatus, RunStore
+from workflows.runs import RunRecord, RunStatus, RunStore
 
 #: Items the client process maps before it is killed.
 MAPPED_ITEMS = 40
@@ -346,30 +346,35 @@ def test_a_task_running_when_the_broker_is_killed_runs_once(
     assert [line["event"] for line in lines] == ["start", "end"], lines
 
 
-def test_an_unreadable_result_is_read_again_then_counts_as_its_items_failure(
-        cluster: Cluster, tmp_path: Path) -> None:
-    # Given a broker keeping results of 2,000 bytes and more in its result store, and the
-    # held result of item 1 of a run's map, whose file in the store is then lost
+def run_with_a_lost_held_result(cluster: Cluster, run_id: str, item_path: str,
+                                mapper: dict[str, Any]) -> RunRecord:
+    """A map-reduce over ["small", "big"] whose item 1 has a held result in the broker's
+    result store (results of 2,000 bytes and more go there) with its file lost, driven by a
+    runner that attaches to that result; returns the settled run."""
     broker = cluster.broker("--result-store-threshold", "2000")
     start_agents(cluster, broker.url, {"AGENT_NAME": "tagger", "AGENT_CAPS": "tag",
                                        "AGENT_OP": "tag"})
-    run_id = "unreadable"
     sync = cluster.client(broker.url)
     big = sync.submit(capabilities=["tag"], data="x" * 5000, hold=True,
-                      task_id=ids.task_id(run_id, "items/each[1]/t"))
+                      task_id=ids.task_id(run_id, item_path))
     assert big.result(timeout=WAIT_S).ok
     stored = list((broker.data_dir / "results").glob("*.bin"))
     assert len(stored) == 1
     stored[0].unlink()
     definition = {"workflow": "big", "root": {
-        "kind": "map_reduce", "name": "items", "min_success": 0.5,
-        "mapper": {"kind": "pipeline", "name": "each",
-                   "steps": [{"capability": "tag", "name": "t"}]}}}
-
-    # When a runner drives the run, attaching to that held result
+        "kind": "map_reduce", "name": "items", "min_success": 0.5, "mapper": mapper}}
     run(submit_run(definition, ["small", "big"], run_id=run_id, broker=broker.url))
     start_runner(cluster, broker.url)
-    record = run(_wait_settled(broker.url, run_id))
+    return run(_wait_settled(broker.url, run_id))
+
+
+def test_an_unreadable_result_is_read_again_then_counts_as_its_items_failure(
+        cluster: Cluster, tmp_path: Path) -> None:
+    # Given the held result of item 1 of a run's map (its mapper a pipeline), lost from
+    # the broker's result store, when a runner drives the run
+    record = run_with_a_lost_held_result(
+        cluster, "unreadable", "items/each[1]/t",
+        {"kind": "pipeline", "name": "each", "steps": [{"capability": "tag", "name": "t"}]})
 
     # Then the run succeeded on the other item, the unreadable one counted as failed
     assert record.status is RunStatus.SUCCEEDED, record.error
@@ -380,27 +385,9 @@ def test_an_unreadable_result_is_read_again_then_counts_as_its_items_failure(
 
 def test_an_unreadable_result_of_a_leaf_map_item_counts_as_its_failure(
         cluster: Cluster, tmp_path: Path) -> None:
-    # Given the held result of item 1 of a leaf map (its mapper a task step), whose
-    # file in the broker's result store is lost
-    broker = cluster.broker("--result-store-threshold", "2000")
-    start_agents(cluster, broker.url, {"AGENT_NAME": "tagger", "AGENT_CAPS": "tag",
-                                       "AGENT_OP": "tag"})
-    run_id = "unreadable-leaf"
-    sync = cluster.client(broker.url)
-    big = sync.submit(capabilities=["tag"], data="x" * 5000, hold=True,
-                      task_id=ids.task_id(run_id, "items/t[1]"))
-    assert big.result(timeout=WAIT_S).ok
-    stored = list((broker.data_dir / "results").glob("*.bin"))
-    assert len(stored) == 1
-    stored[0].unlink()
-    definition = {"workflow": "big", "root": {
-        "kind": "map_reduce", "name": "items", "min_success": 0.5,
-        "mapper": {"capability": "tag", "name": "t"}}}
-
-    # When a runner drives the run, attaching to that held result
-    run(submit_run(definition, ["small", "big"], run_id=run_id, broker=broker.url))
-    start_runner(cluster, broker.url)
-    record = run(_wait_settled(broker.url, run_id))
+    # Given the same with a leaf map (its mapper a task step, read on callbacks)
+    record = run_with_a_lost_held_result(cluster, "unreadable-leaf", "items/t[1]",
+                                         {"capability": "tag", "name": "t"})
 
     # Then the run succeeded on the other item, the unreadable one counted as failed
     assert record.status is RunStatus.SUCCEEDED, record.error
