@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import enum
 import logging
 import signal
 from collections.abc import Iterable
@@ -54,14 +53,15 @@ from typing import Any, Final
 
 from wire.tasks import (
     Ack, Cancel, Direct, DirectVerdict, Disconnect, Dispatch, Error, ErrorCode, Heartbeat,
-    Message, Ready, Welcome,
+    Message, Ping, Ready, Welcome,
 )
 from agent_sdk.client import Client
 from agent_sdk.config import broker_url
 from agent_sdk.connection import (
-    Backoff, Connection, DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, TASK_CODEC,
-    Transport,
+    Connection, TASK_CODEC, Transport,
 )
+from agent_sdk.health import HealthResponder
+from agent_sdk.upkeep import AgentState, BrokerLink
 from agent_sdk.errors import (
     OrchestratorError, RegistrationRefused, StateUnavailable, VersionMismatch,
 )
@@ -70,6 +70,7 @@ from agent_sdk.names import check_names, new_agent_id
 from agent_sdk.runner import TaskRunner
 from agent_sdk.state import endpoint_from, StateClient
 from agent_sdk.task import _MISSING, Result, Task
+from wire.tracing import init_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -94,18 +95,6 @@ def refusal(error: Error, url: str, registering: bool) -> OrchestratorError | No
             error.code in REGISTRATION_REFUSALS:
         return RegistrationRefused(url, error.code, error.message)
     return None
-
-
-class AgentState(enum.Enum):
-    """The agent's connection with the broker."""
-
-    __hash__ = object.__hash__  # identity, as members compare: C speed, not Enum's
-
-    STARTING = "starting"
-    REGISTERING = "registering"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPED = "stopped"
 
 
 class BaseAgent(MessagingMixin, abc.ABC):
@@ -158,11 +147,10 @@ class BaseAgent(MessagingMixin, abc.ABC):
         self.endpoints: dict[str, str] = {}
         self._channel: Transport[Message] | None = None
         self._task_runner = TaskRunner(self.execute, self.retry_on)
-        self._heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
-        self._heartbeat_liveness = DEFAULT_HEARTBEAT_LIVENESS
-        self._reconnects = Backoff()
-        #: loop time after which the messaging counters are reported again
-        self._next_stats = 0.0
+        self._task_runner.identity = (name, self.agent_id)
+        self._health = HealthResponder(self.ping, self._task_runner.running_ages,
+                                       self._send_if_connected)
+        self._link = BrokerLink(self)
         self._stop_event = asyncio.Event()
         #: set once the broker accepted the agent, or refused it for good (``_refusal``)
         self._registered_event = asyncio.Event()
@@ -190,8 +178,13 @@ class BaseAgent(MessagingMixin, abc.ABC):
         """Called once after the agent stopped taking tasks."""
 
     async def ping(self) -> dict[str, Any]:
-        """Health of this agent, for checks and tests."""
-        return {"ok": self.status is AgentState.READY, "id": self.agent_id, "name": self.name,
+        """Health of this agent: the broker's health checks call it about once a
+        heartbeat interval, and the agent gets new tasks only while it says ``"ok":
+        True``. Override to check what the agent needs (a model loaded, a database
+        reachable): return ``{"ok": False, "detail": "why"}`` or raise to report a
+        problem; a call that hangs leaves the agent UNRESPONSIVE. Keep it fast."""
+        return {"ok": self.status is not AgentState.STOPPED, "id": self.agent_id,
+                "name": self.name,
                 "state": self.status.value, "running": len(self._task_runner.running),
                 "done": self.tasks_done, "failed": self.tasks_failed}
 
@@ -237,6 +230,11 @@ class BaseAgent(MessagingMixin, abc.ABC):
             raise OrchestratorError(f"agent {self.agent_id} is not connected: messages can "
                                     "be sent once it runs (run, async_run)")
         channel.send(msg)
+
+    def _send_if_connected(self, msg: Message) -> None:
+        channel = self._channel
+        if channel is not None and not channel.closed:
+            channel.send(msg)
 
     async def _bus_endpoints(self) -> dict[str, str]:
         await self.wait_registered()
@@ -284,24 +282,29 @@ class BaseAgent(MessagingMixin, abc.ABC):
         loop = asyncio.get_running_loop()
         check_names(self.name, self.agent_id, self.capabilities)
         self.broker_url = broker or broker_url()
+        # Spans only for tasks that arrive with a traceparent; nothing when off.
+        init_tracing(f"agent {self.name}")
         await self.on_start()
         channel = self._channel = Connection(self.broker_url, self.agent_id.encode(),
                                              TASK_CODEC, self._on_message, self._task_runner.flush)
         self._task_runner.channel = channel
         channel.open()
-        self._register(loop.time())
-        heartbeats = asyncio.create_task(self._heartbeat_loop(), name=f"{self.agent_id}-heartbeat")
+        self._link.register(loop.time())
+        heartbeats = asyncio.create_task(self._link.heartbeat_loop(),
+                                         name=f"{self.agent_id}-heartbeat")
         try:
             await self._stop_event.wait()
             if self._refusal is None:
                 await self._drain_and_leave(channel)
         finally:
             heartbeats.cancel()
+            self._health.close()
             await asyncio.gather(heartbeats, return_exceptions=True)
             self._task_runner.cancel_all()
             channel.close()
             self.status = AgentState.STOPPED
             await self._close_owned()
+            shutdown_tracing()  # flush this agent's spans before the process ends
         if self._refusal is not None:
             raise self._refusal
 
@@ -335,64 +338,6 @@ class BaseAgent(MessagingMixin, abc.ABC):
         self._task_runner.flush()
         channel.send(Disconnect("bye"))
 
-    # ------------------------------------------------------------ registration
-
-    def _register(self, silent_since: float) -> None:
-        """Say READY (again); the broker's silence counts from ``silent_since``."""
-        assert self._channel is not None
-        self.status = AgentState.REGISTERING
-        self._channel.last_heard = silent_since
-        self._channel.send(Ready(self.agent_id, self.name, self.capabilities,
-                                 self.max_concurrent, running=tuple(self._task_runner.running)))
-
-    async def _heartbeat_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self._heartbeat_interval_s / 2)
-            channel = self._channel
-            if channel is None or channel.closed:
-                return
-            if self.status is AgentState.READY or self.status is AgentState.DRAINING:
-                self._renew_and_report(channel, loop.time())
-            self._check_broker(channel, loop)
-
-    def _renew_and_report(self, channel: Transport[Message], now: float) -> None:
-        """Renew running tasks' leases, resend overdue results, report the counters."""
-        interval_s = self._heartbeat_interval_s
-        self._task_runner.renew_leases(now, interval_s)
-        resent = self._task_runner.resend_overdue(now, interval_s * self._heartbeat_liveness)
-        if resent:
-            logger.info("agent %s: sending %d unacknowledged result(s) again", self.agent_id,
-                        resent)
-        self.messaging.expire(now)
-        if now >= self._next_stats:
-            # Messaging counters (losses) go to the broker for its status, at most once
-            # per interval and only when they changed.
-            stats = self.messaging.stats_if_changed()
-            if stats is not None:
-                channel.send(Heartbeat(stats=stats))
-                self._next_stats = now + interval_s
-
-    def _check_broker(self, channel: Transport[Message], loop: asyncio.AbstractEventLoop) -> None:
-        """Reconnect when the broker is silent past the expiry, else heartbeat if idle."""
-        now = loop.time()
-        expiry_s = self._heartbeat_interval_s * self._heartbeat_liveness
-        if now - channel.last_heard > expiry_s:
-            # Read what is waiting first: a stall of this process (not the broker's
-            # silence) can leave the broker's messages unread past the expiry.
-            channel.read_now()
-            now = loop.time()
-        if now - channel.last_heard > expiry_s:
-            if self._reconnects.due(now) and self.status is not AgentState.DRAINING:
-                logger.warning("agent %s: broker silent for %.1f s; reconnecting",
-                               self.agent_id, now - channel.last_heard)
-                self._reconnects.step(now)
-                channel.reopen()
-                self._register(now - expiry_s)  # keep counting silence from here
-            return
-        if now - channel.last_sent >= self._heartbeat_interval_s:
-            channel.send(Heartbeat())
-
     # ------------------------------------------------------------ messages
 
     def _on_message(self, msg: Message) -> None:
@@ -409,6 +354,8 @@ class BaseAgent(MessagingMixin, abc.ABC):
                 self.messaging.on_verdict(msg)
             case Heartbeat():
                 pass
+            case Ping():
+                self._health.on_ping(msg)
             case Welcome():
                 self._on_welcome(msg)
             case Cancel(ids):
@@ -423,12 +370,10 @@ class BaseAgent(MessagingMixin, abc.ABC):
 
     def _on_welcome(self, msg: Welcome) -> None:
         first = not self._registered_event.is_set()
-        self._heartbeat_interval_s = msg.heartbeat_interval_s
-        self._heartbeat_liveness = msg.heartbeat_liveness
+        self._link.welcomed(msg.heartbeat_interval_s, msg.heartbeat_liveness)
         self.endpoints = msg.endpoints
         self.messaging.set_endpoints(msg.endpoints)
         self.messaging.report_again()
-        self._reconnects.reset()
         if self.status is not AgentState.DRAINING:
             self.status = AgentState.READY
         self._task_runner.resend_unacked()
@@ -453,7 +398,7 @@ class BaseAgent(MessagingMixin, abc.ABC):
     def _on_disconnect(self, reason: str) -> None:
         if reason == ErrorCode.NOT_REGISTERED.value and self.status is not AgentState.DRAINING:
             # The broker does not know us (it restarted): register again.
-            self._register(asyncio.get_running_loop().time())
+            self._link.register(asyncio.get_running_loop().time())
         elif reason == "broker_stopping":
             logger.info("agent %s: broker is stopping; will register when it is back",
                         self.agent_id)

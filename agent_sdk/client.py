@@ -46,6 +46,9 @@ from agent_sdk.payloads import PayloadReader
 from agent_sdk.state import endpoint_from, StateClient
 from agent_sdk.reach import Reach
 from agent_sdk.task import _MISSING, encode_payload, Result
+from wire.tracing import (
+    end_submit_span, init_tracing, submit_span, traceparent_of, tracing_enabled,
+)
 
 _new_tuple = tuple.__new__
 
@@ -218,6 +221,7 @@ class Client(MessagingMixin):
 
     def _ensure_open(self) -> Transport[Message]:
         if self._channel is None:
+            init_tracing("orchestrator-client")  # a no-op unless tracing is on
             self._loop = asyncio.get_running_loop()
             self._channel = Connection(self.url, self.client_id.encode(), TASK_CODEC,
                                        self._on_message, self._flush, monitor=True,
@@ -290,15 +294,8 @@ class Client(MessagingMixin):
                                            RECOVER_AFTER_S))
 
     def _send_again(self, specs: list[TaskSpec], watched: list[str]) -> None:
-        """Submit again (idempotent by id) and ask again for results, if any (every ping
-        calls this): what the broker still has is answered once, what it lost runs again."""
-        channel = self._channel
-        if channel is None:
-            return
-        for part in chunks(specs) if specs else ():
-            channel.send(Submit(part))
-        for part in chunks(watched) if watched else ():
-            channel.send(Fetch(self._requests.next_id(), part, wait=True))
+        if self._channel is not None:
+            send_again(self._channel, self._requests.next_id, specs, watched)
 
     def _on_boot(self, boot: str) -> None:
         if self._boot is not None and boot != self._boot and self._handles:
@@ -352,13 +349,16 @@ class Client(MessagingMixin):
             # Refused here, not on the way out: the caller hears it, and no handle waits
             # for a task that never left.
             raise TooLarge(len(payload), MAX_FRAME_BYTES)
-        spec = _new_tuple(TaskSpec, (
-            task_id, payload, caps, agent, priority,
-            timeout if timeout is not None else self.default_timeout_s, retries, parent_id,
-            attempt_timeout, hold))
+        spec_fields = (task_id, payload, caps, agent, priority,
+                       timeout if timeout is not None else self.default_timeout_s, retries,
+                       parent_id, attempt_timeout, hold)
         loop = self._loop
         assert loop is not None  # set by _ensure_open
-        handle = TaskHandle(task_id, self, spec, loop.time())
+        if tracing_enabled():
+            spec, handle = _traced_submit(self, spec_fields, loop.time())
+        else:
+            spec = _new_tuple(TaskSpec, spec_fields)
+            handle = TaskHandle(task_id, self, spec, loop.time())
         handles = self._handles
         handles[task_id] = handle
         if not self._outgoing:
@@ -524,6 +524,32 @@ class Client(MessagingMixin):
         for handle in handles.values():
             handle._fail(error)
         self.messaging.direct.cancel_waiting(error)
+
+
+def send_again(channel: Transport[Message], next_id: Callable[[], int], specs: list[TaskSpec],
+               watched: list[str]) -> None:
+    """Submit again (idempotent by id) and ask again for results, if any (every ping
+    calls this): what the broker still has is answered once, what it lost runs again."""
+    for part in chunks(specs) if specs else ():
+        channel.send(Submit(part))
+    for part in chunks(watched) if watched else ():
+        channel.send(Fetch(next_id(), part, wait=True))
+
+
+def _traced_submit(client: Client, spec_fields: tuple[Any, ...], now: float
+                   ) -> tuple[TaskSpec, TaskHandle]:
+    """A submit while tracing is on: its ``invoke_agent`` client span, ended when the
+    result is in, and for a sampled trace the traceparent after the spec's fields
+    (:func:`wire.tasks.trace_of`), so that the broker and the agent continue the trace."""
+    task_id, _, caps, agent = spec_fields[:4]
+    span = submit_span(task_id, caps, agent)
+    traceparent = None if span is None else traceparent_of(span)
+    spec = _new_tuple(TaskSpec, spec_fields if traceparent is None
+                      else (*spec_fields, traceparent))
+    handle = TaskHandle(task_id, client, spec, now)
+    if span is not None:
+        handle.add_done_callback(partial(end_submit_span, span))
+    return spec, handle
 
 
 __all__ = ["Client", "STATUS_TIMEOUT_S", "TaskHandle"]

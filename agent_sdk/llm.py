@@ -44,6 +44,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self, cast
 
 from agent_sdk.errors import OrchestratorError, PermanentFailure, RetryableError
+from wire.tracing import (
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_ID,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    chat_span,
+)
 
 if TYPE_CHECKING:
     import openai
@@ -421,10 +429,16 @@ class LLM:
         url = self.config.base_url
         try:
             model = self._model or await self._default_model(client)
-            # Plain dicts are what the typed message params stand for at run time.
-            reply = await client.chat.completions.create(model=model,
-                                                         messages=cast(Any, messages),
-                                                         **options)
+            # The GenAI ``chat {model}`` span, under the task's span; a no-op when
+            # tracing is off or no span is current.
+            with chat_span(model, max_tokens=options.get("max_tokens"),
+                           temperature=options.get("temperature"), server_url=url) as span:
+                # Plain dicts are what the typed message params stand for at run time.
+                reply = await client.chat.completions.create(model=model,
+                                                             messages=cast(Any, messages),
+                                                             **options)
+                if span.is_recording():
+                    _trace_reply(span, reply)
         except openai.APITimeoutError:
             # Not retried here: the request already used a whole timeout of the task's
             # time; the broker's retry (with its back-off) is the next attempt.
@@ -581,6 +595,21 @@ def _error_detail(error: Any) -> str:
             message = str(error)
     text = " ".join(str(message).split())
     return text[:ERROR_DETAIL_CHARS] + ("..." if len(text) > ERROR_DETAIL_CHARS else "")
+
+
+def _trace_reply(span: Any, reply: Any) -> None:
+    """The GenAI response and usage attributes of a ``chat`` span."""
+    usage = reply.usage
+    if usage is not None and usage.prompt_tokens is not None:
+        span.set_attribute(GEN_AI_USAGE_INPUT_TOKENS, int(usage.prompt_tokens))
+        span.set_attribute(GEN_AI_USAGE_OUTPUT_TOKENS, int(usage.completion_tokens or 0))
+    if reply.model:
+        span.set_attribute(GEN_AI_RESPONSE_MODEL, reply.model)
+    if getattr(reply, "id", None):
+        span.set_attribute(GEN_AI_RESPONSE_ID, reply.id)
+    reasons = [c.finish_reason for c in reply.choices or () if c.finish_reason]
+    if reasons:
+        span.set_attribute(GEN_AI_RESPONSE_FINISH_REASONS, reasons)
 
 
 def _completion_of(reply: Any, messages: list[dict[str, str]]) -> Completion:

@@ -25,10 +25,17 @@ from typing import Any, Final
 
 from wire.codec import chunks
 from wire.limits import MAX_FRAME_BYTES
-from wire.tasks import Assignment, ErrorCode, Message, Progress, ResultItem, Results, TaskStatus
+from wire.tasks import (
+    ASSIGNMENT_FIELDS, Assignment, ErrorCode, Message, Progress, ResultItem, Results, TaskStatus,
+    trace_of,
+)
 from agent_sdk.connection import Transport
 from agent_sdk.errors import PermanentFailure, RetryableError
 from agent_sdk.task import Result, Task
+from wire.tracing import (
+    GEN_AI_AGENT_ID, GEN_AI_AGENT_NAME, GEN_AI_OPERATION_NAME, OP_INVOKE_AGENT, ORCH_ATTEMPT,
+    ORCH_CAPABILITIES, ORCH_TASK_ID, ORCH_TASK_STATUS, child_span,
+)
 
 logger = logging.getLogger(__name__)
 _DEBUG: Final = logging.DEBUG
@@ -51,6 +58,8 @@ LARGE_WINDOW_BYTES: Final = 64 * 1024 * 1024
 #: The id of the task whose ``execute`` is running: subtasks submitted from it name it as
 #: their parent. Set around the eager first step in :meth:`TaskRunner.start`; the asyncio
 #: Task that runs the rest copies the context at creation, so it stays set there too.
+_ASSIGNMENT_FIELDS: Final = ASSIGNMENT_FIELDS
+
 current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "orchestrator_current_task", default=None)
 
@@ -135,8 +144,13 @@ class TaskRunner:
                  retry_on: tuple[type[BaseException], ...] = ()) -> None:
         self.execute = execute
         self.retry_on = retry_on
+        #: the agent's name and id, for the spans of traced tasks
+        self.identity = ("", "")
         self.channel: Transport[Message] | None = None
         self.running: dict[str, asyncio.Task[Any] | None] = {}
+        #: when each running task started (``time.perf_counter``) and the time its
+        #: attempt was given: health checks report tasks that overstay
+        self.clock: dict[str, tuple[float, float]] = {}
         self.unacked: dict[str, ResultItem] = {}
         self.idle = asyncio.Event()
         self.idle.set()
@@ -175,6 +189,9 @@ class TaskRunner:
         if logger.isEnabledFor(_DEBUG):
             logger.debug("task %s started (attempt %s)", task_id, assignment[2],
                          extra={"task_id": task_id, "event": "task_started"})
+        if len(assignment) != _ASSIGNMENT_FIELDS:
+            self._start_traced(assignment)
+            return
         token = current_task.set(task_id)
         started = time.perf_counter()
         try:
@@ -193,8 +210,42 @@ class TaskRunner:
         finally:
             current_task.reset(token)
         self.running[task_id] = runner
+        self.clock[task_id] = (started, assignment[3])
         self._started.append(task_id)
         self.idle.clear()
+
+    def _start_traced(self, assignment: Assignment) -> None:
+        """Start a task that carries a traceparent: ``execute`` runs inside an
+        ``invoke_agent`` span, in an asyncio Task from its first step (not eagerly), so
+        that the span's context is the Task's own and never leaks into the caller's."""
+        task_id = assignment[0]
+        started = time.perf_counter()
+        try:
+            task = Task.from_wire(*assignment[:_ASSIGNMENT_FIELDS])
+        except BaseException as e:  # noqa: BLE001 - an undecodable payload fails its task
+            self._complete(task_id, e, started)
+            return
+        coro = self._traced(task, trace_of(assignment))
+        # None as the first "yield": the Task starts the coroutine on its first step.
+        self.running[task_id] = asyncio.get_running_loop().create_task(
+            self._finish_later(task_id, coro, None, started))
+        self.clock[task_id] = (started, assignment[3])
+        self._started.append(task_id)
+        self.idle.clear()
+
+    async def _traced(self, task: Task, traceparent: str | None) -> Any:
+        current_task.set(task.id)  # in the Task's own context
+        name, agent_id = self.identity
+        attributes = {GEN_AI_OPERATION_NAME: OP_INVOKE_AGENT, GEN_AI_AGENT_NAME: name,
+                      GEN_AI_AGENT_ID: agent_id, ORCH_TASK_ID: task.id,
+                      ORCH_ATTEMPT: task.attempt,
+                      ORCH_CAPABILITIES: list(task.capabilities)}
+        with child_span(f"{OP_INVOKE_AGENT} {name}", traceparent, attributes,
+                        kind="server") as span:
+            outcome = await self.execute(task)
+            if isinstance(outcome, Result):
+                span.set_attribute(ORCH_TASK_STATUS, outcome.status)
+            return outcome
 
     def subtask_ids(self, parent_id: str | None,
                     task_id: str | None) -> tuple[str | None, str | None]:
@@ -258,6 +309,7 @@ class TaskRunner:
         except BaseException as e:  # noqa: BLE001 - including cancellation by the broker
             outcome = e
         self.running.pop(task_id, None)
+        self.clock.pop(task_id, None)
         self.subtask_counts.pop(task_id, None)
         self._complete(task_id, outcome, started)
         if not self.running:
@@ -391,6 +443,13 @@ class TaskRunner:
                                           or task_id in in_flight):
                 outgoing.append(item)
                 queued.add(task_id)
+
+    def running_ages(self) -> tuple[tuple[str, float, float], ...]:
+        """``(task id, seconds it has run, seconds its attempt was given)`` of each
+        running task, for the health check's answer."""
+        now = time.perf_counter()
+        return tuple((task_id, round(now - started, 3), limit_s)
+                     for task_id, (started, limit_s) in self.clock.items())
 
     def renew_leases(self, now: float, interval_s: float) -> None:
         """Renew the leases of running tasks, at most once per ``interval_s`` (a dispatch

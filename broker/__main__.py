@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retry-max-delay", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--circuit-threshold", type=int, default=None, metavar="N")
     parser.add_argument("--circuit-recovery", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--ping-timeout", type=float, default=None, metavar="SECONDS",
+                        help="an agent that does not answer a health check (PING) this "
+                             "fast is unresponsive and gets no new tasks (default: half "
+                             "the liveness window, heartbeat interval x liveness / 2)")
     parser.add_argument("--retention", type=float, default=None, metavar="SECONDS",
                         help="keep finished results this long (default 3600)")
     parser.add_argument("--retention-bytes", type=int, default=None, metavar="BYTES",
@@ -228,6 +232,36 @@ class LoggedEvents:
                           extra={"agent_id": agent_id, "event": "agent_left"})
         self.inner.agent_left(agent_id, name, capabilities, reason)
 
+    def agent_health(self, agent_id: str, name: str, capabilities: list[str], health: str,
+                     detail: str | None) -> None:
+        log = event_logger.info if health == "healthy" else event_logger.warning
+        log("agent %s (%s) is %s%s", agent_id, name, health, f": {detail}" if detail else "",
+            extra={"agent_id": agent_id, "event": f"agent_{health}"})
+        self.inner.agent_health(agent_id, name, capabilities, health, detail)
+
+    def agent_circuit(self, agent_id: str, name: str, capabilities: list[str],
+                      circuit: str) -> None:
+        log = event_logger.info if circuit == "closed" else event_logger.warning
+        log("agent %s (%s): circuit %s", agent_id, name, circuit,
+            extra={"agent_id": agent_id, "event": f"circuit_{circuit}"})
+        self.inner.agent_circuit(agent_id, name, capabilities, circuit)
+
+
+def install_tracing(broker: Broker) -> None:
+    """With tracing on (``ORCH_OTEL_EXPORTER``), the broker's spans of the tasks that
+    carry a traceparent, emitted when each ends (``broker/tracing.py``); off, nothing.
+
+    Raises:
+        ValueError: the tracing settings in the environment are invalid.
+    """
+    from wire.tracing import init_tracing
+
+    tracer = init_tracing("orchestrator-broker")
+    if tracer is not None:
+        from broker.tracing import TaskSpans
+
+        broker.engine.ledger.spans = TaskSpans(tracer)
+
 
 def install_event_log(broker: Broker) -> None:
     """Log the engine's events (see :class:`LoggedEvents`); at DEBUG, build task events
@@ -238,9 +272,11 @@ def install_event_log(broker: Broker) -> None:
         broker.log_tasks = ledger.watch_tasks = True
 
 
-def start_metrics(config: BrokerConfig, broker: Broker, data_dir: Path) -> MetricsServer | None:
+def start_metrics(config: BrokerConfig, broker: Broker, data_dir: Path,
+                  state: Any = None) -> MetricsServer | None:
     """Serve ``/metrics`` and ``/healthz`` from a thread (None with ``--no-metrics``), and
-    install the loop's test hooks when ``ORCH_TEST_HOOKS=1``.
+    install the loop's test hooks when ``ORCH_TEST_HOOKS=1``. ``state``: the state service
+    run in this process (None with ``--no-state``), whose counters are reported too.
 
     Raises:
         OSError: the HTTP port could not be bound.
@@ -252,7 +288,7 @@ def start_metrics(config: BrokerConfig, broker: Broker, data_dir: Path) -> Metri
         return None
     # A port derived from the broker's may be taken by chance; one asked for must not be.
     server = MetricsServer(broker, config.metrics_bind or metrics_bind_for(config.bind),
-                           any_port_if_taken=config.metrics_bind is None)
+                           any_port_if_taken=config.metrics_bind is None, state=state)
     server.start_thread()
     broker.endpoints["metrics"] = server.endpoint
     return server
@@ -310,7 +346,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         durability=args.durability, default_max_retries=args.retries,
         retry_base_delay_s=args.retry_base_delay, retry_max_delay_s=args.retry_max_delay,
         circuit_failure_threshold=args.circuit_threshold,
-        circuit_recovery_s=args.circuit_recovery, result_retention_s=args.retention,
+        circuit_recovery_s=args.circuit_recovery, ping_timeout_s=args.ping_timeout,
+        result_retention_s=args.retention,
         result_retention_bytes=args.retention_bytes,
         result_store_threshold=args.result_store_threshold,
         result_store_max_bytes=args.result_store_bytes,
@@ -379,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     install_json_log(data_dir, "broker", args.log_level)
     broker = Broker(config)
     try:
+        install_tracing(broker)
+    except ValueError as e:  # wire.tracing.TracingConfigError: a bad ORCH_OTEL_* value
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         broker.bind()
     except zmq.ZMQError as e:
         print(f"error: cannot bind {config.router_endpoint}: {e}", file=sys.stderr)
@@ -398,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     install_event_log(broker)
     try:
-        metrics = start_metrics(config, broker, data_dir)
+        metrics = start_metrics(config, broker, data_dir, state)
     except OSError as e:
         print(f"error: cannot serve the metrics: {e}", file=sys.stderr)
         return 3

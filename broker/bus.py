@@ -42,7 +42,7 @@ import zmq
 
 from broker.config import BusConfig, parse_host_port
 from wire.bus import (
-    BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER, BUS_TASKS_PREFIX, PrefixSet, encode_bus,
+    BUS_AGENT_CIRCUIT, BUS_AGENT_HEALTH, BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER, BUS_TASKS_PREFIX, PrefixSet, encode_bus,
 )
 from wire.sockets import NOBLOCK, apply_common_options, send_frames
 
@@ -257,6 +257,17 @@ class EventPublisher:
     def agent_left(self, agent_id: str, name: str, capabilities: list[str], reason: str) -> None:
         self.publish(BUS_AGENT_LEFT, {"id": agent_id, "name": name,
                                       "capabilities": capabilities, "reason": reason})
+
+    def agent_health(self, agent_id: str, name: str, capabilities: list[str], health: str,
+                     detail: str | None) -> None:
+        self.publish(BUS_AGENT_HEALTH, {"id": agent_id, "name": name,
+                                        "capabilities": capabilities, "health": health,
+                                        "detail": detail})
+
+    def agent_circuit(self, agent_id: str, name: str, capabilities: list[str],
+                      circuit: str) -> None:
+        self.publish(BUS_AGENT_CIRCUIT, {"id": agent_id, "name": name,
+                                         "capabilities": capabilities, "circuit": circuit})
 
     def close(self) -> None:
         self.socket.close(linger=0)

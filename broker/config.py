@@ -84,6 +84,10 @@ class BrokerConfig:
     #: an agent failing this many tasks in a row gets none until a probe succeeds
     circuit_failure_threshold: int = 5
     circuit_recovery_s: float = 30.0
+    #: an agent that has not answered a health check (PING) within this many seconds is
+    #: UNRESPONSIVE and gets no new tasks; None: half the liveness window, so that a
+    #: stuck agent loop is seen before the agent is declared dead
+    ping_timeout_s: float | None = None
     #: HOST:PORT of the HTTP ``/metrics`` and ``/healthz`` (``broker/metrics.py``); None:
     #: derived from ``bind`` (:func:`metrics_bind_for`); "" with ``--no-metrics``: none
     metrics_bind: str | None = None
@@ -106,6 +110,10 @@ class BrokerConfig:
             raise ConfigError("retries and retry delays must not be negative")
         if self.circuit_failure_threshold < 1 or self.circuit_recovery_s < 0:
             raise ConfigError("circuit threshold must be >= 1 and recovery >= 0")
+        if self.ping_timeout_s is not None and \
+                not 0 < self.ping_timeout_s < self.heartbeat_expiry_s:
+            raise ConfigError(f"ping timeout must be > 0 and shorter than the liveness window "
+                              f"({self.heartbeat_expiry_s:g} s: heartbeat interval x liveness)")
         if min(self.result_retention_bytes, self.result_store_threshold,
                self.result_store_max_bytes, self.max_agents_per_address,
                self.max_agents) < 1:
@@ -115,6 +123,13 @@ class BrokerConfig:
     def heartbeat_expiry_s(self) -> float:
         """Silence after which a peer is declared dead."""
         return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    @property
+    def ping_deadline_s(self) -> float:
+        """How long an agent has to answer a PING before it counts as unresponsive."""
+        if self.ping_timeout_s is not None:
+            return self.ping_timeout_s
+        return self.heartbeat_expiry_s / 2
 
     @property
     def router_endpoint(self) -> str:

@@ -13,6 +13,14 @@ size during iteration": the snapshot is then taken again. The alternative, askin
 loop for a snapshot through its wake-up pipe, would make a scrape of a stuck loop hang
 and put work on the loop; the copies cost the loop nothing.
 
+The state service, when it runs in a thread of the broker process, is read the same way
+by :class:`StateCollector`: its store's request counters (by message class, reported by
+protocol command), its lock table's count of ACQUIREs that waited and its waiters, and
+its mirror of the ``llm/usage/`` keys (:attr:`broker.state.store.StateStore.usage`, kept
+by the loop on each change of such a key, so that a scrape never walks the key space).
+The agents publish their running LLM totals there, one key per agent process; a scrape
+sums them per agent name.
+
 ``/healthz`` answers 200 while the loop turns: the broker stores the clock reading of
 each pass (:attr:`broker.server.Broker.last_turn`), the loop wakes at least every quarter
 heartbeat interval even when idle, and a reading older than two heartbeat intervals
@@ -35,7 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -47,11 +55,14 @@ from prometheus_client.core import (
 
 from broker.config import parse_host_port
 from broker.engine.circuit import CircuitState
-from broker.engine.model import TaskState
+from broker.engine.model import AgentHealth, TaskState
 from broker.engine.status import DURATION_BUCKETS_S
+from broker.state.store import USAGE_PREFIX
+from wire.codec import unpackb
 
 if TYPE_CHECKING:
     from broker.server import Broker
+    from broker.state.server import StateServer
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +80,15 @@ _PREFIX: Final = "orchestrator_"
 _CIRCUIT_VALUE: Final = {CircuitState.CLOSED.value: 0, CircuitState.HALF_OPEN.value: 1,
                          CircuitState.OPEN.value: 2}
 _OPEN_VALUE: Final = CircuitState.OPEN.value
+_HEALTH_VALUE: Final = {AgentHealth.HEALTHY.value: 0, AgentHealth.UNRESPONSIVE.value: 1,
+                        AgentHealth.UNHEALTHY.value: 2}
+#: The state service's requests (message classes, as its store counts them) by the
+#: protocol's command names (``wire.state.StateCommand``), lower-cased for the label.
+_STATE_COMMANDS: Final = {
+    "StatePing": "ping", "StateGet": "get", "StatePut": "put", "StateDelete": "delete",
+    "StateList": "list", "LockAcquire": "acquire", "LockRenew": "renew",
+    "LockRelease": "release", "StateWatch": "watch", "StateUnwatch": "unwatch",
+    "LockList": "locks", "StateInfoRequest": "info"}
 _PENDING_VALUE: Final = TaskState.PENDING.value
 _IN_FLIGHT: Final = frozenset({TaskState.DISPATCHED.value, TaskState.RUNNING.value})
 _TASK_LABELS: Final = ["agent", "capability"]
@@ -82,6 +102,7 @@ class AgentSample:
     name: str
     heartbeat_age_s: float
     circuit: int
+    health: int
 
 
 @dataclass(slots=True)
@@ -110,6 +131,8 @@ class Snapshot:
     in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
     pending: int = 0
     clients: int = 0
+    #: clients that sent a SUBMIT or a heartbeat within the liveness window
+    connected_clients: int = 0
     messages_in: int = 0
     messages_out: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -129,6 +152,24 @@ def circuit_value(state: CircuitState, opened_at: float, recovery_s: float, now:
     return _CIRCUIT_VALUE[value]
 
 
+_Snap = TypeVar("_Snap")
+
+
+def copied(take: Callable[[], _Snap]) -> _Snap:
+    """``take()``, again when the loop changed a table while it copied (the loop thread
+    never waits for a scrape).
+
+    Raises:
+        RuntimeError: the tables kept changing for :data:`SNAPSHOT_TRIES` attempts.
+    """
+    for _ in range(SNAPSHOT_TRIES - 1):
+        try:
+            return take()
+        except RuntimeError:  # "dictionary changed size during iteration"
+            continue
+    return take()
+
+
 class BrokerCollector:
     """Reads the broker's plain counters at scrape time (a prometheus_client collector).
 
@@ -145,12 +186,7 @@ class BrokerCollector:
         Raises:
             RuntimeError: the tables kept changing for :data:`SNAPSHOT_TRIES` attempts.
         """
-        for _ in range(SNAPSHOT_TRIES - 1):
-            try:
-                return self._snapshot()
-            except RuntimeError:  # "dictionary changed size during iteration"
-                continue
-        return self._snapshot()
+        return copied(self._snapshot)
 
     def _snapshot(self) -> Snapshot:
         broker = self.broker
@@ -166,7 +202,8 @@ class BrokerCollector:
             breaker = agent.breaker
             snap.agents.append(AgentSample(
                 agent.agent_id, agent.name, max(0.0, now - agent.last_seen),
-                circuit_value(breaker.state, breaker.opened_at, breaker.recovery_s, now)))
+                circuit_value(breaker.state, breaker.opened_at, breaker.recovery_s, now),
+                _HEALTH_VALUE[agent.health.value]))
         clients: set[bytes] = set()
         for task in list(ledger.tasks.values()):
             state = task.state.value
@@ -180,6 +217,10 @@ class BrokerCollector:
             if task.open:
                 clients.add(task.client)
         snap.clients = len(clients)
+        desk = engine.clients
+        cutoff = now - desk.window_s
+        snap.connected_clients = sum(1 for seen in dict(desk.last_seen).values()
+                                     if seen >= cutoff)
         snap.pending = ledger.pending.count
         counters = broker.service.counters
         snap.messages_in = counters.messages_in
@@ -247,10 +288,15 @@ class BrokerCollector:
         circuit = GaugeMetricFamily(f"{_PREFIX}agent_circuit_state",
                                     "The agent's circuit: 0 closed, 1 half-open, 2 open.",
                                     labels=["agent_id", "agent"])
+        health = GaugeMetricFamily(f"{_PREFIX}agent_health",
+                                   "The agent's health checks: 0 healthy, 1 unresponsive, "
+                                   "2 unhealthy.", labels=["agent_id", "agent"])
         for agent in snap.agents:
-            age.add_metric([agent.agent_id, agent.name], agent.heartbeat_age_s)
-            circuit.add_metric([agent.agent_id, agent.name], agent.circuit)
-        yield from (age, circuit)
+            labels = [agent.agent_id, agent.name]
+            age.add_metric(labels, agent.heartbeat_age_s)
+            circuit.add_metric(labels, agent.circuit)
+            health.add_metric(labels, agent.health)
+        yield from (age, circuit, health)
 
     @staticmethod
     def _broker_families(snap: Snapshot) -> Iterator[Metric]:
@@ -269,8 +315,111 @@ class BrokerCollector:
                                 value=snap.pending)
         yield GaugeMetricFamily(
             f"{_PREFIX}clients_with_open_tasks",
-            "Distinct client connections with open tasks (the broker keeps no table of idle "
-            "clients).", value=snap.clients)
+            "Distinct client connections with open tasks.", value=snap.clients)
+        yield GaugeMetricFamily(
+            f"{_PREFIX}connected_clients",
+            "Client connections that sent a SUBMIT or a heartbeat within the liveness window "
+            "(heartbeat interval x liveness).", value=snap.connected_clients)
+
+
+@dataclass(slots=True)
+class StateSnapshot:
+    """What one scrape reports of the state service, copied out of its store."""
+
+    #: protocol command (lower case) -> requests served
+    requests: dict[str, int] = field(default_factory=dict)
+    lock_waits: int = 0
+    waiting_sessions: int = 0
+    #: agent name -> {"input", "output", "calls", "failed_calls"} summed over its processes
+    llm: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def usage_by_agent(usage: dict[str, bytes]) -> dict[str, dict[str, int]]:
+    """The ``llm/usage/<agent name>/<agent id>`` records (msgpack maps, as
+    ``agent_sdk.llm`` writes them) summed per agent name; a record that does not decode
+    to a map is skipped."""
+    totals: dict[str, dict[str, int]] = {}
+    for key, data in sorted(usage.items()):
+        try:
+            record: Any = unpackb(data)
+        except Exception as e:  # noqa: BLE001 - foreign bytes under the prefix
+            logger.debug("%s is not a usage record: %s", key, e)
+            continue
+        if not isinstance(record, dict):
+            continue
+        name = str(record.get("agent") or key.removeprefix(USAGE_PREFIX).split("/")[0])
+        total = totals.setdefault(name, {"input": 0, "output": 0, "calls": 0,
+                                         "failed_calls": 0})
+        for kind, field_name in (("input", "prompt_tokens"), ("output", "completion_tokens"),
+                                 ("calls", "calls"), ("failed_calls", "failed_calls")):
+            value = record.get(field_name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                total[kind] += value
+    return totals
+
+
+class StateCollector:
+    """Reads the in-process state service's plain counters at scrape time (a
+    prometheus_client collector), the way :class:`BrokerCollector` reads the engine's:
+    copies under the GIL, again if a table changed size meanwhile.
+
+    Args:
+        state: The state service run in a thread of the broker process.
+    """
+
+    def __init__(self, state: StateServer) -> None:
+        self.server = state
+
+    def snapshot(self) -> StateSnapshot:
+        """Copy what a scrape reports, again if the loop changed a table meanwhile."""
+        return copied(self._snapshot)
+
+    def _snapshot(self) -> StateSnapshot:
+        store = self.server.store
+        snap = StateSnapshot()
+        for kind, count in dict(store.counters).items():
+            command = _STATE_COMMANDS.get(kind)
+            if command is not None:
+                snap.requests[command] = count
+        # HELLO is served apart from the other requests and counted as a session opened.
+        snap.requests["hello"] = dict(store.lifecycle).get("sessions_opened", 0)
+        snap.lock_waits = store.locks.waits
+        snap.waiting_sessions = store.locks.waiting_sessions()
+        snap.llm = usage_by_agent(dict(store.usage))
+        return snap
+
+    def collect(self) -> Iterator[Metric]:
+        """The families of one scrape, built afresh from a :meth:`snapshot`."""
+        snap = self.snapshot()
+        requests = CounterMetricFamily(f"{_PREFIX}state_requests",
+                                       "Requests the state service served, by command.",
+                                       labels=["command"])
+        for command, count in sorted(snap.requests.items()):
+            requests.add_metric([command], count)
+        yield requests
+        yield CounterMetricFamily(f"{_PREFIX}state_lock_waits",
+                                  "Lock ACQUIREs that found the lock held and waited.",
+                                  value=snap.lock_waits)
+        yield GaugeMetricFamily(f"{_PREFIX}state_sessions_waiting_for_lock",
+                                "Sessions with a lock ACQUIRE waiting now.",
+                                value=snap.waiting_sessions)
+        tokens = CounterMetricFamily(
+            f"{_PREFIX}llm_tokens",
+            "LLM tokens the agents reported (llm/usage/ in the state service), by agent "
+            "name and kind: input (prompt) or output (completion).",
+            labels=["agent", "kind"])
+        calls = CounterMetricFamily(f"{_PREFIX}llm_calls",
+                                    "LLM calls the agents reported, by agent name.",
+                                    labels=["agent"])
+        failed = CounterMetricFamily(f"{_PREFIX}llm_failed_calls",
+                                     "LLM calls that failed, as the agents reported them.",
+                                     labels=["agent"])
+        for agent, total in sorted(snap.llm.items()):
+            tokens.add_metric([agent, "input"], total["input"])
+            tokens.add_metric([agent, "output"], total["output"])
+            calls.add_metric([agent], total["calls"])
+            failed.add_metric([agent], total["failed_calls"])
+        yield from (tokens, calls, failed)
 
 
 class HealthProbe:
@@ -360,12 +509,17 @@ class MetricsServer:
         bind: HOST:PORT to listen on (port 0: any free port).
         any_port_if_taken: when the port is taken, listen on any free one (and log it):
             for a port derived from the broker's, never for one asked for.
+        state: The state service running in this process, if any (its requests, lock
+            waits and the agents' LLM usage are reported too).
     """
 
-    def __init__(self, broker: Broker, bind: str, any_port_if_taken: bool) -> None:
+    def __init__(self, broker: Broker, bind: str, any_port_if_taken: bool,
+                 state: StateServer | None = None) -> None:
         host, port = parse_host_port(bind)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(BrokerCollector(broker))  # type: ignore[arg-type]
+        if state is not None:
+            self.registry.register(StateCollector(state))  # type: ignore[arg-type]
         probe = HealthProbe(broker, broker.config.heartbeat_interval_s * HEALTH_INTERVALS)
         handler = _handler_class(self.registry, probe)
         try:

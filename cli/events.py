@@ -1,6 +1,6 @@
 """``orchestrator events``: a live tail of the broker's events on the pub/sub bus.
 
-The broker publishes agents joining and leaving (``agents.joined``, ``agents.left``) and
+The broker publishes agents joining, leaving, changing health or circuit (``agents.*``) and
 task state changes (``tasks.<id>``); workflow runs publish their steps on
 ``workflow.<run id>``. This command subscribes to those prefixes and prints each event
 as it comes: one readable line, or with ``--json`` one JSON object per line, flushed per
@@ -36,7 +36,11 @@ from cli.common import (
 #: The bus prefixes the command subscribes to.
 TOPICS: Final = ("agents.", "tasks.", "workflow.")
 #: The event types, as ``--type`` takes them.
-EVENT_TYPES: Final = ("agent_joined", "agent_left", "task_state", "task_failed", "workflow")
+EVENT_TYPES: Final = ("agent_joined", "agent_left", "agent_health", "agent_circuit",
+                      "task_state", "task_failed", "workflow")
+#: Bus topics of agent events and their event types.
+_AGENT_TOPICS: Final = {"agents.joined": "agent_joined", "agents.left": "agent_left",
+                        "agents.health": "agent_health", "agents.circuit": "agent_circuit"}
 #: Task states that are a failure (``task_failed`` rather than ``task_state``).
 FAILED_STATES: Final = frozenset({"failed", "timed_out", "rejected"})
 #: Exit code of an interrupted tail (128 + SIGINT), as shells report it.
@@ -111,14 +115,15 @@ class AgentBook:
         """The :class:`Event` of a bus message (``data`` as the publisher sent it)."""
         data = data if isinstance(data, dict) else {"data": data}
         at = float(data.get("at") or datetime.datetime.now().timestamp())
-        if topic in ("agents.joined", "agents.left"):
+        if topic in _AGENT_TOPICS:
             agent_id = str(data.get("id", ""))
             name = str(data.get("name", ""))
             caps = [str(c) for c in data.get("capabilities", ())]
             self._agents[agent_id] = (name, caps)
-            details = {"reason": data["reason"]} if "reason" in data else {}
-            return Event("agent_joined" if topic == "agents.joined" else "agent_left", at,
-                         topic, seq, name, agent_id, None, caps, details)
+            details = {k: data[k] for k in ("reason", "health", "detail", "circuit")
+                       if k in data}
+            return Event(_AGENT_TOPICS[topic], at, topic, seq, name, agent_id, None, caps,
+                         details)
         if topic.startswith("tasks."):
             state = str(data.get("state", ""))
             task_agent, agent_name, caps = self._lookup(data.get("agent"))
@@ -225,8 +230,9 @@ async def tail(url: str, filters: Filters, as_json: bool, limit: int | None) -> 
 @click.pass_obj
 def events(obj: Context, types: tuple[str, ...], agent: str | None, capability: str | None,
            limit: int | None, as_json: bool) -> None:
-    """Tail the broker's events live: agents joining and leaving, task state changes and
-    failures, workflow steps. Runs until Ctrl-C (exit 130) or --count events.
+    """Tail the broker's events live: agents joining and leaving, their health and
+    circuit changes, task state changes and failures, workflow steps. Runs until Ctrl-C
+    (exit 130) or --count events.
 
     Prints {"event": "subscribed"} on stderr once listening. The bus drops events for a
     subscriber that lags: this is for watching, not an audit trail.

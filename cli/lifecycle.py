@@ -12,11 +12,13 @@ pid.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Final
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 
@@ -28,6 +30,11 @@ from cli.common import (
 from cli.launch import RUNNER_PID, Launch, StartFailed, broker_pid_file
 from cli.pool import AgentSpecs, parse_agents, say_llm_endpoint
 from cli.processes import ProcessRef, end_process, log_tail, read_ref
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from agent_sdk import SyncClient
 
 #: How long `stop` waits for a graceful exit before it kills.
 STOP_TIMEOUT_S: Final = 45.0
@@ -335,39 +342,103 @@ def stop(obj: Context, as_json: bool) -> None:
 # ---------------------------------------------------------------------- status
 
 
+#: How often ``status --watch`` asks the broker again, in seconds.
+WATCH_PERIOD_S: Final = 1.0
+
+
 @click.command(cls=DataDirCommand,
-               help="Show the broker, its data dir and storage, its agents (with their "
-                    "circuit breakers), the queue and task counts.")
-@json_option("Print the status as JSON.")
-@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+               help="Show the broker, its data dir and storage, its agents (state, health, "
+                    "circuit breaker, in flight / max, done, failed, p50 latency), the queue "
+                    "by capability and the task counts.")
+@json_option("Print the status as JSON (once; not with --watch).")
+@click.option("--watch", is_flag=True,
+              help="Refresh in place every second until Ctrl-C (exit 0); while the broker "
+                   "does not answer, say so and keep asking.")
 @click.pass_obj
 def status(obj: Context, as_json: bool, watch: bool) -> None:
     """Print the broker's status once, or refresh it every second with ``--watch``;
     the standing workflow runner `start` launched is shown under ``runner``."""
-
-    def document() -> dict[str, Any]:
-        found = client.status(PING_TIMEOUT_S)
-        found["runner"] = runner_state(obj.home)
-        found["llm"] = _llm_usage(found)
-        return found
-
+    if watch and as_json:
+        # A stream of documents would break "--json prints exactly one JSON document".
+        raise click.UsageError("--watch and --json cannot be used together; for a JSON "
+                               "feed run `status --json` in a loop or use `events --json`")
+    if watch:
+        _watch_status(obj)
+        return
     with closing(obj.client()) as client:
         if as_json:
-            emit_json(document())
+            emit_json(_status_document(obj, client))
             return
-        from rich.console import Console
-        from rich.live import Live
+        from cli.status_view import print_status
 
-        from cli.status_view import print_status, status_view
+        print_status(_status_document(obj, client), str(obj.home))
 
-        console = Console()
-        if not watch:
-            print_status(document(), str(obj.home), console)
-            return
-        with Live(console=console) as live:
-            try:
-                while True:
-                    live.update(status_view(document(), str(obj.home), console.width))
-                    time.sleep(1.0)  # the refresh period of --watch
-            except KeyboardInterrupt:
-                pass
+
+def _status_document(obj: Context, client: SyncClient) -> dict[str, Any]:
+    """The broker's status, with the workflow runner and the LLM token usage added."""
+    found = client.status(PING_TIMEOUT_S)
+    found["runner"] = runner_state(obj.home)
+    found["llm"] = _llm_usage(found)
+    return found
+
+
+def _end_watch(signum: int, frame: FrameType | None) -> None:
+    """The first Ctrl-C ends the watch; ignore the next ones, so that pressing it again
+    while the display and the client close cannot break them with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _watch_status(obj: Context) -> None:
+    """``status --watch``: redraw the status in place every :data:`WATCH_PERIOD_S` until
+    Ctrl-C, which exits 0 with the terminal restored.
+
+    Exits 3 (one line) only when the broker does not answer at the start. Once watching,
+    a broker that stops answering is one line in place of the status, and the watch
+    keeps asking; the data dir's ``broker.json`` is read again each time, so a broker
+    started anew on another port is found.
+    """
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from agent_sdk import BrokerUnavailable, SyncClient
+    from cli.common import open_client
+    from cli.status_view import status_view
+
+    # Installed only over Python's own handler: a watch started in the background of a
+    # script, with SIGINT ignored, keeps ignoring it.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _end_watch)
+    console = Console()
+    client: SyncClient | None = None
+    try:
+        url = obj.broker_url
+        client = obj.client()
+        lost_since: float | None = None
+        # No refresh thread: the view changes once a period, when it is redrawn.
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                try:
+                    view: RenderableType = status_view(_status_document(obj, client),
+                                                       str(obj.home), console.width)
+                    lost_since = None
+                except BrokerUnavailable:
+                    lost_since = lost_since or time.time()
+                    view = Text(f"{time.strftime('%H:%M:%S')}  the broker at {url} is not "
+                                "answering (since "
+                                f"{time.strftime('%H:%M:%S', time.localtime(lost_since))}); "
+                                "still asking, Ctrl-C to stop", style="bold red",
+                                no_wrap=True, overflow="ellipsis")  # one line, in place
+                    moved = obj.broker_url
+                    if moved != url:
+                        client.close()
+                        client = None  # closed: not to be closed again below
+                        url, client = moved, open_client(SyncClient, moved)
+                live.update(view, refresh=True)
+                time.sleep(WATCH_PERIOD_S)  # the refresh period, not a synchronisation
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends: exit 0, Live has restored the cursor
+    finally:
+        if client is not None:
+            client.close()

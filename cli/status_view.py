@@ -1,10 +1,15 @@
 """How ``orchestrator status`` prints the status document for people: a summary, then
-one row per agent.
+one row per agent (state, health, circuit, in flight / max, done, failed, p50 latency), and
+the queue by capability.
+
+A field an older broker does not send shows as ``?`` (the queue's breakdown by capability
+is then left out): the CLI reads a broker of any release it can talk to.
 
 Ids are never cut. On a terminal the agent table fits its width by dropping columns
 (the least needed first, and the output says which), never by shortening a cell; the
-id and circuit columns stay, and an id wraps whole only where even they do not fit. Piped or
-redirected, the output has no width to fit: every column is printed at its full width.
+id and circuit columns stay, health goes last, and an id wraps whole only where even they
+do not fit. Piped or redirected, the output has no width to fit: every column is printed
+at its full width.
 """
 
 from __future__ import annotations
@@ -17,33 +22,70 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-#: The agent table's columns: header, right-aligned.
+from cli.common import one_line
+
+#: The agent table's columns: header, right-aligned. "p50 ms" (the median task duration)
+#: replaced the EWMA "latency ms": a median is what people compare, and one slow task
+#: does not move it; the EWMA is still in ``status --json`` (``latency_ms``).
 AGENT_COLUMNS: Final = (
-    ("name", False), ("id", False), ("circuit", False), ("state", False),
+    ("name", False), ("id", False), ("circuit", False), ("health", False), ("state", False),
     ("capabilities", False), ("in flight", True), ("done", True), ("failed", True),
-    ("latency ms", True), ("msgs lost", True),
+    ("p50 ms", True), ("msgs lost", True),
 )
 #: The columns a narrow terminal drops, first dropped first; the id and the circuit
-#: always show (an agent's id starts with its name, so the name goes last).
-DROP_ORDER: Final = ("msgs lost", "latency ms", "failed", "done", "in flight",
-                     "capabilities", "state", "name")
+#: always show. Health goes last: like the circuit, it says why an agent gets no work;
+#: the name goes just before it, as an agent's id starts with its name.
+DROP_ORDER: Final = ("msgs lost", "p50 ms", "failed", "done", "in flight",
+                     "capabilities", "state", "name", "health")
 #: Where the width is measured: wide enough that nothing wraps.
 _UNBOUNDED_WIDTH: Final = 100_000
 _CIRCUIT_STYLES: Final = {"open": "bold red", "half_open": "yellow"}
+_HEALTH_STYLES: Final = {"unresponsive": "yellow", "unhealthy": "bold red"}
+#: What a cell shows when the broker's document lacks its field (an older broker).
+UNKNOWN: Final = "?"
+#: How the queue names the tasks that ask for no capability (their label is "").
+ANY_CAPABILITY: Final = "(any)"
 
 
-def _agent_cells(agent: dict[str, Any]) -> dict[str, str]:
-    """One agent's cells, by column header."""
+def _health_cell(agent: dict[str, Any]) -> Text:
+    """The health, and after it why the agent is not healthy, styled by how bad it is."""
+    health = agent.get("health")
+    if health is None:
+        return Text(UNKNOWN)
+    detail = agent.get("health_detail")
+    # The detail may quote an agent's exception message: one line, whatever it holds.
+    shown = f"{health}: {one_line(str(detail))}" if detail else str(health)
+    return Text(shown, style=_HEALTH_STYLES.get(str(health), ""))
+
+
+def _p50_cell(agent: dict[str, Any]) -> str:
+    """The median task duration in ms: ``-`` before any task, ``?`` from an older broker."""
+    if "p50_ms" not in agent:
+        return UNKNOWN
+    p50 = agent["p50_ms"]
+    return "-" if p50 is None else f"{p50:.2f}"
+
+
+def _agent_cells(agent: dict[str, Any]) -> dict[str, Text]:
+    """One agent's cells, by column header.
+
+    Every cell is a :class:`Text`, so that a bracket in a name or a health detail prints
+    as itself and is never read as rich markup.
+    """
     counters = agent.get("messaging") or {}
     lost = sum(counters.get(k, 0) for k in ("bus_gaps", "bus_overflow", "mailbox_dropped",
                                             "broker_refused"))
-    return {
-        "name": agent["name"], "id": agent["id"], "circuit": agent.get("circuit", "?"),
-        "state": agent["state"], "capabilities": ", ".join(agent["capabilities"]),
+    circuit = str(agent.get("circuit", UNKNOWN))
+    cells = {
+        "name": agent["name"], "id": agent["id"], "state": agent["state"],
+        "capabilities": ", ".join(agent["capabilities"]),
         "in flight": f"{agent['in_flight']}/{agent['max_concurrent']}",
         "done": str(agent["done"]), "failed": str(agent["failed"]),
-        "latency ms": f"{agent['latency_ms']:.2f}", "msgs lost": str(lost),
+        "p50 ms": _p50_cell(agent), "msgs lost": str(lost),
     }
+    return {**{header: Text(str(value)) for header, value in cells.items()},
+            "circuit": Text(circuit, style=_CIRCUIT_STYLES.get(circuit, "")),
+            "health": _health_cell(agent)}
 
 
 def agent_table(agents: list[dict[str, Any]], hidden: tuple[str, ...] = ()) -> Table:
@@ -65,9 +107,7 @@ def agent_table(agents: list[dict[str, Any]], hidden: tuple[str, ...] = ()) -> T
                          overflow="fold", min_width=longest_id if header == "id" else None)
     for agent in agents:
         cells = _agent_cells(agent)
-        row = [Text(cells[header], style=_CIRCUIT_STYLES.get(cells[header], ""))
-               if header == "circuit" else cells[header] for header, _ in shown]
-        table.add_row(*row)
+        table.add_row(*(cells[header] for header, _ in shown))
     return table
 
 
@@ -83,6 +123,21 @@ def _storage_line(storage: dict[str, Any]) -> Text:
                 style="bold red")
 
 
+def queue_line(queue: dict[str, Any]) -> str:
+    """The queue row: ``3 pending (max 100000): review 2, research 1``.
+
+    The breakdown lists the capabilities the most pending tasks ask for first, and is
+    left out when the broker sends none (an older broker) or nothing is pending.
+    """
+    line = f"{queue['pending']} pending (max {queue['max_pending']})"
+    by_capability: dict[str, int] = queue.get("by_capability") or {}
+    if not by_capability:
+        return line
+    ranked = sorted(by_capability.items(), key=lambda item: (-item[1], item[0]))
+    return line + ": " + ", ".join(f"{label or ANY_CAPABILITY} {count}"
+                                   for label, count in ranked)
+
+
 def summary(status: dict[str, Any], data_dir: str) -> Table:
     """The summary above the agent table: broker, data dir, storage, queue, counts."""
     broker = status["broker"]
@@ -95,8 +150,7 @@ def summary(status: dict[str, Any], data_dir: str) -> Table:
     head.add_row("data dir", storage.get("data_dir") or data_dir)
     if storage:
         head.add_row("storage", _storage_line(storage))
-    head.add_row("queue", f"{status['queue']['pending']} pending "
-                          f"(max {status['queue']['max_pending']})")
+    head.add_row("queue", Text(queue_line(status["queue"])))  # a label is not markup
     head.add_row("tasks", "  ".join(f"{k} {v}" for k, v in status["tasks"].items()))
     if status.get("errors"):
         head.add_row("errors", "  ".join(f"{k} {v}" for k, v in status["errors"].items()))

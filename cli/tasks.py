@@ -360,40 +360,93 @@ def cancel(obj: Context, task_id: str, as_json: bool) -> None:
             click.echo(f"{task_id}: {outcome['status']}")
 
 
-def _print_trace(document: dict[str, Any], indent: int = 0) -> None:
-    """Print a trace: the task, its timeline (ms since its first event), then its subtasks."""
-    pad = "  " * indent
-    error = document.get("error")
-    line = f"{pad}{document['task_id']}  {document['status']}"
-    if document.get("agent"):
-        line += f"  on {document['agent']}"
-    if document.get("attempts"):
-        line += f"  attempts {document['attempts']}"
-    if error:
-        line += f"  ({error['code']}: {error['message']})"
-    click.echo(line)
-    start = None
-    for event in document.get("timeline", []):
-        start = event["at"] if start is None else start
-        detail = f"  {event['detail']}" if event["detail"] else ""
-        click.echo(f"{pad}  +{(event['at'] - start) * 1000:10.3f} ms  {event['event']}{detail}")
-    for child in document.get("children", []):
-        _print_trace(child, indent + 1)
+TRACE_HELP = """Show the timeline of a task or of a workflow run.
+
+For a task: every event since submission (+seconds), with the agent each attempt went
+to, why an attempt was requeued or retried, the waits and run times, the result, and the
+subtask tree. For a run id: the run's timeline (created, started, each step started and
+ended, finished), then each step with its task's trace. Exit 1 when neither a task nor a
+run has this id."""
+#: Step tasks traced at once for a run (a map's steps may number thousands).
+TRACE_CONCURRENCY = 32
 
 
-@click.command(cls=DataDirCommand,
-               help="Show a task's timeline (every state change) and its subtask tree.")
-@click.argument("task_id", type=TASK_ID)
-@json_option("Print the trace as JSON.")
+def _run_trace(obj: Context, run_id: str, missing: str) -> dict[str, Any]:
+    """The trace document of the workflow run ``run_id``; exits 1 with ``missing`` (the
+    broker's word on the task id) when there is no such run either."""
+    import asyncio
+
+    from agent_sdk import StateUnavailable
+    from cli.runs import Session, exit_for_error
+    from cli.trace_view import run_document
+    from workflows import RunNotFound, WorkflowInputError
+
+    with Session(obj) as session:
+        future = asyncio.run_coroutine_threadsafe(_load_run(session, run_id),
+                                                  session.thread.loop)
+        try:
+            details, traces = future.result()
+        except (RunNotFound, WorkflowInputError):
+            # Not a run (or not even a valid run id): the id is unknown.
+            fail(f"{missing}, nor a workflow run", EXIT_FAILED, {"id": run_id})
+        except StateUnavailable:
+            fail(f"{missing}; runs cannot be looked up: the state service does not answer",
+                 EXIT_FAILED, {"id": run_id})
+        except Exception as e:  # noqa: BLE001 - each error has its one line and exit code
+            exit_for_error(e, obj, session.url)
+    return run_document(details, traces)
+
+
+async def _load_run(session: Any, run_id: str) -> tuple[Any, dict[str, dict[str, Any] | None]]:
+    """A run's details and the broker's trace of each of its steps' tasks (None for a
+    task the broker no longer retains)."""
+    import asyncio
+
+    from agent_sdk import TaskNotFound
+    from workflows import run_status
+
+    client = session.client
+    details = await run_status(run_id, client=client)
+    ids = sorted({s.task_id for s in details.steps if s.task_id})
+    limit = asyncio.Semaphore(TRACE_CONCURRENCY)
+
+    async def one(task_id: str) -> dict[str, Any] | None:
+        async with limit:
+            try:
+                return await client.trace(task_id, PING_TIMEOUT_S)
+            except TaskNotFound:
+                return None
+
+    found = await asyncio.gather(*(one(task_id) for task_id in ids))
+    return details, dict(zip(ids, found))
+
+
+@click.command(cls=DataDirCommand, help=TRACE_HELP)
+@click.argument("task_id", metavar="ID", type=TASK_ID)
+@json_option("Print the trace as one JSON document ({\"kind\": \"task\"|\"run\", ...}).")
 @click.pass_obj
 def trace(obj: Context, task_id: str, as_json: bool) -> None:
-    """Print a task's trace: its timeline and the traces of its subtasks."""
+    """Print the trace of the task ``task_id`` or, when the broker knows no such task, of
+    the workflow run with that id."""
+    from agent_sdk import TaskNotFound
+    from cli.trace_view import print_run, print_task, task_document
+
+    missing = ""
     with closing(obj.client()) as client:
-        document = _known(client.trace, task_id, PING_TIMEOUT_S)
+        try:
+            document = task_document(client.trace(task_id, PING_TIMEOUT_S))
+        except TaskNotFound as e:
+            document = None
+            missing = str(e)
+    if document is None:
+        # Closed first: the run is looked up on a connection of its own (an async one).
+        document = _run_trace(obj, task_id, missing)
     if as_json:
         emit_json(document)
+    elif document["kind"] == "run":
+        print_run(document)
     else:
-        _print_trace(document)
+        print_task(document)
 
 
 @click.command(cls=DataDirCommand, help=TASKS_HELP)

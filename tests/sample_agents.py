@@ -53,3 +53,35 @@ class FailingAgent(BaseAgent):
         if task.get("explode"):
             raise ValueError(f"exploded on {task.id}")
         return Result(data="fine")
+
+
+class HealthProbeAgent(BaseAgent):
+    """An agent whose health a test controls through files in ``HEALTH_DIR``:
+    ``ping_hang`` (its ``ping()`` does not return while the file exists), ``ping_raise``
+    (its ``ping()`` raises), and tasks with data ``"hang"`` that ignore cancellation
+    until ``release`` exists (a hung ``execute``). Other tasks echo their data."""
+
+    def __init__(self) -> None:
+        super().__init__(name=os.environ.get("AGENT_NAME", "probe"),
+                         capabilities=os.environ.get("AGENT_CAPS", "echo").split(","))
+        self.control = os.environ["HEALTH_DIR"]
+
+    def _flag(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.control, name))
+
+    async def ping(self) -> dict[str, object]:
+        while self._flag("ping_hang"):
+            await asyncio.sleep(0.02)  # the hang the test asked for, not a wait
+        if self._flag("ping_raise"):
+            raise RuntimeError("the model is not loaded")
+        return await super().ping()
+
+    async def execute(self, task: Task) -> Result:
+        if task.data == "hang":
+            while not self._flag("release"):
+                try:
+                    await asyncio.sleep(0.02)
+                except asyncio.CancelledError:
+                    continue  # deaf to the broker's cancel: the hang under test
+            return Result(data="released")
+        return Result(data=task.data, agent_id=self.agent_id)

@@ -33,11 +33,15 @@ _SUBSCRIBE: Final = 1
 _UNSUBSCRIBE: Final = 0
 
 #: Topics the broker publishes on: an agent registered, an agent left (payload
-#: ``{"id", "name", "capabilities"}``, plus ``"reason"`` for left), and a task changed
-#: state (topic ``tasks.<task id>``, payload ``{"task_id", "state", "attempt", "agent",
-#: "at"}``, ``at`` in wall-clock seconds).
+#: ``{"id", "name", "capabilities"}``, plus ``"reason"`` for left), an agent's health
+#: changed (plus ``"health"``: healthy, unresponsive or unhealthy, and ``"detail"``), its
+#: circuit opened or closed (plus ``"circuit"``), and a task changed state (topic
+#: ``tasks.<task id>``, payload ``{"task_id", "state", "attempt", "agent", "at"}``,
+#: ``at`` in wall-clock seconds).
 BUS_AGENT_JOINED: Final = "agents.joined"
 BUS_AGENT_LEFT: Final = "agents.left"
+BUS_AGENT_HEALTH: Final = "agents.health"
+BUS_AGENT_CIRCUIT: Final = "agents.circuit"
 BUS_TASKS_PREFIX: Final = "tasks."
 #: The ``from`` of events the broker publishes.
 BUS_BROKER_SENDER: Final = "broker"

@@ -67,7 +67,10 @@ def items_with_blobs(items: list[Any], payload_index: int, blobs: list[Any]) -> 
             pass  # a withheld payload's [size] (wire.tasks.Withheld) goes in the header
         elif type(payload) is not bytes or len(payload) > INLINE_PAYLOAD_MAX:
             blobs.append(payload)
-            item = item._replace(payload=len(blobs) - 1)
+            # Not ``_replace``: it would drop an item's elements after its declared
+            # fields (a traceparent, wire.tasks.trace_of).
+            item = new_tuple(type(item), (*item[:payload_index], len(blobs) - 1,
+                                          *item[payload_index + 1:]))
         placed.append(item)
     return placed
 

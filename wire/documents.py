@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class DisconnectReason(str, enum.Enum):
@@ -107,6 +107,10 @@ class AgentDocument(TypedDict):
     state: str
     #: ``closed``, ``open`` or ``half_open``
     circuit: str
+    #: ``healthy``, ``unresponsive`` or ``unhealthy`` (the broker's health checks)
+    health: str
+    #: why it is not healthy, one line (None while healthy)
+    health_detail: str | None
     in_flight: int
     max_concurrent: int
     done: int
@@ -114,6 +118,9 @@ class AgentDocument(TypedDict):
     #: tasks it failed that then succeeded on another agent
     failed_for_peers: int
     latency_ms: float
+    #: median task duration (dispatch to result) of the agents of this name, in ms,
+    #: from the duration histogram (None before any task ended)
+    p50_ms: NotRequired[float | None]
     messaging: dict[str, int]
 
 
@@ -138,6 +145,9 @@ class BrokerDocument(TypedDict, total=False):
 class QueueDocument(TypedDict):
     pending: int
     max_pending: int
+    #: pending tasks by capability set (sorted, comma-joined; "" for tasks that ask for
+    #: none)
+    by_capability: dict[str, int]
 
 
 class StatusDocument(TypedDict, total=False):

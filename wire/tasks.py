@@ -50,11 +50,13 @@ class Command(enum.IntEnum):
     PROGRESS = 0x04
     DIRECT = 0x05
     DISCONNECT = 0x06
+    PONG = 0x07
     # broker -> agent
     TASK = 0x10
     CANCEL = 0x11
     ACK = 0x12
     WELCOME = 0x13
+    PING = 0x14
     # client -> broker
     SUBMIT = 0x20
     FETCH = 0x21
@@ -165,6 +167,35 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class Ping:
+    """Broker -> agent: a health check. Header: map ``{"seq", "deadline_s"}``.
+
+    The agent answers with :class:`Pong` from its event loop, once its ``ping()`` hook
+    has given its verdict; the broker counts the agent UNRESPONSIVE when no answer came
+    within ``deadline_s`` (shorter than the liveness window: a stuck loop is seen before
+    the agent is declared dead).
+    """
+
+    seq: int
+    deadline_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Agent -> broker: the answer to :class:`Ping` number ``seq`` (the newest the agent
+    has seen). Header: map ``{"seq", "ok", "detail", "running"}``: whether its ``ping()``
+    hook found it fit, why not (one line, or nil), and ``[id, age_s, limit_s]`` for each
+    task it runs: how long it has run and the time its attempt was given, so that the
+    broker sees a task that ran past its limit without stopping when cancelled.
+    """
+
+    seq: int
+    ok: bool
+    detail: str | None = None
+    running: tuple[tuple[str, float, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Progress:
     """Agent -> broker: signs of life for tasks that did not finish at once.
 
@@ -219,6 +250,10 @@ class TaskSpec(NamedTuple):
     ``attempt_timeout_s`` bounds each attempt (nil: only the task's deadline does);
     ``hold`` keeps the task's result in the broker, whatever its retention limits, until
     a RELEASE names it (a workflow step's result, until its run has checkpointed it).
+
+    With tracing on, a sampled task's item has an 11th element: the W3C ``traceparent``
+    of the span it belongs to (read it with :func:`trace_of`). Without tracing the item
+    has 10 elements: nothing is added to the wire.
     """
 
     id: str
@@ -245,7 +280,8 @@ class Assignment(NamedTuple):
 
     Wire item: ``[id, payload, attempt, timeout_s, caps, parent_id]``; ``timeout_s`` is
     the time this attempt has left when the broker sends it (the earlier of the attempt
-    limit and the task's deadline).
+    limit and the task's deadline). A task submitted with a ``traceparent`` has it as a
+    7th element (:func:`trace_of`).
     """
 
     id: str
@@ -254,6 +290,30 @@ class Assignment(NamedTuple):
     timeout_s: float
     capabilities: tuple[str, ...]
     parent_id: str | None = None
+
+
+#: A W3C traceparent is 55 characters; a longer string in its place is refused.
+MAX_TRACEPARENT_CHARS: Final = 128
+#: How many elements a TaskSpec and an Assignment have without a traceparent.
+SPEC_FIELDS: Final = 10
+ASSIGNMENT_FIELDS: Final = 6
+
+
+def trace_of(item: TaskSpec | Assignment) -> str | None:
+    """The W3C ``traceparent`` a task item carries (an element after its declared
+    fields, present only when its submitter traces it), or None."""
+    fields = SPEC_FIELDS if type(item) is TaskSpec else ASSIGNMENT_FIELDS
+    if len(item) > fields:
+        traceparent: str = tuple.__getitem__(item, fields)
+        return traceparent
+    return None
+
+
+def with_trace(item: TaskSpec | Assignment, traceparent: str | None) -> Any:
+    """``item`` carrying ``traceparent`` (as is when None)."""
+    if traceparent is None:
+        return item
+    return new_tuple(type(item), (*item, traceparent))
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,6 +528,7 @@ class DirectVerdict:
 Message = Union[
     Ready, Welcome, Heartbeat, Progress, TaskQuery, TaskList, Disconnect, Submit, Dispatch, Results, Accepted, Ack, Cancel,
     Fetch, StatusRequest, StatusReply, Error, Direct, DirectVerdict, Read, Chunk, Release,
+    Ping, Pong,
 ]
 
 def _frames(command: Command, header: bytes, blobs: list[Any] | None = None) -> list[Any]:
@@ -501,6 +562,17 @@ def _heartbeat_header(role: str | None, boot: str | None,
     if stats is not None:
         header["stats"] = stats
     return header
+
+
+def _encode_control(msg: Disconnect | Ping | Pong) -> list[Any]:
+    """DISCONNECT and the health checks' PING and PONG."""
+    match msg:
+        case Disconnect(reason):
+            return _frames(Command.DISCONNECT, pack({"reason": reason}))
+        case Ping(seq, deadline_s):
+            return _frames(Command.PING, pack({"seq": seq, "deadline_s": deadline_s}))
+    return _frames(Command.PONG, pack({"seq": msg.seq, "ok": msg.ok, "detail": msg.detail,
+                                       "running": [list(r) for r in msg.running]}))
 
 
 def _encode_reads(msg: Read | Chunk | Release) -> list[Any]:
@@ -553,8 +625,8 @@ def encode(msg: Message) -> list[Any]:
         case Welcome(interval, liveness, endpoints, boot):
             return _frames(Command.WELCOME, pack(
                 {"ivl": interval, "live": liveness, "endpoints": endpoints, "boot": boot}))
-        case Disconnect(reason):
-            return _frames(Command.DISCONNECT, pack({"reason": reason}))
+        case Disconnect() | Ping() | Pong():
+            return _encode_control(msg)
         case Cancel(ids):
             return _frames(Command.CANCEL, pack({"ids": ids}))
         case Fetch(req, ids, wait):
@@ -581,9 +653,11 @@ def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
     tasks: list[TaskSpec] = []
     append = tasks.append
     for item in as_array(header):
-        if type(item) is not tuple or len(item) != 10:
-            raise ValueError("a SUBMIT item must be an array of 10")
-        tid, ref, caps, agent, priority, timeout_s, retries, parent, attempt_s, hold = item
+        fields = item
+        if type(item) is not tuple or len(item) != SPEC_FIELDS:
+            item = _traced_item(item, SPEC_FIELDS, "SUBMIT")
+            fields = item[:SPEC_FIELDS]
+        tid, ref, caps, agent, priority, timeout_s, retries, parent, attempt_s, hold = fields
         if type(hold) is not bool:
             raise ValueError("hold must be a boolean")
         if type(tid) is not str or type(caps) is not tuple or type(priority) is not int:
@@ -604,9 +678,19 @@ def _decode_submit(header: Any, blobs: list[Any]) -> Submit:
             raise ValueError("parent_id must be a string or nil")
         if type(ref) is not bytes:
             item = (tid, blob(ref, blobs), caps, agent, priority, timeout_s, retries, parent,
-                    attempt_s, hold)
+                    attempt_s, hold, *item[SPEC_FIELDS:])
         append(new_tuple(TaskSpec, item))
     return Submit(tasks)
+
+
+def _traced_item(item: Any, fields: int, command: str) -> tuple[Any, ...]:
+    """A task item that is not ``fields`` long: valid only with a traceparent after
+    its fields."""
+    if type(item) is not tuple or len(item) != fields + 1 or type(item[fields]) is not str \
+            or len(item[fields]) > MAX_TRACEPARENT_CHARS:
+        raise ValueError(f"a {command} item must be an array of {fields} (or {fields + 1} "
+                         "with a traceparent string)")
+    return item
 
 
 def _decode_results(header: Any, blobs: list[Any]) -> Results:
@@ -639,14 +723,17 @@ def _result_payload(ref: Any, blobs: list[Any]) -> Payload | Withheld:
 def _decode_dispatch(header: Any, blobs: list[Any]) -> Dispatch:
     tasks = []
     for item in as_array(header):
-        if type(item) is not tuple or len(item) != 6:
-            raise ValueError("a TASK item must be an array of 6")
-        tid, ref, attempt, timeout_s, caps, parent = item
+        fields = item
+        if type(item) is not tuple or len(item) != ASSIGNMENT_FIELDS:
+            item = _traced_item(item, ASSIGNMENT_FIELDS, "TASK")
+            fields = item[:ASSIGNMENT_FIELDS]
+        tid, ref, attempt, timeout_s, caps, parent = fields
         if (type(tid) is not str or type(attempt) is not int or type(caps) is not tuple
                 or type(timeout_s) not in (int, float)):
             raise ValueError("a TASK item has a wrong type")
         if type(ref) is not bytes:
-            item = (tid, blob(ref, blobs), attempt, timeout_s, caps, parent)
+            item = (tid, blob(ref, blobs), attempt, timeout_s, caps, parent,
+                    *item[ASSIGNMENT_FIELDS:])
         tasks.append(new_tuple(Assignment, item))
     return Dispatch(tasks)
 
@@ -776,6 +863,14 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
                            str(h.get("boot", "")))
         case Command.DISCONNECT:
             return Disconnect(str(as_map(header).get("reason", "")))
+        case Command.PING:
+            h = as_map(header)
+            seq, deadline_s = h.get("seq"), as_opt_num(h.get("deadline_s"), "deadline_s")
+            if type(seq) is not int or deadline_s is None:
+                raise ValueError("seq must be an integer and deadline_s a number")
+            return Ping(seq, deadline_s)
+        case Command.PONG:
+            return _decode_pong(as_map(header))
         case Command.CANCEL:
             return Cancel(as_id_list(as_map(header).get("ids")))
         case Command.FETCH:
@@ -855,6 +950,19 @@ def _decode_range(command: Command, h: dict[str, Any], blobs: list[Any]) -> Read
     if type(total) is not int or total < 0 or len(blobs) != 1:
         raise ValueError("a CHUNK has a total (integer) and one frame of data")
     return Chunk(req, task_id, offset, total, blobs[0])
+
+
+def _decode_pong(h: dict[str, Any]) -> Pong:
+    seq, ok, detail = h.get("seq"), h.get("ok"), h.get("detail")
+    if type(seq) is not int or type(ok) is not bool:
+        raise ValueError("seq must be an integer and ok a boolean")
+    running: list[tuple[str, float, float]] = []
+    for item in as_array(h.get("running", ())):
+        if type(item) is not tuple or len(item) != 3 or type(item[0]) is not str or \
+                any(type(v) not in (int, float) for v in item[1:]):
+            raise ValueError("running must hold [id, age_s, limit_s] items")
+        running.append((item[0], float(item[1]), float(item[2])))
+    return Pong(seq, ok, as_opt_str(detail, "detail"), tuple(running))
 
 
 def _stats(value: Any) -> dict[str, int] | None:

@@ -41,6 +41,9 @@ from agent_sdk import (
     BrokerUnavailable, Change, Client, Lease, OrchestratorError, StaleFencingToken, StateError,
     StateUnavailable,
 )
+from wire.tracing import (
+    GEN_AI_OPERATION_NAME, OP_INVOKE_WORKFLOW, ORCH_RUN_ID, ORCH_WORKFLOW_NAME, start_root_span,
+)
 from workflows import ids
 from workflows.approval import ApprovalDesk
 from workflows.checkpoints import CheckpointLog, load_log
@@ -191,10 +194,15 @@ class RunDriver:
             if remaining is not None:
                 timer = loop.call_later(max(0.0, remaining), self._interrupt, Stop.DEADLINE)
             executor = Executor(self.run_id, tasks, log, events, progress, self._desk)
-            self._root = loop.create_task(executor.run(workflow.root, data))
-            if self._stop is not None:
-                self._root.cancel()
-            return await self._await_root(self._root, tasks, log, events)
+            # One trace per turn of the run: the steps' tasks, submitted inside, are its
+            # children (the root Task copies this context when created).
+            with start_root_span(f"{OP_INVOKE_WORKFLOW} {workflow.name}", {
+                    GEN_AI_OPERATION_NAME: OP_INVOKE_WORKFLOW,
+                    ORCH_WORKFLOW_NAME: workflow.name, ORCH_RUN_ID: self.run_id}):
+                self._root = loop.create_task(executor.run(workflow.root, data))
+                if self._stop is not None:
+                    self._root.cancel()
+                return await self._await_root(self._root, tasks, log, events)
         finally:
             if timer is not None:
                 timer.cancel()

@@ -321,6 +321,8 @@ class AgentDesk:
         agent.breaker.record_success()
         if was is not CircuitState.CLOSED:
             logger.info("agent %r: circuit closed after a successful probe", agent.agent_id)
+            self.ledger.events.agent_circuit(agent.agent_id, agent.name,
+                                             sorted(agent.capabilities), "closed")
 
     def breaker_failure(self, agent: AgentRecord, now: float) -> None:
         breaker = agent.breaker
@@ -331,6 +333,8 @@ class AgentDesk:
             logger.warning("agent %r: circuit open after %d failure(s) in a row; no tasks for "
                            "%g s", agent.agent_id, breaker.consecutive_failures,
                            breaker.recovery_s)
+            self.ledger.events.agent_circuit(agent.agent_id, agent.name,
+                                             sorted(agent.capabilities), "open")
 
     # ------------------------------------------------------------ upkeep
 

@@ -28,8 +28,30 @@ class ClientDesk:
         self.lifecycle = lifecycle
         #: ACCEPTED owed, per SUBMIT: (when it is due, client, task ids), oldest first
         self.accepted_due: deque[tuple[float, bytes, list[str]]] = deque()
+        #: client -> when it last sent a SUBMIT or a client heartbeat (for /metrics, which
+        #: counts the ones within the liveness window); pruned every window
+        self.last_seen: dict[bytes, float] = {}
+        self.window_s = ledger.config.heartbeat_expiry_s
+        self._next_prune = 0.0
+
+    def client_seen(self, identity: bytes, now: float) -> None:
+        """A client sent a SUBMIT or a heartbeat: it counts as connected for a liveness
+        window. Once per message, never per task (:meth:`submit` does the same inline)."""
+        self.last_seen[identity] = now
+        if now >= self._next_prune:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Forget the clients silent for a whole window (once a window)."""
+        self._next_prune = now + self.window_s
+        cutoff = now - self.window_s
+        self.last_seen = {peer: seen for peer, seen in self.last_seen.items()
+                          if seen >= cutoff}
 
     def submit(self, identity: bytes, msg: Submit, now: float) -> None:
+        self.last_seen[identity] = now  # client_seen, inline: once per SUBMIT
+        if now >= self._next_prune:
+            self._prune(now)
         ledger = self.ledger
         wall = now + ledger.wall_offset
         ledger.items_this_pass += len(msg.tasks)

@@ -18,6 +18,7 @@ from broker.engine.agents import AgentDesk
 from broker.engine.clients import ClientDesk
 from broker.engine.direct import DirectDesk, DirectRouting, Forwarder
 from broker.engine.dispatch import Dispatcher
+from broker.engine.health import HealthChecks
 from broker.engine.ledger import BrokerPhase, JournalSink, Ledger, Outbox
 from broker.engine.lifecycle import Lifecycle
 from broker.engine.model import TaskRecord, TaskState
@@ -28,8 +29,8 @@ from wire.codec import chunks
 from wire.documents import DisconnectReason
 from wire.limits import MAX_BATCH_ITEMS
 from wire.tasks import (
-    Accepted, Ack, Cancel, Direct, Disconnect, ErrorCode, Fetch, Heartbeat, Message, Progress,
-    Read, Release,
+    Accepted, Ack, Cancel, Direct, Disconnect, ErrorCode, Fetch, Heartbeat, Message, Pong,
+    Progress, Read, Release,
     Ready, Results, StatusRequest, Submit, TaskQuery, TaskStatus, encode, encode_dispatch,
     encode_results,
 )
@@ -67,8 +68,9 @@ class Engine:
         self.direct = DirectDesk(ledger, self.direct_routing, forwarder)
         self.agents = AgentDesk(ledger, self.lifecycle, self.direct_routing)
         self.clients = ClientDesk(ledger, self.lifecycle)
-        self.status = StatusDesk(ledger)
+        self.status = StatusDesk(ledger, self.lifecycle.metrics)
         self.dispatcher = Dispatcher(ledger, self.lifecycle)
+        self.health = HealthChecks(ledger)
         self._tick_s = config.heartbeat_interval_s / TICKS_PER_INTERVAL
         self._next_tick = 0.0
 
@@ -95,6 +97,8 @@ class Engine:
                 case Progress():
                     self.agents.progress(identity, agent, msg, now)
                 case Heartbeat():
+                    if msg.role == "client":
+                        self.clients.client_seen(identity, now)
                     self.agents.heartbeat(identity, agent, msg)
                 case Ready():
                     self.agents.ready(identity, msg, now)
@@ -113,6 +117,8 @@ class Engine:
                     self.clients.cancel(msg, now)
                 case Disconnect():
                     self.agents.disconnect(agent, now)
+                case Pong():
+                    self.health.pong(agent, msg)
                 case _:
                     self.reject(identity, ErrorCode.UNKNOWN_COMMAND,
                                 f"{type(msg).__name__} is not a command the broker accepts")
@@ -144,6 +150,7 @@ class Engine:
         if now >= self._next_tick:
             self._next_tick = now + self._tick_s
             self.agents.tick(now)
+            self.health.tick(now)
             self.status.tick(now)
             self.ledger.finished.expire(now)
         self._expire_deadlines(now)
@@ -178,7 +185,7 @@ class Engine:
                 continue
             if task.state is _PENDING:
                 describe = task.requirement.describe()
-                if not self.ledger.agents.eligible(task.requirement):
+                if not self.ledger.agents.offering(task.requirement):
                     lifecycle.end_by_broker(
                         task, TaskStatus.FAILED, ErrorCode.NO_AGENT,
                         f"no live agent offers {describe} (waited {task.timeout_s:g} s); "
@@ -188,7 +195,7 @@ class Engine:
                     lifecycle.end_by_broker(
                         task, TaskStatus.TIMED_OUT, ErrorCode.TIMEOUT,
                         f"waited {task.timeout_s:g} s in the queue: every agent offering "
-                        f"{describe} was busy or had its circuit open", now)
+                        f"{describe} was busy, not healthy or had its circuit open", now)
                 continue
             agent = task.agent
             if agent is not None:

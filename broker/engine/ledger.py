@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from broker.config import BrokerConfig
@@ -61,6 +62,31 @@ class EventSink(Protocol):
     def agent_left(self, agent_id: str, name: str, capabilities: list[str],
                    reason: str) -> None: ...
 
+    def agent_health(self, agent_id: str, name: str, capabilities: list[str], health: str,
+                     detail: str | None) -> None: ...
+
+    def agent_circuit(self, agent_id: str, name: str, capabilities: list[str],
+                      circuit: str) -> None: ...
+
+
+class SpanSink(Protocol):
+    """Where the broker's spans of traced tasks go (``broker/tracing.py``): called once
+    a task that carried a traceparent ends, with its timeline."""
+
+    def task_ended(self, traceparent: str, task_id: str, capabilities: Sequence[str],
+                   timeline: Sequence[Any], status: str, error_code: str | None,
+                   attempts: int) -> None: ...
+
+
+class NoSpans:
+    """The span sink of a broker that does not trace: traceparents only pass through
+    (to the agents), and nothing is recorded here."""
+
+    def task_ended(self, traceparent: str, task_id: str, capabilities: Sequence[str],
+                   timeline: Sequence[Any], status: str, error_code: str | None,
+                   attempts: int) -> None:
+        return None
+
 
 class NoEvents:
     """The event sink of a broker without a bus: every event goes nowhere."""
@@ -74,6 +100,14 @@ class NoEvents:
 
     def agent_left(self, agent_id: str, name: str, capabilities: list[str],
                    reason: str) -> None:
+        return None
+
+    def agent_health(self, agent_id: str, name: str, capabilities: list[str], health: str,
+                     detail: str | None) -> None:
+        return None
+
+    def agent_circuit(self, agent_id: str, name: str, capabilities: list[str],
+                      circuit: str) -> None:
         return None
 
 
@@ -149,6 +183,8 @@ class Ledger:
         self.endpoints: dict[str, str] = {}
         self.journal = journal
         self.events: EventSink = NoEvents()
+        #: the broker's spans of traced tasks (tracing on: broker/tracing.py)
+        self.spans: SpanSink = NoSpans()
         #: somebody subscribes to task events: state changes get published. Hot paths
         #: test this one attribute, so that task events cost nothing while nobody listens.
         self.watch_tasks = False

@@ -19,7 +19,9 @@ from broker.engine.model import (
 from broker.engine.queues import StoredPayload
 from broker.engine.status import TaskMetrics
 from broker.errors import IllegalTransition
-from wire.tasks import Ack, Assignment, ErrorCode, ResultItem, TaskStatus, encode
+from wire.tasks import (
+    SPEC_FIELDS, Ack, Assignment, ErrorCode, ResultItem, TaskStatus, encode, trace_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ _PENDING = TaskState.PENDING
 _DISPATCH_NEXT = TRANSITIONS[TaskEvent.DISPATCH]
 _new_tuple = tuple.__new__
 _SUCCEEDED_VALUE = TaskStatus.SUCCEEDED.value
+_SPEC_FIELDS = SPEC_FIELDS
 
 
 def transition(task: TaskRecord, event: TaskEvent) -> TaskState:
@@ -98,8 +101,13 @@ class Lifecycle:
         if self.ledger.watch_tasks:
             self.publish(task, now)
         # The attempt's time left: the agent's own deadline for it.
+        if len(spec) == _SPEC_FIELDS:
+            return _new_tuple(Assignment, (spec.id, spec.payload, attempts,
+                                           task.deadline - now, spec.capabilities,
+                                           spec.parent_id))
+        # A traced task: its traceparent goes on to the agent.
         return _new_tuple(Assignment, (spec.id, spec.payload, attempts, task.deadline - now,
-                                       spec.capabilities, spec.parent_id))
+                                       spec.capabilities, spec.parent_id, trace_of(spec)))
 
     def arm(self, task: TaskRecord, now: float, attempt: bool) -> None:
         """Set the deadline of what the task does from ``now``: an attempt (``attempt``)
@@ -175,7 +183,7 @@ class Lifecycle:
         transition(task, TaskEvent.RETRY)
         if task.dispatched_at:
             # The next dispatch overwrites dispatched_at: keep this attempt's in history.
-            task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
+            task.note(task.dispatched_at, "dispatched", self._attempt_detail(task))
         task.retry_at = now + delay
         task.note(now, "retrying", f"attempt {task.attempts} failed ({code}: {message}); "
                                    f"retry in {delay:.2f} s")
@@ -185,6 +193,18 @@ class Lifecycle:
         if ledger.watch_tasks:
             self.publish(task, now)
         return True
+
+    def _attempt_detail(self, task: TaskRecord) -> str:
+        """``attempt N on AGENT_ID`` of the attempt that just ended, for the timeline.
+        Callers release the agent first; one removed (dead) is no longer in the table,
+        and then its routing id names it (the SDK's routing id is the agent id)."""
+        holders = task.holders
+        if not holders:
+            return f"attempt {task.attempts}"
+        agent = self.ledger.agents.get(holders[-1])
+        agent_id = agent.agent_id if agent is not None else \
+            holders[-1].decode("utf-8", "backslashreplace")
+        return f"attempt {task.attempts} on {agent_id}"
 
     def _last_agent_name(self, task: TaskRecord) -> str:
         """The name of the agent that ran the task's last attempt ("" if unknown or
@@ -209,7 +229,8 @@ class Lifecycle:
         self.arm(task, now, False)
         ledger.pending.push_front(task)
         if task.dispatched_at:
-            task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
+            task.note(task.dispatched_at, "dispatched",
+                      f"attempt {task.attempts} on {failed_on.agent_id}")
         task.note(now, "second_opinion", f"failed on {failed_on.agent_id} ({code}: {message}); "
                                          "trying another agent once")
         ledger.counters["second_opinions"] += 1
@@ -270,7 +291,7 @@ class Lifecycle:
         self.arm(task, now, False)
         ledger.pending.push_front(task)
         if task.dispatched_at:
-            task.note(task.dispatched_at, "dispatched", f"attempt {task.attempts}")
+            task.note(task.dispatched_at, "dispatched", self._attempt_detail(task))
         task.note(now, "requeued", why)
         ledger.counters["redispatched"] += 1
         if ledger.watch_tasks:
@@ -295,6 +316,12 @@ class Lifecycle:
                            now - task.dispatched_at if task.dispatched_at else -1.0)
         if ledger.watch_tasks:
             self.publish(task, now)
+        if len(task.spec) != _SPEC_FIELDS:
+            # Traced by its submitter: the broker's spans of it, from its timeline.
+            ledger.spans.task_ended(
+                trace_of(task.spec) or "", task.spec.id, task.spec.capabilities,
+                task.timeline(ledger.wall_offset), state._value_, result.error_code,
+                task.attempts)
         if held:
             # A large payload: the result store writes it, and its RESULT leaves once
             # written (broker/results.py), without holding up anything else.

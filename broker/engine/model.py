@@ -212,8 +212,7 @@ class TaskRecord:
         if self.history:
             events.extend(self.history)
         if self.dispatched_at:
-            events.append((self.dispatched_at, "dispatched",
-                           self.agent.agent_id if self.agent is not None else ""))
+            events.append((self.dispatched_at, "dispatched", self._last_attempt()))
         if self.started_at:
             events.append((self.started_at, "running", ""))
         if self.finished_at:
@@ -221,6 +220,16 @@ class TaskRecord:
         events.sort(key=lambda e: e[0])
         return [{"at": round(at + wall_offset, 6), "event": event, "detail": detail}
                 for at, event, detail in events]
+
+    def _last_attempt(self) -> str:
+        """``attempt N on AGENT_ID`` of the latest dispatch: the agent holding it, or
+        the last that held it (its routing id, which the SDK makes its agent id)."""
+        if self.agent is not None:
+            return f"attempt {self.attempts} on {self.agent.agent_id}"
+        if self.holders:
+            return (f"attempt {self.attempts} on "
+                    f"{self.holders[-1].decode('utf-8', 'backslashreplace')}")
+        return f"attempt {self.attempts}"
 
     def add_watcher(self, identity: bytes) -> None:
         if self.watchers is None:
@@ -239,6 +248,21 @@ class AgentState(enum.Enum):
     #: told to go (graceful stop or its own DISCONNECT): no new tasks
     DRAINING = "draining"
     DEAD = "dead"
+
+
+class AgentHealth(enum.Enum):
+    """What the broker's health checks (PING and the agent's PONG) last found; changed
+    only through :meth:`broker.engine.routing.AgentTable.set_health`. Only a healthy
+    agent gets new tasks; what it runs stays with it whatever its health."""
+
+    __hash__ = object.__hash__  # identity, as members compare: C speed, not Enum's
+
+    HEALTHY = "healthy"
+    #: no answer to a PING within the ping deadline (a stuck event loop)
+    UNRESPONSIVE = "unresponsive"
+    #: its ``ping()`` hook raised or reported a problem, or a task ran past its attempt
+    #: limit and did not stop when cancelled (a hung ``execute``)
+    UNHEALTHY = "unhealthy"
 
 
 @dataclass(slots=True, eq=False)
@@ -272,6 +296,15 @@ class AgentRecord:
     #: ``ewma_ms`` coarsened to power-of-two buckets: policies compare these, so that
     #: agents whose response times differ by noise count as equal and share work
     speed_bucket: int = 0
+    health: AgentHealth = AgentHealth.HEALTHY
+    #: why it is not healthy (one line), None while healthy
+    health_detail: str | None = None
+    #: the last PING's sequence number, and the last one the agent answered
+    ping_seq: int = 0
+    ping_answered: int = 0
+    #: when the oldest unanswered PING left (0.0: none waits), and when the last one did
+    ping_waiting_since: float = 0.0
+    ping_sent_at: float = 0.0
 
     @property
     def busy(self) -> int:
@@ -306,6 +339,7 @@ class AgentRecord:
         return {
             "id": self.agent_id, "name": self.name, "capabilities": sorted(self.capabilities),
             "state": self.state.value, "circuit": self.breaker.state_at(now).value,
+            "health": self.health.value, "health_detail": self.health_detail,
             "in_flight": self.busy, "max_concurrent": self.max_concurrent,
             "done": self.done, "failed": self.failed,
             "failed_for_peers": self.failed_for_peers, "latency_ms": round(self.ewma_ms, 3),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol
 
-from broker.engine.model import AgentRecord, AgentState, Requirement
+from broker.engine.model import AgentHealth, AgentRecord, AgentState, Requirement
 
 
 class Requirements:
@@ -71,14 +71,29 @@ class AgentTable:
         self._eligible.clear()
         self.version += 1
 
+    def set_health(self, agent: AgentRecord, health: AgentHealth, detail: str | None) -> None:
+        """The one place an agent's health changes: only healthy agents are eligible."""
+        agent.health = health
+        agent.health_detail = detail
+        self._eligible.clear()
+        self.version += 1
+
     def eligible(self, requirement: Requirement) -> list[AgentRecord]:
-        """READY agents that satisfy ``requirement`` (cached until the table changes)."""
+        """READY, healthy agents that satisfy ``requirement`` (cached until the table
+        changes)."""
         agents = self._eligible.get(requirement)
         if agents is None:
             agents = [a for a in self.by_identity.values()
-                      if a.state is AgentState.READY and requirement.admits(a)]
+                      if a.state is AgentState.READY and a.health is AgentHealth.HEALTHY
+                      and requirement.admits(a)]
             self._eligible[requirement] = agents
         return agents
+
+    def offering(self, requirement: Requirement) -> list[AgentRecord]:
+        """READY agents that satisfy ``requirement``, healthy or not (not cached: for
+        messages, not for dispatch)."""
+        return [a for a in self.by_identity.values()
+                if a.state is AgentState.READY and requirement.admits(a)]
 
     def find(self, name_or_id: str) -> list[AgentRecord]:
         return [a for a in self.by_identity.values() if name_or_id in (a.name, a.agent_id)]

@@ -11,7 +11,7 @@ from typing import Any, Callable, Final
 
 from broker.engine.ledger import Ledger
 from broker.engine.model import Requirement, TaskRecord, TaskState
-from wire.documents import BrokerDocument, StatusDocument, StatusUntil, TaskDocument
+from wire.documents import AgentDocument, BrokerDocument, StatusDocument, StatusUntil, TaskDocument
 from wire.tasks import ErrorCode, StatusReply, StatusRequest, TaskList, TaskQuery, encode
 
 #: How deep ``trace`` follows subtasks.
@@ -75,6 +75,28 @@ class TaskMetrics:
             stats.buckets[bisect_left(DURATION_BUCKETS_S, duration_s)] += 1
             stats.duration_sum_s += duration_s
 
+    def median_s(self, name: str) -> float | None:
+        """The median task duration of the agents called ``name``, read off the
+        histogram as Prometheus' ``histogram_quantile`` does (linear within the bucket
+        it falls in); None before any of their tasks ran."""
+        counts = [0] * (len(DURATION_BUCKETS_S) + 1)
+        for (agent_name, _), stats in self.by_key.items():
+            if agent_name == name:
+                counts = [a + b for a, b in zip(counts, stats.buckets)]
+        total = sum(counts)
+        if not total:
+            return None
+        rank = total / 2
+        seen = 0
+        for index, count in enumerate(counts):
+            if count and seen + count >= rank:
+                if index == len(DURATION_BUCKETS_S):
+                    return DURATION_BUCKETS_S[-1]  # beyond the last bound: its lower edge
+                lower = DURATION_BUCKETS_S[index - 1] if index else 0.0
+                return lower + (DURATION_BUCKETS_S[index] - lower) * (rank - seen) / count
+            seen += count
+        return None
+
 
 @dataclass(slots=True)
 class StatusWaiter:
@@ -100,10 +122,12 @@ class StatusDesk:
 
     Args:
         ledger: the engine's books.
+        metrics: the task counters (for each agent's median duration).
     """
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, metrics: TaskMetrics) -> None:
         self.ledger = ledger
+        self.metrics = metrics
         self.waiters: list[StatusWaiter] = []
         #: the parts of the status document the engine cannot know (endpoint, process,
         #: journal, socket counters, bus), merged in by the broker that runs it
@@ -164,8 +188,9 @@ class StatusDesk:
         broker.update(extras.pop("broker", {}))  # type: ignore[typeddict-item]
         document: StatusDocument = {
             "broker": broker,
-            "agents": [a.describe(now) for a in ledger.agents],
-            "queue": {"pending": ledger.pending.count, "max_pending": ledger.config.max_pending},
+            "agents": self.agents(now),
+            "queue": {"pending": ledger.pending.count, "max_pending": ledger.config.max_pending,
+                      "by_capability": self.queue_by_capability()},
             "tasks": {
                 "submitted": counters["submitted"], "pending": ledger.pending.count,
                 "in_flight": states["dispatched"] + states["running"],
@@ -184,6 +209,27 @@ class StatusDesk:
         # sections come from the process.
         document.update({"storage": self.storage(), **extras})  # type: ignore[typeddict-item]
         return document
+
+    def agents(self, now: float) -> list[AgentDocument]:
+        """Each agent's document, with the median duration of its name's tasks."""
+        medians: dict[str, float | None] = {}
+        documents = []
+        for agent in self.ledger.agents:
+            document = agent.describe(now)
+            if agent.name not in medians:
+                median = self.metrics.median_s(agent.name)
+                medians[agent.name] = None if median is None else round(median * 1000.0, 3)
+            document["p50_ms"] = medians[agent.name]
+            documents.append(document)
+        return documents
+
+    def queue_by_capability(self) -> dict[str, int]:
+        """Waiting tasks by capability set (sorted, comma-joined; "" for none)."""
+        depth: Counter[str] = Counter()
+        for task in self.ledger.tasks.values():
+            if task.state is TaskState.PENDING:
+                depth[",".join(sorted(task.spec.capabilities))] += 1
+        return dict(depth)
 
     def storage(self) -> dict[str, Any]:
         """Whether the journal writes: ``state`` ``ok``, or ``full`` with the error's

@@ -70,6 +70,8 @@ class LockTable:
         self._events = LockEvents()
         self._dirty_leases: set[str] = set()
         self._dirty_fences: set[str] = set()
+        #: ACQUIREs that found the lock taken and queued (a plain count, for /metrics)
+        self.waits = 0
 
     # ------------------------------------------------------------------ requests
 
@@ -86,6 +88,7 @@ class LockTable:
         if wait_s is not None and wait_s <= 0:
             raise StateRequestError(f"lock {name!r} is held by {self._holder_of(name)}",
                                     "lock_timeout")
+        self.waits += 1
         waiter = Waiter(session, holder, req, name, ttl_s,
                         None if wait_s is None else now + wait_s, now)
         self._waiters.setdefault(name, deque()).append(waiter)
@@ -145,6 +148,13 @@ class LockTable:
 
     def waiting(self, name: str) -> int:
         return sum(1 for w in self._waiters.get(name, ()) if w.active)
+
+    def waiting_sessions(self) -> int:
+        """Distinct sessions with an ACQUIRE waiting now. Safe from another thread (the
+        metrics scrape): it only copies (``list`` of a dict's values or of a deque is one
+        C call under the GIL) and reads ``active`` flags."""
+        return len({waiter.session for queue in list(self._waiters.values())
+                    for waiter in list(queue) if waiter.active})
 
     # ------------------------------------------------------------------ time
 

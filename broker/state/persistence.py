@@ -164,6 +164,7 @@ class StatePersistence:
                 for key, value, version, expires
                 in db.execute("SELECT key, value, version, expires_wall FROM kv")]
         store.keys.load(rows, row[0] if row else 0)
+        store.mirror_loaded_usage()
         fences = dict(db.execute("SELECT name, token FROM fences").fetchall())
         leases = [(name, bytes(session), holder, token, ttl_s) for name, session, holder, token, ttl_s
                   in db.execute("SELECT name, session, holder, token, ttl_s FROM leases")]

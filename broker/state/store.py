@@ -32,6 +32,11 @@ from broker.state.sessions import Session, SessionState, SessionTable
 
 logger = logging.getLogger(__name__)
 
+#: Keys whose values the store mirrors in :attr:`StateStore.usage`: the agents' LLM token
+#: usage (``agent_sdk.llm`` writes ``llm/usage/<agent name>/<agent id>``), which the
+#: broker's ``/metrics`` reports.
+USAGE_PREFIX = "llm/usage/"
+
 #: Replies and pushes, each addressed to a routing id.
 Outgoing = list[tuple[bytes, StateMessage]]
 
@@ -81,6 +86,11 @@ class StateStore:
         self.errors: Counter[str] = Counter()
         self._events: dict[tuple[bytes, int], list[Entry]] = {}
         self._resync: set[tuple[bytes, int]] = set()
+        #: key -> value (msgpack bytes) of every key under USAGE_PREFIX, kept by every
+        #: change so that the metrics thread reads these few keys without walking the
+        #: key space (whose sorted index only the loop may build); that thread copies it
+        #: with ``dict()``, one C call under the GIL
+        self.usage: dict[str, bytes] = {}
         #: a hook adding the server's own fields (endpoint, disk) to INFO replies
         self.extra_info: Callable[[], dict[str, Any]] = dict
 
@@ -199,6 +209,8 @@ class StateStore:
 
     def _notify(self, change: Entry) -> None:
         """Queue ``change`` for every watch whose prefix covers its key."""
+        if change.key.startswith(USAGE_PREFIX):
+            self._mirror_usage(change)
         events = self._events
         for target in self.sessions.watchers_of(change.key):
             queue = events.get(target)
@@ -206,6 +218,18 @@ class StateStore:
                 events[target] = [change]
             else:
                 queue.append(change)
+
+    def _mirror_usage(self, change: Entry) -> None:
+        if change.value is None:
+            self.usage.pop(change.key, None)
+        else:
+            self.usage[change.key] = change.value
+
+    def mirror_loaded_usage(self) -> None:
+        """Fill :attr:`usage` from the key space (after a load from disk)."""
+        records = self.keys.records
+        self.usage = {key: records[key].value for key in records
+                      if key.startswith(USAGE_PREFIX)}
 
     # ------------------------------------------------------------------ time
 

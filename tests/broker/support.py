@@ -8,7 +8,7 @@ from typing import Any
 from broker.config import BrokerConfig
 from broker.engine.engine import Engine
 from broker.engine.ledger import NoJournal
-from wire.tasks import Message, Ready, Submit, TaskSpec, decode
+from wire.tasks import Message, Ping, Pong, Ready, Submit, TaskSpec, decode
 
 
 class RecordingForwarder:
@@ -36,14 +36,20 @@ def make_engine(tmp_path: Path | None = None, now: float = 1000.0,
     return Engine(BrokerConfig(**config), NoJournal(), RecordingForwarder(), now, 0.0, "boot")
 
 
-def run_pass(engine: Engine, now: float) -> dict[bytes, list[Message]]:
+def run_pass(engine: Engine, now: float, answer_pings: bool = True) -> dict[bytes, list[Message]]:
     """One pass of the broker's loop after its drain: timers, dispatch, both flushes;
-    what would be sent, decoded, per peer in order."""
+    what would be sent, decoded, per peer in order. With ``answer_pings``, registered
+    agents answer the health checks sent to them at once, as live agents do."""
     engine.tick(now)
     engine.dispatch(now)
     sent: dict[bytes, list[Message]] = {}
     for identity, messages in engine.work_messages() + engine.other_messages(now):
         sent.setdefault(identity, []).extend(decode(frames) for frames in messages)
+    if answer_pings:
+        for identity, messages in sent.items():
+            for msg in messages:
+                if isinstance(msg, Ping) and engine.ledger.agents.get(identity) is not None:
+                    engine.handle(identity, Pong(msg.seq, True), now)
     return sent
 
 

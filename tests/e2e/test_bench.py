@@ -64,3 +64,15 @@ def test_audit_reports_ours_against_bandit_on_the_same_files() -> None:
     for key in ("ours_s", "bandit_s", "ratio"):
         assert report[key] > 0, key
     assert report["findings"] > 10 and report["same_findings"] is True, report
+
+
+def test_observability_reports_each_mode_against_its_reference() -> None:
+    report = run_bench("observability.py", "--pairs", "1", "--tasks", "300")
+    assert set(report["tasks_per_s"]) == {"metrics_off", "metrics_on", "tracing_default",
+                                          "tracing_full"}
+    for name in ("metrics_on_vs_metrics_off", "tracing_default_vs_metrics_on",
+                 "tracing_full_vs_metrics_on"):
+        found = report["ratios"][name]
+        assert found["ratio"] > 0 and len(found["pairs"]) == 1, name
+        assert found["min"] <= found["ratio"] <= found["max"]
+    assert report["default_sample_ratio"] == 0.01

@@ -20,7 +20,7 @@ from wire.codec import packb
 from wire.limits import INLINE_PAYLOAD_MAX, SIGNATURE
 from wire.tasks import (
     Accepted, Ack, Assignment, Cancel, Command, decode, Direct, DirectVerdict, Disconnect,
-    Dispatch, encode, Error, Fetch, Heartbeat, Progress, Ready, ResultItem, Results,
+    Dispatch, encode, Error, Fetch, Heartbeat, Ping, Pong, Progress, Ready, ResultItem, Results,
     StatusReply, StatusRequest, Submit, TaskList, TaskQuery, TaskSpec, Welcome,
 )
 from tests.conftest import Cluster
@@ -113,9 +113,15 @@ def test_registering_agent_gets_welcome_before_tasks(cluster: Cluster) -> None:
     assert (type(first), type(second)) == (Welcome, Dispatch)
 
 
+def _answer_ping(agent: RawPeer, msg: Any) -> None:
+    if isinstance(msg, Ping):
+        agent.send(Pong(msg.seq, True))
+
+
 def _serve_raw(agent: RawPeer, until: Any, running: list[str], within: float) -> list[Any]:
-    """Act as a live agent on ``agent`` (heartbeats, and PROGRESS listing ``running``)
-    until ``until(message)`` is true of a message from the broker; returns the messages."""
+    """Act as a live agent on ``agent`` (heartbeats, answers to health checks, and
+    PROGRESS listing ``running``) until ``until(message)`` is true of a message from the
+    broker; returns the messages."""
     seen: list[Any] = []
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -127,6 +133,7 @@ def _serve_raw(agent: RawPeer, until: Any, running: list[str], within: float) ->
             seen.append(msg)
             if until(msg):
                 return seen
+            _answer_ping(agent, msg)
             msg = agent.recv(timeout=0)
     raise AssertionError(f"the broker did not send what was awaited within {within:g} s; "
                          f"it sent {[type(m).__name__ for m in seen]}")
@@ -158,6 +165,7 @@ def test_a_lost_answer_to_cancel_frees_the_agent_slot_after_a_lease(cluster: Clu
             agent.send(Progress(running=[first.id]))
             msg = agent.recv(timeout=0.1)
             assert not isinstance(msg, Dispatch), (msg, seen)
+            _answer_ping(agent, msg)
         # And when the agent stops listing it but its answer never comes (it was lost),
         # the slot is freed after a lease period and the waiting task is dispatched
         got = _serve_raw(agent, lambda m: isinstance(m, Dispatch), [], within=10)

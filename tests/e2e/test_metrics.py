@@ -1,14 +1,19 @@
 """The broker's Prometheus ``/metrics`` and ``/healthz`` (``broker/metrics.py``), against a
 real broker and real agent processes: the counts a scrape shows are exactly the tasks that
 ran, and ``/healthz`` fails while only the broker's loop thread is blocked (through the
-``ORCH_TEST_HOOKS=1`` hook), then recovers.
+``ORCH_TEST_HOOKS=1`` hook), then recovers. The state service's requests and lock waits,
+the agents' LLM token usage, the connected clients and each agent's health are exactly
+what real agents, workers and clients did.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,10 +23,18 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent_sdk import BaseAgent, Result, Task
 from broker.config import METRICS_PORT_OFFSET
 from broker.metrics import BLOCK_LOOP_FILE
 from cli.processes import wait_until as poll_until
-from tests.conftest import TEST_HEARTBEAT_S, Cluster, python_process
+from tests.conftest import (
+    ROOT,
+    TEST_HEARTBEAT_S,
+    Cluster,
+    python_process,
+    read_json_line,
+)
+from tests.fakes.llm_server import FakeLLMServer, TextReply
 
 #: Longest a test waits for a condition it polls.
 WAIT_S = 10.0
@@ -65,6 +78,38 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT_S) ->
 
 def labels(**kv: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(kv.items()))
+
+
+def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """The samples of ``name`` by the value of one of their labels."""
+    return {dict(lbl)[label]: value for (n, lbl), value in samples.items() if n == name}
+
+
+class SickAgent(BaseAgent):
+    """Its ``ping()`` hook reports a problem: the broker finds it unhealthy."""
+
+    def __init__(self) -> None:
+        super().__init__(name="sick", capabilities=["sick"])
+
+    async def ping(self) -> dict[str, object]:
+        return {"ok": False, "detail": "the test says so"}
+
+    async def execute(self, task: Task) -> Result:
+        return Result(data=None)
+
+
+class HangingPingAgent(BaseAgent):
+    """Its ``ping()`` hook never returns: the broker finds it unresponsive."""
+
+    def __init__(self) -> None:
+        super().__init__(name="hanging", capabilities=["hanging"])
+
+    async def ping(self) -> dict[str, object]:
+        await asyncio.Event().wait()
+        return {"ok": True}
+
+    async def execute(self, task: Task) -> Result:
+        return Result(data=None)
 
 
 def test_metrics_count_exactly_the_tasks_that_ran(cluster: Cluster) -> None:
@@ -202,4 +247,140 @@ def test_a_derived_metrics_port_that_is_taken_gives_a_free_one(cluster: Cluster)
         broker = cluster.broker("--no-bus", "--no-state", port=broker_port)
         url = metrics_url(broker.data_dir)
         assert f":{metrics_port}/" not in url
-        assert ("orchestrator_pending_tasks", ()) in scrape(url)
+        samples = scrape(url)
+        assert ("orchestrator_pending_tasks", ()) in samples
+        # No state service in this broker: none of its series.
+        assert not any(name.startswith(("orchestrator_state_", "orchestrator_llm_"))
+                       for name, _ in samples)
+
+
+#: A slower heartbeat for the state tests: a session of a process the machine's load held
+#: up past the test's 0.6 s window would expire and say HELLO again (or give up a lock).
+STATE_HEARTBEAT = ("--heartbeat-interval", "1.0")
+
+
+def test_state_requests_by_command_are_exactly_what_an_agent_sent(cluster: Cluster) -> None:
+    broker = cluster.broker(*STATE_HEARTBEAT)
+    cluster.agent(broker.url, "tests.state_worker:CounterAgent")
+    client = cluster.client(broker.url)
+    client.wait_for_agents(1)
+    # One task at a time: each is one GET and one compare-and-set PUT, with no conflict.
+    for i in range(7):
+        result = client.submit(capabilities=["count"], data={"key": "metrics/n"}).result(
+            timeout=10)
+        assert result.ok and result.data == i + 1
+    samples = scrape(metrics_url(broker.data_dir))
+    requests = by_label(samples, "orchestrator_state_requests_total", "command")
+    assert requests["get"] == 7
+    assert requests["put"] == 7
+    assert requests["hello"] == 1  # the agent's one session
+    assert requests.get("delete", 0) == 0 and requests.get("acquire", 0) == 0
+    assert samples[("orchestrator_state_lock_waits_total", ())] == 0
+    assert samples[("orchestrator_state_sessions_waiting_for_lock", ())] == 0
+
+
+def test_state_lock_waits_count_the_session_that_waited(cluster: Cluster) -> None:
+    broker = cluster.broker(*STATE_HEARTBEAT)
+    state_url = json.loads((broker.data_dir / "broker.json").read_text())["state"]
+    url = metrics_url(broker.data_dir)
+
+    def holder() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.state_worker", "hold", state_url,
+                                 "metrics-lock", "30"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cluster.procs.append(proc)
+        return proc
+
+    first = holder()
+    assert read_json_line(first)["event"] == "held"
+    second = holder()  # waits up to 10 s for the lock
+
+    def waiting() -> float:
+        return scrape(url)[("orchestrator_state_sessions_waiting_for_lock", ())]
+
+    wait_until(lambda: waiting() == 1, "one session waits for the lock")
+    samples = scrape(url)
+    assert samples[("orchestrator_state_lock_waits_total", ())] == 1
+    assert by_label(samples, "orchestrator_state_requests_total", "command")["acquire"] == 2
+    # The holder dies: its session expires, the lease goes to the waiter.
+    first.kill()
+    first.wait(timeout=10)
+    assert read_json_line(second)["event"] == "held"
+    wait_until(lambda: waiting() == 0, "no session waits any more")
+    assert scrape(url)[("orchestrator_state_lock_waits_total", ())] == 1
+
+
+#: Tokens each fake LLM call costs.
+PROMPT_TOKENS, COMPLETION_TOKENS = 20, 10
+
+
+def test_llm_tokens_are_the_usage_the_agents_published(cluster: Cluster) -> None:
+    with FakeLLMServer(default=TextReply("fine", PROMPT_TOKENS, COMPLETION_TOKENS)) as llm:
+        broker = cluster.broker()
+        # Two processes share the name llm-a (their usage adds up), one is llm-b.
+        procs = [cluster.agent(broker.url, "tests.fakes.llm_agents:BudgetedLLMAgent",
+                               wait=False, agent_name=name, orch_llm_base_url=llm.url,
+                               orch_llm_model="fake")
+                 for name in ("llm-a", "llm-a", "llm-b")]
+        for proc in procs:
+            read_json_line(proc)
+        client = cluster.client(broker.url)
+        client.wait_for_agents(3)
+        calls = {"llm-a": 5, "llm-b": 2}
+        handles = [client.submit(capabilities=[name], data={"prompt": "hi"})
+                   for name, count in calls.items() for _ in range(count)]
+        # Each task publishes its agent's usage before its result leaves.
+        assert all(h.result(timeout=20).ok for h in handles)
+        assert len(llm.chat_requests) == 7
+        samples = scrape(metrics_url(broker.data_dir))
+    for name, count in calls.items():
+        assert samples[("orchestrator_llm_tokens_total",
+                        labels(agent=name, kind="input"))] == count * PROMPT_TOKENS
+        assert samples[("orchestrator_llm_tokens_total",
+                        labels(agent=name, kind="output"))] == count * COMPLETION_TOKENS
+        assert samples[("orchestrator_llm_calls_total", labels(agent=name))] == count
+        assert samples[("orchestrator_llm_failed_calls_total", labels(agent=name))] == 0
+    assert {dict(lbl)["agent"] for name, lbl in samples
+            if name == "orchestrator_llm_calls_total"} == set(calls)
+
+
+def test_connected_clients_are_those_heard_within_the_liveness_window(
+        cluster: Cluster) -> None:
+    # A window of 2 s: long enough to scrape in, short enough to wait out.
+    broker = cluster.broker("--heartbeat-interval", "1.0", "--heartbeat-liveness", "2")
+    cluster.agent(broker.url, agent_name="echo", agent_caps="echo")
+    url = metrics_url(broker.data_dir)
+
+    def connected() -> float:
+        return scrape(url)[("orchestrator_connected_clients", ())]
+
+    assert connected() == 0
+    first = cluster.client(broker.url)
+    first.wait_for_agents(1)  # a STATUS request: not a SUBMIT, not counted
+    assert connected() == 0
+    assert first.submit(capabilities=["echo"], data=1).result(timeout=10).ok
+    assert connected() == 1
+    second = cluster.client(broker.url)
+    assert second.submit(capabilities=["echo"], data=2).result(timeout=10).ok
+    assert connected() == 2
+    # Nothing open, nothing sent: both leave the count once the window is over.
+    wait_until(lambda: connected() == 0, "idle clients are no longer counted", timeout=5)
+    assert scrape(url)[("orchestrator_clients_with_open_tasks", ())] == 0
+
+
+def test_agent_health_is_one_series_per_live_agent(cluster: Cluster) -> None:
+    broker = cluster.broker()
+    cluster.agent(broker.url, agent_name="echo", agent_caps="echo")
+    cluster.agent(broker.url, "tests.e2e.test_metrics:SickAgent")
+    cluster.agent(broker.url, "tests.e2e.test_metrics:HangingPingAgent")
+    url = metrics_url(broker.data_dir)
+
+    def healths() -> dict[str, float]:
+        return by_label(scrape(url), "orchestrator_agent_health", "agent")
+
+    wait_until(lambda: healths() == {"echo": 0, "sick": 2, "hanging": 1},
+               "healthy, unhealthy and unresponsive agents")
+    ids = {dict(lbl)["agent_id"] for name, lbl in scrape(url)
+           if name == "orchestrator_agent_health"}
+    assert len(ids) == 3

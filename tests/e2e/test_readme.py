@@ -8,6 +8,7 @@ for its definitions (it needs agents the README does not show).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -101,6 +102,27 @@ def test_the_messaging_example_defines_its_agent() -> None:
     exec(compile(block("class Planner(BaseAgent)"), "README.md", "exec"), namespace)
     planner = namespace["Planner"]()  # type: ignore[operator]
     assert planner.capabilities == ("plan",)
+
+
+def test_the_health_agent_runs_and_reports_its_health(cluster: Cluster,
+                                                       tmp_path: Path) -> None:
+    url = cluster.broker().url
+    write_snippet(tmp_path, "health_agent.py", url)
+    proc = start(cluster, tmp_path, "-m", "agent_sdk", "run", "health_agent:Summarizer",
+                 "--broker", url)
+    read_json_line(proc)  # registered: on_start loaded the model
+    client = cluster.client(url)
+    status = wait_status(client, lambda s: any(a["name"] == "summarizer"
+                                               and a["health"] == "healthy"
+                                               for a in s["agents"]), what="healthy")
+    assert client.submit(capabilities=["summarize"], data="a text").result(30).ok
+    # Before on_start, the hook reports the problem the README names.
+    namespace: dict[str, object] = {"__name__": "readme_health"}
+    exec(compile(block("# health_agent.py"), "README.md", "exec"), namespace)
+    verdict = asyncio.run(namespace["Summarizer"]().ping())  # type: ignore[operator]
+    assert verdict == {"ok": False, "detail": "the model is not loaded"}
+    assert status["agents"]
+    kill(proc)
 
 
 @pytest.mark.parametrize("code", python_blocks(), ids=lambda code: code.split("\n")[0][:40])

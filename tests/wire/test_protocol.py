@@ -27,7 +27,7 @@ from wire.state import (
 from wire.tasks import (
     Accepted, Ack, Assignment, Cancel, Command, decode, Direct, DIRECT_ASK, DIRECT_BROADCAST,
     DIRECT_NO_ACK, DirectItem, DirectVerdict, Disconnect, Dispatch, encode, Error, ErrorCode,
-    Fetch, Heartbeat, Progress, Ready, ResultItem, Results, StatusReply, StatusRequest, Submit,
+    Fetch, Heartbeat, Ping, Pong, Progress, Ready, ResultItem, Results, StatusReply, StatusRequest, Submit,
     TaskList, TaskQuery, TaskSpec, Welcome, Chunk, Read, Release, Withheld,
 )
 
@@ -52,6 +52,9 @@ EVERY_MESSAGE = [
     TaskList(6, [{"task_id": "t-1", "status": "failed", "children": [], "attempts": 2}]),
     Disconnect("draining"),
     Disconnect(""),
+    Ping(7, 1.5),
+    Pong(7, True),
+    Pong(8, False, "ping() raised ValueError: no model", (("t1", 12.5, 5.0), ("t2", 0.25, 60.0))),
     Submit([
         TaskSpec("t-1", b"\x81\xa4data\x01", ("echo",), None, 0, None, None, None),
         TaskSpec("t-2", b"", ("a", "b"), "alpha", -3, 1.5, 2, "t-1"),
