@@ -47,7 +47,7 @@ from agent_sdk.state import endpoint_from, StateClient
 from agent_sdk.reach import Reach
 from agent_sdk.task import _MISSING, encode_payload, Result
 from wire.tracing import (
-    end_submit_span, init_tracing, submit_span, traceparent_of, tracing_enabled,
+    end_submit_span, init_tracing, submit_span, tracing_enabled,
 )
 
 _new_tuple = tuple.__new__
@@ -543,9 +543,8 @@ def _traced_submit(client: Client, spec_fields: tuple[Any, ...], now: float
     (:func:`wire.tasks.trace_of`), so that the broker and the agent continue the trace."""
     task_id, _, caps, agent = spec_fields[:4]
     span = submit_span(task_id, caps, agent)
-    traceparent = None if span is None else traceparent_of(span)
-    spec = _new_tuple(TaskSpec, spec_fields if traceparent is None
-                      else (*spec_fields, traceparent))
+    spec = _new_tuple(TaskSpec, spec_fields if span is None
+                      else (*spec_fields, span.traceparent))
     handle = TaskHandle(task_id, client, spec, now)
     if span is not None:
         handle.add_done_callback(partial(end_submit_span, span))

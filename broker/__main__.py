@@ -260,7 +260,7 @@ def install_tracing(broker: Broker) -> None:
     if tracer is not None:
         from broker.tracing import TaskSpans
 
-        broker.engine.ledger.spans = TaskSpans(tracer)
+        broker.engine.ledger.spans = TaskSpans()
 
 
 def install_event_log(broker: Broker) -> None:

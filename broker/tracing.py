@@ -8,9 +8,9 @@ timeline into finished spans, children of the client's span::
       queue_wait                      submitted -> first dispatch
       dispatch                        one per attempt: agent id, attempt number, outcome
 
-so a retried task shows every attempt and the agent of each. Only the OpenTelemetry API
-is used here, with a tracer given by the caller (the broker never imports ``agent_sdk``);
-tasks without a traceparent never reach this module.
+so a retried task shows every attempt and the agent of each. The spans go to the
+exporter as finished spans (:func:`wire.tracing.emit_span`), a third of what the SDK's
+live spans cost; tasks without a traceparent never reach this module.
 
 Timeline entries are ``(wall-clock seconds, event, detail)`` as
 :meth:`broker.engine.model.TaskRecord.timeline` orders them (dicts with ``at``,
@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from wire.tracing import (
-    ERROR_TYPE, GEN_AI_AGENT_ID, MESSAGING_SYSTEM, ORCH_ATTEMPT, ORCH_CAPABILITIES, ORCH_TASK_ID,
-    ORCH_TASK_STATUS,
+    GEN_AI_AGENT_ID, MESSAGING_SYSTEM, ORCH_ATTEMPT, ORCH_CAPABILITIES, ORCH_TASK_ID,
+    ORCH_TASK_STATUS, emit_span, new_span_id, parse_traceparent,
 )
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span, Tracer
 
 #: Span names.
 TASK_SPAN: Final = "orchestrator.broker.task"
@@ -130,34 +127,16 @@ def attempts_of(timeline: Iterable[Any]) -> list[_Attempt]:
 
 
 class TaskSpans:
-    """Emits the broker's spans of ended tasks through ``tracer`` (the broker's own,
-    built where it sets up tracing). No I/O but the tracer's exporter."""
-
-    def __init__(self, tracer: Tracer) -> None:
-        from opentelemetry.trace import (
-            SpanKind,
-            Status,
-            StatusCode,
-            set_span_in_context,
-        )
-        from opentelemetry.trace.propagation.tracecontext import (
-            TraceContextTextMapPropagator,
-        )
-
-        self.tracer = tracer
-        self._propagator = TraceContextTextMapPropagator()
-        self._set_span_in_context = set_span_in_context
-        self._server = SpanKind.SERVER
-        self._internal = SpanKind.INTERNAL
-        self._status_error = StatusCode.ERROR
-        self._status = Status
+    """Emits the broker's spans of ended tasks as finished spans
+    (:func:`wire.tracing.emit_span`: ids drawn here, times from the timeline). No I/O
+    but the exporter's."""
 
     def task_ended(self, traceparent: str, task_id: str, capabilities: Sequence[str],
                    timeline: Sequence[Any], status: str, error_code: str | None,
                    attempts: int) -> None:
         """Emit the spans of a task that ended with ``status`` (a final state's value)
-        after ``attempts`` attempts. A malformed ``traceparent`` or an empty timeline
-        emits nothing; this never raises for bad input."""
+        after ``attempts`` attempts. A malformed or unsampled ``traceparent``, or an empty
+        timeline, emits nothing; this never raises for bad input."""
         try:
             self._emit(traceparent, task_id, capabilities, timeline, status, error_code,
                        attempts)
@@ -167,30 +146,20 @@ class TaskSpans:
     def _emit(self, traceparent: str, task_id: str, capabilities: Sequence[str],
               timeline: Sequence[Any], status: str, error_code: str | None,
               attempts: int) -> None:
-        parent = self._propagator.extract({"traceparent": traceparent})
-        from opentelemetry.trace import get_current_span
-        if not get_current_span(parent).get_span_context().is_valid:
-            return
+        parent = parse_traceparent(traceparent)
         entries = _entries(timeline)
-        if not entries:
+        if parent is None or not parent[2] or not entries:
             return
+        trace_id, parent_id, _ = parent
         start, end = entries[0][0], entries[-1][0]
-        task = self.tracer.start_span(
-            TASK_SPAN, context=parent, kind=self._server, start_time=_ns(start),
-            attributes={ORCH_TASK_ID: task_id, ORCH_CAPABILITIES: list(capabilities),
-                        ORCH_TASK_STATUS: status, ORCH_ATTEMPTS: attempts,
-                        MESSAGING_SYSTEM: "zeromq"})
-        if status in FAILED_STATES:
-            self._fail(task, error_code or status)
-        for at, event, detail in entries[1:-1]:
-            if event not in ("dispatched", "running", "reclaimed"):
-                task.add_event(event, {"detail": detail} if detail else None, _ns(at))
-        inner = self._set_span_in_context(task)
+        task_span = new_span_id()
+        events = [(event, {"detail": detail} if detail else None, _ns(at))
+                  for at, event, detail in entries[1:-1]
+                  if event not in ("dispatched", "running", "reclaimed")]
         tries = attempts_of(entries)
         first = tries[0].start if tries else end
-        self.tracer.start_span(QUEUE_WAIT_SPAN, context=inner, kind=self._internal,
-                               start_time=_ns(start),
-                               attributes={ORCH_TASK_ID: task_id}).end(_ns(first))
+        emit_span(QUEUE_WAIT_SPAN, trace_id, new_span_id(), task_span, _ns(start),
+                  _ns(first), {ORCH_TASK_ID: task_id})
         for attempt in tries:
             attrs: dict[str, Any] = {ORCH_TASK_ID: task_id, ORCH_ATTEMPT: attempt.number,
                                      ORCH_OUTCOME: attempt.outcome or status}
@@ -200,20 +169,20 @@ class TaskSpans:
                 attrs[ORCH_REASON] = attempt.reason
             if attempt.reclaimed:
                 attrs[ORCH_RECLAIMED] = True
-            span = self.tracer.start_span(DISPATCH_SPAN, context=inner, kind=self._internal,
-                                          start_time=_ns(attempt.start), attributes=attrs)
-            if attempt.running_at is not None:
-                span.add_event("running", None, _ns(attempt.running_at))
             outcome = attempt.outcome
-            if outcome in ATTEMPT_ENDINGS or outcome in FAILED_STATES:
-                self._fail(span, outcome if outcome in ATTEMPT_ENDINGS
-                           else (error_code or outcome))
-            span.end(_ns(attempt.end if attempt.end is not None else end))
-        task.end(_ns(end))
-
-    def _fail(self, span: Span, error_type: str) -> None:
-        span.set_attribute(ERROR_TYPE, error_type)
-        span.set_status(self._status(self._status_error, error_type))
+            failure = outcome if outcome in ATTEMPT_ENDINGS else \
+                (error_code or outcome) if outcome in FAILED_STATES else None
+            emit_span(DISPATCH_SPAN, trace_id, new_span_id(), task_span,
+                      _ns(attempt.start), _ns(attempt.end if attempt.end is not None else end),
+                      attrs, error=None if failure is None else (failure, attempt.reason),
+                      events=() if attempt.running_at is None
+                      else (("running", None, _ns(attempt.running_at)),))
+        emit_span(TASK_SPAN, trace_id, task_span, parent_id, _ns(start), _ns(end),
+                  {ORCH_TASK_ID: task_id, ORCH_CAPABILITIES: list(capabilities),
+                   ORCH_TASK_STATUS: status, ORCH_ATTEMPTS: attempts,
+                   MESSAGING_SYSTEM: "zeromq"}, "server",
+                  (error_code or status, status) if status in FAILED_STATES else None,
+                  events)
 
 
 def _ns(wall_s: float) -> int:

@@ -75,4 +75,4 @@ def test_observability_reports_each_mode_against_its_reference() -> None:
         found = report["ratios"][name]
         assert found["ratio"] > 0 and len(found["pairs"]) == 1, name
         assert found["min"] <= found["ratio"] <= found["max"]
-    assert report["default_sample_ratio"] == 0.01
+    assert report["default_sample_ratio"] == 0.001

@@ -202,7 +202,7 @@ def test_submit_span_and_its_outcome(spans: InMemorySpanExporter) -> None:
     failed = tracing.submit_span("t-2", ("code",), "coder")
     lost = tracing.submit_span("t-3", (), None)
     assert ok is not None and failed is not None and lost is not None
-    assert tracing.traceparent_of(ok) is not None
+    assert tracing.parse_traceparent(ok.traceparent) == (ok.trace_id, ok.span_id, True)
     done = Result("x")
     done.attempts, done.agent = 2, "coder-1"
     tracing.end_submit_span(ok, FakeHandle(done))
@@ -219,6 +219,33 @@ def test_submit_span_and_its_outcome(spans: InMemorySpanExporter) -> None:
     assert second.attributes[tracing.GEN_AI_AGENT_NAME] == "coder"
     assert second.attributes["error.type"] == "agent_error"
     assert found["invoke_agent"][0].attributes["error.type"] == "RuntimeError"
+
+
+def test_submit_span_inside_a_span_is_its_child(spans: InMemorySpanExporter) -> None:
+    with tracing.start_root_span("invoke_workflow w") as root:
+        child = tracing.submit_span("t-1", ("code",))
+    assert child is not None and child.trace_id == root.get_span_context().trace_id
+    assert child.parent_id == root.get_span_context().span_id
+    tracing.end_submit_span(child, FakeHandle(error=RuntimeError("gone")))
+    assert by_name(spans)["invoke_agent code"][0].parent.span_id == child.parent_id
+
+
+def test_no_submit_span_inside_an_unsampled_trace() -> None:
+    tracing.shutdown_tracing()
+    init_tracing("test", InMemorySpanExporter(), env={"ORCH_OTEL_SAMPLE_RATIO": "0"})
+    try:
+        with tracing.start_root_span("invoke_workflow w"):
+            assert tracing.current_traceparent() is None
+            assert tracing.submit_span("t-1", ("code",)) is None
+    finally:
+        tracing.shutdown_tracing()
+
+
+@pytest.mark.parametrize("bad", ["", "00-abc", "00-" + "0" * 32 + "-" + "1" * 16 + "-01",
+                                 "ff-" + "1" * 32 + "-" + "1" * 16 + "-01",
+                                 "00-" + "g" * 32 + "-" + "1" * 16 + "-01"])
+def test_parse_traceparent_refuses_malformed_values(bad: str) -> None:
+    assert tracing.parse_traceparent(bad) is None
 
 
 def test_submit_span_unsampled_or_off() -> None:
@@ -297,7 +324,7 @@ def test_task_spans_two_attempts_on_two_agents(spans: InMemorySpanExporter) -> N
         (t0 + 2.2, "running", ""),
         (t0 + 3.0, "succeeded", ""),
     ]
-    TaskSpans(tracing.tracer()).task_ended(TP, "t-1", ["code"], timeline, "succeeded", None, 2)
+    TaskSpans().task_ended(TP, "t-1", ["code"], timeline, "succeeded", None, 2)
     found = by_name(spans)
     (task,) = found[TASK_SPAN]
     (wait,) = found[QUEUE_WAIT_SPAN]
@@ -340,7 +367,7 @@ def test_task_spans_as_the_broker_writes_history_today(spans: InMemorySpanExport
         {"at": t0 + 3, "event": "dispatched", "detail": ""},
         {"at": t0 + 9, "event": "timed_out", "detail": ""},
     ]
-    TaskSpans(tracing.tracer()).task_ended(TP, "t-2", [], timeline, "timed_out", "timeout", 2)
+    TaskSpans().task_ended(TP, "t-2", [], timeline, "timed_out", "timeout", 2)
     found = by_name(spans)
     first, second = sorted(found[DISPATCH_SPAN], key=lambda s: s.start_time)
     assert first.attributes[GEN_AI_AGENT_ID] == "agent-a"
@@ -365,7 +392,7 @@ def test_attempts_of_bare_agent_ids_and_reclaims() -> None:
 
 
 def test_task_spans_never_dispatched_and_bad_input(spans: InMemorySpanExporter) -> None:
-    task_spans = TaskSpans(tracing.tracer())
+    task_spans = TaskSpans()
     task_spans.task_ended(TP, "t-3", [], [(5.0, "submitted", ""), (6.0, "cancelled", "")],
                           "cancelled", "cancelled", 0)
     found = by_name(spans)
