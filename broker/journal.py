@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from bisect import bisect_left
 import os
 import struct
 import time
@@ -246,6 +247,29 @@ def _bodies(data: bytes) -> Iterator[tuple[int, tuple[Any, ...]]]:
         yield offset, batch
 
 
+#: Upper bounds (seconds) of the journal commit latency histogram's buckets; a last,
+#: unbounded bucket (+Inf) follows.
+COMMIT_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                           0.1, 0.25, 1.0)
+
+
+class CommitTimes:
+    """How long the journal's writes took (one per loop pass that recorded something,
+    with its fsync in fsync mode): plain counts, which the metrics endpoint reads when
+    scraped (``broker/metrics.py``)."""
+
+    __slots__ = ("buckets", "sum_s")
+
+    def __init__(self) -> None:
+        #: per-bucket (not cumulative) counts; the last is +Inf
+        self.buckets = [0] * (len(COMMIT_BUCKETS_S) + 1)
+        self.sum_s = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.buckets[bisect_left(COMMIT_BUCKETS_S, seconds)] += 1
+        self.sum_s += seconds
+
+
 class Journal:
     """Append-only task journal in ``directory``.
 
@@ -264,6 +288,8 @@ class Journal:
         self._fd = -1
         self.size = 0
         self._compacted_size = 0
+        #: how long each write took (for /metrics)
+        self.commit_times = CommitTimes()
         #: frames a failed write left, oldest first; written before anything newer
         self._unwritten: list[bytes] = []
         #: why the last write failed; None while writes succeed
@@ -487,12 +513,14 @@ class Journal:
         Raises:
             OSError: the write or the fsync failed, perhaps after part of the frame.
         """
+        started = time.perf_counter()
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
         if self.durability is Durability.FSYNC:
             os.fsync(self._fd)
+        self.commit_times.add(time.perf_counter() - started)
         self.size += len(data)
 
     def _hold(self, frames: list[bytes], error: OSError) -> None:

@@ -57,6 +57,7 @@ from broker.config import parse_host_port
 from broker.engine.circuit import CircuitState
 from broker.engine.model import AgentHealth, TaskState
 from broker.engine.status import DURATION_BUCKETS_S
+from broker.journal import COMMIT_BUCKETS_S, Durability
 from broker.state.store import USAGE_PREFIX
 from wire.codec import unpackb
 
@@ -136,6 +137,10 @@ class Snapshot:
     messages_in: int = 0
     messages_out: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    #: the journal's write times: per-bucket counts (COMMIT_BUCKETS_S, then +Inf), sum;
+    #: None without a journal (durability none)
+    commit_buckets: list[int] | None = None
+    commit_sum_s: float = 0.0
 
 
 def capability_label(capabilities: tuple[str, ...] | list[str]) -> str:
@@ -226,6 +231,10 @@ class BrokerCollector:
         snap.messages_in = counters.messages_in
         snap.messages_out = counters.messages_out
         snap.rejected = dict(ledger.errors)
+        journal = broker.journal
+        if journal.durability is not Durability.NONE:
+            times = journal.commit_times
+            snap.commit_buckets, snap.commit_sum_s = list(times.buckets), times.sum_s
         return snap
 
     def collect(self) -> Iterator[Metric]:
@@ -234,6 +243,7 @@ class BrokerCollector:
         yield from self._task_families(snap)
         yield from self._load_families(snap)
         yield from self._agent_families(snap)
+        yield from self._journal_families(snap)
         yield from self._broker_families(snap)
 
     @staticmethod
@@ -297,6 +307,22 @@ class BrokerCollector:
             circuit.add_metric(labels, agent.circuit)
             health.add_metric(labels, agent.health)
         yield from (age, circuit, health)
+
+    @staticmethod
+    def _journal_families(snap: Snapshot) -> Iterator[Metric]:
+        if snap.commit_buckets is None:
+            return
+        commits = HistogramMetricFamily(
+            f"{_PREFIX}journal_commit_seconds",
+            "Seconds each journal write took (one per loop pass that recorded something, "
+            "with its fsync in fsync mode).")
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*map(str, COMMIT_BUCKETS_S), "+Inf"), snap.commit_buckets):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        commits.add_metric([], buckets, snap.commit_sum_s)
+        yield commits
 
     @staticmethod
     def _broker_families(snap: Snapshot) -> Iterator[Metric]:

@@ -163,6 +163,11 @@ def test_metrics_count_exactly_the_tasks_that_ran(cluster: Cluster) -> None:
     assert len(ages) == 2 and all(0 <= age < 10 for age in ages)
     assert samples[("orchestrator_messages_received_total", ())] >= 105
     assert samples[("orchestrator_messages_sent_total", ())] > 0
+    # The journal wrote at least the passes that accepted and finished the 105 tasks,
+    # each counted once in its cumulative buckets.
+    commits = samples[("orchestrator_journal_commit_seconds_count", ())]
+    assert commits >= 2 and samples[("orchestrator_journal_commit_seconds_sum", ())] > 0
+    assert samples[("orchestrator_journal_commit_seconds_bucket", labels(le="+Inf"))] == commits
     # The endpoint is in the STATUS document too.
     assert client.status()["broker"]["endpoints"]["metrics"] == url
 
@@ -204,6 +209,13 @@ def test_healthz_fails_while_only_the_loop_is_blocked(cluster: Cluster,
     assert ("orchestrator_pending_tasks", ()) in scrape(metrics_url(broker.data_dir))
     assert not (broker.data_dir / BLOCK_LOOP_FILE).exists()
     wait_until(lambda: health(url) == 200, "/healthz answers 200 again", timeout=block_s + 5)
+
+
+def test_a_broker_without_a_journal_has_no_commit_series(cluster: Cluster) -> None:
+    broker = cluster.broker("--durability", "none")
+    cluster.client(broker.url).ping()
+    assert not any(name.startswith("orchestrator_journal_")
+                   for name, _ in scrape(metrics_url(broker.data_dir)))
 
 
 def test_healthz_stays_up_when_idle_and_no_metrics_serves_nothing(cluster: Cluster) -> None:
