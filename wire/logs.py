@@ -21,6 +21,8 @@ from typing import Any, Final
 
 import orjson
 
+from wire.tracing import current_trace_id
+
 #: Directory of the JSON logs inside the data dir.
 LOGS_DIR: Final = "logs"
 #: Suffix of a JSON log file (rotated ones add ``.1``, ``.2`` ...).
@@ -58,6 +60,10 @@ class JsonLinesFormatter(logging.Formatter):
                 value = self.defaults.get(name)
             if value is not None:
                 line[name] = value if isinstance(value, (str, int, float)) else str(value)
+        if "trace_id" not in line:
+            trace_id = current_trace_id()  # the task's trace, logged inside its span
+            if trace_id is not None:
+                line["trace_id"] = trace_id
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()

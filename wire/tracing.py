@@ -416,6 +416,17 @@ def current_traceparent() -> str | None:
     return traceparent_of(_get_current_span())
 
 
+def current_trace_id() -> str | None:
+    """The trace id (32 hex digits) of the current sampled span, for log lines; None
+    when tracing is off or no sampled span is current (a global read when off)."""
+    if _tracer is None or not _open_scopes:
+        return None
+    context = _get_current_span().get_span_context()
+    if not context.is_valid or not context.trace_flags & 1:
+        return None
+    return f"{context.trace_id:032x}"
+
+
 def context_from(traceparent: str | None) -> Context | None:
     """The context whose (remote) parent is ``traceparent``; None for None, or for a
     malformed value. Never raises."""
@@ -828,6 +839,7 @@ class JsonlSpanExporter:
 __all__ = [
     "DEFAULT_FILE",
     "DEFAULT_SAMPLE_RATIO",
+    "current_trace_id",
     "ENV_EXPORTER",
     "ENV_FILE",
     "ENV_OTEL_SAMPLER",

@@ -511,3 +511,18 @@ def test_llm_call_gets_a_chat_span_with_usage(spans: InMemorySpanExporter) -> No
     assert ok.parent.span_id in {s.context.span_id for s in agent_spans}
     assert rejected.status.status_code is StatusCode.ERROR
     assert rejected.attributes["error.type"]
+
+
+def test_log_lines_inside_a_sampled_span_carry_its_trace_id(spans: InMemorySpanExporter) -> None:
+    import logging
+
+    from wire.logs import JsonLinesFormatter
+
+    def line() -> dict[str, object]:
+        record = logging.LogRecord("agent", logging.INFO, __file__, 1, "working", None, None)
+        return json.loads(JsonLinesFormatter().format(record))
+
+    assert "trace_id" not in line()
+    with tracing.start_root_span("invoke_workflow w") as root:
+        assert line()["trace_id"] == f"{root.get_span_context().trace_id:032x}"
+    assert "trace_id" not in line()
