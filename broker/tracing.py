@@ -12,21 +12,15 @@ so a retried task shows every attempt and the agent of each. The spans go to the
 exporter as finished spans (:func:`wire.tracing.emit_span`), a third of what the SDK's
 live spans cost; tasks without a traceparent never reach this module.
 
-Timeline entries are ``(wall-clock seconds, event, detail)`` as
-:meth:`broker.engine.model.TaskRecord.timeline` orders them (dicts with ``at``,
-``event``, ``detail`` are accepted as well): ``submitted``; ``dispatched`` (detail:
-``attempt N to <agent id>``, ``attempt N`` when the agent is unknown, or an older
-broker's bare agent id); ``reclaimed``
-(detail: agent id); ``running``; ``retrying`` / ``requeued`` / ``second_opinion`` (detail:
-why; ``failed on <agent id>`` names the agent); ``restored``; and the final state.
+The timeline is read as attempts by :mod:`wire.timeline`.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
+from wire.timeline import ATTEMPT_ENDINGS, FAILED_STATES, attempts_of, timeline_entries
 from wire.tracing import (
     GEN_AI_AGENT_ID, MESSAGING_SYSTEM, ORCH_ATTEMPT, ORCH_CAPABILITIES, ORCH_TASK_ID,
     ORCH_TASK_STATUS, emit_span, new_span_id, parse_traceparent,
@@ -42,89 +36,6 @@ ORCH_ATTEMPTS: Final = "orchestrator.attempts"
 ORCH_OUTCOME: Final = "orchestrator.dispatch.outcome"
 ORCH_REASON: Final = "orchestrator.dispatch.reason"
 ORCH_RECLAIMED: Final = "orchestrator.dispatch.reclaimed"
-
-#: Final states that are failures (status ERROR); ``cancelled`` is the caller's choice.
-FAILED_STATES: Final = frozenset({"failed", "timed_out", "rejected"})
-FINAL_STATES: Final = frozenset({"succeeded", "cancelled"}) | FAILED_STATES
-#: Events that end an attempt without ending the task.
-ATTEMPT_ENDINGS: Final = frozenset({"retrying", "requeued", "second_opinion"})
-
-_ATTEMPT_DETAIL: Final = re.compile(r"attempt (\d+)(?: (?:to|on) (\S+))?")
-_FAILED_ON: Final = re.compile(r"failed on (\S+)")
-
-
-class _Attempt:
-    __slots__ = (
-        "agent",
-        "end",
-        "number",
-        "outcome",
-        "reason",
-        "reclaimed",
-        "running_at",
-        "start",
-    )
-
-    def __init__(self, start: float, number: int, agent: str | None,
-                 reclaimed: bool = False) -> None:
-        self.start = start
-        self.end: float | None = None
-        self.number = number
-        self.agent = agent
-        self.outcome = ""
-        self.reason = ""
-        self.reclaimed = reclaimed
-        self.running_at: float | None = None
-
-
-def _entries(timeline: Iterable[Any]) -> list[tuple[float, str, str]]:
-    out: list[tuple[float, str, str]] = []
-    for entry in timeline:
-        if isinstance(entry, Mapping):
-            out.append((float(entry["at"]), str(entry["event"]), str(entry.get("detail", ""))))
-        else:
-            at, event, detail = entry
-            out.append((float(at), event, detail))
-    out.sort(key=lambda e: e[0])  # stable: equal times keep their order
-    return out
-
-
-def attempts_of(timeline: Iterable[Any]) -> list[_Attempt]:
-    """The task's attempts, oldest first, from its timeline."""
-    attempts: list[_Attempt] = []
-    current: _Attempt | None = None
-    for at, event, detail in _entries(timeline):
-        if event == "dispatched" or event == "reclaimed":
-            match = _ATTEMPT_DETAIL.fullmatch(detail)
-            number = int(match.group(1)) if match else len(attempts) + 1
-            agent = (match.group(2) if match else detail) or None
-            previous = attempts[-1] if attempts else None
-            if previous is not None and previous.start == at:
-                # The same dispatch twice: the history's copy and dispatched_at's (a task
-                # that ended while waiting), or a reclaim and its new dispatched_at.
-                previous.agent = previous.agent or agent
-                if match:
-                    previous.number = number
-                current = previous if previous.end is None else current
-                continue
-            if current is not None and current.end is None:
-                current.end, current.outcome = at, current.outcome or "superseded"
-            current = _Attempt(at, number, agent, event == "reclaimed")
-            attempts.append(current)
-        elif event == "running":
-            if current is not None and current.running_at is None:
-                current.running_at = at
-        elif event in ATTEMPT_ENDINGS or event in FINAL_STATES:
-            if current is not None and current.end is None:
-                current.end, current.outcome = at, event
-                current.reason = detail
-                if current.agent is None:
-                    failed_on = _FAILED_ON.search(detail)
-                    if failed_on:
-                        current.agent = failed_on.group(1)
-            current = None if event in ATTEMPT_ENDINGS else current
-    return attempts
-
 
 class TaskSpans:
     """Emits the broker's spans of ended tasks as finished spans
@@ -147,7 +58,7 @@ class TaskSpans:
               timeline: Sequence[Any], status: str, error_code: str | None,
               attempts: int) -> None:
         parent = parse_traceparent(traceparent)
-        entries = _entries(timeline)
+        entries = timeline_entries(timeline)
         if parent is None or not parent[2] or not entries:
             return
         trace_id, parent_id, _ = parent
@@ -190,4 +101,4 @@ def _ns(wall_s: float) -> int:
     return round(wall_s * 1e6) * 1000
 
 
-__all__ = ["DISPATCH_SPAN", "QUEUE_WAIT_SPAN", "TASK_SPAN", "TaskSpans", "attempts_of"]
+__all__ = ["DISPATCH_SPAN", "QUEUE_WAIT_SPAN", "TASK_SPAN", "TaskSpans"]

@@ -3,12 +3,11 @@ run's timeline with the traces of its steps' tasks.
 
 The broker keeps one timeline per task (``submitted``, ``dispatched``, ``running``,
 ``requeued``, ``retrying``, ``second_opinion``, ``reclaimed``, ``restored``, the final
-status). It does not keep attempts as such: they are read back from it here
-(:func:`attempts_of`), and the agent of an earlier attempt, which the broker's
-``dispatched`` entry does not name, is taken from the reason that ended the attempt
-(``agent X dead``, ``no sign of life from X``, ``failed on X``) when that reason names
-it. The last attempt of a finished task is named by the task's ``agent`` (a name, not an
-id: the broker lets the agent go when its answer arrives).
+status). It does not keep attempts as such: :mod:`wire.timeline` reads them back from
+it (:func:`attempts_of` adds what is printed beside them). Each ``dispatched`` entry names
+its agent (``attempt N on AGENT_ID``); for a timeline of an older broker that did not,
+the agent is taken from the reason that ended the attempt (``agent X dead``, ``no sign of
+life from X``, ``failed on X``), and the last attempt by the task's ``agent`` (a name).
 
 Pure functions over the documents the broker and the state service return: fetching is
 the command's (:mod:`cli.tasks`).
@@ -27,9 +26,6 @@ if TYPE_CHECKING:
 
 #: The statuses a task's last timeline event can have once it ended.
 ENDED: Final = frozenset({"succeeded", "failed", "timed_out", "cancelled", "rejected"})
-#: The broker's ``dispatched`` entry of an earlier attempt: ``attempt N``, and (once the
-#: broker records the agent) ``attempt N to AGENT_ID``.
-_ATTEMPT: Final = re.compile(r"attempt (\d+)(?: (?:on|to) (\S+))?$")
 #: Reasons that name the agent an attempt was lost on or failed on (lifecycle.py and
 #: agents.py of the broker write them).
 _AGENT_IN_REASON: Final = (re.compile(r"^agent (\S+) "), re.compile(r"^no sign of life from (\S+) "),
@@ -105,52 +101,48 @@ def _agent_in(reason: str) -> str | None:
 
 
 def attempts_of(document: dict[str, Any]) -> Reading:
-    """Read a task document's timeline as attempts (see the module docstring)."""
+    """A task document's attempts (read by :func:`wire.timeline.attempts_of`, the one
+    reading of the broker's timeline), with the notes to print beside its events."""
+    from wire.timeline import attempts_of as read_attempts
+
+    timeline = document.get("timeline") or []
+    index = {(float(e["at"]), e["event"]): i for i, e in enumerate(timeline)}
+    waiting_since = next((float(e["at"]) for e in timeline if e["event"] == "submitted"),
+                         None)
     reading = Reading()
-    attempts = reading.attempts
-    waiting_since: float | None = None
-    current: Attempt | None = None
-    for index, event in enumerate(document.get("timeline") or []):
-        name, at, detail = event["event"], float(event["at"]), event.get("detail") or ""
-        if name == "submitted":
-            waiting_since = at
-        elif name in ("dispatched", "reclaimed"):
-            numbered = _ATTEMPT.match(detail) if name == "dispatched" else None
-            current = Attempt(int(numbered.group(1)) if numbered else len(attempts) + 1,
-                              agent=numbered.group(2) if numbered else (detail or None),
-                              queued_at=waiting_since, dispatched_at=at)
-            attempts.append(current)
-            waited = _span(waiting_since, at)
-            if waited is not None and name == "dispatched":
-                reading.notes[index] = f"waited {waited:.3f} s"
-        elif name == "running" and current is not None:
-            current.running_at = at
-            reading.notes[index] = f"{at - (current.dispatched_at or at):.3f} s after dispatch"
-        elif name in _ENDING_OUTCOME or name in ENDED:
-            if current is not None:
-                _end(current, name, at, detail, document)
-                ran = _span(current.dispatched_at, at)
-                if ran is not None:
-                    reading.notes[index] = f"attempt {current.number} ran {ran:.3f} s"
-            current, waiting_since = None, at
-    if attempts and attempts[-1].agent is None and document.get("agent"):
+    notes = reading.notes
+    for read in read_attempts(timeline):
+        attempt = Attempt(read.number, agent=read.agent or _agent_in(read.reason),
+                          queued_at=waiting_since, dispatched_at=read.start,
+                          running_at=read.running_at, ended_at=read.end)
+        reading.attempts.append(attempt)
+        waited = _span(waiting_since, read.start)
+        at = index.get((read.start, "dispatched"))
+        if waited is not None and at is not None:
+            notes[at] = f"waited {waited:.3f} s"
+        at = index.get((read.running_at, "running")) if read.running_at is not None else None
+        if at is not None and read.running_at is not None:
+            notes[at] = f"{read.running_at - read.start:.3f} s after dispatch"
+        if read.end is not None:
+            _end(attempt, read.outcome, read.reason, document)
+            at = index.get((read.end, read.outcome))
+            if at is not None:
+                notes[at] = f"attempt {read.number} ran {read.end - read.start:.3f} s"
+        waiting_since = read.end
+    if reading.attempts and reading.attempts[-1].agent is None and document.get("agent"):
         # The broker names the last attempt's agent only in the task's ``agent``.
-        attempts[-1].agent_name = document["agent"]
+        reading.attempts[-1].agent_name = document["agent"]
     return reading
 
 
-def _end(attempt: Attempt, event: str, at: float, detail: str,
-         document: dict[str, Any]) -> None:
-    """Close ``attempt`` with the event that ended it."""
-    attempt.ended_at = at
+def _end(attempt: Attempt, event: str, detail: str, document: dict[str, Any]) -> None:
+    """Say how ``attempt`` ended, from the event that ended it."""
     attempt.outcome = _ENDING_OUTCOME.get(event, event)
     if event in ENDED:
         error = document.get("error")
         attempt.reason = f"{error['code']}: {error['message']}" if error else ""
     else:
         attempt.reason = detail
-        # An earlier attempt's ``dispatched`` entry names no agent: its ending may.
-        attempt.agent = attempt.agent or _agent_in(detail)
 
 
 def task_document(document: dict[str, Any], kind: bool = True) -> dict[str, Any]:

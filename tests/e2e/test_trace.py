@@ -152,3 +152,24 @@ def test_trace_of_an_unknown_id_exits_1_and_of_an_unreachable_broker_3(
     unreachable = orchestrator(home, "--broker", "tcp://127.0.0.1:9", "trace", "anything")
     assert unreachable.returncode == 3, unreachable
     one_line_error(unreachable)
+
+
+def test_attempts_and_notes_are_read_from_the_timeline() -> None:
+    # A pure reading of a broker timeline (wire.timeline), with the printed notes.
+    from cli.trace_view import attempts_of
+
+    document = {"agent": "healthy", "error": None, "timeline": [
+        {"at": 1.0, "event": "submitted", "detail": ""},
+        {"at": 1.0, "event": "dispatched", "detail": "attempt 1 on victim-1"},
+        {"at": 1.4, "event": "requeued", "detail": "agent victim-1 unreachable"},
+        {"at": 1.45, "event": "dispatched", "detail": "attempt 2 on healthy-2"},
+        {"at": 1.46, "event": "running", "detail": ""},
+        {"at": 1.47, "event": "succeeded", "detail": ""}]}
+    reading = attempts_of(document)
+    assert [(a.number, a.agent, a.outcome, a.reason) for a in reading.attempts] == [
+        (1, "victim-1", "lost", "agent victim-1 unreachable"),
+        (2, "healthy-2", "succeeded", "")]
+    assert reading.attempts[1].to_doc()["queued_s"] == 0.05
+    assert reading.notes == {1: "waited 0.000 s", 2: "attempt 1 ran 0.400 s",
+                             3: "waited 0.050 s", 4: "0.010 s after dispatch",
+                             5: "attempt 2 ran 0.020 s"}

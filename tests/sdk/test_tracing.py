@@ -33,8 +33,8 @@ from broker.tracing import (
     QUEUE_WAIT_SPAN,
     TASK_SPAN,
     TaskSpans,
-    attempts_of,
 )
+from wire.timeline import attempts_of
 
 ROOT = Path(__file__).resolve().parents[2]
 ON = {"ORCH_OTEL_SAMPLE_RATIO": "1"}
