@@ -26,7 +26,8 @@ from __future__ import annotations
 from agent_sdk.agent import AgentState, BaseAgent
 from agent_sdk.client import Client
 from agent_sdk.errors import (
-    BrokerUnavailable, BusUnavailable, DecodeError, InvalidName, LeaseLost, LockTimeout,
+    BrokerUnavailable, BusUnavailable, DecodeError, InvalidName, KeyConfigError, LeaseLost,
+    LockTimeout, Unauthorized,
     MailboxFull, NoSuchAgent, OrchestratorError, PermanentFailure, RegistrationRefused,
     RemoteError, RequestRefused, RetryableError, StaleFencingToken, StateError,
     StateUnavailable, TaskNotFound, TooLarge, VersionConflict, VersionMismatch, WaitTimeout,
@@ -42,11 +43,11 @@ from agent_sdk.task import Result, Task, TaskError
 
 __all__ = [
     "AgentState", "BaseAgent", "BrokerUnavailable", "CircuitBreaker", "CircuitBreakerOpen",
-    "CircuitState", "Client", "InvalidName", "OrchestratorError", "PermanentFailure",
+    "CircuitState", "Client", "InvalidName", "KeyConfigError", "OrchestratorError", "PermanentFailure",
     "RegistrationRefused", "RequestRefused", "Result", "ResultUnreadable", "RetryPolicy",
     "RetryableError",
     "SyncClient", "SyncTaskHandle", "Task", "TaskError", "TaskHandle", "TaskNotFound",
-    "VersionMismatch", "WaitTimeout",
+    "Unauthorized", "VersionMismatch", "WaitTimeout",
     # wire errors, as the SDK raises them
     "DecodeError", "TooLarge", "WireError",
     # shared state

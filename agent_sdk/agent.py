@@ -286,7 +286,8 @@ class BaseAgent(MessagingMixin, abc.ABC):
         init_tracing(f"agent {self.name}")
         await self.on_start()
         channel = self._channel = Connection(self.broker_url, self.agent_id.encode(),
-                                             TASK_CODEC, self._on_message, self._task_runner.flush)
+                                             TASK_CODEC, self._on_message, self._task_runner.flush,
+                                             monitor=True, on_event=self._link.link_event)
         self._task_runner.channel = channel
         channel.open()
         self._link.register(loop.time())

@@ -228,6 +228,7 @@ class Client(MessagingMixin):
                                        on_event=self._reach.event)
             self._reach.poll = self._channel.read_events
             self._channel.open()
+            self._reach.public_key = self._channel.curve_public_key
             self._pinger = self._loop.create_task(self._ping_loop(),
                                                   name=f"{self.client_id}-ping")
         return self._channel

@@ -29,11 +29,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 import wire.errors as wire_errors
+from wire.curve import ClientKeys, KeyFileError, apply_client, client_keys
+from wire.home import home_dir, local_homes
 from wire.limits import MAX_FRAME_BYTES
 from wire.sockets import apply_common_options, has_input, NOBLOCK, recv_frames, send_frames
 from wire.state import decode_state, encode_state, StateMessage
 from wire.tasks import decode, encode, Message
-from agent_sdk.errors import as_sdk_error, TooLarge
+from agent_sdk.errors import as_sdk_error, KeyConfigError, TooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ BUS_DRAIN_BATCH: Final = 1000
 PUBLISH_LINGER_MS: Final = 2000
 #: The monitor events that say whether a live peer is at the other end.
 _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+#: The monitor events of a refused or failed handshake (CURVE keys, mechanism mismatch).
+HANDSHAKE_FAILURES: Final = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +106,32 @@ class Transport(Protocol[M_contra]):
     def read_now(self) -> None: ...
 
 
-def _socket(kind: int, hwm: int) -> zmq.Socket[Any]:
-    """A socket with the options every SDK socket shares."""
+def curve_keys(url: str) -> ClientKeys | None:
+    """This process's CURVE settings for a socket connecting to ``url``
+    (:func:`wire.curve.client_keys`: the ORCH_CURVE_* variables, else the local admin
+    key when ``url`` is an endpoint of a local data dir's secure broker); None:
+    plaintext.
+
+    Raises:
+        KeyConfigError: the settings are wrong (one line saying how).
+    """
+    try:
+        keys = client_keys(home_dir(), url)
+        for home in local_homes:
+            if keys is not None:
+                break
+            keys = client_keys(home, url)
+        return keys
+    except KeyFileError as e:
+        raise KeyConfigError(str(e)) from None
+
+
+def _socket(kind: int, hwm: int, keys: ClientKeys | None) -> zmq.Socket[Any]:
+    """A socket with the options every SDK socket shares, and CURVE with ``keys`` (from
+    :func:`curve_keys`; None: plaintext)."""
     sock: zmq.Socket[Any] = zmq.Context.instance().socket(kind)
+    if keys is not None:
+        apply_client(sock, keys)
     apply_common_options(sock, hwm)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
@@ -171,7 +199,8 @@ class Connection(Generic[M]):
         on_flush: called once after each message and each burst of input, and after
             :meth:`request_flush`; the owner sends its batched output there.
         monitor: watch the TCP connection (:attr:`transport_up`).
-        on_event: with ``monitor``: called with each monitor event (its number).
+        on_event: with ``monitor``: called with each monitor event (its number and
+            value: a handshake failure's value is libzmq's reason).
 
     Attributes:
         closed: :meth:`close` was called (and :meth:`open` not since).
@@ -185,7 +214,7 @@ class Connection(Generic[M]):
     def __init__(self, url: str, identity: bytes, codec: Codec[M],
                  on_message: Callable[[M], None], on_flush: Callable[[], None] | None = None,
                  *, monitor: bool = False,
-                 on_event: Callable[[int], None] | None = None) -> None:
+                 on_event: Callable[[int, int], None] | None = None) -> None:
         self.url = url
         self.identity = identity
         self._encode = codec.encode
@@ -208,17 +237,21 @@ class Connection(Generic[M]):
         self.last_heard = 0.0
         self.last_sent = 0.0
         self.transport_up = False
+        #: this side's CURVE public key (Z85) on the current socket; None: plaintext
+        self.curve_public_key: str | None = None
 
     def open(self) -> None:
         """Create the socket, connect and start watching it (call inside the loop)."""
         loop = self._loop = asyncio.get_running_loop()
         self._time = loop.time
-        sock = _socket(zmq.DEALER, SEND_HWM)
+        keys = curve_keys(self.url)
+        sock = _socket(zmq.DEALER, SEND_HWM, keys)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        self.curve_public_key = None if keys is None else keys.public_key
         if self._monitored:
             # Before connecting, so that the first handshake is reported too.
-            self._monitor = _Watched(loop, sock.get_monitor_socket(_MONITOR_EVENTS
-                                                                   | zmq.EVENT_CONNECT_RETRIED),
+            events = _MONITOR_EVENTS | zmq.EVENT_CONNECT_RETRIED | HANDSHAKE_FAILURES
+            self._monitor = _Watched(loop, sock.get_monitor_socket(events),
                                      self._read_monitor)
         sock.connect(self.url)
         self._sock = sock
@@ -379,7 +412,7 @@ class Connection(Generic[M]):
                 return
             self.transport_up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
             if self._on_event is not None:
-                self._on_event(event["event"])
+                self._on_event(event["event"], event["value"])
             if self.transport_up:
                 # A handshake with the peer: it is alive, whatever it said last.
                 self.last_heard = self._time()
@@ -437,8 +470,8 @@ class BusSockets:
                  on_message: Callable[[list[bytes]], None],
                  on_subscriptions: Callable[[list[bytes]], None]) -> None:
         loop = asyncio.get_running_loop()
-        sub = _socket(zmq.SUB, BUS_HWM)
-        pub = _socket(zmq.XPUB, BUS_HWM)
+        sub = _socket(zmq.SUB, BUS_HWM, curve_keys(urls[0]))
+        pub = _socket(zmq.XPUB, BUS_HWM, curve_keys(urls[1]))
         for topic in topics:
             sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         sub.connect(urls[0])
@@ -518,5 +551,6 @@ class BusSockets:
 
 
 __all__ = [
-    "Backoff", "BusSockets", "Codec", "Connection", "STATE_CODEC", "TASK_CODEC", "Transport",
+    "Backoff", "BusSockets", "Codec", "Connection", "HANDSHAKE_FAILURES", "STATE_CODEC",
+    "TASK_CODEC", "Transport", "curve_keys",
 ]

@@ -29,6 +29,26 @@ class BrokerUnavailable(OrchestratorError):
         self.waited_s = waited_s
 
 
+class Unauthorized(OrchestratorError):
+    """Raised when a secure broker (or its state service or bus) refused this peer's
+    CURVE handshake, or the handshake failed for a key or mechanism mismatch: nothing
+    can be sent until the keys are fixed. The message says which case it most likely is
+    and what to do; ``reason`` is one of ``unknown_key``, ``wrong_server_key``,
+    ``plaintext_to_secure``, ``curve_to_plaintext``."""
+
+    def __init__(self, url: str, reason: str, message: str) -> None:
+        super().__init__(f"unauthorized: {message}")
+        self.code = "unauthorized"
+        self.url = url
+        self.reason = reason
+
+
+class KeyConfigError(OrchestratorError, ValueError):
+    """Raised when this process's CURVE settings are wrong: one of ORCH_CURVE_KEY_FILE
+    and ORCH_CURVE_SERVER_KEY(_FILE) without the other, a malformed key, a missing key
+    file, a secret key file others may read."""
+
+
 class WaitTimeout(OrchestratorError, TimeoutError):
     """Raised when a client's own wait deadline passes (the task itself may go on)."""
 

@@ -18,6 +18,7 @@ from wire.tasks import Heartbeat, Message, Ready
 from agent_sdk.connection import (
     Backoff, DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, Transport,
 )
+from agent_sdk.reach import handshake_refusal
 
 if TYPE_CHECKING:
     from agent_sdk.agent import BaseAgent
@@ -53,6 +54,20 @@ class BrokerLink:
         self.reconnects = Backoff()
         #: loop time after which the messaging counters are reported again
         self.next_stats = 0.0
+
+    def link_event(self, event: int, value: int) -> None:
+        """A monitor event of the agent's connection: a refused or failed handshake (a
+        key the broker does not accept, a key or mechanism mismatch) is logged as
+        ``unauthorized`` with its likely cause. The agent does not exit: libzmq gives up
+        on that socket, and the silence check opens a new one with back-off (up to
+        ``RECONNECT_MAX_S``), so a key authorized later is taken without a restart."""
+        channel = self.agent._channel
+        public_key = getattr(channel, "curve_public_key", None)
+        refusal = handshake_refusal(self.agent.broker_url, event, value, public_key)
+        if refusal is not None:
+            logger.error("agent %s: %s; trying again in %.1f s", self.agent.agent_id, refusal,
+                         self.reconnects.delay_s,
+                         extra={"agent_id": self.agent.agent_id, "event": "unauthorized"})
 
     def welcomed(self, interval_s: float, liveness: int) -> None:
         """Registered: take the broker's settings, and reconnect promptly next time."""

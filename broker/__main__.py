@@ -32,8 +32,8 @@ import orjson
 import zmq
 
 from broker.config import (
-    DURABILITIES, LOCK_FILE, POLICIES, BrokerConfig, StateConfig, home_dir, metrics_bind_for,
-    state_bind_for,
+    DURABILITIES, LOCK_FILE, POLICIES, BrokerConfig, StateConfig, home_dir, is_loopback,
+    metrics_bind_for, parse_host_port, state_bind_for,
 )
 from broker.bus import BusForwarder
 from broker.config import DEFAULT_BUS_HWM, BusConfig
@@ -109,6 +109,10 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+SECURE_HELP: Final = ("CURVE encryption and key authentication on every socket (also "
+                      "ORCH_SECURE=1); keys in DATA_DIR/keys (broker/security.py)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default=None, help="HOST:PORT of the ROUTER (port 0: any free)")
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="HTTP /metrics and /healthz (default: broker port + 4000)")
     parser.add_argument("--no-metrics", action="store_true",
                         help="serve no /metrics or /healthz")
+    parser.add_argument("--secure", action="store_true", default=None, help=SECURE_HELP)
     parser.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
     return parser
 
@@ -190,7 +195,7 @@ def start_bus(args: argparse.Namespace, config: BrokerConfig, broker: Broker
         return None
     bus_config = BusConfig.for_broker(config.bind, out_bind=args.bus_out, in_bind=args.bus_in,
                                       hwm=args.bus_hwm)
-    forwarder = BusForwarder(bus_config)
+    forwarder = BusForwarder(bus_config, broker.security)
     # Ports derived from the broker's may be taken by chance; ones asked for must not be.
     forwarder.bind(any_port_if_taken=not (args.bus_out or args.bus_in))
     forwarder.start_thread()
@@ -294,7 +299,8 @@ def start_metrics(config: BrokerConfig, broker: Broker, data_dir: Path,
     return server
 
 
-def start_state_service(args: argparse.Namespace, config: BrokerConfig) -> Any:
+def start_state_service(args: argparse.Namespace, config: BrokerConfig,
+                        security: Any = None) -> Any:
     """Bind the state service and run it in a thread; returns the server (None with
     ``--no-state``).
 
@@ -310,7 +316,7 @@ def start_state_service(args: argparse.Namespace, config: BrokerConfig) -> Any:
         bind=explicit or state_bind_for(config.bind), data_dir=config.data_dir,
         persist=not args.state_memory, heartbeat_interval_s=config.heartbeat_interval_s,
         heartbeat_liveness=config.heartbeat_liveness)
-    server = StateServer(state_config)
+    server = StateServer(state_config, security=security)
     # A port derived from the broker's may be taken by chance; one asked for must not be.
     server.bind(any_port_if_taken=not explicit)
     server.start_thread()
@@ -352,13 +358,57 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         result_store_threshold=args.result_store_threshold,
         result_store_max_bytes=args.result_store_bytes,
         max_agents_per_address=args.max_agents_per_address, max_agents=args.max_agents,
-        metrics_bind="" if args.no_metrics else args.metrics_bind)
+        metrics_bind="" if args.no_metrics else args.metrics_bind, secure=args.secure)
+
+
+def prepare(args: argparse.Namespace) -> tuple[BrokerConfig, Path, Any]:
+    """The configuration, the data dir, and the sockets' security: a
+    :class:`broker.security.CurveServer` with ``--secure`` (the data dir's keys created
+    when missing, their permissions checked), else None after a warning on stderr when a
+    socket is bound to an address other machines can reach.
+
+    Raises:
+        ConfigError: a value is invalid, or a key file or permission is wrong.
+    """
+    config = config_from_args(args)
+    data_dir = Path(config.data_dir or home_dir())
+    if not config.secure:
+        warn_if_exposed(config, args)
+        return config, data_dir, None
+    from broker.security import CurveServer, prepare_secure_home
+    from wire.curve import KeyFileError
+
+    try:
+        return config, data_dir, CurveServer(prepare_secure_home(data_dir))
+    except KeyFileError as e:
+        raise ConfigError(f"--secure: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"--secure: cannot create the keys in {data_dir}: "
+                          f"{e.strerror or e}") from None
+
+
+def warn_if_exposed(config: BrokerConfig, args: argparse.Namespace) -> None:
+    """One line on stderr when a plaintext socket is bound where other machines reach it:
+    which addresses, and what anyone reaching them can do."""
+    binds = {"tasks": config.bind, "state": args.state_bind or state_bind_for(config.bind),
+             "bus": args.bus_out or config.bind, "bus in": args.bus_in or config.bind}
+    exposed = [f"{name} {bind}" for name, bind in binds.items()
+               if not is_loopback(parse_host_port(bind)[0])]
+    if exposed:
+        print(f"warning: listening without --secure on addresses other machines can reach "
+              f"({', '.join(exposed)}; the bus takes the broker port + 1 and + 2, the "
+              f"state service + 3 unless set): anyone who can reach them can submit, run, "
+              f"cancel and read tasks, register agents, and read and write shared state "
+              f"and the bus, unauthenticated and unencrypted; use --secure (see the "
+              f"README, Security)", file=sys.stderr, flush=True)
 
 
 def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
     """Write ``broker.json`` and print the ready line (the broker's endpoints and pid)."""
     info: dict[str, Any] = {"event": "ready", "endpoint": broker.endpoint, "pid": os.getpid(),
                             "data_dir": str(data_dir)}
+    if broker.security is not None:
+        info["curve_public_key"] = broker.security.public_key
     if "bus_out" in broker.endpoints:
         info["bus_out"] = broker.endpoints["bus_out"]
         info["bus_in"] = broker.endpoints["bus_in"]
@@ -400,11 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
+        config, data_dir, security = prepare(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    data_dir = Path(config.data_dir or home_dir())
     try:
         lock_data_dir(data_dir)  # held until the process ends
     except DataDirBusy as e:
@@ -414,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot lock the data dir {data_dir}: {e}", file=sys.stderr)
         return 1
     install_json_log(data_dir, "broker", args.log_level)
-    broker = Broker(config)
+    broker = Broker(config, security=security)
     try:
         install_tracing(broker)
     except ValueError as e:  # wire.tracing.TracingConfigError: a bad ORCH_OTEL_* value
@@ -429,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot open the journal in {config.data_dir}: {e}", file=sys.stderr)
         return 1
     try:
-        state = start_state_service(args, config)
+        state = start_state_service(args, config, security)
     except Exception as e:  # noqa: BLE001 - report any bind or load failure in one line
         print(f"error: cannot start the state service: {e}", file=sys.stderr)
         return 3

@@ -35,7 +35,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import zmq
@@ -46,6 +46,9 @@ from wire.bus import (
 )
 from wire.sockets import NOBLOCK, apply_common_options, send_frames
 
+if TYPE_CHECKING:
+    from broker.service import SocketSecurity
+
 logger = logging.getLogger(__name__)
 
 #: How long a statistics request to the forwarder thread may take (the broker's status
@@ -55,10 +58,16 @@ _TASKS_PREFIX_BYTES: Final = BUS_TASKS_PREFIX.encode()
 
 
 class BusForwarder:
-    """The XSUB/XPUB forwarder. :meth:`bind`, then :meth:`start_thread` (or :meth:`run`)."""
+    """The XSUB/XPUB forwarder. :meth:`bind`, then :meth:`start_thread` (or :meth:`run`).
 
-    def __init__(self, config: BusConfig) -> None:
+    Args:
+        config: its addresses and queue bound.
+        security: CURVE and ZAP for both sockets (``broker/security.py``); None: plaintext.
+    """
+
+    def __init__(self, config: BusConfig, security: SocketSecurity | None = None) -> None:
         self.config = config
+        self.security = security
         self.out_endpoint = ""
         self.in_endpoint = ""
         self._ctx = zmq.Context()
@@ -88,6 +97,9 @@ class BusForwarder:
             apply_common_options(sock, hwm)
             sock.setsockopt(zmq.LINGER, 0)
         try:
+            if self.security is not None:
+                self.security.secure_server(self._ctx, xpub, "bus")
+                self.security.secure_server(self._ctx, xsub, "bus")
             self.out_endpoint = _bind(xpub, self.config.out_bind, any_port_if_taken)
             self.in_endpoint = _bind(xsub, self.config.in_bind, any_port_if_taken)
         except zmq.ZMQError:
@@ -185,10 +197,13 @@ class EventPublisher:
     state changes cost one attribute test while nobody listens.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], in_endpoint: str, hwm: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], in_endpoint: str, hwm: int,
+                 security: SocketSecurity | None = None) -> None:
         sock = ctx.socket(zmq.XPUB)
         apply_common_options(sock, hwm)
         sock.setsockopt(zmq.LINGER, 0)
+        if security is not None:
+            security.secure_client(sock)
         sock.connect(in_endpoint)
         self.socket = sock
         self.prefixes = PrefixSet()

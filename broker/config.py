@@ -34,6 +34,18 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (of a HOST:PORT) is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # "*", an interface or host name: reachable from elsewhere
+
+
 def broker_url() -> str:
     """The broker URL clients and agents use: ``$ORCH_BROKER`` or the default."""
     return os.environ.get("ORCH_BROKER", DEFAULT_BROKER_URL)
@@ -91,6 +103,9 @@ class BrokerConfig:
     #: HOST:PORT of the HTTP ``/metrics`` and ``/healthz`` (``broker/metrics.py``); None:
     #: derived from ``bind`` (:func:`metrics_bind_for`); "" with ``--no-metrics``: none
     metrics_bind: str | None = None
+    #: CURVE encryption and ZAP authentication on every socket (``--secure``,
+    #: ``ORCH_SECURE=1``): see ``broker/security.py``
+    secure: bool = False
 
     def __post_init__(self) -> None:
         parse_host_port(self.bind)
@@ -145,6 +160,8 @@ class BrokerConfig:
             env["bind"] = os.environ["ORCH_BIND"]
         if "ORCH_POLICY" in os.environ:
             env["policy"] = os.environ["ORCH_POLICY"]
+        if os.environ.get("ORCH_SECURE", "").strip().lower() in ("1", "true", "yes", "on"):
+            env["secure"] = True
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)
 

@@ -32,7 +32,7 @@ from broker.config import BrokerConfig
 from broker.engine.engine import Engine, Sends
 from broker.journal import Durability, open_journal
 from broker.results import ResultStore
-from broker.service import Delivery, Frames, RouterService
+from broker.service import Delivery, Frames, RouterService, SocketSecurity
 from wire.documents import StatusDocument
 from wire.errors import DecodeError
 from wire.limits import MAX_BATCH_ITEMS, PROTOCOL_VERSION
@@ -55,10 +55,13 @@ class Broker:
     Args:
         config: the broker's tunables.
         clock: a monotonic clock (injected so that tests can move time).
+        security: CURVE and ZAP for its sockets (``broker/security.py``); None: plaintext.
     """
 
-    def __init__(self, config: BrokerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: BrokerConfig, clock: Callable[[], float] = time.monotonic,
+                 security: SocketSecurity | None = None) -> None:
         self.config = config
+        self.security = security
         self.clock = clock
         self.journal = open_journal(config.data_dir, config.durability)
         now = clock()
@@ -67,7 +70,8 @@ class Broker:
         self.engine.status.extras = self._status_extras
         self.service = RouterService(self, send_hwm=config.send_hwm,
                                      drain_batch=config.drain_batch,
-                                     backlog_limit=BACKLOG_LIMIT, clock=clock, name="broker")
+                                     backlog_limit=BACKLOG_LIMIT, clock=clock, name="broker",
+                                     security=security)
         self.engine.agents.peer_address = self.service.peer_address
         #: large payloads on disk (broker/results.py); None without a journal
         self.store: ResultStore | None = None
@@ -126,7 +130,8 @@ class Broker:
         """
         self.endpoints["bus_out"] = bus_out
         self.endpoints["bus_in"] = bus_in
-        events = self.events = EventPublisher(self.service.context, bus_in, hwm)
+        events = self.events = EventPublisher(self.service.context, bus_in, hwm,
+                                                   self.security)
         self.engine.ledger.events = events
         self.bus_statistics = statistics
         # Subscriptions arrive on the publisher socket; the loop reads them when it says

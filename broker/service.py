@@ -92,6 +92,17 @@ class RouterApp(Protocol):
         (the context cannot terminate while a socket of it is open)."""
 
 
+class SocketSecurity(Protocol):
+    """What secures a service's sockets (``broker/security.py``: CURVE and ZAP); a
+    service without one speaks plaintext."""
+
+    def secure_server(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], name: str) -> None:
+        """Make ``sock`` (of ``ctx``, not bound yet) authenticate its peers."""
+
+    def secure_client(self, sock: zmq.Socket[Any]) -> None:
+        """Make ``sock`` (not connected yet) authenticate to the broker's own servers."""
+
+
 class Delivery(Enum):
     """What :meth:`RouterService.send` did with a peer's messages."""
 
@@ -204,12 +215,15 @@ class RouterService:
         clock: monotonic time handed to the application (injected for tests).
         name: the thread's name and the name in log lines.
         linger_ms: how long closing waits for queued messages to leave.
+        security: secures the ROUTER (CURVE and ZAP); None: plaintext.
     """
 
     def __init__(self, app: RouterApp, *, send_hwm: int, drain_batch: int, backlog_limit: int,
                  clock: Callable[[], float] = time.monotonic, name: str = "router-service",
-                 linger_ms: int = CLOSE_LINGER_MS) -> None:
+                 linger_ms: int = CLOSE_LINGER_MS,
+                 security: SocketSecurity | None = None) -> None:
         self.app = app
+        self.security = security
         self.send_hwm = send_hwm
         self.drain_batch = drain_batch
         self.backlog_limit = backlog_limit
@@ -278,6 +292,8 @@ class RouterService:
         apply_common_options(router, self.send_hwm)
         router.setsockopt(zmq.LINGER, self.linger_ms)
         try:
+            if self.security is not None:
+                self.security.secure_server(ctx, router, self.name)
             endpoint = self._bind_endpoint(router, endpoint, any_port_if_taken)
         except BaseException:
             router.close(linger=0)
@@ -568,4 +584,4 @@ class RouterService:
 
 
 __all__ = ["BACKLOG_RETRY_MS", "CLOSE_LINGER_MS", "Delivery", "Frames", "RouterApp",
-           "RouterService", "ServiceCounters", "WakePipe"]
+           "RouterService", "ServiceCounters", "SocketSecurity", "WakePipe"]

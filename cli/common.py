@@ -20,7 +20,7 @@ import click
 import orjson
 
 from broker.config import DEFAULT_BIND, LOCK_FILE
-from wire.home import locate_home
+from wire.home import add_local_home, locate_home
 from wire.limits import MAX_NAME_CHARS
 from wire.state import MAX_KEY_BYTES
 
@@ -33,10 +33,13 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 #: A findings report has a finding at or above ``--fail-on``.
 EXIT_FINDINGS = 4
+#: A secure broker refused this process's key (or a key or mechanism mismatch).
+EXIT_UNAUTHORIZED = 5
 
 #: The exit codes, as ``--help`` and the docs list them.
 EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 task or run failed, or not found; 2 usage error; "
-                   "3 broker unreachable; 4 findings at or above --fail-on.")
+                   "3 broker unreachable; 4 findings at or above --fail-on; 5 unauthorized "
+                   "(the broker refused our key).")
 
 #: How long a command waits for the broker to answer before calling it unreachable.
 PING_TIMEOUT_S = 3.0
@@ -178,6 +181,11 @@ def answered_or_exit(client: C, probe: Callable[[float], object],
     except unavailable:
         client.close()
         fail(message, EXIT_UNREACHABLE)
+    except BaseException:
+        # Unauthorized (exit 5), or any other error: the client's loop thread must not
+        # outlive the exit (the interpreter could crash tearing its sockets down).
+        client.close()
+        raise
     return client
 
 
@@ -281,6 +289,8 @@ class Context:
             The context the commands receive as their ``obj``.
         """
         if home is not None:
+            # Its local admin key, for the endpoints of its broker if that is secure.
+            add_local_home(home.absolute())
             return cls(home.absolute(), broker, home_source)
         default, source = locate_home()
         return cls(default, broker, source)
@@ -387,6 +397,15 @@ class CliGroup(DataDirGroup):
             return super().invoke(ctx)
         except click.ClickException as e:
             self._report(e)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the SDK's below
+            # Only a command that loaded the SDK can raise its errors: looked up, not
+            # imported, so that commands which talk to no broker never load it.
+            errors = sys.modules.get("agent_sdk.errors")
+            if errors is not None and isinstance(e, errors.Unauthorized):
+                fail(str(e), EXIT_UNAUTHORIZED, {"reason": e.reason})
+            if errors is not None and isinstance(e, errors.KeyConfigError):
+                fail(f"CURVE keys: {e}", EXIT_USAGE)
+            raise
 
     def _report(self, error: click.ClickException) -> NoReturn:
         """Print ``error`` as one line (and JSON under ``--json``); exit with its code."""

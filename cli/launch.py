@@ -84,10 +84,13 @@ class Launch:
 
     Args:
         home: The data dir.
+        env: Variables added to the runner's and the agents' environment (their CURVE
+            keys with ``start --secure``).
     """
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: Mapping[str, str] | None = None) -> None:
         self.home = home
+        self.env = dict(env or {})
         self.broker: subprocess.Popen[bytes] | None = None
         self.runner: subprocess.Popen[bytes] | None = None
         self.agents: list[tuple[subprocess.Popen[bytes], Path | None]] = []
@@ -107,7 +110,8 @@ class Launch:
         ``home/runner.pid``, its log ``home/runner.log``."""
         log = self.home / RUNNER_LOG
         offset = log_size(log)
-        self.runner = spawn(["-m", "workflows.runner", "--broker", endpoint], log)
+        self.runner = spawn(["-m", "workflows.runner", "--broker", endpoint], log,
+                            env=self.env or None)
         info = wait_ready(self.runner, "the workflow runner", log, offset)
         (self.home / RUNNER_PID).write_text(ProcessRef.of(self.runner.pid).text())
         return info
@@ -129,6 +133,7 @@ class Launch:
         pid_dir = self.home / "agents"
         pid_dir.mkdir(exist_ok=True)
         offset = log_size(log)
+        env = {**self.env, **(env or {})} or None
         launched = []
         for spec, replicas in agents:
             for _ in range(replicas):

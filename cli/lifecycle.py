@@ -24,7 +24,7 @@ import click
 
 from broker.config import DEFAULT_BIND, DURABILITIES, POLICIES
 from cli.common import (
-    BIND, EXIT_FAILED, EXIT_UNREACHABLE, PING_TIMEOUT_S, Context, DataDirCommand, emit_json,
+    BIND, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context, DataDirCommand, emit_json,
     fail, json_option, lock_held, lock_holder, read_broker_info,
 )
 from cli.launch import RUNNER_PID, Launch, StartFailed, broker_pid_file
@@ -100,14 +100,46 @@ def _report_running(home: Path, as_json: bool) -> bool:
 
 
 def _broker_args(home: Path, bind: str, policy: str, durability: str, state_bind: str | None,
-                 state_memory: bool, no_state: bool, no_bus: bool) -> list[str]:
+                 state_memory: bool, no_state: bool, no_bus: bool,
+                 secure: bool = False) -> list[str]:
     """The ``python`` arguments that run the broker with `start`'s options."""
     broker_args = ["-m", "broker", "--bind", bind, "--data-dir", str(home), "--policy", policy,
                    "--durability", durability]
     broker_args += ["--state-bind", state_bind] if state_bind else []
     broker_args += ["--state-memory"] * state_memory + ["--no-state"] * no_state
-    broker_args += ["--no-bus"] * no_bus
+    broker_args += ["--no-bus"] * no_bus + ["--secure"] * secure
     return broker_args
+
+
+def _warn_if_exposed(bind: str, state_bind: str | None) -> None:
+    """Say on stderr when a plaintext broker listens where other machines reach it."""
+    from broker.config import is_loopback, parse_host_port
+
+    hosts = [parse_host_port(bind)[0]] + ([parse_host_port(state_bind)[0]] if state_bind
+                                          else [])
+    if not all(is_loopback(host) for host in hosts):
+        click.echo(f"warning: {bind} (and the bus and state ports beside it) can be reached "
+                   "from other machines without --secure: anyone who can reach them can "
+                   "submit, run, cancel and read tasks, register agents, and read and write "
+                   "shared state and the bus; use --secure (see the README, Security)",
+                   err=True)
+
+
+def _secure_env(home: Path) -> dict[str, str]:
+    """Prepare the data dir for a secure broker (its keys and the local admin key,
+    permissions checked) and return the variables that give the local runner and agents
+    the local admin key; exit 2 with one line on a key or permission problem."""
+    from broker.security import prepare_secure_home
+    from wire.curve import ENV_KEY_FILE, ENV_SERVER_KEY, KeyFileError
+
+    try:
+        keys = prepare_secure_home(home)
+    except KeyFileError as e:
+        fail(f"--secure: {e}", EXIT_USAGE, {"home": str(home)})
+    except OSError as e:
+        fail(f"--secure: cannot create the keys in {home}: {e.strerror or e}", EXIT_FAILED,
+             {"home": str(home)})
+    return {ENV_SERVER_KEY: keys.broker_public, ENV_KEY_FILE: str(keys.local_secret_file)}
 
 
 def _print_started(pid: int, info: dict[str, Any], runner: dict[str, Any] | None,
@@ -151,10 +183,11 @@ def _undone(launch: Launch) -> str:
 
 
 def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], runner: bool,
-            agent_env: dict[str, str], as_json: bool) -> None:
+            agent_env: dict[str, str], secure_env: dict[str, str] | None,
+            as_json: bool) -> None:
     """Start the broker, the workflow runner (when ``runner``) and the agents; on any
     failure stop them again and exit 1 with the log and its last lines."""
-    launch = Launch(home)
+    launch = Launch(home, secure_env)
     try:
         info = launch.start_broker(broker_args)
         ready = launch.start_runner(info["endpoint"]) if runner else None
@@ -191,6 +224,9 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], r
 @click.option("--state-memory", is_flag=True, help="Keep shared state in memory only.")
 @click.option("--no-state", is_flag=True, help="Do not run the state service.")
 @click.option("--no-bus", is_flag=True, help="Do not run the pub/sub forwarder.")
+@click.option("--secure", is_flag=True, envvar="ORCH_SECURE",
+              help="CURVE encryption and key authentication on every socket (also "
+                   "ORCH_SECURE=1). Keys in DATA_DIR/keys; see `orchestrator keys`.")
 @click.option("--no-runner", is_flag=True,
               help="Do not start the standing workflow runner (it drives the workflow runs "
                    "submitted from the CLI; none starts with --no-state either).")
@@ -199,7 +235,7 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], r
 def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: str,
           no_agents: bool, foreground: bool, state_bind: str | None, state_memory: bool,
           no_state: bool, no_bus: bool, no_runner: bool, allow_commands: bool,
-          as_json: bool) -> None:
+          secure: bool, as_json: bool) -> None:
     """Start the broker, the workflow runner and the agents, unless the broker already
     runs."""
     home = obj.home
@@ -210,7 +246,11 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
     if _report_running(home, as_json):
         return
     broker_args = _broker_args(home, bind, policy, durability, state_bind, state_memory,
-                               no_state, no_bus)
+                               no_state, no_bus, secure)
+    # Before anything creates the data dir: a secure one is made 0700.
+    secure_env = _secure_env(home) if secure else None
+    if not secure:
+        _warn_if_exposed(bind, state_bind)
     if foreground:
         from broker.__main__ import main as broker_main
 
@@ -225,7 +265,8 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
     if agents:
         say_llm_endpoint()
     agent_env = {"ORCH_ALLOW_COMMANDS": "1"} if allow_commands else {}
-    _launch(home, broker_args, agents, not (no_runner or no_state), agent_env, as_json)
+    _launch(home, broker_args, agents, not (no_runner or no_state), agent_env, secure_env,
+            as_json)
 
 
 def _llm_usage(status: dict[str, Any]) -> dict[str, Any] | None:

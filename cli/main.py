@@ -1,7 +1,7 @@
 """The ``orchestrator`` command line: start and stop the broker, submit work, inspect it.
 
 Exit codes: 0 success, 1 task failed or not found, 2 usage error, 3 broker unreachable,
-4 findings at or above ``--fail-on``.
+4 findings at or above ``--fail-on``, 5 unauthorized (a secure broker refused our key).
 Every command that prints data takes ``--json`` and then prints exactly one JSON document.
 
 This module only assembles the group: the commands live in one module per topic
@@ -20,6 +20,7 @@ from broker import __version__
 from cli.bench import bench
 from cli.common import EXIT_CODES_HELP, URL, CliGroup, Context, DirPath
 from cli.events import events
+from cli.keys import keys
 from cli.lifecycle import start, status, stop
 from cli.logs import logs
 from cli.oneshot import run
@@ -49,7 +50,7 @@ def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
 
 # `--help` lists the commands sorted by name, so the order here does not show.
 for _command in (start, stop, status, submit, result, cancel, trace, tasks, bench, state,
-                 workflow, run, events, logs):
+                 workflow, run, events, logs, keys):
     main.add_command(_command)
 
 

@@ -18,6 +18,18 @@ DEFAULT_HOME: Final = ".orchestrator"
 USER_HOME_NAME: Final = "orchestrator"
 
 
+#: Data dirs besides :func:`home_dir` whose secure broker this process may reach with the
+#: local admin key (``wire/curve.py``): the CLI's ``--home``.
+local_homes: list[Path] = []
+
+
+def add_local_home(home: Path) -> None:
+    """Let this process use the local admin key of the data dir ``home`` for the
+    endpoints its secure broker announced (the CLI calls it for its data dir)."""
+    if home not in local_homes:
+        local_homes.append(home)
+
+
 def home_dir() -> Path:
     """The data dir (pid file, lock, logs, journal, state): see :func:`locate_home`."""
     return locate_home()[0]
@@ -52,4 +64,4 @@ def user_home_dir() -> Path:
     return base / USER_HOME_NAME
 
 
-__all__ = ["DEFAULT_HOME", "USER_HOME_NAME", "home_dir", "locate_home", "user_home_dir"]
+__all__ = ["DEFAULT_HOME", "add_local_home", "local_homes", "USER_HOME_NAME", "home_dir", "locate_home", "user_home_dir"]

@@ -21,6 +21,7 @@ from wire.state import (
     LeaseGranted, LockRelease, StateDone, StateErrorCode, StateErrorReply, StateEvents,
     StateHello, StateMessage, StatePing, StateWatch, StateWelcome,
 )
+from agent_sdk.reach import handshake_refusal
 from agent_sdk.connection import (
     Backoff, Connection, DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, STATE_CODEC,
 )
@@ -180,7 +181,8 @@ class Session:
             if not isinstance(self._url_source, str):
                 self.url = await self._url_source()
             self._conn = Connection(self.url, self.session_id.encode(), STATE_CODEC,
-                                    self._on_message, monitor=True)
+                                    self._on_message, monitor=True,
+                                    on_event=self._on_link_event)
             self._conn.open()
             if self._heartbeat_task is None:
                 self._heartbeat_task = loop.create_task(self._heartbeat_loop(),
@@ -196,6 +198,16 @@ class Session:
         finally:
             self._requests.pop(req)
         self._on_welcome(welcome)
+
+    def _on_link_event(self, event: int, value: int) -> None:
+        """A refused or failed CURVE handshake fails every waiting request at once with
+        :class:`Unauthorized` (rather than a timeout); the heartbeat loop keeps trying."""
+        conn = self._conn
+        refusal = handshake_refusal(self.url, event, value,
+                                    None if conn is None else conn.curve_public_key)
+        if refusal is not None:
+            logger.error("state session: %s", refusal)
+            self._requests.fail_all(refusal)
 
     async def _establish_logged(self) -> None:
         try:

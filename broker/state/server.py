@@ -27,7 +27,7 @@ from typing import Any, Callable
 from broker import __version__
 from broker.config import StateConfig
 from broker.heartbeat import Liveness
-from broker.service import Frames, RouterService
+from broker.service import Frames, RouterService, SocketSecurity
 from broker.state.persistence import StatePersistence
 from broker.state.store import StateStore
 from wire.errors import StateDecodeError
@@ -48,10 +48,12 @@ class StateServer:
         config: where to bind, where the data lives, heartbeat settings.
         clock: monotonic time for every expiry (injected so tests can drive it).
         wall_clock: wall-clock time, only to carry key expiry across restarts.
+        security: CURVE and ZAP for its ROUTER (``broker/security.py``); None: plaintext.
     """
 
     def __init__(self, config: StateConfig, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 security: SocketSecurity | None = None) -> None:
         self.config = config
         self.clock = clock
         self.store = StateStore(Liveness(config.heartbeat_interval_s, config.heartbeat_liveness),
@@ -62,7 +64,7 @@ class StateServer:
         self.service = RouterService(self, send_hwm=config.send_hwm,
                                      drain_batch=config.drain_batch,
                                      backlog_limit=config.watcher_backlog, clock=clock,
-                                     name="state-service")
+                                     name="state-service", security=security)
         self.started_at = clock()
         #: messages dropped for watchers that stopped reading (their watches cancelled)
         self.overflow_dropped = 0

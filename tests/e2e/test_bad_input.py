@@ -30,7 +30,8 @@ import cli.state
 from cli.main import main
 
 #: Values of required arguments when another parameter is the one under test.
-REQUIRED = {"text": "hello", "task_id": "t-1", "key": "k", "value": "1"}
+REQUIRED = {"text": "hello", "task_id": "t-1", "key": "k", "value": "1",
+            "public_key_or_file": "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}
 #: ... where a command needs another: `run` plans its text before anything else.
 REQUIRED_BY_COMMAND = {("run",): {"text": "Research vector databases"}}
 #: Parameters whose value the command checks itself, after click's type took it.
