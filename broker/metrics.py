@@ -56,7 +56,7 @@ from prometheus_client.core import (
 from broker.config import parse_host_port
 from broker.engine.circuit import CircuitState
 from broker.engine.model import AgentHealth, TaskState
-from broker.engine.status import DURATION_BUCKETS_S
+from broker.engine.status import DURATION_BUCKETS_S, capability_label
 from broker.journal import COMMIT_BUCKETS_S, Durability
 from broker.state.store import USAGE_PREFIX
 from wire.codec import unpackb
@@ -141,11 +141,6 @@ class Snapshot:
     #: None without a journal (durability none)
     commit_buckets: list[int] | None = None
     commit_sum_s: float = 0.0
-
-
-def capability_label(capabilities: tuple[str, ...] | list[str]) -> str:
-    """A task's capability set as one label value: sorted, comma-joined ("" for none)."""
-    return ",".join(sorted(capabilities))
 
 
 def circuit_value(state: CircuitState, opened_at: float, recovery_s: float, now: float) -> int:

@@ -29,6 +29,12 @@ DURATION_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
                              5.0, 10.0, 30.0, 60.0, 300.0)
 
 
+def capability_label(capabilities: tuple[str, ...] | list[str]) -> str:
+    """A task's capability set as one label value (metrics, the status queue): sorted,
+    comma-joined ("" for none)."""
+    return ",".join(sorted(capabilities))
+
+
 class TaskStats:
     """Plain counters of the tasks one agent name ran for one capability set.
 
@@ -228,7 +234,7 @@ class StatusDesk:
         depth: Counter[str] = Counter()
         for task in self.ledger.tasks.values():
             if task.state is TaskState.PENDING:
-                depth[",".join(sorted(task.spec.capabilities))] += 1
+                depth[capability_label(task.spec.capabilities)] += 1
         return dict(depth)
 
     def storage(self) -> dict[str, Any]:
