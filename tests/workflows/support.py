@@ -19,7 +19,7 @@ import pytest
 
 from agent_sdk import Change, Client
 from agent_sdk.loop import run as run_loop
-from tests.conftest import Cluster, python_process, read_json_line
+from tests.conftest import BrokerProcess, Cluster, python_process, read_json_line
 from workflows import ids
 from workflows.runs import RunRecord, RunStatus, RunStore
 
@@ -71,6 +71,27 @@ def start_runner(cluster: Cluster, url: str) -> tuple[subprocess.Popen[bytes], d
     info = read_json_line(proc)
     assert info["event"] == "ready", info
     return proc, info
+
+
+def mapping_client(cluster: Cluster, tmp_path: Path, run_id: str, items: int,
+                   sleep_s: float | None = None
+                   ) -> tuple[BrokerProcess, Path, subprocess.Popen[bytes]]:
+    """A broker, two mapper processes (``square``, 2 at a time each, logging their
+    executions to the returned directory) and a client process mapping ``items`` items
+    in itself (``tests/workflows/client_script.py``: each ``sleep_s`` long, its default
+    when None); returns once the client started the run."""
+    broker = cluster.broker()
+    exec_dir = tmp_path / "exec"
+    exec_dir.mkdir()
+    square = {"EXEC_DIR": exec_dir, "AGENT_NAME": "squarer", "AGENT_CAPS": "square",
+              "AGENT_OP": "square", "AGENT_MAX": 2}
+    start_agents(cluster, broker.url, square, square)
+    sleep = () if sleep_s is None else ("--sleep", str(sleep_s))
+    client_proc = python_process("-m", "tests.workflows.client_script", "--broker", broker.url,
+                                 "--run-id", run_id, "--items", str(items), *sleep)
+    cluster.procs.append(client_proc)
+    assert read_json_line(client_proc)["event"] == "started"
+    return broker, exec_dir, client_proc
 
 
 def exec_lines(exec_dir: Path, run_id: str | None = None) -> list[dict[str, Any]]:

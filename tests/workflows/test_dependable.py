@@ -24,7 +24,7 @@ from broker.journal import Journal
 from tests.conftest import BrokerProcess, Cluster, python_process, read_json_line
 from tests.support import wait_status as wait_broker_status
 from tests.workflows.support import (
-    exec_lines, run, start_agents, start_runner, starts, wait_record, WAIT_S,
+    exec_lines, mapping_client, run, start_agents, start_runner, starts, wait_record, WAIT_S,
 )
 from workflows import ids
 from workflows.api import cancel_run, resume_run, submit_run
@@ -54,17 +54,8 @@ def _killed_midway(cluster: Cluster, tmp_path: Path, run_id: str
     """A broker, two mappers, and a client process mapping items in itself, killed once
     10 items are checkpointed; returns once its lease is gone and the tasks it left
     finished unheard (their results held by the broker, nobody checkpointing them)."""
-    broker = cluster.broker()
-    exec_dir = tmp_path / "exec"
-    exec_dir.mkdir()
-    square = {"EXEC_DIR": exec_dir, "AGENT_NAME": "squarer", "AGENT_CAPS": "square",
-              "AGENT_OP": "square", "AGENT_MAX": 2}
-    start_agents(cluster, broker.url, square, square)
-    client_proc = python_process("-m", "tests.workflows.client_script", "--broker", broker.url,
-                                 "--run-id", run_id, "--items", str(MAPPED_ITEMS),
-                                 "--sleep", "0.1")
-    cluster.procs.append(client_proc)
-    assert read_json_line(client_proc)["event"] == "started"
+    broker, exec_dir, client_proc = mapping_client(cluster, tmp_path, run_id, MAPPED_ITEMS,
+                                                   sleep_s=0.1)
 
     async def checkpointed_then_let_go() -> None:
         async with Client(broker.url) as client:

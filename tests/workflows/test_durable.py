@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from agent_sdk import BusMessage, Change, Client, SyncClient
-from tests.conftest import BrokerProcess, Cluster, python_process, read_json_line
+from tests.conftest import BrokerProcess, Cluster
 from tests.support import wait_status as wait_broker_status
 from tests.workflows.support import (
-    exec_lines, run, start_agents, start_runner, starts, wait_record, wait_status, WAIT_S,
+    exec_lines, mapping_client, run, start_agents, start_runner, starts, wait_record,
+    wait_status, WAIT_S,
 )
 from workflows import ids
 from workflows.api import (
@@ -134,19 +135,8 @@ def test_a_rejected_approval_ends_the_run_as_rejected_with_the_comment(
 
 def _mapping_client(cluster: Cluster, tmp_path: Path, run_id: str
                     ) -> tuple[BrokerProcess, Path, subprocess.Popen[bytes]]:
-    """A broker, two mapper processes and a client process mapping 60 items of 50 ms
-    each, 4 at a time, in itself; returns once the client started the run."""
-    broker = cluster.broker()
-    exec_dir = tmp_path / "exec"
-    exec_dir.mkdir()
-    square = {"EXEC_DIR": exec_dir, "AGENT_NAME": "squarer", "AGENT_CAPS": "square",
-              "AGENT_OP": "square", "AGENT_MAX": 2}
-    start_agents(cluster, broker.url, square, square)
-    client_proc = python_process("-m", "tests.workflows.client_script", "--broker", broker.url,
-                                 "--run-id", run_id, "--items", str(MAPPED_ITEMS))
-    cluster.procs.append(client_proc)
-    assert read_json_line(client_proc)["event"] == "started"
-    return broker, exec_dir, client_proc
+    """60 items of 50 ms each, 4 at a time (:func:`mapping_client`)."""
+    return mapping_client(cluster, tmp_path, run_id, MAPPED_ITEMS)
 
 
 def _kill_after_checkpoints(url: str, run_id: str, items: int,
