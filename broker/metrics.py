@@ -152,6 +152,27 @@ def circuit_value(state: CircuitState, opened_at: float, recovery_s: float, now:
     return _CIRCUIT_VALUE[value]
 
 
+def cumulative_buckets(bounds: tuple[float, ...], counts: list[int]
+                       ) -> list[tuple[str, float]]:
+    """Per-bucket counts (the engine's plain ones, +Inf last) as Prometheus' cumulative
+    ``(le, count)`` buckets."""
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, count in zip((*map(str, bounds), "+Inf"), counts):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return buckets
+
+
+def counter_by(name: str, documentation: str, label: str, counts: dict[str, int]
+               ) -> CounterMetricFamily:
+    """A counter family with one series per value of ``label``, sorted."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family
+
+
 _Snap = TypeVar("_Snap")
 
 
@@ -264,12 +285,8 @@ class BrokerCollector:
             retried.add_metric(labels, sample.retried)
             for code, count in sorted(sample.failed.items()):
                 failed.add_metric([*labels, code], count)
-            cumulative = 0
-            buckets: list[tuple[str, float]] = []
-            for bound, count in zip((*map(str, DURATION_BUCKETS_S), "+Inf"), sample.buckets):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            duration.add_metric(labels, buckets, sample.duration_sum_s)
+            duration.add_metric(labels, cumulative_buckets(DURATION_BUCKETS_S, sample.buckets),
+                                sample.duration_sum_s)
         yield from (started, completed, failed, retried, duration)
 
     @staticmethod
@@ -311,12 +328,8 @@ class BrokerCollector:
             f"{_PREFIX}journal_commit_seconds",
             "Seconds each journal write took (one per loop pass that recorded something, "
             "with its fsync in fsync mode).")
-        cumulative = 0
-        buckets: list[tuple[str, float]] = []
-        for bound, count in zip((*map(str, COMMIT_BUCKETS_S), "+Inf"), snap.commit_buckets):
-            cumulative += count
-            buckets.append((bound, cumulative))
-        commits.add_metric([], buckets, snap.commit_sum_s)
+        commits.add_metric([], cumulative_buckets(COMMIT_BUCKETS_S, snap.commit_buckets),
+                           snap.commit_sum_s)
         yield commits
 
     @staticmethod
@@ -326,12 +339,8 @@ class BrokerCollector:
                                   value=snap.messages_in)
         yield CounterMetricFamily(f"{_PREFIX}messages_sent",
                                   "Messages the broker's ROUTER sent.", value=snap.messages_out)
-        rejected = CounterMetricFamily(f"{_PREFIX}messages_rejected",
-                                       "Messages answered with ERROR, by error code.",
-                                       labels=["code"])
-        for code, count in sorted(snap.rejected.items()):
-            rejected.add_metric([code], count)
-        yield rejected
+        yield counter_by(f"{_PREFIX}messages_rejected",
+                         "Messages answered with ERROR, by error code.", "code", snap.rejected)
         yield GaugeMetricFamily(f"{_PREFIX}pending_tasks", "Tasks waiting for an agent.",
                                 value=snap.pending)
         yield GaugeMetricFamily(
@@ -412,12 +421,9 @@ class StateCollector:
     def collect(self) -> Iterator[Metric]:
         """The families of one scrape, built afresh from a :meth:`snapshot`."""
         snap = self.snapshot()
-        requests = CounterMetricFamily(f"{_PREFIX}state_requests",
-                                       "Requests the state service served, by command.",
-                                       labels=["command"])
-        for command, count in sorted(snap.requests.items()):
-            requests.add_metric([command], count)
-        yield requests
+        yield counter_by(f"{_PREFIX}state_requests",
+                         "Requests the state service served, by command.", "command",
+                         snap.requests)
         yield CounterMetricFamily(f"{_PREFIX}state_lock_waits",
                                   "Lock ACQUIREs that found the lock held and waited.",
                                   value=snap.lock_waits)

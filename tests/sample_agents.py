@@ -80,7 +80,7 @@ class HealthProbeAgent(BaseAgent):
         if task.data == "hang":
             while not self._flag("release"):
                 try:
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.02)  # the hung execute under test, not a wait
                 except asyncio.CancelledError:
                     continue  # deaf to the broker's cancel: the hang under test
             return Result(data="released")
