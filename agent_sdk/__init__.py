@@ -29,7 +29,8 @@ from agent_sdk.errors import (
     BrokerUnavailable, BusUnavailable, DecodeError, InvalidName, KeyConfigError, LeaseLost,
     LockTimeout, Unauthorized,
     MailboxFull, NoSuchAgent, OrchestratorError, PermanentFailure, RegistrationRefused,
-    RemoteError, RequestRefused, RetryableError, StaleFencingToken, StateError,
+    RemoteError, RequestRefused, ReservedTopic, RetryableError, StaleFencingToken,
+    StateAccessDenied, StateError,
     StateUnavailable, TaskNotFound, TooLarge, VersionConflict, VersionMismatch, WaitTimeout,
     WireError,
 )
@@ -51,9 +52,10 @@ __all__ = [
     # wire errors, as the SDK raises them
     "DecodeError", "TooLarge", "WireError",
     # shared state
-    "Change", "Lease", "LeaseLost", "LockTimeout", "StaleFencingToken", "StateClient",
+    "Change", "Lease", "LeaseLost", "LockTimeout", "StaleFencingToken", "StateAccessDenied",
+    "StateClient",
     "StateError", "StateUnavailable", "SyncStateClient", "VersionConflict", "Versioned", "Watch",
     # messaging
     "BusMessage", "BusUnavailable", "DirectMessage", "MailboxFull", "NoSuchAgent",
-    "RemoteError", "Subscription", "SyncSubscription",
+    "RemoteError", "ReservedTopic", "Subscription", "SyncSubscription",
 ]

@@ -372,6 +372,13 @@ class BaseAgent(MessagingMixin, abc.ABC):
     def _on_welcome(self, msg: Welcome) -> None:
         first = not self._registered_event.is_set()
         self._link.welcomed(msg.heartbeat_interval_s, msg.heartbeat_liveness)
+        if msg.limits is not None:
+            # The broker's size limits: results, direct and bus messages bigger than
+            # them are refused here (too_large), never dropped by libzmq on the way.
+            if self._channel is not None:
+                self._channel.adopt_limits(msg.limits)
+            frame_limit = msg.limits.get("max_message_bytes", self._task_runner.max_frame_bytes)
+            self._task_runner.max_frame_bytes = self.messaging.bus.max_frame_bytes = frame_limit
         self.endpoints = msg.endpoints
         self.messaging.set_endpoints(msg.endpoints)
         self.messaging.report_again()

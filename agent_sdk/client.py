@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast, Final
 
 from wire.codec import chunks
-from wire.limits import MAX_FRAME_BYTES
+from wire.curve import in_scope, key_scope, scoped
+from wire.limits import MIN_MESSAGE_BYTES
+from wire.purge import PurgeReply
 from wire.tasks import (
     Accepted, Cancel, Chunk, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch,
     Heartbeat, Message, Release, Results, StatusReply, StatusRequest, Submit, TaskList,
@@ -36,11 +38,13 @@ from wire.tasks import (
 from agent_sdk.config import broker_url
 from agent_sdk.connection import Connection, TASK_CODEC, Transport
 from agent_sdk.errors import (
-    BrokerUnavailable, RequestRefused, TaskNotFound, TooLarge, VersionMismatch, WaitTimeout,
+    BrokerUnavailable, RequestRefused, TaskNotFound, Unauthorized, VersionMismatch,
+    WaitTimeout,
 )
 from agent_sdk.handles import (
     deliver_results, mark_accepted, open_work, overdue_work, PeekAnswer, Peeks, reject, TaskHandle,
 )
+from agent_sdk.limits import SubmitLimits, send_submits
 from agent_sdk.messaging import MAILBOX_SIZE, MessagingMixin, Messenger
 from agent_sdk.payloads import PayloadReader
 from agent_sdk.state import endpoint_from, StateClient
@@ -172,9 +176,83 @@ class _Requests:
             if error.code == ErrorCode.NOT_FOUND.value:
                 future.set_exception(TaskNotFound(
                     error.task_ids[0] if error.task_ids else "", error.message))
+            elif error.code == ErrorCode.UNAUTHORIZED.value:
+                # A secure broker refused what this key asked (its role does not allow
+                # it, or the key was revoked).
+                future.set_exception(Unauthorized(self.url, "forbidden", error.message))
             else:
                 future.set_exception(RequestRefused(error.code, error.message))
         return True
+
+
+class Recovery:
+    """What keeps a client's open tasks alive across a restarted broker or a lossy link:
+    while tasks are open it pings the broker, learns its boot id, and sends again what
+    may have been dropped (submits and watches are idempotent by task id)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        #: the broker's boot id as last heard
+        self.boot: str | None = None
+
+    async def ping_loop(self) -> None:
+        client = self._client
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            channel = client._channel
+            if channel is None:
+                return
+            client.messaging.expire(loop.time())
+            if not client._handles:
+                continue
+            channel.send(Heartbeat(role="client"))
+            self.send_again(*overdue_work(client._handles.values(), loop.time(),
+                                          RECOVER_AFTER_S))
+
+    def send_again(self, specs: list[TaskSpec], watched: list[str]) -> None:
+        client = self._client
+        if client._channel is not None:
+            send_again(client._channel, client._requests.next_id, specs, watched)
+
+    def on_boot(self, boot: str) -> None:
+        if self.boot is not None and boot != self.boot and self._client._handles:
+            # The broker restarted: it kept what it journaled; send everything open again.
+            self.send_again(*open_work(self._client._handles.values()))
+        self.boot = boot
+
+
+class TaskIds:
+    """A client's task ids: made from its client id and a count; on a secure broker in
+    its key's scope (``wire/curve.py``), which the broker requires of a non-admin's new
+    ids and reads any id it names in.
+
+    Attributes:
+        scope: this key's scope ("" in plaintext, and until connected).
+    """
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.scope = ""
+        self._count = itertools.count(1)
+
+    def use_key(self, public_key: str | None) -> None:
+        """The connection's CURVE public key (None: plaintext)."""
+        self.scope = key_scope(public_key) if public_key is not None else ""
+
+    def new(self) -> str:
+        """A fresh task id."""
+        return f"{self.scope}{self.client_id}-{next(self._count)}"
+
+    def own(self, task_id: str) -> str:
+        """A caller's id for a new task: in this key's scope (another key's id becomes
+        one of this key's own)."""
+        return in_scope(self.scope, task_id)
+
+    def named(self, task_id: str) -> str:
+        """An id the caller names to look a task up: one with a scope as it is (an admin
+        naming another key's task), a short one in this key's scope."""
+        return scoped(self.scope, task_id)
 
 
 class Client(MessagingMixin):
@@ -199,13 +277,14 @@ class Client(MessagingMixin):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[str, TaskHandle] = {}
         self._outgoing: list[TaskSpec] = []
+        #: large submits wait for the broker's size limits (agent_sdk/limits.py)
+        self._limits = SubmitLimits()
         self._reach = Reach(self.url, self._fail_all)
         self._requests = _Requests(self.url, self._reach)
         self._payloads = PayloadReader(partial(self._requests.ask, self._send_message))
-        self._task_ids = itertools.count(1)
+        self._ids = TaskIds(self.client_id)
         self._pinger: asyncio.Task[None] | None = None
-        #: the broker's boot id as last heard
-        self._boot: str | None = None
+        self._recovery = Recovery(self)
         self._state_url = state_url
         self._shared_state: StateClient | None = None
         #: pub/sub and direct messages (the methods of MessagingMixin use it)
@@ -229,7 +308,8 @@ class Client(MessagingMixin):
             self._reach.poll = self._channel.read_events
             self._channel.open()
             self._reach.public_key = self._channel.curve_public_key
-            self._pinger = self._loop.create_task(self._ping_loop(),
+            self._ids.use_key(self._channel.curve_public_key)
+            self._pinger = self._loop.create_task(self._recovery.ping_loop(),
                                                   name=f"{self.client_id}-ping")
         return self._channel
 
@@ -278,32 +358,6 @@ class Client(MessagingMixin):
 
     # ------------------------------------------------------------------ recovery
 
-    async def _ping_loop(self) -> None:
-        """While tasks are open: ping the broker, learn its boot id, and recover what a
-        restarted broker or a lossy link may have dropped."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(PING_INTERVAL_S)
-            channel = self._channel
-            if channel is None:
-                return
-            self.messaging.expire(loop.time())
-            if not self._handles:
-                continue
-            channel.send(Heartbeat(role="client"))
-            self._send_again(*overdue_work(self._handles.values(), loop.time(),
-                                           RECOVER_AFTER_S))
-
-    def _send_again(self, specs: list[TaskSpec], watched: list[str]) -> None:
-        if self._channel is not None:
-            send_again(self._channel, self._requests.next_id, specs, watched)
-
-    def _on_boot(self, boot: str) -> None:
-        if self._boot is not None and boot != self._boot and self._handles:
-            # The broker restarted: it kept what it journaled; send everything open again.
-            self._send_again(*open_work(self._handles.values()))
-        self._boot = boot
-
     # ------------------------------------------------------------------ tasks
 
     def submit(self, text: str | None = None, *, capabilities: Iterable[str] = (),
@@ -337,8 +391,9 @@ class Client(MessagingMixin):
         self._requests.check()
         channel = self._channel or self._ensure_open()
         if task_id is None:
-            task_id = f"{self.client_id}-{next(self._task_ids)}"
+            task_id = self._ids.new()
         else:
+            task_id = self._ids.own(task_id)
             handle = self._handles.get(task_id)
             if handle is not None:
                 return handle
@@ -346,10 +401,8 @@ class Client(MessagingMixin):
             fields["text"] = text
         caps = (capabilities,) if isinstance(capabilities, str) else tuple(capabilities)
         payload = encode_payload(data, fields)
-        if len(payload) > MAX_FRAME_BYTES:
-            # Refused here, not on the way out: the caller hears it, and no handle waits
-            # for a task that never left.
-            raise TooLarge(len(payload), MAX_FRAME_BYTES)
+        # Every broker takes MIN_MESSAGE_BYTES; a bigger payload is checked (or TooLarge).
+        leaves_now = len(payload) <= MIN_MESSAGE_BYTES or self._limits.check(channel, payload)
         spec_fields = (task_id, payload, caps, agent, priority,
                        timeout if timeout is not None else self.default_timeout_s, retries,
                        parent_id, attempt_timeout, hold)
@@ -362,6 +415,8 @@ class Client(MessagingMixin):
             handle = TaskHandle(task_id, self, spec, loop.time())
         handles = self._handles
         handles[task_id] = handle
+        if not leaves_now:
+            return self._limits.hold(spec, handle, channel)  # until the broker says its limits
         if not self._outgoing:
             if len(handles) == 1:
                 # Nothing else in flight: no batch to wait for, and sending now saves
@@ -377,6 +432,7 @@ class Client(MessagingMixin):
         """A handle for a task submitted earlier (by this or another client): its result
         is delivered here when it finishes, or now if it already has."""
         channel = self._ensure_open()
+        task_id = self._ids.named(task_id)
         handle = self._handles.get(task_id)
         if handle is None:
             handle = TaskHandle(task_id, self)
@@ -394,7 +450,9 @@ class Client(MessagingMixin):
             BrokerUnavailable: no answer within ``timeout``.
             ResultUnreadable: the large payload's read failed (it went past retention).
         """
-        return await self._requests.peek(self._send_message, task_id, timeout)
+        self._ensure_open()
+        return await self._requests.peek(self._send_message, self._ids.named(task_id),
+                                         timeout)
 
     async def release(self, task_ids: Iterable[str]) -> None:
         """Let the broker drop the results of these tasks, submitted with ``hold=True``,
@@ -402,13 +460,15 @@ class Client(MessagingMixin):
         submits queued before leave first; no ids, no message; the broker never answers."""
         self._flush()
         channel = self._ensure_open()
-        for part in chunks(ids) if (ids := list(task_ids)) else ():
+        ids = [self._ids.named(task_id) for task_id in task_ids]
+        for part in chunks(ids) if ids else ():
             channel.send(Release(part))
 
     async def cancel(self, task_id: str) -> None:
         """Ask the broker to cancel ``task_id`` (no-op if it already finished)."""
         self._flush()
-        self._ensure_open().send(Cancel([task_id]))
+        channel = self._ensure_open()
+        channel.send(Cancel([self._ids.named(task_id)]))
 
     # ------------------------------------------------------------------ status
 
@@ -438,6 +498,8 @@ class Client(MessagingMixin):
         Raises:
             TaskNotFound: the broker knows no such task (or it is past retention).
         """
+        self._ensure_open()
+        task_id = self._ids.named(task_id)
         reply: TaskList = await self._requests.ask(
             self._send_message, lambda req: TaskQuery(req, None, 1, [task_id]), timeout)
         document = _as_dict(reply.tasks[0]) if reply.tasks else {"status": "unknown"}
@@ -472,7 +534,7 @@ class Client(MessagingMixin):
         if self._outgoing and self._channel is not None:
             batch, self._outgoing = self._outgoing, []
             for part in chunks(batch):
-                self._channel.send(Submit(part))
+                send_submits(self._channel, part, self._handles)
 
     def _on_message(self, msg: Message) -> None:
         self._reach.contacted = True  # a monitor event may come later than the message
@@ -481,13 +543,15 @@ class Client(MessagingMixin):
                 self._on_results(items)
             case Accepted(ids):
                 mark_accepted(ids, self._handles)
-            case StatusReply(req) | TaskList(req) | Chunk(req):
+            case StatusReply(req) | TaskList(req) | Chunk(req) | PurgeReply(req):
                 self._requests.answer(req, msg)
             case Error():
                 self._on_error(msg)
-            case Heartbeat(boot=boot):
+            case Heartbeat(boot=boot, limits=limits):
                 if boot:
-                    self._on_boot(boot)
+                    self._recovery.on_boot(boot)
+                    self._limits.adopt(self._channel, limits, self._handles, self._outgoing,
+                                       self.messaging.bus)
             case Direct():
                 self.messaging.on_direct(msg)
             case DirectVerdict():
@@ -506,7 +570,7 @@ class Client(MessagingMixin):
             if not self._requests.refuse(error) and error.code == ErrorCode.NOT_FOUND.value:
                 # A recovery FETCH found nothing: the broker lost the task (no journal).
                 lost = [self._handles[i]._spec for i in error.task_ids if i in self._handles]
-                self._send_again([spec for spec in lost if spec is not None], [])
+                self._recovery.send_again([spec for spec in lost if spec is not None], [])
             return
         reject(error, self._handles)  # refused submits (queue_full, shutting_down)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -29,9 +30,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 import wire.errors as wire_errors
-from wire.curve import ClientKeys, KeyFileError, apply_client, client_keys
+from wire.curve import ClientKeys, KeyFileError, apply_client, client_keys, key_scope, scoped
 from wire.home import home_dir, local_homes
-from wire.limits import MAX_FRAME_BYTES
+from wire.limits import MAX_FRAME_BYTES, MAX_HEADER_BYTES, MAX_MESSAGE_BYTES_ENV
 from wire.sockets import apply_common_options, has_input, NOBLOCK, recv_frames, send_frames
 from wire.state import decode_state, encode_state, StateMessage
 from wire.tasks import decode, encode, Message
@@ -97,8 +98,13 @@ class Transport(Protocol[M_contra]):
     closed: bool
     last_heard: float
     last_sent: float
+    #: the peer's size limits (the defaults until it announced them)
+    max_frame_bytes: int
+    max_header_bytes: int
+    limits_known: bool
 
     def open(self) -> None: ...
+    def adopt_limits(self, limits: dict[str, int] | None) -> None: ...
     def reopen(self) -> None: ...
     def close(self) -> None: ...
     def send(self, msg: M_contra) -> None: ...
@@ -126,13 +132,22 @@ def curve_keys(url: str) -> ClientKeys | None:
         raise KeyConfigError(str(e)) from None
 
 
+def receive_limit() -> int:
+    """The largest frame an SDK socket takes from its peer: the protocol's default, or
+    ``$ORCH_MAX_MESSAGE_BYTES`` when that is bigger (a broker started with a bigger
+    ``--max-message-bytes``). Fixed when the socket connects, before the broker could
+    announce its own limit, so the environment says it."""
+    text = os.environ.get(MAX_MESSAGE_BYTES_ENV, "").strip()
+    return max(MAX_FRAME_BYTES, int(text)) if text.isdigit() else MAX_FRAME_BYTES
+
+
 def _socket(kind: int, hwm: int, keys: ClientKeys | None) -> zmq.Socket[Any]:
     """A socket with the options every SDK socket shares, and CURVE with ``keys`` (from
     :func:`curve_keys`; None: plaintext)."""
     sock: zmq.Socket[Any] = zmq.Context.instance().socket(kind)
     if keys is not None:
         apply_client(sock, keys)
-    apply_common_options(sock, hwm)
+    apply_common_options(sock, hwm, receive_limit())
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -237,8 +252,27 @@ class Connection(Generic[M]):
         self.last_heard = 0.0
         self.last_sent = 0.0
         self.transport_up = False
+        #: the peer's size limits as it announced them (:meth:`adopt_limits`); the
+        #: protocol's defaults until then, and ``limits_known`` False
+        self.max_frame_bytes: int = MAX_FRAME_BYTES
+        self.max_header_bytes: int = MAX_HEADER_BYTES
+        self.limits_known = False
         #: this side's CURVE public key (Z85) on the current socket; None: plaintext
         self.curve_public_key: str | None = None
+
+    def adopt_limits(self, limits: dict[str, int] | None) -> None:
+        """The peer announced its size limits (WELCOME, a HEARTBEAT's answer): check
+        sends against them from now on. None (a peer that announces none): keep the
+        defaults, which every peer of this protocol accepts."""
+        self.limits_known = True
+        if limits is None:
+            return
+        frame = limits.get("max_message_bytes")
+        header = limits.get("max_header_bytes")
+        if type(frame) is int and frame > 0:
+            self.max_frame_bytes = frame
+        if type(header) is int and header > 0:
+            self.max_header_bytes = header
 
     def open(self) -> None:
         """Create the socket, connect and start watching it (call inside the loop)."""
@@ -246,7 +280,13 @@ class Connection(Generic[M]):
         self._time = loop.time
         keys = curve_keys(self.url)
         sock = _socket(zmq.DEALER, SEND_HWM, keys)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        if keys is None:
+            sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        else:
+            # A secure broker takes a routing id only in the scope of the key that
+            # presents it: no other key can pose as this peer.
+            sock.setsockopt(zmq.ROUTING_ID, scoped(key_scope(keys.public_key),
+                                                   self.identity.decode()).encode())
         self.curve_public_key = None if keys is None else keys.public_key
         if self._monitored:
             # Before connecting, so that the first handshake is reported too.
@@ -290,15 +330,21 @@ class Connection(Generic[M]):
         """Send now (never blocks; if the pipe is full, the message waits its turn).
 
         Raises:
-            TooLarge: a frame of the encoded message exceeds ``MAX_FRAME_BYTES``.
+            TooLarge: a frame of the encoded message exceeds the peer's frame limit
+                (``MAX_FRAME_BYTES`` until it announced its own), or its header the
+                header limit.
         """
         try:
             frames = self._encode(msg)
         except wire_errors.WireError as e:
             raise as_sdk_error(e) from e
+        limit = self.max_frame_bytes
         for frame in frames:
-            if len(frame) > MAX_FRAME_BYTES:
-                raise TooLarge(len(frame), MAX_FRAME_BYTES)
+            if len(frame) > limit:
+                raise TooLarge(len(frame), limit)
+        if len(frames) > 2 and len(frames[2]) > self.max_header_bytes:
+            raise TooLarge(len(frames[2]), self.max_header_bytes, "message header",
+                           "max_header_bytes")
         sock = self._sock
         if sock is None:
             return
@@ -448,19 +494,25 @@ class Backoff:
 
 
 class BusSockets:
-    """A peer's two sockets on the broker's bus forwarder.
+    """A peer's sockets on the broker's bus: the shared forwarder and the broker's own
+    events socket.
 
     The SUB socket receives what is published on the subscribed topic prefixes; the XPUB
-    socket publishes, and hears from the forwarder which prefixes subscribers want.
-    Open on construction (call inside the loop).
+    socket publishes, and hears from the forwarder which prefixes subscribers want. The
+    events SUB (when the broker announces an events endpoint) receives the broker's own
+    events, which only the broker can publish there. Open on construction (call inside
+    the loop).
 
     Args:
         urls: the forwarder's ``(bus_out, bus_in)`` endpoints: where to subscribe and
             where to publish.
-        topics: the prefixes to subscribe to from the start.
-        on_message: called with the frames of each bus message.
+        topics: the prefixes to subscribe to on the forwarder from the start.
+        on_message: called with the frames of each message from the forwarder.
         on_subscriptions: called with the (un)subscription messages the forwarder passed
             to the publisher socket, a batch at a time.
+        events_url: the broker's events endpoint; None: no events socket.
+        event_topics: the prefixes to subscribe to on the events socket from the start.
+        on_event: called with the frames of each message from the events socket.
 
     Attributes:
         paused: no bus message is read while set (see :meth:`pause`).
@@ -468,7 +520,9 @@ class BusSockets:
 
     def __init__(self, urls: tuple[str, str], topics: Iterable[str],
                  on_message: Callable[[list[bytes]], None],
-                 on_subscriptions: Callable[[list[bytes]], None]) -> None:
+                 on_subscriptions: Callable[[list[bytes]], None],
+                 events_url: str | None = None, event_topics: Iterable[str] = (),
+                 on_event: Callable[[list[bytes]], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         sub = _socket(zmq.SUB, BUS_HWM, curve_keys(urls[0]))
         pub = _socket(zmq.XPUB, BUS_HWM, curve_keys(urls[1]))
@@ -480,19 +534,47 @@ class BusSockets:
         self.paused = False
         self._on_message = on_message
         self._on_subscriptions = on_subscriptions
+        self._on_event = on_event
         self._sub = _Watched(loop, sub, self._read_messages)
         self._pub = _Watched(loop, pub, self.read_subscriptions)
+        self._events: _Watched | None = None
+        if events_url is not None and on_event is not None:
+            events = _socket(zmq.SUB, BUS_HWM, curve_keys(events_url))
+            for topic in event_topics:
+                events.setsockopt(zmq.SUBSCRIBE, topic.encode())
+            events.connect(events_url)
+            self._events = _Watched(loop, events, self._read_events)
+            self._events.schedule()
         self._sub.schedule()
         self._pub.schedule()
 
     def subscribe(self, topic: str) -> None:
-        """Start receiving ``topic`` (a prefix)."""
+        """Start receiving ``topic`` (a prefix) from the forwarder."""
         self._sub.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._sub.schedule()
 
     def unsubscribe(self, topic: str) -> None:
-        """Stop receiving ``topic`` (one earlier :meth:`subscribe` of it)."""
+        """Stop receiving ``topic`` from the forwarder (one earlier :meth:`subscribe`)."""
         self._sub.sock.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
+
+    def subscribe_events(self, topic: str) -> bool:
+        """Start receiving the broker's events under ``topic``; False without an events
+        socket."""
+        if self._events is None:
+            return False
+        self._events.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._events.schedule()
+        return True
+
+    def unsubscribe_events(self, topic: str) -> None:
+        """Stop receiving the broker's events under ``topic``."""
+        if self._events is not None:
+            self._events.sock.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
+
+    @property
+    def has_events(self) -> bool:
+        """Whether the broker's events socket is open."""
+        return self._events is not None
 
     def publish(self, frames: list[bytes]) -> None:
         """Send a bus message; never blocks (the forwarder drops for a slow subscriber)."""
@@ -511,6 +593,8 @@ class BusSockets:
         """Read bus messages again."""
         self.paused = False
         self._sub.schedule()
+        if self._events is not None:
+            self._events.schedule()
 
     def read_subscriptions(self) -> None:
         """Take the (un)subscriptions the forwarder passed to the publisher socket."""
@@ -527,11 +611,16 @@ class BusSockets:
             self._on_subscriptions(messages)
 
     def _read_messages(self) -> None:
-        sub = self._sub
+        self._drain(self._sub, self._on_message)
+
+    def _read_events(self) -> None:
+        if self._events is not None and self._on_event is not None:
+            self._drain(self._events, self._on_event)
+
+    def _drain(self, watched: _Watched, handle: Callable[[list[bytes]], None]) -> None:
         if self.paused:
             return
-        recv = sub.sock.recv_multipart
-        handle = self._on_message
+        recv = watched.sock.recv_multipart
         received = 0
         while received < BUS_DRAIN_BATCH:
             try:
@@ -540,13 +629,15 @@ class BusSockets:
                 return
             received += 1
             handle(frames)
-            if self.paused or sub.closed:
+            if self.paused or watched.closed:
                 return
-        sub.schedule()
+        watched.schedule()
 
     def close(self) -> None:
-        """Close both sockets; what is still queued to publish gets a moment to leave."""
+        """Close the sockets; what is still queued to publish gets a moment to leave."""
         self._sub.close()
+        if self._events is not None:
+            self._events.close()
         self._pub.close(PUBLISH_LINGER_MS)
 
 

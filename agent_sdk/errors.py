@@ -149,6 +149,19 @@ class BusUnavailable(OrchestratorError):
     with ``--no-bus``)."""
 
 
+class ReservedTopic(OrchestratorError, ValueError):
+    """Raised by ``publish`` (and ``wait_for_subscribers``) for a topic only the broker
+    publishes (``agents.*``, ``tasks.*``): subscribers take those from the broker's own
+    events socket and drop them from the shared bus, so such a message would never
+    arrive. Publish your own events under another prefix."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic!r} is reserved for the broker's events (prefixes "
+                         f"'agents.' and 'tasks.'): subscribers ignore it from anyone "
+                         f"else; publish under another prefix")
+        self.topic = topic
+
+
 class StateUnavailable(OrchestratorError):
     """Raised when the state service did not answer within the deadline, or the
     connection was lost while a request was out (its outcome is then unknown)."""
@@ -211,6 +224,19 @@ class LeaseLost(StateError):
         super().__init__("not_held", message or f"lease {token} of lock {name!r} is lost")
         self.name = name
         self.token = token
+
+
+class StateAccessDenied(StateError, Unauthorized):
+    """Raised when a secure state service refuses a request of this key's role: its key
+    prefix rules do not grant it (the message names the prefix and the role), or the
+    session belongs to another key. Code ``unauthorized``, reason ``access_denied``;
+    also an :class:`Unauthorized`, so the CLI exits 5."""
+
+    def __init__(self, message: str, url: str = "") -> None:
+        OrchestratorError.__init__(self, f"unauthorized: {message}")
+        self.code = "unauthorized"
+        self.url = url
+        self.reason = "access_denied"
 
 
 # ------------------------------------------------------------------ wire errors

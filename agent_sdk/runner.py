@@ -147,6 +147,8 @@ class TaskRunner:
         #: the agent's name and id, for the spans of traced tasks
         self.identity = ("", "")
         self.channel: Transport[Message] | None = None
+        #: the largest result payload the broker takes (its announced frame limit)
+        self.max_frame_bytes = MAX_FRAME_BYTES
         self.running: dict[str, asyncio.Task[Any] | None] = {}
         #: when each running task started (``time.perf_counter``) and the time its
         #: attempt was given: health checks report tasks that overstay
@@ -326,7 +328,7 @@ class TaskRunner:
             item = _new_result((task_id, outcome.status, outcome.to_payload(), None, None, None,
                                 0, None, run_ms, None))
             size = len(item[2])
-            if size <= MAX_FRAME_BYTES:
+            if size <= self.max_frame_bytes:
                 self.tasks_done += 1
                 self.unacked[task_id] = item
                 if size < LARGE_RESULT_BYTES:
@@ -339,7 +341,7 @@ class TaskRunner:
             self.tasks_failed += 1
         else:
             result = outcome if isinstance(outcome, Result) else Result(outcome)
-            item = self._returned(task_id, result, run_ms)
+            item = self._returned(task_id, result, run_ms, self.max_frame_bytes)
             if item[1] == _SUCCEEDED:
                 self.tasks_done += 1
             else:
@@ -369,18 +371,20 @@ class TaskRunner:
                           retryable=retryable(error, self.retry_on))
 
     @staticmethod
-    def _returned(task_id: str, result: Result, run_ms: float) -> ResultItem:
-        """The item of a task whose ``execute`` returned ``result``."""
+    def _returned(task_id: str, result: Result, run_ms: float,
+                  max_frame_bytes: int = MAX_FRAME_BYTES) -> ResultItem:
+        """The item of a task whose ``execute`` returned ``result``: a failure
+        ``too_large`` when its payload is over the broker's frame limit."""
         try:
             payload = result.to_payload()
         except Exception as e:  # noqa: BLE001 - an unencodable result fails its task
             result = Result.failure(ErrorCode.AGENT_ERROR.value,
                                     f"result is not msgpack-encodable: {e}")
             payload = result.to_payload()
-        if len(payload) > MAX_FRAME_BYTES:
+        if len(payload) > max_frame_bytes:
             result = Result.failure(ErrorCode.TOO_LARGE.value,
-                                    f"result of {len(payload)} bytes exceeds "
-                                    f"{MAX_FRAME_BYTES} bytes")
+                                    f"result of {len(payload)} bytes exceeds the broker's "
+                                    f"limit of {max_frame_bytes} bytes (max_message_bytes)")
             payload = result.to_payload()
         error = result.error
         return ResultItem(task_id, result.status, payload,

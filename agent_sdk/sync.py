@@ -19,6 +19,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
 from wire.state import LockInfo
+from wire.purge import PurgeReply
+from agent_sdk.admin import PURGE_TIMEOUT_S, purge
 from agent_sdk.client import Client, STATUS_TIMEOUT_S
 from agent_sdk.handles import TaskHandle
 from agent_sdk.loop import new_event_loop
@@ -207,6 +209,11 @@ class SyncClient(_Blocking):
     def trace(self, task_id: str, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
         """A task's state, timeline and subtask tree."""
         return self._call(self.client.trace(task_id, timeout))
+
+    def purge(self, before: float | None = None,
+              timeout: float = PURGE_TIMEOUT_S) -> PurgeReply:
+        """Purge finished tasks' payloads; see :func:`agent_sdk.admin.purge`."""
+        return self._call(purge(self.client, before, timeout))
 
     def wait_for_agents(self, count: int = 1, capability: str | Iterable[str] | None = None,
                         name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:

@@ -90,9 +90,17 @@ class BrokerLink:
             channel = self.agent._channel
             if channel is None or channel.closed:
                 return
-            if self.agent.status is AgentState.READY or self.agent.status is AgentState.DRAINING:
-                self._renew_and_report(channel, loop.time())
-            self._check_broker(channel, loop)
+            try:
+                if self.agent.status is AgentState.READY or \
+                        self.agent.status is AgentState.DRAINING:
+                    self._renew_and_report(channel, loop.time())
+                self._check_broker(channel, loop)
+            except Exception:  # noqa: BLE001 - the agent's pulse must outlive one bad turn
+                # Without this loop an agent renews no lease and never reconnects; one
+                # failed turn (a counter a forged bus message pushed past 64 bits, say)
+                # must not stop it.
+                logger.exception("agent %s: heartbeat turn failed; carrying on",
+                                 self.agent.agent_id)
 
     def _renew_and_report(self, channel: Transport[Message], now: float) -> None:
         """Renew running tasks' leases, resend overdue results, report the counters."""

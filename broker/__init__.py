@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 #: against the ``wire`` group (whose sources the build's manifest covers too).
 BROKER_BUILD = NativeBuild(
     package="broker",
-    modules=("broker.engine.circuit", "broker.engine.model", "broker.engine.queues",
+    modules=("broker.engine.circuit", "broker.engine.model", "broker.engine.quotas",
+             "broker.engine.pending", "broker.engine.queues",
              "broker.engine.routing", "broker.engine.ledger", "broker.engine.lifecycle",
              "broker.engine.dispatch", "broker.engine.clients", "broker.engine.direct",
              "broker.engine.agents", "broker.engine.status", "broker.engine.restore",

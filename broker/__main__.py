@@ -36,7 +36,7 @@ from broker.config import (
     metrics_bind_for, parse_host_port, state_bind_for,
 )
 from broker.bus import BusForwarder
-from broker.config import DEFAULT_BUS_HWM, BusConfig
+from broker.config import DEFAULT_BUS_HWM, BusConfig, events_bind_for
 from broker.errors import ConfigError
 from broker.server import Broker
 
@@ -86,7 +86,7 @@ def lock_data_dir(data_dir: Path) -> int:
         DataDirBusy: Another process holds the lock (a live broker of this data dir).
         OSError: The lock file cannot be created.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # 0700: payloads at rest
     fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
@@ -113,6 +113,42 @@ SECURE_HELP: Final = ("CURVE encryption and key authentication on every socket (
                       "ORCH_SECURE=1); keys in DATA_DIR/keys (broker/security.py)")
 
 
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """The broker's queue and size limits (docs/limits.md)."""
+    parser.add_argument("--max-pending", type=int, default=None, metavar="N",
+                        help="tasks waiting for an agent, in all; more: queue_full "
+                             "(default 100000)")
+    parser.add_argument("--max-pending-per-client", type=int, default=None, metavar="N",
+                        help="one client's unfinished tasks; more: queue_full for it "
+                             "(default 50000)")
+    parser.add_argument("--max-in-flight-per-client", type=int, default=None, metavar="N",
+                        help="one client's tasks on agents at once; more wait queued "
+                             "(0: no limit)")
+    parser.add_argument("--max-message-bytes", type=int, default=None, metavar="BYTES",
+                        help="largest frame any socket accepts (announced to the SDK, "
+                             "which refuses bigger sends with too_large; default 64 MiB)")
+    parser.add_argument("--max-header-bytes", type=int, default=None, metavar="BYTES",
+                        help="largest message header decoded; bigger: too_large "
+                             "(default 4 MiB)")
+
+
+def add_bus_options(parser: argparse.ArgumentParser) -> None:
+    """The bus forwarder's options and the broker's events socket's."""
+    parser.add_argument("--bus-out", default=None, metavar="HOST:PORT",
+                        help="where bus subscribers connect (default: broker port + 1)")
+    parser.add_argument("--bus-in", default=None, metavar="HOST:PORT",
+                        help="where bus publishers connect (default: broker port + 2)")
+    parser.add_argument("--bus-hwm", type=int, default=None, metavar="N",
+                        help=f"messages queued per bus subscriber before it loses some "
+                             f"(default {DEFAULT_BUS_HWM})")
+    parser.add_argument("--events-bind", default=None, metavar="HOST:PORT",
+                        help="where subscribers get the broker's own events, agents.* and "
+                             "tasks.* (default: broker port + 4)")
+    parser.add_argument("--bus-connect", default=None, metavar="OUT_URL,IN_URL",
+                        help="use a forwarder run elsewhere (python -m broker.bus)")
+    parser.add_argument("--no-bus", action="store_true", help="run no pub/sub forwarder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default=None, help="HOST:PORT of the ROUTER (port 0: any free)")
@@ -123,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", choices=POLICIES, default=None, help="routing policy")
     parser.add_argument("--heartbeat-interval", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--heartbeat-liveness", type=int, default=None, metavar="N")
-    parser.add_argument("--max-pending", type=int, default=None, metavar="N")
+    add_limit_options(parser)
     parser.add_argument("--default-timeout", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--durability", choices=DURABILITIES, default=None,
@@ -156,16 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-memory", action="store_true",
                         help="keep the state service in memory only (nothing on disk)")
     parser.add_argument("--no-state", action="store_true", help="do not run the state service")
-    parser.add_argument("--bus-out", default=None, metavar="HOST:PORT",
-                        help="where bus subscribers connect (default: broker port + 1)")
-    parser.add_argument("--bus-in", default=None, metavar="HOST:PORT",
-                        help="where bus publishers connect (default: broker port + 2)")
-    parser.add_argument("--bus-hwm", type=int, default=None, metavar="N",
-                        help=f"messages queued per bus subscriber before it loses some "
-                             f"(default {DEFAULT_BUS_HWM})")
-    parser.add_argument("--bus-connect", default=None, metavar="OUT_URL,IN_URL",
-                        help="use a forwarder run elsewhere (python -m broker.bus)")
-    parser.add_argument("--no-bus", action="store_true", help="run no pub/sub forwarder")
+    add_bus_options(parser)
     parser.add_argument("--metrics-bind", default=None, metavar="HOST:PORT",
                         help="HTTP /metrics and /healthz (default: broker port + 4000)")
     parser.add_argument("--no-metrics", action="store_true",
@@ -178,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 def start_bus(args: argparse.Namespace, config: BrokerConfig, broker: Broker
               ) -> BusForwarder | None:
     """Run the pub/sub forwarder in a thread (unless ``--no-bus`` or ``--bus-connect``)
-    and have the broker announce it and publish its events there; returns the forwarder
-    (None when none runs in this process).
+    and have the broker announce it, beside its own events socket (``--events-bind``);
+    returns the forwarder (None when none runs in this process).
 
     Raises:
         ConfigError: the bus options are invalid.
@@ -191,16 +218,21 @@ def start_bus(args: argparse.Namespace, config: BrokerConfig, broker: Broker
         out_url, sep, in_url = args.bus_connect.partition(",")
         if not sep or not out_url or not in_url:
             raise ConfigError(f"--bus-connect wants OUT_URL,IN_URL, got {args.bus_connect!r}")
-        broker.attach_bus(out_url, in_url, args.bus_hwm or DEFAULT_BUS_HWM)
+        broker.attach_bus(out_url, in_url, args.bus_hwm or DEFAULT_BUS_HWM,
+                          events_bind=args.events_bind or events_bind_for(config.bind),
+                          any_port_if_taken=not args.events_bind)
         return None
     bus_config = BusConfig.for_broker(config.bind, out_bind=args.bus_out, in_bind=args.bus_in,
-                                      hwm=args.bus_hwm)
+                                      hwm=args.bus_hwm,
+                                      max_message_bytes=config.max_message_bytes)
     forwarder = BusForwarder(bus_config, broker.security)
     # Ports derived from the broker's may be taken by chance; ones asked for must not be.
     forwarder.bind(any_port_if_taken=not (args.bus_out or args.bus_in))
     forwarder.start_thread()
     broker.attach_bus(forwarder.out_endpoint, forwarder.in_endpoint, bus_config.hwm,
-                      forwarder.statistics)
+                      forwarder.statistics,
+                      events_bind=args.events_bind or events_bind_for(config.bind),
+                      any_port_if_taken=not args.events_bind)
     return forwarder
 
 
@@ -250,6 +282,10 @@ class LoggedEvents:
         log("agent %s (%s): circuit %s", agent_id, name, circuit,
             extra={"agent_id": agent_id, "event": f"circuit_{circuit}"})
         self.inner.agent_circuit(agent_id, name, capabilities, circuit)
+
+    def peer_refused(self, peer: str, reason: str) -> None:
+        event_logger.warning("refused %s: %s", peer, reason, extra={"event": "unauthorized"})
+        self.inner.peer_refused(peer, reason)
 
 
 def install_tracing(broker: Broker) -> None:
@@ -315,7 +351,8 @@ def start_state_service(args: argparse.Namespace, config: BrokerConfig,
     state_config = StateConfig(
         bind=explicit or state_bind_for(config.bind), data_dir=config.data_dir,
         persist=not args.state_memory, heartbeat_interval_s=config.heartbeat_interval_s,
-        heartbeat_liveness=config.heartbeat_liveness)
+        heartbeat_liveness=config.heartbeat_liveness,
+        max_message_bytes=config.max_message_bytes, max_header_bytes=config.max_header_bytes)
     server = StateServer(state_config, security=security)
     # A port derived from the broker's may be taken by chance; one asked for must not be.
     server.bind(any_port_if_taken=not explicit)
@@ -348,6 +385,9 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         policy=args.policy,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_liveness=args.heartbeat_liveness, max_pending=args.max_pending,
+        max_pending_per_client=args.max_pending_per_client,
+        max_in_flight_per_client=args.max_in_flight_per_client,
+        max_message_bytes=args.max_message_bytes, max_header_bytes=args.max_header_bytes,
         default_timeout_s=args.default_timeout, drain_timeout_s=args.drain_timeout,
         durability=args.durability, default_max_retries=args.retries,
         retry_base_delay_s=args.retry_base_delay, retry_max_delay_s=args.retry_max_delay,
@@ -391,13 +431,14 @@ def warn_if_exposed(config: BrokerConfig, args: argparse.Namespace) -> None:
     """One line on stderr when a plaintext socket is bound where other machines reach it:
     which addresses, and what anyone reaching them can do."""
     binds = {"tasks": config.bind, "state": args.state_bind or state_bind_for(config.bind),
-             "bus": args.bus_out or config.bind, "bus in": args.bus_in or config.bind}
+             "bus": args.bus_out or config.bind, "bus in": args.bus_in or config.bind,
+             "events": args.events_bind or config.bind}
     exposed = [f"{name} {bind}" for name, bind in binds.items()
                if not is_loopback(parse_host_port(bind)[0])]
     if exposed:
         print(f"warning: listening without --secure on addresses other machines can reach "
               f"({', '.join(exposed)}; the bus takes the broker port + 1 and + 2, the "
-              f"state service + 3 unless set): anyone who can reach them can submit, run, "
+              f"state service + 3, the broker's events + 4 unless set): anyone who can reach them can submit, run, "
               f"cancel and read tasks, register agents, and read and write shared state "
               f"and the bus, unauthenticated and unencrypted; use --secure (see the "
               f"README, Security)", file=sys.stderr, flush=True)
@@ -412,6 +453,7 @@ def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
     if "bus_out" in broker.endpoints:
         info["bus_out"] = broker.endpoints["bus_out"]
         info["bus_in"] = broker.endpoints["bus_in"]
+        info["events"] = broker.endpoints["events"]
     if state is not None:
         broker.endpoints["state"] = info["state"] = state.endpoint
     if "metrics" in broker.endpoints:
@@ -463,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot lock the data dir {data_dir}: {e}", file=sys.stderr)
         return 1
     install_json_log(data_dir, "broker", args.log_level)
-    broker = Broker(config, security=security)
+    broker = Broker(config, security=security,
+                    grants=security.grants if security is not None else None)
     try:
         install_tracing(broker)
     except ValueError as e:  # wire.tracing.TracingConfigError: a bad ORCH_OTEL_* value

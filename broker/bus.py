@@ -19,8 +19,14 @@ subscribers wait for a slow one). Subscribers see the loss as a jump in the per-
 sequence numbers (``broker/protocol.py``, bus section) and count it.
 
 The broker publishes its own events (agents joining and leaving, task state changes) on
-an XPUB connected to the forwarder's XSUB: being an XPUB, it hears which prefixes are
-subscribed, and the broker builds task events only while somebody listens.
+an XPUB of its own, the ``events`` endpoint (broker port + 4), not through the
+forwarder: anyone who reaches the forwarder's XSUB can publish any topic there, so an
+event that came through it could be forged. Only the broker sends on the events socket;
+subscribers take the reserved topics (``wire.bus.RESERVED_PREFIXES``: ``agents.``,
+``tasks.``) from it alone and drop them when they arrive through the forwarder. Being an
+XPUB, it hears which prefixes are subscribed (the broker builds task events only while
+somebody listens) and answers each subscription with a probe on its prefix, which is
+how a subscriber knows its subscription has arrived.
 
 Run alone: ``python -m broker.bus --out 127.0.0.1:5556 --in 127.0.0.1:5557`` (one JSON
 line ``{"event": "ready", "bus_out", "bus_in", "pid"}`` on stdout when bound); a broker
@@ -42,7 +48,8 @@ import zmq
 
 from broker.config import BusConfig, parse_host_port
 from wire.bus import (
-    BUS_AGENT_CIRCUIT, BUS_AGENT_HEALTH, BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER, BUS_TASKS_PREFIX, PrefixSet, encode_bus,
+    BUS_AGENT_CIRCUIT, BUS_AGENT_HEALTH, BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER,
+    BUS_PEER_REFUSED, BUS_TASKS_PREFIX, PrefixSet, encode_broker_probe, encode_bus,
 )
 from wire.sockets import NOBLOCK, apply_common_options, send_frames
 
@@ -94,7 +101,7 @@ class BusForwarder:
         xpub = self._ctx.socket(zmq.XPUB)
         xsub = self._ctx.socket(zmq.XSUB)
         for sock in (xpub, xsub):
-            apply_common_options(sock, hwm)
+            apply_common_options(sock, hwm, self.config.max_message_bytes)
             sock.setsockopt(zmq.LINGER, 0)
         try:
             if self.security is not None:
@@ -189,22 +196,43 @@ def _bind(sock: zmq.Socket[Any], bind: str, any_port_if_taken: bool) -> str:
 
 
 class EventPublisher:
-    """The broker's events on the bus: an XPUB connected to the forwarder's XSUB.
+    """The broker's events: an XPUB the broker binds and alone publishes on.
 
     The broker reads :attr:`socket` in its poll loop and calls :meth:`read_subscriptions`
     when it is readable. :attr:`watching_tasks` says whether any subscription could match
     a ``tasks.`` topic; the broker tests it before building a task event, so that task
     state changes cost one attribute test while nobody listens.
+
+    Args:
+        ctx: the broker's context (its ZAP handler serves this socket too).
+        bind: HOST:PORT to bind (port 0: any free port).
+        hwm: messages queued per subscriber before it loses some.
+        security: CURVE and ZAP (``broker/security.py``); None: plaintext.
+        any_port_if_taken: bind a free port when ``bind``'s is in use (for a port
+            derived from the broker's, not one asked for).
+
+    Raises:
+        zmq.ZMQError: the socket could not be bound.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], in_endpoint: str, hwm: int,
-                 security: SocketSecurity | None = None) -> None:
+    def __init__(self, ctx: zmq.Context[Any], bind: str, hwm: int,
+                 security: SocketSecurity | None = None,
+                 any_port_if_taken: bool = False) -> None:
         sock = ctx.socket(zmq.XPUB)
         apply_common_options(sock, hwm)
         sock.setsockopt(zmq.LINGER, 0)
-        if security is not None:
-            security.secure_client(sock)
-        sock.connect(in_endpoint)
+        # Every subscribe and unsubscribe of every subscriber comes up, not only the
+        # first and last of a prefix: each new subscriber gets its own probe, and the
+        # prefix counts stay balanced (a subscriber that goes away unsubscribes its
+        # prefixes one by one).
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+        try:
+            if security is not None:
+                security.secure_server(ctx, sock, "events")
+            self.endpoint = _bind(sock, bind, any_port_if_taken)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         self.socket = sock
         self.prefixes = PrefixSet()
         self.watching_tasks = False
@@ -215,9 +243,12 @@ class EventPublisher:
         #: per-topic sequence numbers; a task's entry goes when the task ends
         self._seq: dict[str, int] = {}
         self.published = 0
+        #: probes sent in answer to subscriptions
+        self.probes = 0
 
     def read_subscriptions(self) -> None:
-        """Take every (un)subscription the forwarder passed up since the last call."""
+        """Take every (un)subscription since the last call; answer each subscription
+        with a probe on its prefix (the subscriber waits for one to know it is heard)."""
         changed = False
         recv = self.socket.recv
         while True:
@@ -226,12 +257,18 @@ class EventPublisher:
             except zmq.Again:
                 break
             changed |= self.prefixes.apply(message)
+            if message[:1] == b"\x01":
+                # The XPUB registered the prefix before handing us the message, so the
+                # probe reaches the new subscriber. NOBLOCK: a full queue drops it, and
+                # the subscriber waits out its timeout rather than the broker waiting.
+                send_frames(self.socket, encode_broker_probe(message[1:]), NOBLOCK)
+                self.probes += 1
         if changed:
             relevant = self.prefixes.overlapping(_TASKS_PREFIX_BYTES)
             self._all_tasks = any(_TASKS_PREFIX_BYTES.startswith(p) for p in relevant)
             self._task_prefixes = tuple(p for p in relevant if p.startswith(_TASKS_PREFIX_BYTES))
             self.watching_tasks = bool(relevant)
-            logger.debug("bus subscriptions now %d prefix(es); task events %s",
+            logger.debug("event subscriptions now %d prefix(es); task events %s",
                          len(self.prefixes), "on" if self.watching_tasks else "off")
 
     def published_count(self) -> int:
@@ -283,6 +320,9 @@ class EventPublisher:
                       circuit: str) -> None:
         self.publish(BUS_AGENT_CIRCUIT, {"id": agent_id, "name": name,
                                          "capabilities": capabilities, "circuit": circuit})
+
+    def peer_refused(self, peer: str, reason: str) -> None:
+        self.publish(BUS_PEER_REFUSED, {"peer": peer, "reason": reason})
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -9,6 +9,10 @@ from typing import Any, Final
 
 from broker.errors import ConfigError
 from wire.home import home_dir
+from wire.limits import (
+    MAX_FRAME_BYTES, MAX_HEADER_BYTES, MAX_MESSAGE_BYTES_ENV, MIN_HEADER_BYTES,
+    MIN_MESSAGE_BYTES,
+)
 
 #: Where agents and clients find the broker when nothing else says so.
 DEFAULT_BROKER_URL: Final = "tcp://127.0.0.1:5555"
@@ -66,6 +70,19 @@ class BrokerConfig:
     heartbeat_liveness: int = 3
     #: tasks waiting for an agent; beyond it submits get ERROR queue_full
     max_pending: int = 100_000
+    #: one client's tasks accepted and not yet finished (waiting, running, retrying);
+    #: beyond it that client's submits get ERROR queue_full, so that one client cannot
+    #: fill the shared queue (half of ``max_pending``: another client always finds room)
+    max_pending_per_client: int = 50_000
+    #: one client's tasks on agents at once (dispatched or running); more wait in the
+    #: queue, not refused, until one of its tasks ends. 0: no limit (a lone client may
+    #: use every agent; fair sharing still takes clients in turn)
+    max_in_flight_per_client: int = 0
+    #: largest frame every socket (ROUTER, bus, state service) accepts (ZMQ_MAXMSGSIZE);
+    #: announced to agents and clients, whose SDK refuses a bigger send with too_large
+    max_message_bytes: int = MAX_FRAME_BYTES
+    #: largest msgpack header frame decoded; a bigger one is answered too_large
+    max_header_bytes: int = MAX_HEADER_BYTES
     #: how long a task may wait and run when the client names no timeout
     default_timeout_s: float = 300.0
     #: finished results kept for ``result`` / FETCH: whichever limit is reached first
@@ -133,6 +150,15 @@ class BrokerConfig:
                self.result_store_max_bytes, self.max_agents_per_address,
                self.max_agents) < 1:
             raise ConfigError("result byte limits and agent caps must be positive")
+        if self.max_pending_per_client < 1 or self.max_in_flight_per_client < 0:
+            raise ConfigError("max_pending_per_client must be positive and "
+                              "max_in_flight_per_client not negative (0: no limit)")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} "
+                              "(the SDK's largest batch and a READ chunk must fit)")
+        if not MIN_HEADER_BYTES <= self.max_header_bytes <= self.max_message_bytes:
+            raise ConfigError(f"max_header_bytes must be at least {MIN_HEADER_BYTES} (one "
+                              "batch of inline payloads) and at most max_message_bytes")
 
     @property
     def heartbeat_expiry_s(self) -> float:
@@ -162,6 +188,8 @@ class BrokerConfig:
             env["policy"] = os.environ["ORCH_POLICY"]
         if os.environ.get("ORCH_SECURE", "").strip().lower() in ("1", "true", "yes", "on"):
             env["secure"] = True
+        if os.environ.get(MAX_MESSAGE_BYTES_ENV, "").strip().isdigit():
+            env["max_message_bytes"] = int(os.environ[MAX_MESSAGE_BYTES_ENV])
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)
 
@@ -198,6 +226,8 @@ class BusConfig:
     #: per-subscriber send queue and per-publisher receive queue, in messages; a
     #: subscriber whose queue is full loses messages (the forwarder never waits for it)
     hwm: int = DEFAULT_BUS_HWM
+    #: largest frame either socket accepts (the broker's ``--max-message-bytes``)
+    max_message_bytes: int = MAX_FRAME_BYTES
 
     def __post_init__(self) -> None:
         parse_host_port(self.out_bind)
@@ -212,6 +242,18 @@ class BusConfig:
         values: dict[str, Any] = {"out_bind": out_bind, "in_bind": in_bind}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+#: The broker's events socket (an XPUB only the broker publishes on: ``agents.*``,
+#: ``tasks.*``) is on the broker's port plus this (5555 gives 5559).
+EVENTS_PORT_OFFSET: Final = 4
+
+
+def events_bind_for(broker_bind: str) -> str:
+    """The events socket's default HOST:PORT for a broker bound at ``broker_bind``: the
+    same host, port + :data:`EVENTS_PORT_OFFSET` (port 0 stays 0: any free port)."""
+    host, port = parse_host_port(broker_bind)
+    return f"{host}:{port + EVENTS_PORT_OFFSET if port else 0}"
 
 
 #: The metrics endpoint's port is the broker's plus this (5555 gives 9555).
@@ -264,6 +306,10 @@ class StateConfig:
     #: messages queued for a watcher whose pipe is full before its watches are cancelled
     #: with ``watch_overflow``
     watcher_backlog: int = 10_000
+    #: largest frame its socket accepts, and largest header it decodes (the broker's
+    #: ``--max-message-bytes`` and ``--max-header-bytes``)
+    max_message_bytes: int = MAX_FRAME_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
 
     def __post_init__(self) -> None:
         parse_host_port(self.bind)

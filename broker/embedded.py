@@ -56,7 +56,7 @@ class EmbeddedBroker:
     def start(self) -> str:
         """Bind everything and run it in threads; returns the broker's URL."""
         config = config_from_args(self.args)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_data_dir(self.data_dir)
         self.broker = Broker(config)
         try:

@@ -84,7 +84,7 @@ from typing import Any, Final, Literal, NamedTuple
 import msgpack
 
 from broker import __version__
-from broker.engine.queues import StoredPayload
+from broker.engine.queues import StoredPayload, is_stored
 from broker.results import ResultStore
 from wire.tasks import ResultItem, TaskSpec
 
@@ -162,7 +162,7 @@ class FinishedRecord(NamedTuple):
     ``retryable``, moot once a task has ended) and when it ended (wall-clock seconds)."""
 
     #: "S": the payload is in the result store, and the record holds its
-    #: ``[key, size]`` (read back as a :class:`~broker.engine.queues.StoredPayload`)
+    #: ``[key, size]`` (read back as a :class:`~broker.engine.StoredPayload`)
     kind: Literal["R", "S"]
     task_id: str
     status: str
@@ -213,6 +213,11 @@ class Replay:
     attempt_limits: dict[str, float] = field(default_factory=dict)
     #: tasks whose result is held (``H`` records not followed by a ``U``)
     held: set[str] = field(default_factory=set)
+
+
+def _private_opener(path: str, flags: int) -> int:
+    """``open``'s opener for a file only its owner reads (0600)."""
+    return os.open(path, flags, 0o600)
 
 
 def _frame(records: list[Any]) -> bytes:
@@ -319,6 +324,9 @@ class Journal:
         if replay.format < JOURNAL_FORMAT:
             self._migrate(replay)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # The journal holds task payloads in plaintext: a file an older broker left
+        # readable by others (its compaction wrote 0644) is closed to them now.
+        os.fchmod(self._fd, 0o600)
         self.size = os.fstat(self._fd).st_size
         self._compacted_size = self.size
         if self.size == 0:
@@ -419,7 +427,10 @@ class Journal:
         data = b"".join(_frame(records[i:i + COMPACT_FRAME_RECORDS])
                         for i in range(0, len(records), COMPACT_FRAME_RECORDS))
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        # 0600 like the journal it replaces (payloads in plaintext); a stale temporary
+        # file would keep its old mode through O_TRUNC, so it goes first.
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "wb", opener=_private_opener) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -452,7 +463,7 @@ class Journal:
         waits for the write, see ``broker/results.py``); a stored one is recorded as an
         ``S`` record naming its file."""
         payload = result[2]
-        if type(payload) is StoredPayload:
+        if is_stored(payload):
             self._buffer.append(("S", result[0], result[1], list(payload), result[3],
                                  result[4], result[5], result[6], result[7], result[8],
                                  wall))
@@ -559,7 +570,7 @@ class Journal:
         return self.size - self._compacted_size > COMPACT_AFTER_BYTES
 
     def compact(self, accepted: Iterable[tuple[Any, bytes, float]],
-                results: Iterable[tuple[Any, float]]) -> None:
+                results: Iterable[tuple[Any, float]]) -> bool:
         """Replace the log with one holding only ``accepted`` (the tasks of both: spec,
         client, wall) and ``results`` (retained results: item, wall). A retained result
         needs its task's accepted record too: replay restores only results whose task it
@@ -567,10 +578,13 @@ class Journal:
 
         A compaction that cannot write its file (a full disk) leaves the log as it was,
         whole, and is tried again after another :data:`COMPACT_AFTER_BYTES`.
+
+        Returns:
+            Whether the new file replaced the old one (PURGE answers only then).
         """
         self.commit()
         if self.failure is not None:
-            return
+            return False
         self._buffer.append(_FILE_HEADER)
         for spec, client, wall in accepted:
             self.accepted(spec, client, wall)
@@ -588,11 +602,12 @@ class Journal:
             self._compacted_size = self.size
             logger.error("journal %s: compaction failed, the log stays as it is: %s",
                          self.path, e)
-            return
+            return False
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = self._compacted_size = size
         logger.info("journal compacted to %d bytes", self.size)
+        return True
 
     def close(self) -> None:
         if self._fd < 0:
@@ -641,6 +656,10 @@ class NullJournal(Journal):
 
     def needs_compaction(self) -> bool:
         return False
+
+    def compact(self, accepted: Iterable[tuple[Any, bytes, float]],
+                results: Iterable[tuple[Any, float]]) -> bool:
+        return True  # nothing on disk
 
     def close(self) -> None:
         pass

@@ -11,7 +11,7 @@ How a large result goes (payload of at least ``result_store_threshold`` bytes):
 2. The writer thread writes ``<key>.bin`` (a temporary name, then ``os.replace``; fsync in
    ``fsync`` durability), and wakes the loop.
 3. The loop (``Broker._release_stored``) journals a small ``S`` record naming the file,
-   swaps the retained result's payload for a :class:`StoredPayload`, and only then sends
+   swaps the retained result's payload for a :class:`~broker.engine.StoredPayload`, and only then sends
    the task's RESULT (after that pass's commit, as for any result).
 4. FETCH maps the file (``mmap``): libzmq sends the pages straight from the page cache,
    and nothing is copied into the broker's heap.
@@ -76,7 +76,8 @@ class ResultStore:
 
     def __init__(self, directory: Path, wake: Callable[[], None], fsync: bool = False) -> None:
         self.path = Path(directory) / self.DIRECTORY
-        self.path.mkdir(parents=True, exist_ok=True)
+        # 0700: the files hold result payloads in plaintext (README, "Data at rest").
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._wake = wake
         self._fsync = fsync
         self._queue: queue.SimpleQueue[tuple[ResultItem, float] | None] = queue.SimpleQueue()

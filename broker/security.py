@@ -33,6 +33,7 @@ import os
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -41,10 +42,12 @@ import orjson
 import zmq
 import zmq.utils.z85
 
+from broker.engine.access import Grant
 from wire.curve import (
-    AUTHORIZED_FILE, BROKER_KEY_NAME, ClientKeys, KeyFileError, LOCAL_KEY_NAME, PUBLIC_SUFFIX,
+    AUTHORIZED_FILE, BROKER_KEY_NAME, ClientKeys, KeyFileError, LOCAL_AGENT_KEY_NAME,
+    LOCAL_KEY_NAME, PUBLIC_SUFFIX,
     SECRET_SUFFIX, apply_client, apply_server, check_private, is_key, keys_dir,
-    read_secret_file, write_key_pair,
+    read_secret_file, write_key_pair, key_scope,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ ALLOW_LIST_VERSION: Final = 1
 #: libzmq's ZAP endpoint in every context, and the protocol version it speaks.
 ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
 _ZAP_VERSION: Final = b"1.0"
+#: Refused handshakes kept for the broker loop to announce (older ones are dropped).
+MAX_QUEUED_REFUSALS: Final = 256
 #: How long starting a ZAP handler may take before the broker gives up.
 ZAP_START_TIMEOUT_S: Final = 5.0
 
@@ -104,10 +109,13 @@ def save_authorized(path: Path, keys: dict[str, dict[str, Any]]) -> None:
 
 
 def authorize(path: Path, public_key: str, role: str, comment: str = "",
-              names: list[str] | None = None) -> dict[str, Any]:
-    """Add (or update) ``public_key`` in the allow-list; returns its entry."""
+              names: list[str] | None = None,
+              capabilities: list[str] | None = None) -> dict[str, Any]:
+    """Add (or update) ``public_key`` in the allow-list; returns its entry. An agent key
+    with ``names`` or ``capabilities`` may register only under those."""
     keys = load_authorized(path)
-    entry = {"role": role, "names": names or [], "comment": comment, "added_at": time.time()}
+    entry = {"role": role, "names": names or [], "capabilities": capabilities or [],
+             "comment": comment, "added_at": time.time()}
     keys[public_key] = entry
     save_authorized(path, keys)
     return entry
@@ -136,6 +144,9 @@ class AllowList:
         self._lock = threading.Lock()
         self._signature: tuple[int, int, int] | None = None
         self._roles: dict[str, str] = {}
+        self._entries: dict[str, dict[str, Any]] = {}
+        #: how many times the file was (re)loaded: a reader compares it to see a change
+        self.generation = 0
 
     def role(self, public_key: str) -> str | None:
         """The role of ``public_key`` (Z85), or None when it is not authorized."""
@@ -145,6 +156,21 @@ class AllowList:
         with self._lock:
             self._reload_if_changed()
             return self._roles.get(public_key)
+
+    def grant(self, public_key: str) -> Grant | None:
+        """What ``public_key`` may do (role, names, capabilities), or None when it is
+        not authorized (the file is read again first if it changed)."""
+        scope = key_scope(public_key)
+        fixed = self.fixed.get(public_key)
+        if fixed is not None:
+            return Grant(fixed, scope)
+        with self._lock:
+            self._reload_if_changed()
+            entry = self._entries.get(public_key)
+        if entry is None:
+            return None
+        return Grant(str(entry["role"]), scope, _strings(entry.get("names")),
+                     _strings(entry.get("capabilities")))
 
     def _reload_if_changed(self) -> None:
         try:
@@ -162,8 +188,66 @@ class AllowList:
             logger.error("allow-list not reloaded: %s", e)
             return
         self._roles = {key: str(entry["role"]) for key, entry in entries.items()}
+        self._entries = entries
         self._signature = signature
+        self.generation += 1
         logger.info("allow-list loaded: %d key(s) from %s", len(self._roles), self.path)
+
+
+def _strings(value: Any) -> frozenset[str]:
+    """A list of strings from the allow-list file (anything else: none)."""
+    if not isinstance(value, list):
+        return frozenset()
+    return frozenset(item for item in value if isinstance(item, str))
+
+
+class KeyGrants:
+    """The broker loop's view of the allow-list: each key's :class:`Grant`, cached so
+    that a message costs a dict lookup; :meth:`refresh` (every heartbeat interval) reads
+    the file again when it changed and names the keys that lost their authorisation.
+
+    Args:
+        allow: the allow-list the ZAP handlers read too.
+    """
+
+    def __init__(self, allow: AllowList) -> None:
+        self.allow = allow
+        self._cache: dict[str, Grant] = {}
+        #: connections the ZAP handlers refused, (key, address), oldest first: appended
+        #: by their threads, taken by the loop (a deque's ends are thread-safe)
+        self.refusals: deque[tuple[str, str]] = deque(maxlen=MAX_QUEUED_REFUSALS)
+        self._generation = allow.generation
+
+    def grant(self, public_key: str) -> Grant | None:
+        """The grant of ``public_key``, or None: not (or no longer) authorized."""
+        grant = self._cache.get(public_key)
+        if grant is None:
+            # A key authorized since the last refresh (its connection passed ZAP, which
+            # read the new file): look again.
+            grant = self.allow.grant(public_key)
+            if grant is not None:
+                self._cache[public_key] = grant
+        return grant
+
+    def take_refusals(self) -> list[tuple[str, str]]:
+        """The handshakes refused since the last call: (key, address)."""
+        taken = []
+        while self.refusals:
+            taken.append(self.refusals.popleft())
+        return taken
+
+    def refresh(self) -> set[str]:
+        """Re-read the allow-list if it changed; returns the scopes of the cached keys
+        that are no longer authorized (their grants are dropped too, and a changed
+        grant is read again on the key's next message)."""
+        self.allow.role("")  # reloads the file if it changed
+        if self.allow.generation == self._generation:
+            return set()  # (a ZAP handler may have reloaded it: the count tells)
+        self._generation = self.allow.generation
+        revoked = {grant.scope for key, grant in self._cache.items()
+                   if self.allow.grant(key) is None}
+        self._cache.clear()
+        return revoked
 
 
 # ---------------------------------------------------------------------- the ZAP handlers
@@ -191,10 +275,14 @@ class ZapHandler:
         name: the thread's name.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], allow: AllowList, name: str) -> None:
+    def __init__(self, ctx: zmq.Context[Any], allow: AllowList, name: str,
+                 refusals: deque[tuple[str, str]] | None = None) -> None:
         self.allow = allow
         self.accepted = 0
         self.refused = 0
+        #: (key, address) of recent refusals, for the broker loop to announce
+        self.refusals: deque[tuple[str, str]] = refusals if refusals is not None \
+            else deque(maxlen=MAX_QUEUED_REFUSALS)
         self._ctx = ctx
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -251,6 +339,7 @@ class ZapHandler:
             role = self.allow.role(key)
         if role is None:
             self.refused += 1
+            self.refusals.append((key or "(none)", address.decode(errors="replace")))
             logger.warning("refused a %s connection from %s: key %s is not authorized",
                            mechanism.decode(errors="replace"),
                            address.decode(errors="replace"), key or "(none)")
@@ -272,6 +361,8 @@ class SecureHome:
     broker_secret: str
     local_public_file: Path
     local_secret_file: Path
+    #: the key of the agents ``start`` launches (role agent)
+    local_agent_secret_file: Path
 
 
 def prepare_secure_home(home: Path) -> SecureHome:
@@ -306,11 +397,19 @@ def prepare_secure_home(home: Path) -> SecureHome:
                   ["local-admin"])
     else:
         read_secret_file(local_secret_file)  # its permissions are checked too
+    agent_secret_file = keys / f"{LOCAL_AGENT_KEY_NAME}{SECRET_SUFFIX}"
+    if not agent_secret_file.exists():
+        write_key_pair(keys, LOCAL_AGENT_KEY_NAME)
+        agent_public, _ = read_secret_file(agent_secret_file)
+        authorize(path, agent_public, "agent", "the agents `start` launches (created by a "
+                  "secure start)")
+    else:
+        read_secret_file(agent_secret_file)
     if not path.exists():
         save_authorized(path, {})
     check_private(path, 0o600)
     return SecureHome(home, broker_public, broker_secret, local_public_file,
-                      local_secret_file)
+                      local_secret_file, agent_secret_file)
 
 
 class CurveServer:
@@ -326,6 +425,8 @@ class CurveServer:
         self.public_key = keys.broker_public
         self._secret_key = keys.broker_secret
         self.allow = AllowList(authorized_path(keys.home), {keys.broker_public: "broker"})
+        #: the broker loop's cached view of :attr:`allow`
+        self.grants = KeyGrants(self.allow)
         self._handlers: dict[int, ZapHandler] = {}
         self._lock = threading.Lock()
 
@@ -334,7 +435,7 @@ class CurveServer:
         per context). Call before binding ``sock``."""
         with self._lock:
             if id(ctx) not in self._handlers:
-                handler = ZapHandler(ctx, self.allow, f"zap-{name}")
+                handler = ZapHandler(ctx, self.allow, f"zap-{name}", self.grants.refusals)
                 handler.start()
                 self._handlers[id(ctx)] = handler
         apply_server(sock, self._secret_key)
@@ -349,7 +450,7 @@ class CurveServer:
 
 
 __all__ = [
-    "ALLOW_LIST_VERSION", "AllowList", "CurveServer", "ROLES", "SecureHome", "ZapHandler",
+    "ALLOW_LIST_VERSION", "AllowList", "CurveServer", "KeyGrants", "ROLES", "SecureHome", "ZapHandler",
     "authorize", "authorized_path", "load_authorized", "prepare_secure_home", "revoke",
     "save_authorized",
 ]

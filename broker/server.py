@@ -29,14 +29,15 @@ from typing import Any, Callable
 from broker import __version__, compiled
 from broker.bus import EventPublisher
 from broker.config import BrokerConfig
+from broker.engine.access import GrantSource
 from broker.engine.engine import Engine, Sends
 from broker.journal import Durability, open_journal
 from broker.results import ResultStore
 from broker.service import Delivery, Frames, RouterService, SocketSecurity
 from wire.documents import StatusDocument
-from wire.errors import DecodeError
+from wire.errors import DecodeError, HeaderTooLarge
 from wire.limits import MAX_BATCH_ITEMS, PROTOCOL_VERSION
-from wire.tasks import decode
+from wire.tasks import Message, decode
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,18 @@ _SENT = Delivery.SENT
 _UNREACHABLE = Delivery.UNREACHABLE
 
 
+def decode_within(frames: list[Any], max_header_bytes: int) -> Message:
+    """``wire.tasks.decode``, but a header (frame 2, after the signature and the command)
+    over ``max_header_bytes`` is refused undecoded: one len() per message, not per task.
+
+    Raises:
+        DecodeError: ``too_large`` (:class:`HeaderTooLarge`), or what decode raises.
+    """
+    if len(frames) > 2 and len(frames[2]) > max_header_bytes:
+        raise HeaderTooLarge(len(frames[2]), max_header_bytes)
+    return decode(frames)
+
+
 class Broker:
     """The broker. Build it, call :meth:`bind`, then :meth:`run` (blocking).
 
@@ -59,7 +72,8 @@ class Broker:
     """
 
     def __init__(self, config: BrokerConfig, clock: Callable[[], float] = time.monotonic,
-                 security: SocketSecurity | None = None) -> None:
+                 security: SocketSecurity | None = None,
+                 grants: GrantSource | None = None) -> None:
         self.config = config
         self.security = security
         self.clock = clock
@@ -72,7 +86,17 @@ class Broker:
                                      drain_batch=config.drain_batch,
                                      backlog_limit=BACKLOG_LIMIT, clock=clock, name="broker",
                                      security=security)
+        self.service.max_message_bytes = config.max_message_bytes
+        self.max_header_bytes = config.max_header_bytes
         self.engine.agents.peer_address = self.service.peer_address
+        #: each key's grant on a secure broker (None: plaintext, no checks)
+        self.grants = grants
+        self._next_grant_refresh = 0.0
+        if grants is not None:
+            self.service.handler = self._handle_granted
+        # PURGE (broker/engine/purge.py): the sender's role, and the journal's rewrite.
+        self.engine.purge.attach(self.service.peer_role, self._compact_journal,
+                                 lambda: self.journal.size)
         #: large payloads on disk (broker/results.py); None without a journal
         self.store: ResultStore | None = None
         if self.journal.durability is not Durability.NONE:
@@ -118,23 +142,31 @@ class Broker:
         return self.service.bind(self.config.router_endpoint)
 
     def attach_bus(self, bus_out: str, bus_in: str, hwm: int,
-                   statistics: Callable[[], dict[str, int] | None] | None = None) -> None:
-        """Announce the bus (forwarder endpoints) to agents and clients, and publish the
-        broker's events on it. Call after :meth:`bind`.
+                   statistics: Callable[[], dict[str, int] | None] | None = None,
+                   events_bind: str = "127.0.0.1:0", any_port_if_taken: bool = False) -> None:
+        """Announce the bus (forwarder endpoints) to agents and clients, and bind the
+        broker's own events socket beside it. Call after :meth:`bind`.
 
         Args:
             bus_out: where subscribers connect (the forwarder's XPUB).
             bus_in: where publishers connect (the forwarder's XSUB).
-            hwm: queue bound of the broker's publisher socket.
+            hwm: queue bound of the broker's events socket, per subscriber.
             statistics: returns the forwarder's counters, for the status document.
+            events_bind: HOST:PORT of the events socket (broker topics, published by the
+                broker alone, so that nobody else's message passes for the broker's).
+            any_port_if_taken: bind a free port when ``events_bind``'s is in use.
+
+        Raises:
+            zmq.ZMQError: the events socket could not be bound.
         """
+        events = self.events = EventPublisher(self.service.context, events_bind, hwm,
+                                              self.security, any_port_if_taken)
         self.endpoints["bus_out"] = bus_out
         self.endpoints["bus_in"] = bus_in
-        events = self.events = EventPublisher(self.service.context, bus_in, hwm,
-                                                   self.security)
+        self.endpoints["events"] = events.endpoint
         self.engine.ledger.events = events
         self.bus_statistics = statistics
-        # Subscriptions arrive on the publisher socket; the loop reads them when it says
+        # Subscriptions arrive on the events socket; the loop reads them when it says
         # so, and looks again after the broker published (a send can take the edge).
         self.service.add_socket(events.socket, self._read_bus, sends=events.published_count)
 
@@ -160,14 +192,15 @@ class Broker:
         self.events.read_subscriptions()
         self.engine.ledger.watch_tasks = self.events.watching_tasks or self.log_tasks
 
-    def _compact_journal(self) -> None:
+    def _compact_journal(self) -> bool:
         offset = self.engine.ledger.wall_offset
         retained = [t for t in self.engine.retained() if t.result is not None]
-        self.journal.compact(
+        done = self.journal.compact(
             ((t.spec, t.client, t.submitted_at + offset)
              for t in itertools.chain(self.engine.tasks.values(), retained)),
             ((t.result, t.finished_at + offset) for t in retained))
         self.engine.ledger.counters["journal_compactions"] += 1
+        return done
 
     # ------------------------------------------------------------------ RouterApp
 
@@ -183,12 +216,53 @@ class Broker:
     def handle(self, identity: bytes, frames: list[bytes], now: float) -> bool:
         engine = self.engine
         try:
-            msg = decode(frames)
+            msg = decode_within(frames, self.max_header_bytes)
         except DecodeError as e:
             engine.reject(identity, e.code, str(e))
         else:
             engine.handle(identity, msg, self.clock())
         return engine.ledger.items_this_pass >= DRAIN_ITEM_BUDGET
+
+    def _handle_granted(self, identity: bytes, frames: list[bytes], now: float) -> bool:
+        """:meth:`handle` on a secure broker: the sender's key (authenticated by CURVE)
+        must be authorized still, and its routing id must lie in the key's scope, so no
+        other key can pose as a peer; its role decides the rest
+        (``broker/engine/access.py``)."""
+        engine = self.engine
+        assert self.grants is not None
+        try:
+            msg = decode_within(frames, self.max_header_bytes)
+        except DecodeError as e:
+            engine.reject(identity, e.code, str(e))
+            return False
+        key = self.service.peer_key()
+        grant = self.grants.grant(key) if key else None
+        if grant is None:
+            engine.refuse(identity, msg, "this key is no longer authorized (revoked): the "
+                          "broker takes no messages from it", now)
+        elif not identity.startswith(grant.scope.encode()):
+            engine.refuse(identity, msg, (
+                f"on a secure broker a routing id must start with its key's scope "
+                f"{grant.scope!r} (the SDK sets it)"), now)
+        else:
+            engine.handle_granted(identity, grant, msg, self.clock())
+        return engine.ledger.items_this_pass >= DRAIN_ITEM_BUDGET
+
+    def _refresh_grants(self, now: float) -> None:
+        """Once per heartbeat interval: keys revoked since lose their agents' registrations
+        (their tasks go elsewhere) and are refused from then on."""
+        assert self.grants is not None
+        self._next_grant_refresh = now + self.config.heartbeat_interval_s
+        events = self.engine.ledger.events
+        announce = self.engine.permissions.worth_announcing
+        for key, address in self.grants.take_refusals():
+            if announce(key.encode(), now):
+                events.peer_refused(f"{key} at {address}", "its key is not authorized")
+        revoked = self.grants.refresh()
+        if revoked:
+            logger.warning("%d key(s) revoked: their agents are removed and their "
+                           "messages refused", len(revoked))
+            self.engine.revoked(revoked, now)
 
     def on_stop(self, now: float) -> None:
         self.engine.begin_stop(now)
@@ -199,6 +273,8 @@ class Broker:
         if self.store is not None and self.store.pending:
             self._release_stored()
         try:
+            if self.grants is not None and now >= self._next_grant_refresh:
+                self._refresh_grants(now)
             engine.tick(now)
             engine.dispatch(now)
             if self.journal.needs_compaction():
@@ -284,6 +360,7 @@ class Broker:
         if self.events is not None:
             messaging["bus"] = {
                 "out": self.endpoints.get("bus_out"), "in": self.endpoints.get("bus_in"),
+                "events": self.endpoints.get("events"),
                 "events_published": self.events.published,
                 "subscribed_prefixes": len(self.events.prefixes),
                 "forwarder": self.bus_statistics() if self.bus_statistics is not None else None,

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from wire.limits import MAX_FRAME_BYTES
 from wire.sockets import ZERO_COPY_BYTES, NOBLOCK, apply_common_options, has_input, send_frames
 
 _backend_recv = zmq.backend.Socket.recv
@@ -200,6 +201,16 @@ class WakePipe:
         self._w.close()
 
 
+def _frame_property(frame: Any, name: str) -> str:
+    """A metadata property of ``frame``'s connection ("" when it has none)."""
+    if frame is None:
+        return ""
+    try:
+        return str(frame.get(name))
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return ""
+
+
 class RouterService:
     """A ROUTER socket served by one poll(2) loop on behalf of ``app``.
 
@@ -218,11 +229,17 @@ class RouterService:
         security: secures the ROUTER (CURVE and ZAP); None: plaintext.
     """
 
+    #: the ROUTER's ZMQ_MAXMSGSIZE (set before :meth:`bind`): a bigger frame drops its peer
+    max_message_bytes: int = MAX_FRAME_BYTES
+
     def __init__(self, app: RouterApp, *, send_hwm: int, drain_batch: int, backlog_limit: int,
                  clock: Callable[[], float] = time.monotonic, name: str = "router-service",
                  linger_ms: int = CLOSE_LINGER_MS,
                  security: SocketSecurity | None = None) -> None:
         self.app = app
+        #: what each message is handed to: ``app.handle``, or a hook in front of it (a
+        #: secure broker checks the sender's key first)
+        self.handler: Callable[[bytes, list[Any], float], bool] = app.handle
         self.security = security
         self.send_hwm = send_hwm
         self.drain_batch = drain_batch
@@ -287,9 +304,12 @@ class RouterService:
         # Without MANDATORY a send to a gone or full peer is silently dropped (19,369 of
         # 20,000 in one test); with it, EAGAIN (full) and EHOSTUNREACH (gone) are raised.
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A peer reconnecting under its routing id takes the old connection over.
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        apply_common_options(router, self.send_hwm)
+        # A peer reconnecting under its routing id takes the old connection over; not
+        # on a secure socket, where a live connection's id stays its own (another key
+        # presenting it is refused by libzmq; the same key, once the old one is gone).
+        if self.security is None:
+            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        apply_common_options(router, self.send_hwm, self.max_message_bytes)
         router.setsockopt(zmq.LINGER, self.linger_ms)
         try:
             if self.security is not None:
@@ -433,7 +453,7 @@ class RouterService:
         return timeout
 
     def _drain(self, router: zmq.Socket[Any], now: float) -> None:
-        handle = self.app.handle
+        handle = self.handler
         received = 0
         # Bounded, so that the application's timers, dispatch and sends run (and peers
         # start working) while the rest of a burst still waits in the socket.
@@ -471,13 +491,18 @@ class RouterService:
     def peer_address(self) -> str:
         """The remote address of the message being handled ("" when the transport has
         none, as ipc and inproc): from its first frame, kept until the next message."""
-        frame = self._first_frame
-        if frame is None:
-            return ""
-        try:
-            return str(frame.get("Peer-Address"))
-        except zmq.ZMQError:
-            return ""
+        return _frame_property(self._first_frame, "Peer-Address")
+
+    def peer_key(self) -> str:
+        """The CURVE public key (Z85) of the message being handled: its ZAP user id,
+        which libzmq sets on every frame of an authenticated connection ("" on a
+        plaintext socket)."""
+        return _frame_property(self._first_frame, "User-Id")
+
+    def peer_role(self) -> str:
+        """The role the allow-list gives the sender of the message being handled (the ZAP
+        handler's ``Role`` metadata; "" on a plaintext socket)."""
+        return _frame_property(self._first_frame, "Role")
 
     # ------------------------------------------------------------------ sending
 

@@ -125,3 +125,23 @@ def latency_floor(tasks: int, payload_bytes: int, repeat: int, as_json: bool) ->
     _run("latency_floor.py", ["--tasks", str(tasks), "--payload-bytes", str(payload_bytes),
                               "--repeat", str(repeat)], as_json,
          f"latency floor: 4 set-ups x {tasks} round trips")
+
+
+@bench.command(help="""The cost of CURVE: the throughput and latency workloads on a
+plaintext broker and on a --secure one (CURVE and ZAP on every socket), alternated in
+pairs; reports the median throughput ratio (target 0.8) and p50/p99 of both.""")
+@click.option("--pairs", type=count(1), default=5, show_default=True,
+              help="Rounds of plaintext and CURVE.")
+@click.option("--tasks", type=count(1), default=20_000, show_default=True,
+              help="Throughput tasks per run.")
+@click.option("--latency-tasks", type=count(1), default=5000, show_default=True,
+              help="Sequential round trips per latency run.")
+@click.option("--payload-bytes", type=count(1), default=100, show_default=True,
+              help="Bytes of payload per task.")
+@json_option("Print one JSON document.")
+def secure(pairs: int, tasks: int, latency_tasks: int, payload_bytes: int,
+           as_json: bool) -> None:
+    """Run ``bench/secure.py`` with these options."""
+    _run("secure.py", ["--pairs", str(pairs), "--tasks", str(tasks), "--latency-tasks",
+                       str(latency_tasks), "--payload-bytes", str(payload_bytes)], as_json,
+         f"CURVE against plaintext: {pairs} pair(s) of {tasks} tasks")

@@ -21,6 +21,7 @@ from typing import Any, Final
 import click
 import orjson
 
+from wire.bus import BUS_PEER_REFUSED
 from cli.common import (
     EXIT_FAILED,
     EXIT_UNREACHABLE,
@@ -37,7 +38,7 @@ from cli.common import (
 TOPICS: Final = ("agents.", "tasks.", "workflow.")
 #: The event types, as ``--type`` takes them.
 EVENT_TYPES: Final = ("agent_joined", "agent_left", "agent_health", "agent_circuit",
-                      "task_state", "task_failed", "workflow")
+                      "agent_refused", "task_state", "task_failed", "workflow")
 #: Bus topics of agent events and their event types.
 _AGENT_TOPICS: Final = {"agents.joined": "agent_joined", "agents.left": "agent_left",
                         "agents.health": "agent_health", "agents.circuit": "agent_circuit"}
@@ -115,6 +116,10 @@ class AgentBook:
         """The :class:`Event` of a bus message (``data`` as the publisher sent it)."""
         data = data if isinstance(data, dict) else {"data": data}
         at = float(data.get("at") or datetime.datetime.now().timestamp())
+        if topic == BUS_PEER_REFUSED:
+            # A secure broker refused a peer (a key, a routing id): who, and why.
+            return Event("agent_refused", at, topic, seq, None, str(data.get("peer", "")),
+                         None, [], {"reason": data.get("reason")})
         if topic in _AGENT_TOPICS:
             agent_id = str(data.get("id", ""))
             name = str(data.get("name", ""))

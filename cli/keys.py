@@ -32,13 +32,18 @@ By default in DATA_DIR/keys; give the secret file only to the process that uses 
 AUTHORIZE_HELP = """Let a public key connect to the secure broker, with a role.
 
 PUBLIC_KEY_OR_FILE is the 40-character Z85 key or a key file (NAME.key or
-NAME.key_secret); quote the key, and put `--` before one that starts with `-`. Takes effect for new connections without a restart. Roles are recorded
-for later use: no per-role permissions are enforced yet.
+NAME.key_secret); quote the key, and put `--` before one that starts with `-`. Takes
+effect for new connections without a restart. Roles: an agent key runs tasks (bind it to
+names and capabilities with --name and --capability); a client key submits tasks and
+sees only its own; admin may do everything; node is for node supervisors. See
+docs/security.md.
 """
 REVOKE_HELP = """Remove a public key from the allow-list.
 
 New connections with that key are refused at once, without a restart. A connection made
-before stays up until it closes: libzmq cannot drop one peer of a bound socket.
+before cannot be dropped (libzmq cannot drop one peer of a bound socket), but within a
+heartbeat interval the broker refuses its messages with `unauthorized`, removes the
+registrations of its agents and dispatches their tasks again elsewhere.
 """
 #: Roles a key may be generated or authorized for (``broker`` only for generate).
 AUTHORIZE_ROLES = ("agent", "client", "node", "admin")
@@ -128,21 +133,27 @@ def generate(obj: Context, name: str, role: str | None, directory: Path | None, 
 
 @keys.command(help=AUTHORIZE_HELP)
 @click.argument("public_key_or_file", type=PUBLIC_KEY)
-@click.option("--role", type=click.Choice(AUTHORIZE_ROLES), default="client", show_default=True)
+@click.option("--role", type=click.Choice(AUTHORIZE_ROLES), default=None,
+              help="[default: agent with --name or --capability, else client]")
 @click.option("--comment", type=TEXT, default="", help="A note kept with the key.")
 @click.option("--name", "names", type=NAME, multiple=True,
-              help="Agent or client name(s) the key is for (recorded; not enforced yet).")
+              help="An agent name the key may register under (repeat; default: any).")
+@click.option("--capability", "capabilities", type=NAME, multiple=True,
+              help="A capability the agent key may offer (repeat; default: any).")
 @json_option("Print the entry as JSON.")
 @click.pass_obj
-def authorize(obj: Context, public_key_or_file: str, role: str, comment: str,
-              names: tuple[str, ...], as_json: bool) -> None:
+def authorize(obj: Context, public_key_or_file: str, role: str | None, comment: str,
+              names: tuple[str, ...], capabilities: tuple[str, ...], as_json: bool) -> None:
     """Add a key to the allow-list."""
     from broker.security import authorize as add, authorized_path
 
     public_key = public_key_or_file
     path = authorized_path(obj.home)
+    role = role or ("agent" if names or capabilities else "client")
+    if (names or capabilities) and role != "agent":
+        fail("--name and --capability bind agent keys: use them with --role agent", 2)
     try:
-        entry = add(path, public_key, role, comment, list(names))
+        entry = add(path, public_key, role, comment, list(names), list(capabilities))
     except _keys().KeyFileError as e:
         fail(str(e), 1)
     except OSError as e:
@@ -151,6 +162,9 @@ def authorize(obj: Context, public_key_or_file: str, role: str, comment: str,
         emit_json({"public_key": public_key, **entry, "file": str(path)})
     else:
         click.echo(f"authorized {public_key} as {role} in {path}")
+        if role == "agent" and not names and not capabilities:
+            click.echo("note: this agent key may register under any name and capability; "
+                       "bind it with --name and --capability", err=True)
 
 
 @keys.command(help=REVOKE_HELP)
@@ -175,8 +189,8 @@ def revoke(obj: Context, public_key_or_file: str, as_json: bool) -> None:
     if as_json:
         emit_json({"public_key": public_key, "revoked": True, **entry, "file": str(path)})
     else:
-        click.echo(f"revoked {public_key} (new connections with it are refused; one open "
-                   "now stays up until it closes)")
+        click.echo(f"revoked {public_key} (new connections with it are refused; the broker "
+                   "refuses the messages of one open now and re-dispatches its agents' tasks)")
 
 
 @keys.command(name="list")
@@ -199,4 +213,6 @@ def list_keys(obj: Context, as_json: bool) -> None:
         click.echo(f"no key is authorized ({path})")
     for key, entry in sorted(entries.items(), key=lambda item: item[1].get("added_at", 0)):
         names = ",".join(entry.get("names") or []) or "-"
-        click.echo(f"{key}  {entry['role']:<6} {names}  {entry.get('comment', '')}".rstrip())
+        caps = ",".join(entry.get("capabilities") or []) or "-"
+        click.echo(f"{key}  {entry['role']:<6} {names}  {caps}  "
+                   f"{entry.get('comment', '')}".rstrip())

@@ -27,9 +27,11 @@ from cli.common import (
     BIND, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, PING_TIMEOUT_S, Context, DataDirCommand, emit_json,
     fail, json_option, lock_held, lock_holder, read_broker_info,
 )
+from cli.common import F, count
 from cli.launch import RUNNER_PID, Launch, StartFailed, broker_pid_file
 from cli.pool import AgentSpecs, parse_agents, say_llm_endpoint
 from cli.processes import ProcessRef, end_process, log_tail, read_ref
+from wire.limits import MAX_MESSAGE_BYTES_ENV
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -111,6 +113,37 @@ def _broker_args(home: Path, bind: str, policy: str, durability: str, state_bind
     return broker_args
 
 
+#: `start`'s limit options (docs/limits.md), each passed on to the broker as
+#: ``--NAME VALUE``; unset, the broker's default applies.
+LIMIT_OPTIONS: Final = (
+    ("max-message-bytes", 1, "Largest frame any socket accepts (default 64 MiB); the "
+                             "SDK refuses a bigger send with too_large."),
+    ("max-header-bytes", 1, "Largest message header the broker decodes (default 4 MiB)."),
+    ("max-pending-per-client", 1, "One client's unfinished tasks (default 50,000); more "
+                                  "are refused with queue_full."),
+    ("max-in-flight-per-client", 0, "One client's tasks on agents at once; more wait "
+                                    "queued (default 0: no limit)."),
+)
+
+
+def limit_options(command: F) -> F:
+    """Add the :data:`LIMIT_OPTIONS` to ``command``."""
+    for name, low, help_text in reversed(LIMIT_OPTIONS):
+        command = click.option(f"--{name}", type=count(low), default=None,
+                               help=help_text)(command)
+    return command
+
+
+def _limit_args(limits: dict[str, int | None]) -> list[str]:
+    """The broker arguments of the limit options given."""
+    args: list[str] = []
+    for name, _, _ in LIMIT_OPTIONS:
+        value = limits.get(name.replace("-", "_"))
+        if value is not None:
+            args += [f"--{name}", str(value)]
+    return args
+
+
 def _warn_if_exposed(bind: str, state_bind: str | None) -> None:
     """Say on stderr when a plaintext broker listens where other machines reach it."""
     from broker.config import is_loopback, parse_host_port
@@ -125,10 +158,11 @@ def _warn_if_exposed(bind: str, state_bind: str | None) -> None:
                    err=True)
 
 
-def _secure_env(home: Path) -> dict[str, str]:
-    """Prepare the data dir for a secure broker (its keys and the local admin key,
-    permissions checked) and return the variables that give the local runner and agents
-    the local admin key; exit 2 with one line on a key or permission problem."""
+def _secure_env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Prepare the data dir for a secure broker (its keys, the local admin key and the
+    local agents' key, permissions checked) and return the variables that give the local
+    runner the admin key, and those that give the agents theirs (role agent); exit 2
+    with one line on a key or permission problem."""
     from broker.security import prepare_secure_home
     from wire.curve import ENV_KEY_FILE, ENV_SERVER_KEY, KeyFileError
 
@@ -139,7 +173,9 @@ def _secure_env(home: Path) -> dict[str, str]:
     except OSError as e:
         fail(f"--secure: cannot create the keys in {home}: {e.strerror or e}", EXIT_FAILED,
              {"home": str(home)})
-    return {ENV_SERVER_KEY: keys.broker_public, ENV_KEY_FILE: str(keys.local_secret_file)}
+    return ({ENV_SERVER_KEY: keys.broker_public, ENV_KEY_FILE: str(keys.local_secret_file)},
+            {ENV_SERVER_KEY: keys.broker_public,
+             ENV_KEY_FILE: str(keys.local_agent_secret_file)})
 
 
 def _print_started(pid: int, info: dict[str, Any], runner: dict[str, Any] | None,
@@ -148,7 +184,7 @@ def _print_started(pid: int, info: dict[str, Any], runner: dict[str, Any] | None
     if as_json:
         emit_json({"status": "started", "pid": pid, "endpoint": info["endpoint"],
                    "state": info.get("state"), "bus_out": info.get("bus_out"),
-                   "bus_in": info.get("bus_in"),
+                   "bus_in": info.get("bus_in"), "events": info.get("events"),
                    "runner": None if runner is None else {"pid": runner.get("pid"),
                                                           "runner_id": runner.get("runner_id")},
                    "agents": started, "home": str(home)})
@@ -158,7 +194,7 @@ def _print_started(pid: int, info: dict[str, Any], runner: dict[str, Any] | None
         click.echo(f"state service at {info['state']}")
     if info.get("bus_out"):
         click.echo(f"bus: subscribers connect to {info['bus_out']}, publishers to "
-                   f"{info['bus_in']}")
+                   f"{info['bus_in']}; the broker's events at {info.get('events')}")
     if runner is not None:
         click.echo(f"workflow runner started (pid {runner.get('pid')})")
     if started:
@@ -230,12 +266,15 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], r
 @click.option("--no-runner", is_flag=True,
               help="Do not start the standing workflow runner (it drives the workflow runs "
                    "submitted from the CLI; none starts with --no-state either).")
+@limit_options
 @json_option()
 @click.pass_obj
 def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: str,
           no_agents: bool, foreground: bool, state_bind: str | None, state_memory: bool,
           no_state: bool, no_bus: bool, no_runner: bool, allow_commands: bool,
-          secure: bool, as_json: bool) -> None:
+          secure: bool, as_json: bool, max_message_bytes: int | None,
+          max_header_bytes: int | None, max_pending_per_client: int | None,
+          max_in_flight_per_client: int | None) -> None:
     """Start the broker, the workflow runner and the agents, unless the broker already
     runs."""
     home = obj.home
@@ -246,9 +285,12 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
     if _report_running(home, as_json):
         return
     broker_args = _broker_args(home, bind, policy, durability, state_bind, state_memory,
-                               no_state, no_bus, secure)
+                               no_state, no_bus, secure) + _limit_args({
+        "max_message_bytes": max_message_bytes, "max_header_bytes": max_header_bytes,
+        "max_pending_per_client": max_pending_per_client,
+        "max_in_flight_per_client": max_in_flight_per_client})
     # Before anything creates the data dir: a secure one is made 0700.
-    secure_env = _secure_env(home) if secure else None
+    secure_env, agent_keys = _secure_env(home) if secure else (None, {})
     if not secure:
         _warn_if_exposed(bind, state_bind)
     if foreground:
@@ -256,7 +298,7 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
 
         sys.exit(broker_main(broker_args[2:]))
     try:
-        home.mkdir(parents=True, exist_ok=True)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the data dir {home}: {e.strerror or e}", EXIT_FAILED,
              {"home": str(home)})
@@ -265,6 +307,10 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
     if agents:
         say_llm_endpoint()
     agent_env = {"ORCH_ALLOW_COMMANDS": "1"} if allow_commands else {}
+    agent_env.update(agent_keys)
+    if max_message_bytes:
+        # Its agents accept frames as big as the broker's limit (fixed at connect).
+        agent_env[MAX_MESSAGE_BYTES_ENV] = str(max_message_bytes)
     _launch(home, broker_args, agents, not (no_runner or no_state), agent_env, secure_env,
             as_json)
 

@@ -24,6 +24,7 @@ from cli.keys import keys
 from cli.lifecycle import start, status, stop
 from cli.logs import logs
 from cli.oneshot import run
+from cli.purge import purge
 from cli.state import state
 from cli.tasks import cancel, result, submit, tasks, trace
 from cli.workflow import workflow
@@ -50,7 +51,7 @@ def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
 
 # `--help` lists the commands sorted by name, so the order here does not show.
 for _command in (start, stop, status, submit, result, cancel, trace, tasks, bench, state,
-                 workflow, run, events, logs, keys):
+                 workflow, run, events, logs, keys, purge):
     main.add_command(_command)
 
 

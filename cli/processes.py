@@ -135,7 +135,9 @@ def spawn(args: list[str], log: Path,
     ``env`` added to this process's environment."""
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **env} if env else None
-    with open(log, "ab") as log_file:
+    # 0600: a process's stderr may quote what its tasks carried (README, "Data at rest").
+    with open(log, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as log_file:
+        os.fchmod(log_file.fileno(), 0o600)
         return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=log_file,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=full_env)
 

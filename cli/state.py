@@ -95,11 +95,13 @@ def _writing(obj: StateContext) -> Iterator[SyncStateClient]:
     Yields:
         The connected client.
     """
-    from agent_sdk import StateError
+    from agent_sdk import StateError, Unauthorized
 
     client = obj.client()
     try:
         yield client
+    except Unauthorized:
+        raise  # the access rules of a secure service: exit 5, as any refused key
     except StateError as e:
         # A failed compare-and-set or a refused key: an outcome to report, not a crash.
         fail(str(e), EXIT_FAILED)
@@ -211,7 +213,10 @@ def list_(obj: StateContext, prefix: str, values: bool, as_json: bool) -> None:
     Console().print(table)
 
 
-@state.command("locks", help="List the held locks under PREFIX: token, holder, time left.")
+@state.command("locks", help="""List the held locks under PREFIX: token, holder, time left.
+
+On a secure broker, the token and session of a lock held by another session show as "-"
+(null under --json) unless the key is an admin's.""")
 @click.argument("prefix", type=PREFIX, default="")
 @json_option("Print a JSON array of locks.")
 @click.pass_obj
@@ -230,7 +235,9 @@ def locks(obj: StateContext, prefix: str, as_json: bool) -> None:
         table.add_column(column, justify="right" if column in (
             "token", "expires in s", "waiters") else "left")
     for lock in held:
-        table.add_row(lock.name, str(lock.token), lock.holder, lock.session,
+        # A secure service shows another session's token and session id to admins only.
+        table.add_row(lock.name, "-" if lock.token is None else str(lock.token), lock.holder,
+                      lock.session or "-",
                       f"{lock.expires_in_s:.1f}", str(lock.waiters))
     Console().print(table)
 

@@ -83,6 +83,10 @@ def _print_result(result: Result, as_json: bool) -> None:
         emit_json(_result_document(result))
         return
     error = result.error
+    if _purged(result):
+        assert error is not None
+        click.echo(f"{result.task_id}: purged: {error.message}", err=True)
+        return
     if error is not None:
         # A code that only repeats the status (``cancelled``) is said once.
         said = error.message if error.code == result.status else str(error)
@@ -91,9 +95,14 @@ def _print_result(result: Result, as_json: bool) -> None:
     echo_data(result.data)
 
 
+def _purged(result: Result) -> bool:
+    """Whether ``orchestrator purge`` removed the task's payloads (its data is gone)."""
+    return result.error is not None and result.error.code == "purged"
+
+
 def _exit_for(result: Result) -> NoReturn:
-    """Exit 0 if the task succeeded, else 1."""
-    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
+    """Exit 0 if the task succeeded (and its data is there), else 1."""
+    sys.exit(EXIT_OK if result.ok and not _purged(result) else EXIT_FAILED)
 
 
 def _result_or_exit(handle: SyncTaskHandle, wait_s: float | None) -> Result:

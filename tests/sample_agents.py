@@ -43,6 +43,40 @@ class EchoAgent(BaseAgent):
             self.active -= 1
 
 
+class GroupCountingAgent(EchoAgent):
+    """An echo agent that counts, per group named in the task's data (``{"group": G}``),
+    how many of the group's tasks it runs at once: every result carries the group's
+    count and the agent's total at the task's start (the peaks of overlapping runs are
+    reached at some start)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_group: dict[str, int] = {}
+
+    async def execute(self, task: Task) -> Result:
+        group = str(task.data["group"])
+        self.by_group[group] = self.by_group.get(group, 0) + 1
+        self.active += 1
+        try:
+            at_start = {"group": self.by_group[group], "total": self.active}
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)  # the simulated workload, not a wait
+            return Result(data=at_start, agent_id=self.agent_id)
+        finally:
+            self.active -= 1
+            self.by_group[group] -= 1
+
+
+class SizedResultAgent(BaseAgent):
+    """Returns ``task.data["size"]`` bytes (results over the broker's frame limit)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="sized", capabilities=["sized"])
+
+    async def execute(self, task: Task) -> Result:
+        return Result(data=b"r" * int(task.data["size"]))
+
+
 class FailingAgent(BaseAgent):
     """Raises in execute for every task whose data says so."""
 

@@ -42,9 +42,35 @@ BUS_AGENT_JOINED: Final = "agents.joined"
 BUS_AGENT_LEFT: Final = "agents.left"
 BUS_AGENT_HEALTH: Final = "agents.health"
 BUS_AGENT_CIRCUIT: Final = "agents.circuit"
+#: A secure broker refused a peer (a key not authorized, a role without the right):
+#: ``{"peer", "reason"}``, at most once a minute per peer.
+BUS_PEER_REFUSED: Final = "agents.refused"
 BUS_TASKS_PREFIX: Final = "tasks."
 #: The ``from`` of events the broker publishes.
 BUS_BROKER_SENDER: Final = "broker"
+#: Topic prefixes only the broker publishes on. Its events leave on a socket of its own
+#: (the ``events`` endpoint, an XPUB only the broker sends on), never through the
+#: shared forwarder, which anyone who reaches it can publish on. So subscribers take
+#: these topics from the events socket only and drop them when they come through the
+#: forwarder, and the SDK refuses to publish them: an agent cannot forge a broker event.
+RESERVED_PREFIXES: Final = ("agents.", "tasks.")
+#: The same as bytes, for a check on a topic frame before it is decoded.
+RESERVED_PREFIX_BYTES: Final = tuple(p.encode() for p in RESERVED_PREFIXES)
+
+
+def is_reserved(topic: str) -> bool:
+    """Whether ``topic`` is one of the broker's (only the broker publishes it)."""
+    return topic.startswith(RESERVED_PREFIXES)
+
+
+def topic_routes(prefix: str) -> tuple[bool, bool]:
+    """Where a subscription to ``prefix`` must listen: (the shared forwarder, the
+    broker's events socket). A prefix inside a reserved one (``tasks.t-1``) matches
+    broker topics only; one that a reserved prefix starts with (``""``, ``t``) matches
+    both kinds; any other only topics of the shared bus."""
+    if prefix.startswith(RESERVED_PREFIXES):
+        return False, True
+    return True, any(reserved.startswith(prefix) for reserved in RESERVED_PREFIXES)
 
 
 class BusEnvelope(NamedTuple):
@@ -69,6 +95,14 @@ def encode_bus(topic: str, sender: str, seq: int, data: Any) -> list[bytes]:
 def encode_bus_probe(topic: str, sender: str, token: int) -> list[bytes]:
     """The two frames of a subscription probe (see the section comment)."""
     return [topic.encode(), pack({"from": sender, "probe": token})]
+
+
+def encode_broker_probe(prefix: bytes) -> list[bytes]:
+    """The probe the broker's events socket answers a subscription with: on the
+    subscribed prefix itself, so that it reaches the new subscriber (and whoever
+    subscribed to a shorter prefix, who swallows it as any probe). Token 0: it answers
+    every subscriber of that prefix, not one probe."""
+    return [prefix, pack({"from": BUS_BROKER_SENDER, "probe": 0})]
 
 
 def decode_bus(frames: list[Any]) -> BusEnvelope:

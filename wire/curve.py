@@ -46,6 +46,9 @@ AUTHORIZED_FILE: Final = "authorized.json"
 #: creates for the CLI and the local agents of the same data dir.
 BROKER_KEY_NAME: Final = "broker"
 LOCAL_KEY_NAME: Final = "local-admin"
+#: The key of the agents a secure ``start`` launches (role ``agent``: an agent process
+#: never holds the admin key).
+LOCAL_AGENT_KEY_NAME: Final = "local-agents"
 PUBLIC_SUFFIX: Final = ".key"
 SECRET_SUFFIX: Final = ".key_secret"
 #: A remote peer's settings: the broker's public key (text or file), its own secret file.
@@ -205,6 +208,44 @@ def apply_client(sock: zmq.Socket[Any], keys: ClientKeys) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret_key.encode())
 
 
+#: Under CURVE, a peer's routing ids and task ids start with its key's scope: the first
+#: :data:`SCOPE_KEY_CHARS` characters of its public key and :data:`SCOPE_SEPARATOR` (not a
+#: Z85 character, so a scope is recognised by position). 16 Z85 characters are 100 bits:
+#: finding another key with the same scope means generating about 2^99 key pairs.
+SCOPE_KEY_CHARS: Final = 16
+SCOPE_SEPARATOR: Final = "~"
+_SCOPE_CHARS: Final = SCOPE_KEY_CHARS + 1
+
+
+def key_scope(public_key: str) -> str:
+    """The scope of ``public_key`` (Z85): the prefix of its peers' routing ids and task
+    ids on a secure broker."""
+    return public_key[:SCOPE_KEY_CHARS] + SCOPE_SEPARATOR
+
+
+def scope_in(text: str) -> str | None:
+    """The scope ``text`` starts with (a task id or routing id), or None."""
+    if len(text) > SCOPE_KEY_CHARS and text[SCOPE_KEY_CHARS] == SCOPE_SEPARATOR:
+        return text[:_SCOPE_CHARS]
+    return None
+
+
+def in_scope(scope: str, name: str) -> str:
+    """``name`` as an id of ``scope``'s own: unchanged when it starts with ``scope``,
+    else prefixed with it (another key's ``OTHER~x`` becomes ``SCOPE~OTHER~x``, never
+    the other's id). New task ids are made so, and a secure broker reads the ids a
+    non-admin names so."""
+    return name if name.startswith(scope) else scope + name
+
+
+def scoped(scope: str, name: str) -> str:
+    """``name`` in ``scope``: unchanged when it already carries a scope (an admin naming
+    another key's task), else prefixed with ``scope``."""
+    if not scope or scope_in(name) is not None:
+        return name
+    return scope + name
+
+
 def keys_dir(home: Path) -> Path:
     """The data dir's key directory."""
     return home / KEYS_DIR
@@ -244,12 +285,14 @@ def local_client_keys(home: Path, url: str = "") -> ClientKeys | None:
     is none of its endpoints: a plaintext broker elsewhere gets plaintext)."""
     try:
         info = json.loads((home / "broker.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        # ValueError covers a torn write and text that is not UTF-8; RecursionError, a
+        # file nested deeper than json's recursion allows: not the broker's file either.
         return None
     if not isinstance(info, dict):
         return None
     if url and url not in (info.get(name) for name in ("endpoint", "bus_out", "bus_in",
-                                                       "state")):
+                                                       "events", "state")):
         return None
     server = info.get("curve_public_key")
     secret_path = keys_dir(home) / f"{LOCAL_KEY_NAME}{SECRET_SUFFIX}"
@@ -261,8 +304,10 @@ def local_client_keys(home: Path, url: str = "") -> ClientKeys | None:
 
 __all__ = [
     "AUTHORIZED_FILE", "BROKER_KEY_NAME", "ClientKeys", "ENV_KEY_FILE", "ENV_SERVER_KEY",
-    "ENV_SERVER_KEY_FILE", "KEYS_DIR", "KEY_CHARS", "KeyFileError", "LOCAL_KEY_NAME",
-    "PUBLIC_SUFFIX", "SECRET_SUFFIX", "ZAP_DOMAIN", "apply_client", "apply_server",
-    "check_private", "client_keys", "is_key", "keys_dir", "local_client_keys", "parse_key",
-    "read_keys", "read_public_key", "read_secret_file", "write_key_pair",
+    "ENV_SERVER_KEY_FILE", "KEYS_DIR", "KEY_CHARS", "KeyFileError", "LOCAL_AGENT_KEY_NAME", "LOCAL_KEY_NAME",
+    "PUBLIC_SUFFIX", "SCOPE_KEY_CHARS", "SCOPE_SEPARATOR", "SECRET_SUFFIX", "ZAP_DOMAIN",
+    "apply_client", "apply_server", "check_private", "client_keys", "in_scope", "is_key",
+    "key_scope",
+    "keys_dir", "local_client_keys", "parse_key", "read_keys", "read_public_key",
+    "read_secret_file", "scope_in", "scoped", "write_key_pair",
 ]

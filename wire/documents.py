@@ -34,6 +34,8 @@ class Endpoints(TypedDict, total=False):
     bus_out: str
     #: the bus forwarder's XSUB: publishers connect here
     bus_in: str
+    #: the broker's own XPUB: its events (``agents.*``, ``tasks.*``), published by it alone
+    events: str
     #: the state service's ROUTER
     state: str
 
@@ -142,6 +144,21 @@ class BrokerDocument(TypedDict, total=False):
     default_timeout_s: float
 
 
+class LimitsDocument(TypedDict, total=False):
+    """The broker's limits (STATUS ``limits``, docs/limits.md). WELCOME and the answer to
+    a client's HEARTBEAT carry the two size limits, the ones the SDK checks sends
+    against."""
+
+    #: largest frame any of its sockets accepts
+    max_message_bytes: int
+    #: largest message header it decodes
+    max_header_bytes: int
+    max_pending: int
+    max_pending_per_client: int
+    #: 0: no limit
+    max_in_flight_per_client: int
+
+
 class QueueDocument(TypedDict):
     pending: int
     max_pending: int
@@ -163,5 +180,6 @@ class StatusDocument(TypedDict, total=False):
     messages: dict[str, int]
     errors: dict[str, int]
     messaging: dict[str, Any]
+    limits: LimitsDocument
     #: in a reply to a request with ``until``: whether enough agents matched
     met: bool

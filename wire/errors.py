@@ -23,10 +23,24 @@ class DecodeError(WireError):
 
 
 class TooLarge(WireError):
-    """Raised when a frame is bigger than the protocol's ``MAX_FRAME_BYTES``."""
+    """Raised when a frame is bigger than the broker's frame limit (``MAX_FRAME_BYTES``
+    or its ``--max-message-bytes``), or a header bigger than its header limit."""
+
+    def __init__(self, size: int, limit: int, what: str = "frame",
+                 setting: str = "max_message_bytes") -> None:
+        super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes "
+                         f"({setting})", "too_large")
+        self.size = size
+        self.limit = limit
+
+
+class HeaderTooLarge(DecodeError):
+    """Raised by a receiver when a message's header frame is bigger than its
+    ``--max-header-bytes``: the message is refused with ``too_large`` undecoded."""
 
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes", "too_large")
+        super().__init__(f"message header of {size} bytes exceeds the limit of {limit} bytes "
+                         "(max_header_bytes)", "too_large")
         self.size = size
         self.limit = limit
 

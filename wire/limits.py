@@ -26,7 +26,28 @@ SIGNATURE: Final = b"ORCH3"
 
 #: Largest frame any socket accepts (ZMQ_MAXMSGSIZE is per frame). A bigger frame makes
 #: libzmq drop the connection, so senders check against it first (:class:`TooLarge`).
+#: This is the default; a broker started with ``--max-message-bytes`` announces its own
+#: value (WELCOME's and a client HEARTBEAT reply's ``limits``), and the SDK checks
+#: against that once it heard it.
 MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+#: The smallest ``--max-message-bytes`` a broker accepts: room for the SDK's biggest
+#: batch header (see :data:`MAX_HEADER_BYTES`) and a whole READ chunk. The SDK sends
+#: frames up to this size before it heard the broker's own limit; a bigger one waits for
+#: it (so that a broker with a small limit never sees a frame libzmq would drop it for).
+MIN_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+#: Largest msgpack header frame (the one after the command) a broker or state service
+#: decodes by default (``--max-header-bytes``); a bigger one is answered ``too_large``
+#: undecoded, so that a peer cannot make it build millions of objects from one frame.
+#: The SDK's biggest header is a batch of ``MAX_BATCH_ITEMS`` tasks or results with
+#: inline payloads (128 x 16 KiB, about 2 MiB): the default leaves room for it.
+MAX_HEADER_BYTES: Final = 4 * 1024 * 1024
+#: The smallest ``--max-header-bytes`` a broker accepts: one batch of inline payloads.
+MIN_HEADER_BYTES: Final = 3 * 1024 * 1024
+#: The environment variable that raises the frame size an SDK process accepts from its
+#: broker above :data:`MAX_FRAME_BYTES` (a broker started with a bigger
+#: ``--max-message-bytes``; ``orchestrator start`` sets it for the agents it starts).
+#: The receive limit is fixed when a socket connects, before the broker is heard.
+MAX_MESSAGE_BYTES_ENV: Final = "ORCH_MAX_MESSAGE_BYTES"
 
 #: Largest range one READ asks for: a withheld payload comes in pieces this big, so that
 #: a client's other messages (a small task's RESULT) wait behind at most one of them.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import logging.handlers
+import os
 from pathlib import Path
 from typing import Any, Final
 
@@ -69,6 +70,23 @@ class JsonLinesFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose files only their owner reads (0600), the new ones after a
+    rotation too: log lines quote task ids, agent errors and sometimes what a task
+    carried (README, "Data at rest")."""
+
+    def _open(self) -> Any:
+        return open(self.baseFilename, self.mode, encoding=self.encoding,
+                    errors=self.errors, opener=_private)
+
+
+def _private(path: str, flags: int) -> int:
+    fd = os.open(path, flags, 0o600)
+    # A file an older release created keeps its mode through O_APPEND: closed now.
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 def log_path(data_dir: Path, process: str) -> Path:
     """The JSON log of ``process`` (``broker``, ``agent-<id>``) in ``data_dir``."""
     return data_dir / LOGS_DIR / f"{process}{LOG_SUFFIX}"
@@ -95,8 +113,8 @@ def install_json_log(data_dir: Path, process: str, level: int | str,
     """
     path = log_path(data_dir, process)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler = PrivateRotatingFileHandler(
             path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
     except OSError as e:
         logging.getLogger(__name__).warning("cannot open the JSON log %s: %s", path, e)

@@ -72,9 +72,11 @@ def has_input(sock: zmq.Socket[Any]) -> bool:
     return bool(events & _POLLIN)
 
 
-def apply_common_options(sock: zmq.Socket[Any], hwm: int) -> None:
+def apply_common_options(sock: zmq.Socket[Any], hwm: int,
+                         max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
     """Options every Orchestrator socket needs: a frame size limit (an oversized frame
-    from a peer must not grow our memory), queue bounds, and no lingering on close."""
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    from a peer must not grow our memory), queue bounds, and no lingering on close.
+    Set before bind or connect: libzmq reads them when a connection starts."""
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)

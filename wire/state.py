@@ -95,6 +95,9 @@ class StateErrorCode(str, enum.Enum):
     STALE_TOKEN = "stale_token"
     #: a watcher fell too far behind; the watch is cancelled and should be set up again
     WATCH_OVERFLOW = "watch_overflow"
+    #: a secure service's access rules refuse the sender's role this key prefix
+    #: (``broker/state/access.py``), or the session belongs to another key
+    UNAUTHORIZED = ErrorCode.UNAUTHORIZED.value
 
 
 #: A fencing guard on a write: the lock name and the token of the lease the writer holds.
@@ -354,10 +357,13 @@ class StateEvents:
 
 
 class LockInfo(NamedTuple):
-    """One held lock. Wire item: ``[name, token, holder, session, expires_in_s, waiters]``."""
+    """One held lock. Wire item: ``[name, token, holder, session, expires_in_s, waiters]``.
+
+    On a secure service, ``token`` is nil and ``session`` "" for a lock held by another
+    session, unless the asker is an admin: a token is the holder's business."""
 
     name: str
-    token: int
+    token: int | None
     holder: str
     session: str
     expires_in_s: float
@@ -720,7 +726,8 @@ def _decode_lock_table(h: dict[Any, Any]) -> LockTable:
     for item in as_array(h.get("locks")):
         if type(item) is not tuple or len(item) != 6:
             raise ValueError("a lock must be an array of 6")
-        locks.append(LockInfo(as_str(item[0], "name"), _version(item[1], "token"),
+        locks.append(LockInfo(as_str(item[0], "name"),
+                              None if item[1] is None else _version(item[1], "token"),
                               as_str(item[2], "holder"), as_str(item[3], "session"),
                               float(item[4]), _version(item[5], "waiters")))
     return LockTable(_req(h), locks)

@@ -39,6 +39,7 @@ from wire.codec import (
 from wire.errors import DecodeError
 from wire.documents import StatusDocument, TaskDocument
 from wire.limits import PROTOCOL_VERSION, SIGNATURE
+from wire.purge import Purge, PurgeReply, decode_purge, purge_header
 
 class Command(enum.IntEnum):
     """Frame 1 of every message."""
@@ -64,6 +65,8 @@ class Command(enum.IntEnum):
     TASKS = 0x23
     READ = 0x24
     RELEASE = 0x25
+    #: both ways: the request and its answer (``wire/purge.py``)
+    PURGE = 0x26
     # broker -> client
     ACCEPTED = 0x30
     CHUNK = 0x31
@@ -101,6 +104,9 @@ class ErrorCode(str, enum.Enum):
     #: a READY refused because the broker holds as many agents as it takes from that
     #: remote address, or in all (``--max-agents-per-address``, ``--max-agents``)
     TOO_MANY_AGENTS = "too_many_agents"
+    #: a finished task whose payloads a PURGE removed (its result's ``error.code``: the
+    #: status stays what it was, the data is gone)
+    PURGED = "purged"
 
 
 class TaskStatus(str, enum.Enum):
@@ -137,15 +143,19 @@ class Ready:
 class Welcome:
     """Broker -> agent, in answer to READY: registration done, and the broker's settings.
 
-    Header: map ``{"ivl", "live", "endpoints", "boot"}``: heartbeat interval (s) and
-    liveness that the agent should use too, the other endpoints (bus, state) by name,
-    and the broker's boot id.
+    Header: map ``{"ivl", "live", "endpoints", "boot", "limits"}``: heartbeat interval
+    (s) and liveness that the agent should use too, the other endpoints (bus, state) by
+    name, the broker's boot id, and its size limits (``{"max_message_bytes",
+    "max_header_bytes"}``: the SDK checks its sends against them). ``limits`` is
+    optional both ways: a peer that does not know it ignores it, and an SDK that does not
+    get it keeps the defaults of ``wire.limits``.
     """
 
     heartbeat_interval_s: float
     heartbeat_liveness: int
     endpoints: dict[str, str] = field(default_factory=dict)
     boot: str = ""
+    limits: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +169,15 @@ class Heartbeat:
     An agent adds ``{"stats": {name: int}}`` (its messaging counters: bus messages lost,
     mailbox overflows, ...) at most once per interval when they changed; the broker
     shows them per agent in its status.
+
+    The broker's answer to a client adds ``{"limits": {...}}``, its size limits as in
+    :class:`Welcome` (optional: a client that does not get it keeps the defaults).
     """
 
     role: str | None = None
     boot: str | None = None
     stats: dict[str, int] | None = None
+    limits: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,7 +542,7 @@ class DirectVerdict:
 Message = Union[
     Ready, Welcome, Heartbeat, Progress, TaskQuery, TaskList, Disconnect, Submit, Dispatch, Results, Accepted, Ack, Cancel,
     Fetch, StatusRequest, StatusReply, Error, Direct, DirectVerdict, Read, Chunk, Release,
-    Ping, Pong,
+    Ping, Pong, Purge, PurgeReply,
 ]
 
 def _frames(command: Command, header: bytes, blobs: list[Any] | None = None) -> list[Any]:
@@ -551,16 +565,33 @@ def encode_dispatch(assignments: list[Assignment]) -> list[Any]:
     return _frames(Command.TASK, pack(items_with_blobs(assignments, 1, blobs)), blobs)
 
 
-def _heartbeat_header(role: str | None, boot: str | None,
-                      stats: dict[str, int] | None) -> dict[str, Any]:
-    """A HEARTBEAT's header: only the fields that are set."""
+#: Largest value a HEARTBEAT's ``stats`` counter carries: a counter beyond it is sent as
+#: this. Counters grow from what peers send (a bus publisher's ``seq`` jumping by 2^64
+#: adds that much to ``bus_gaps``), and msgpack cannot encode an integer past 64 bits:
+#: without the cap, one forged bus message made every heartbeat of the agent raise.
+MAX_STAT_VALUE: Final = 2 ** 63 - 1
+
+
+def _heartbeat_header(role: str | None, boot: str | None, stats: dict[str, int] | None,
+                      limits: dict[str, int] | None = None) -> dict[str, Any]:
+    """A HEARTBEAT's header: only the fields that are set, counters capped at
+    :data:`MAX_STAT_VALUE`."""
     header: dict[str, Any] = {}
     if role is not None:
         header["role"] = role
     if boot is not None:
         header["boot"] = boot
     if stats is not None:
-        header["stats"] = stats
+        header["stats"] = {name: min(count, MAX_STAT_VALUE) for name, count in stats.items()}
+    return _optional(header, limits=limits)
+
+
+def _optional(header: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """``header`` with those of ``fields`` that are set: a peer that does not know an
+    optional field never sees it, and one that does not send it is not wrong."""
+    for key, value in fields.items():
+        if value is not None:
+            header[key] = value
     return header
 
 
@@ -575,9 +606,12 @@ def _encode_control(msg: Disconnect | Ping | Pong) -> list[Any]:
                                        "running": [list(r) for r in msg.running]}))
 
 
-def _encode_reads(msg: Read | Chunk | Release) -> list[Any]:
-    """READ, CHUNK and RELEASE: the commands of withheld and held results."""
+def _encode_reads(msg: Read | Chunk | Release | Purge | PurgeReply) -> list[Any]:
+    """READ, CHUNK, RELEASE and PURGE: the commands of finished tasks' results (withheld,
+    held, purged)."""
     match msg:
+        case Purge() | PurgeReply():
+            return _frames(Command.PURGE, pack(purge_header(msg)))
         case Read(req, task_id, offset, length):
             return _frames(Command.READ, pack(
                 {"req": req, "id": task_id, "offset": offset, "length": length}))
@@ -607,10 +641,11 @@ def encode(msg: Message) -> list[Any]:
             return _frames(Command.ACK, pack(ids))
         case Direct(items):
             return _frames(Command.DIRECT, pack(items_with_blobs(items, 2, blobs)), blobs)
-        case Heartbeat(role, boot, stats):
-            if role is None and boot is None and stats is None:
+        case Heartbeat(role, boot, stats, limits):
+            if role is None and boot is None and stats is None and limits is None:
                 return _frames(Command.HEARTBEAT, EMPTY_MAP)
-            return _frames(Command.HEARTBEAT, pack(_heartbeat_header(role, boot, stats)))
+            return _frames(Command.HEARTBEAT,
+                           pack(_heartbeat_header(role, boot, stats, limits)))
         case Progress(started, running):
             return _frames(Command.PROGRESS, pack({"started": started, "running": running}))
         case TaskQuery(req, statuses, limit, ids):
@@ -622,16 +657,17 @@ def encode(msg: Message) -> list[Any]:
             header = {"id": msg.agent_id, "name": msg.name, "caps": list(msg.capabilities),
                       "max": msg.max_concurrent, "v": msg.version, "running": list(msg.running)}
             return _frames(Command.READY, pack(header))
-        case Welcome(interval, liveness, endpoints, boot):
-            return _frames(Command.WELCOME, pack(
-                {"ivl": interval, "live": liveness, "endpoints": endpoints, "boot": boot}))
+        case Welcome(interval, liveness, endpoints, boot, limits):
+            return _frames(Command.WELCOME, pack(_optional(
+                {"ivl": interval, "live": liveness, "endpoints": endpoints, "boot": boot},
+                limits=limits)))
         case Disconnect() | Ping() | Pong():
             return _encode_control(msg)
         case Cancel(ids):
             return _frames(Command.CANCEL, pack({"ids": ids}))
         case Fetch(req, ids, wait):
             return _frames(Command.FETCH, pack({"req": req, "ids": ids, "wait": wait}))
-        case Read() | Chunk() | Release():
+        case Read() | Chunk() | Release() | Purge() | PurgeReply():
             return _encode_reads(msg)
         case StatusRequest(req, until, timeout_s):
             return _frames(Command.STATUS,
@@ -837,7 +873,7 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
         case Command.HEARTBEAT:
             h = as_map(header)
             return Heartbeat(as_opt_str(h.get("role"), "role"), as_opt_str(h.get("boot"), "boot"),
-                             _stats(h.get("stats")))
+                             _stats(h.get("stats")), _limits(h.get("limits")))
         case Command.PROGRESS:
             h = as_map(header)
             return Progress(as_id_list(h.get("started", ())), as_id_list(h.get("running", ())))
@@ -860,7 +896,7 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
         case Command.WELCOME:
             h = as_map(header)
             return Welcome(float(h["ivl"]), int(h["live"]), dict(h.get("endpoints") or {}),
-                           str(h.get("boot", "")))
+                           str(h.get("boot", "")), _limits(h.get("limits")))
         case Command.DISCONNECT:
             return Disconnect(str(as_map(header).get("reason", "")))
         case Command.PING:
@@ -883,6 +919,8 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             return _decode_range(command, as_map(header), blobs)
         case Command.RELEASE:
             return Release(as_id_list(as_map(header).get("ids")))
+        case Command.PURGE:
+            return decode_purge(header)
         case Command.STATUS:
             h = as_map(header)
             req = h.get("req")
@@ -963,6 +1001,16 @@ def _decode_pong(h: dict[str, Any]) -> Pong:
             raise ValueError("running must hold [id, age_s, limit_s] items")
         running.append((item[0], float(item[1]), float(item[2])))
     return Pong(seq, ok, as_opt_str(detail, "detail"), tuple(running))
+
+
+def _limits(value: Any) -> dict[str, int] | None:
+    """WELCOME's and a HEARTBEAT's ``limits``: a map of limit name to integer, or nil."""
+    if value is None:
+        return None
+    if type(value) is not dict or any(type(k) is not str or type(v) is not int
+                                      for k, v in value.items()):
+        raise ValueError("limits must be a map of string to integer")
+    return value
 
 
 def _stats(value: Any) -> dict[str, int] | None:

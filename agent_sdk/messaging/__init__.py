@@ -21,6 +21,14 @@ until the probe comes back to it. On the publishing side, ``await
 wait_for_subscribers(topic)`` returns once a subscription matching ``topic`` has reached
 this publisher (before that, its messages on ``topic`` go nowhere).
 
+*Broker events* (``agents.*``, ``tasks.*``) come from the broker's own events socket,
+never from the shared forwarder: a subscription under those prefixes listens there, one
+like ``""`` that spans both listens on both, and a message on those topics arriving
+through the forwarder is somebody else's forgery, dropped and counted
+(``stats()["bus_forged"]``). ``publish`` refuses those prefixes
+(:class:`~agent_sdk.errors.ReservedTopic`). The events socket confirms a subscription
+by answering it with a probe of the broker's.
+
 *Losses*: the forwarder never waits for a slow subscriber: once ``hwm`` messages queue
 for it, it drops (for that subscriber only). Every bus message carries a sequence number
 per (publisher, topic), so a subscriber counts what it missed (``stats()["bus_gaps"]``);

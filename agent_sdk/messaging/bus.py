@@ -15,11 +15,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any, Final
 
-from wire.bus import decode_bus, encode_bus, encode_bus_probe, PrefixSet
+from wire.bus import (
+    BUS_BROKER_SENDER, RESERVED_PREFIX_BYTES, RESERVED_PREFIXES, decode_bus, encode_bus,
+    encode_bus_probe, topic_routes, PrefixSet,
+)
 from wire.errors import DecodeError
 from wire.limits import MAX_FRAME_BYTES
 from agent_sdk.connection import BusSockets
-from agent_sdk.errors import BusUnavailable, TooLarge, WaitTimeout
+from agent_sdk.errors import BusUnavailable, ReservedTopic, TooLarge, WaitTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,11 @@ PUBLISH_YIELD_EVERY: Final = 256
 #: (publisher, topic) sequence trackers and per-topic counters kept; the oldest go first
 #: (a forgotten stream restarts its count without a false gap).
 MAX_TRACKED_STREAMS: Final = 100_000
+#: The largest jump in a stream's sequence numbers counted as lost messages (far more
+#: than any socket queue holds); a bigger one is a new start.
+MAX_COUNTED_GAP: Final = 1_000_000
+#: A bad bus message is logged once per this many (all are counted).
+LOG_EVERY_UNDECODABLE: Final = 1000
 
 
 class BusMessage:
@@ -139,6 +147,58 @@ class Subscription:
         return f"Subscription({self.topic!r}, {state}, received {self.received})"
 
 
+class HeardByBroker:
+    """Which of our event prefixes the broker's events socket has answered with a probe
+    since they were subscribed, and who waits for that (``Subscription.confirm``)."""
+
+    def __init__(self) -> None:
+        self._heard: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    def forget(self, prefix: str) -> None:
+        """``prefix`` was (un)subscribed afresh: wait for a new answer."""
+        self._heard.discard(prefix)
+
+    def clear(self) -> None:
+        """New sockets: every prefix waits for a new answer."""
+        self._heard.clear()
+
+    def probe(self, probe_topic: str, subscribed: Iterable[str]) -> None:
+        """The broker's probe on ``probe_topic`` arrived: each subscribed event prefix it
+        starts with is heard (a message on that topic passed the broker's filter for
+        us)."""
+        for prefix in subscribed:
+            if prefix in self._heard or not probe_topic.startswith(prefix):
+                continue
+            if not topic_routes(prefix)[1]:
+                continue
+            self._heard.add(prefix)
+            for future in self._waiters.get(prefix, ()):
+                if not future.done():
+                    future.set_result(None)
+
+    async def wait(self, prefix: str, timeout: float) -> None:
+        """Return once the broker answered our subscription to ``prefix``.
+
+        Raises:
+            WaitTimeout: no answer within ``timeout`` seconds.
+        """
+        if prefix in self._heard:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(prefix, [])
+        waiters.append(future)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(f"subscription to {prefix!r} not confirmed by the broker's "
+                              f"events socket within {timeout:g} s") from None
+        finally:
+            waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(prefix, None)
+
+
 class BusMessaging:
     """The bus state of one agent or client.
 
@@ -161,7 +221,16 @@ class BusMessaging:
         self._started = started
         self._spawn = spawn
         self.counters = counters
+        #: the forwarder's frame limit (the broker's, once announced: WELCOME)
+        self.max_frame_bytes = MAX_FRAME_BYTES
         self._urls: tuple[str, str] | None = None
+        #: the broker's events socket (its own topics, published by it alone)
+        self._events_url: str | None = None
+        self._heard = HeardByBroker()
+        #: some subscription on the forwarder (``""``, ``"t"``) also matches broker
+        #: topics: only then can one arrive there (a SUB drops what none of its
+        #: subscriptions match), so only then is the topic checked
+        self._check_forged = False
         self._opening: asyncio.Task[None] | None = None
         self._sockets: BusSockets | None = None
         self._subscriptions: dict[str, list[Subscription]] = {}
@@ -185,11 +254,23 @@ class BusMessaging:
         subscription = Subscription(self, topic, handler, queue_size)
         subscribers = self._subscriptions.setdefault(topic, [])
         subscribers.append(subscription)
+        if len(subscribers) == 1:
+            self._check_forged |= topic_routes(topic) == (True, True)
+            if self._sockets is not None:
+                self._listen(self._sockets, topic)
         if self._sockets is None:
             self._request_open()
-        elif len(subscribers) == 1:
-            self._sockets.subscribe(topic)
         return subscription
+
+    def _listen(self, sockets: BusSockets, topic: str) -> None:
+        """Subscribe the sockets that can carry ``topic``: broker topics come from the
+        events socket only (the forwarder would carry forgeries too)."""
+        shared, events = topic_routes(topic)
+        if shared:
+            sockets.subscribe(topic)
+        if events:
+            self._heard.forget(topic)
+            sockets.subscribe_events(topic)
 
     def unsubscribe(self, subscription: Subscription | str) -> None:
         """Cancel a subscription, or every subscription to a topic prefix."""
@@ -210,7 +291,13 @@ class BusMessaging:
             return
         del self._subscriptions[subscription.topic]
         if self._sockets is not None:
-            self._sockets.unsubscribe(subscription.topic)
+            shared, events = topic_routes(subscription.topic)
+            if shared:
+                self._sockets.unsubscribe(subscription.topic)
+            if events:
+                self._sockets.unsubscribe_events(subscription.topic)
+        self._heard.forget(subscription.topic)
+        self._check_forged = any(topic_routes(t) == (True, True) for t in self._subscriptions)
         # Streams no subscription covers any more start afresh if subscribed again: the
         # messages in between were not wanted, not lost.
         remaining = tuple(self._subscriptions)
@@ -218,13 +305,31 @@ class BusMessaging:
             del self._seq_in[key]
 
     async def confirm(self, topic: str, timeout: float) -> None:
-        """Publish probes on ``topic`` until one comes back to this subscriber.
+        """Return once every socket ``topic`` comes through hears the subscription: the
+        broker's events socket answered it with a probe (broker topics), and a probe we
+        published on the forwarder came back (other topics).
 
         Raises:
-            WaitTimeout: none came back within ``timeout`` seconds.
-            BusUnavailable: the broker runs no bus.
+            WaitTimeout: not confirmed within ``timeout`` seconds.
+            BusUnavailable: the broker runs no bus (or, for broker topics, no events
+                socket).
         """
         await self._ensure_open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        shared, events = topic_routes(topic)
+        if events:
+            sockets = self._sockets
+            if sockets is not None and sockets.has_events:
+                await self._heard.wait(topic, timeout)
+            elif not shared:
+                raise BusUnavailable(f"the broker announces no events socket: nothing "
+                                     f"would arrive on {topic!r}")
+        if shared:
+            await self._confirm_shared(topic, max(0.0, deadline - loop.time()))
+
+    async def _confirm_shared(self, topic: str, timeout: float) -> None:
+        """Publish probes on ``topic`` until one comes back through the forwarder."""
         loop = asyncio.get_running_loop()
         token = next(self._probe_ids)
         future: asyncio.Future[None] = loop.create_future()
@@ -250,7 +355,13 @@ class BusMessaging:
     # ------------------------------------------------------------ publishing
 
     async def publish(self, topic: str, message: Any) -> None:
-        """Publish; see :meth:`agent_sdk.messaging.Messenger.publish`."""
+        """Publish; see :meth:`agent_sdk.messaging.Messenger.publish`.
+
+        Raises:
+            ReservedTopic: ``topic`` is one of the broker's (``agents.``, ``tasks.``).
+        """
+        if topic.startswith(RESERVED_PREFIXES):
+            raise ReservedTopic(topic)
         sockets = self._sockets
         if sockets is None:
             await self._ensure_open()
@@ -262,8 +373,8 @@ class BusMessaging:
             del seq_out[next(iter(seq_out))]
         seq_out[topic] = seq
         frames = encode_bus(topic, self._peer_id(), seq, message)
-        if len(frames[1]) > MAX_FRAME_BYTES:
-            raise TooLarge(len(frames[1]), MAX_FRAME_BYTES)
+        if len(frames[1]) > self.max_frame_bytes:
+            raise TooLarge(len(frames[1]), self.max_frame_bytes)
         sockets.publish(frames)
         self.counters["bus_published"] += 1
         self._published += 1
@@ -272,7 +383,13 @@ class BusMessaging:
 
     async def wait_for_subscribers(self, topic: str, timeout: float = SUBSCRIBE_TIMEOUT_S
                                    ) -> None:
-        """Wait for a subscriber; see :meth:`agent_sdk.messaging.Messenger.wait_for_subscribers`."""
+        """Wait for a subscriber; see :meth:`agent_sdk.messaging.Messenger.wait_for_subscribers`.
+
+        Raises:
+            ReservedTopic: ``topic`` is one of the broker's: nobody could publish it.
+        """
+        if topic.startswith(RESERVED_PREFIXES):
+            raise ReservedTopic(topic)
         await self._ensure_open()
         if self._sockets is not None:
             self._sockets.read_subscriptions()
@@ -301,17 +418,31 @@ class BusMessaging:
 
     # ------------------------------------------------------------ receiving
 
-    def on_frames(self, frames: list[bytes]) -> None:
-        """One message from the bus: a probe, or a message for our subscriptions."""
+    def on_frames(self, frames: list[bytes], from_events: bool = False) -> None:
+        """One message from the forwarder (or, ``from_events``, from the broker's events
+        socket): a probe, or a message for our subscriptions. One function for both, as
+        this runs per message."""
+        if self._check_forged and not from_events and frames[0].startswith(
+                RESERVED_PREFIX_BYTES):
+            # A broker topic through the shared forwarder: somebody else published it
+            # (the broker's events never take this way). Dropped before decoding.
+            _count_forged(self.counters, frames[0])
+            return
         try:
             envelope = decode_bus(frames)
         except DecodeError as e:
-            self.counters["bus_undecodable"] += 1
-            logger.warning("dropped a bad bus message: %s", e)
+            undecodable = self.counters["bus_undecodable"] = \
+                self.counters["bus_undecodable"] + 1
+            if undecodable % LOG_EVERY_UNDECODABLE == 1:
+                # Once per so many: a peer spraying garbage must not flood every log.
+                logger.warning("dropped a bad bus message (%d so far): %s", undecodable, e)
             return
         topic, sender, seq, data, probe = envelope
         if probe is not None:
-            if sender == self._peer_id():
+            if from_events:
+                if sender == BUS_BROKER_SENDER:
+                    self._heard.probe(topic, self._subscriptions)
+            elif sender == self._peer_id():
                 future = self._probes.get(probe)
                 if future is not None and not future.done():
                     future.set_result(None)
@@ -325,7 +456,11 @@ class BusMessaging:
             if len(seq_in) >= MAX_TRACKED_STREAMS:
                 del seq_in[next(iter(seq_in))]
         elif seq > last + 1:
-            self.counters["bus_gaps"] += seq - last - 1
+            missed = seq - last - 1
+            # A jump no queue could have dropped (a forged sequence number) starts the
+            # stream anew instead of counting as loss: it would swell the counter at will.
+            if missed <= MAX_COUNTED_GAP:
+                self.counters["bus_gaps"] += missed
         seq_in[key] = seq
         self.counters["bus_received"] += 1
         message = BusMessage(topic, sender, seq, data)
@@ -335,6 +470,10 @@ class BusMessaging:
             if self._handling >= MAX_BUS_HANDLERS:
                 self._pause(True)
             self._spawn(self._finish_handlers(message, awaitables))
+
+    def on_event_frames(self, frames: list[bytes]) -> None:
+        """One message from the broker's events socket: its probe or one of its events."""
+        self.on_frames(frames, True)
 
     def _deliver(self, message: BusMessage) -> list[Awaitable[Any]] | None:
         """Hand ``message`` to every matching subscription; returns what async handlers
@@ -380,9 +519,12 @@ class BusMessaging:
     def set_endpoints(self, endpoints: dict[str, str]) -> None:
         """Adopt the broker's endpoints; see :meth:`agent_sdk.messaging.Messenger.set_endpoints`."""
         bus_out, bus_in = endpoints.get("bus_out"), endpoints.get("bus_in")
-        if bus_out is None or bus_in is None or self._urls == (bus_out, bus_in):
+        events = endpoints.get("events") or None
+        if bus_out is None or bus_in is None or (
+                self._urls == (bus_out, bus_in) and self._events_url == events):
             return
         self._urls = (bus_out, bus_in)
+        self._events_url = events
         if self._sockets is not None:
             logger.info("bus endpoints changed to %s; reconnecting", self._urls)
             self._close_sockets()
@@ -424,13 +566,19 @@ class BusMessaging:
                 raise BusUnavailable("the broker announces no bus (is it running with "
                                      "--no-bus?)")
             self._urls = (endpoints["bus_out"], endpoints["bus_in"])
+            self._events_url = endpoints.get("events") or None
         if self._sockets is None:
             self._open_sockets()
 
     def _open_sockets(self) -> None:
         assert self._urls is not None
-        topics: Iterable[str] = self._subscriptions
-        self._sockets = BusSockets(self._urls, topics, self.on_frames, self._on_subscriptions)
+        routes = {topic: topic_routes(topic) for topic in self._subscriptions}
+        shared: Iterable[str] = [topic for topic, (on_bus, _) in routes.items() if on_bus]
+        events = [topic for topic, (_, on_events) in routes.items() if on_events]
+        # New sockets: every event subscription waits for the broker's answer again.
+        self._heard.clear()
+        self._sockets = BusSockets(self._urls, shared, self.on_frames, self._on_subscriptions,
+                                   self._events_url, events, self.on_event_frames)
         if self._paused:
             self._sockets.pause()
 
@@ -445,6 +593,16 @@ class BusMessaging:
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
         self._close_sockets()
+
+
+def _count_forged(counters: Counter[str], topic: bytes) -> None:
+    """Count (and log the first) broker topic that came through the shared forwarder."""
+    if not counters["bus_forged"]:
+        logger.warning("dropped a message on the broker's topic %r that came through the "
+                       "shared bus (only the broker's events socket carries broker "
+                       "topics); further ones are counted as bus_forged",
+                       topic[:200].decode(errors="replace"))
+    counters["bus_forged"] += 1
 
 
 def _loop_running() -> bool:

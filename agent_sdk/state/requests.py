@@ -9,7 +9,8 @@ from typing import Any
 
 from wire.state import StateErrorCode, StateErrorReply, StateMessage
 from agent_sdk.errors import (
-    LeaseLost, LockTimeout, StaleFencingToken, StateError, StateUnavailable, VersionConflict,
+    LeaseLost, LockTimeout, StaleFencingToken, StateAccessDenied, StateError, StateUnavailable,
+    VersionConflict,
 )
 from agent_sdk.state.values import decode_value
 
@@ -122,6 +123,8 @@ def error_for(error: StateErrorReply, request: StateMessage | None) -> Exception
     if code == StateErrorCode.STALE_TOKEN.value:
         fence = getattr(request, "fence", None) or ("", -1)
         return StaleFencingToken(fence[0], fence[1], error.message)
+    if code == StateErrorCode.UNAUTHORIZED.value:
+        return StateAccessDenied(error.message)
     if code == StateErrorCode.NOT_HELD.value:
         return LeaseLost(getattr(request, "name", ""), getattr(request, "token", -1),
                          error.message)

@@ -12,6 +12,7 @@ from broker.engine.direct import DirectRouting
 from broker.engine.ledger import Ledger
 from broker.engine.lifecycle import Lifecycle, new_result
 from broker.engine.model import AgentRecord, AgentState, TaskRecord, TaskState
+from broker.engine.quotas import size_limits
 from broker.heartbeat import Liveness
 from wire.documents import DisconnectReason
 from wire.limits import MAX_NAME_CHARS
@@ -120,7 +121,7 @@ class AgentDesk:
         ledger.events.agent_joined(msg.agent_id, msg.name, sorted(msg.capabilities))
         ledger.outbox(identity).first.append(encode(Welcome(
             config.heartbeat_interval_s, config.heartbeat_liveness, ledger.endpoints,
-            ledger.boot_id)))
+            ledger.boot_id, size_limits(config))))
 
     def _take_over(self, previous: AgentRecord, agent: AgentRecord, running: set[str],
                    now: float) -> None:
@@ -170,8 +171,8 @@ class AgentDesk:
 
     def heartbeat(self, identity: bytes, agent: AgentRecord | None, msg: Heartbeat) -> None:
         if msg.role == "client":
-            self.ledger.outbox(identity).control.append(
-                encode(Heartbeat(boot=self.ledger.boot_id)))
+            self.ledger.outbox(identity).control.append(encode(Heartbeat(
+                boot=self.ledger.boot_id, limits=size_limits(self.ledger.config))))
         elif agent is None:
             # A heartbeat before READY: an agent that registered with a broker we do not
             # remember (we restarted). Ask it to register instead of inventing state for it.

@@ -64,6 +64,11 @@ class ClientDesk:
         tasks = ledger.tasks
         default_timeout = ledger.config.default_timeout_s
         max_pending = ledger.config.max_pending
+        # The client's unfinished tasks, counted here and stored once per SUBMIT.
+        open_by_client = ledger.quotas.open
+        client_open = open_by_client.get(identity, 0)
+        max_open = ledger.quotas.max_open
+        client_full: list[str] = []
         resubmitted = 0
         pending = ledger.pending
         deadlines = ledger.deadlines
@@ -92,6 +97,10 @@ class ClientDesk:
             if pending.count >= max_pending:
                 full.append(task_id)
                 continue
+            if client_open >= max_open:
+                client_full.append(task_id)
+                continue
+            client_open += 1
             # Consecutive tasks of a batch mostly ask for the same thing: comparing the
             # freshly decoded strings is cheaper than hashing them into a key.
             if spec.capabilities != last_caps or spec.agent != last_agent:
@@ -106,17 +115,29 @@ class ClientDesk:
             if watch_tasks:
                 self.lifecycle.publish(task, now)
             if spec.parent_id is not None:
+                # Linking may cancel the task (its parent was cancelled), which counts
+                # it finished: store the count first, read it back after.
+                open_by_client[identity] = client_open
                 self._link_to_parent(task_id, spec.parent_id, now)
+                client_open = open_by_client.get(identity, 0)
             accepted.append(task_id)
+        if client_open:
+            open_by_client[identity] = client_open
         ledger.counters["resubmitted"] += resubmitted
         # Resubmits of known ids are counted apart (resubmitted), not as new work.
-        ledger.counters["submitted"] += len(msg.tasks) - len(full) - len(refused) - resubmitted
+        ledger.counters["submitted"] += (len(msg.tasks) - len(full) - len(client_full)
+                                         - len(refused) - resubmitted)
         if accepted:
             self.defer_accepted(identity, accepted, now)
         if full:
             ledger.reject(identity, ErrorCode.QUEUE_FULL,
-                          f"the pending queue is full ({max_pending} tasks); retry later",
-                          task_ids=full)
+                          f"the pending queue is full ({max_pending} tasks, max_pending); "
+                          "retry later", task_ids=full)
+        if client_full:
+            ledger.reject(identity, ErrorCode.QUEUE_FULL,
+                          f"this client has {max_open} unfinished tasks, its limit "
+                          "(max_pending_per_client); retry once some finish",
+                          task_ids=client_full)
         if refused:
             assert refusal is not None
             if refusal[0] is ErrorCode.STORAGE_FULL:

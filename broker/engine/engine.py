@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from broker.config import BrokerConfig
+from broker.engine.access import ADMIN, Grant, Permissions
 from broker.engine.agents import AgentDesk
 from broker.engine.clients import ClientDesk
 from broker.engine.direct import DirectDesk, DirectRouting, Forwarder
@@ -22,12 +23,15 @@ from broker.engine.health import HealthChecks
 from broker.engine.ledger import BrokerPhase, JournalSink, Ledger, Outbox
 from broker.engine.lifecycle import Lifecycle
 from broker.engine.model import TaskRecord, TaskState
+from broker.engine.purge import PurgeDesk
 from broker.engine.restore import restore
 from broker.engine.status import StatusDesk
 from broker.journal import Replay
 from wire.codec import chunks
+from wire.curve import scope_in
 from wire.documents import DisconnectReason
 from wire.limits import MAX_BATCH_ITEMS
+from wire.purge import Purge
 from wire.tasks import (
     Accepted, Ack, Cancel, Direct, Disconnect, ErrorCode, Fetch, Heartbeat, Message, Pong,
     Progress, Read, Release,
@@ -71,6 +75,8 @@ class Engine:
         self.status = StatusDesk(ledger, self.lifecycle.metrics)
         self.dispatcher = Dispatcher(ledger, self.lifecycle)
         self.health = HealthChecks(ledger)
+        self.purge = PurgeDesk(ledger)
+        self.permissions = Permissions(self.direct_routing)
         self._tick_s = config.heartbeat_interval_s / TICKS_PER_INTERVAL
         self._next_tick = 0.0
 
@@ -119,12 +125,46 @@ class Engine:
                     self.agents.disconnect(agent, now)
                 case Pong():
                     self.health.pong(agent, msg)
+                case Purge():
+                    self.purge.handle(identity, msg, now)
                 case _:
                     self.reject(identity, ErrorCode.UNKNOWN_COMMAND,
                                 f"{type(msg).__name__} is not a command the broker accepts")
         except Exception as e:  # noqa: BLE001 - the broker never dies on one message
             logger.exception("handler failed for %s from %r", type(msg).__name__, identity)
             self.reject(identity, ErrorCode.BAD_FRAME, f"could not process message: {e}")
+
+    def handle_granted(self, identity: bytes, grant: Grant, msg: Message, now: float) -> None:
+        """:meth:`handle` on a secure broker: ``msg`` from a peer whose key has
+        ``grant``, handled as its role permits (``broker/engine/access.py``)."""
+        admitted = self.permissions.admit(grant, msg)
+        if type(admitted) is str:
+            self.refuse(identity, msg, admitted, now)
+        elif type(admitted) is TaskQuery and admitted.task_ids is None and \
+                grant.role != ADMIN:
+            self.status.query(identity, admitted, grant.scope)
+        else:
+            self.handle(identity, admitted, now)  # type: ignore[arg-type]
+
+    def refuse(self, identity: bytes, msg: Message | None, reason: str, now: float) -> None:
+        """Answer ``msg`` with ERROR ``unauthorized``, naming its request or its tasks so
+        that whoever waits on them hears it; say so on the bus (``agents.refused``)."""
+        if self.permissions.worth_announcing(identity, now):
+            self.ledger.events.peer_refused(identity.decode("utf-8", "backslashreplace"),
+                                            reason)
+        req: int | None = getattr(msg, "req", None)
+        task_ids = [spec.id for spec in msg.tasks] if type(msg) is Submit else None
+        self.ledger.reject(identity, ErrorCode.UNAUTHORIZED, reason, req=req,
+                           task_ids=task_ids)
+
+    def revoked(self, scopes: set[str], now: float) -> None:
+        """Keys with these scopes lost their authorisation: their agents' registrations
+        go (their tasks are dispatched again elsewhere), and they hear why."""
+        for agent in list(self.ledger.agents):
+            if scope_in(agent.identity.decode("utf-8", "replace")) in scopes:
+                self.agents.remove(agent, "its key was revoked", now)
+                self.reject(agent.identity, ErrorCode.UNAUTHORIZED,
+                            "this key was revoked: the broker takes no more messages from it")
 
     def reject(self, identity: bytes, code: str | ErrorCode, message: str) -> None:
         """Answer ``identity`` with ERROR (frames that did not decode, say)."""

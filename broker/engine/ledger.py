@@ -15,7 +15,9 @@ from typing import Any, Protocol
 from broker.config import BrokerConfig
 from broker.engine.circuit import RetryBackoff
 from broker.engine.model import TaskRecord
-from broker.engine.queues import Deadlines, FinishedResults, PendingQueue
+from broker.engine.pending import PendingQueue
+from broker.engine.queues import Deadlines, FinishedResults
+from broker.engine.quotas import ClientQuotas
 from broker.engine.routing import AgentTable, Requirements, make_policy
 from broker.journal import JournalFailure
 from wire.tasks import Error, ErrorCode, ResultItem, TaskSpec, encode
@@ -68,6 +70,8 @@ class EventSink(Protocol):
     def agent_circuit(self, agent_id: str, name: str, capabilities: list[str],
                       circuit: str) -> None: ...
 
+    def peer_refused(self, peer: str, reason: str) -> None: ...
+
 
 class SpanSink(Protocol):
     """Where the broker's spans of traced tasks go (``broker/tracing.py``): called once
@@ -108,6 +112,9 @@ class NoEvents:
 
     def agent_circuit(self, agent_id: str, name: str, capabilities: list[str],
                       circuit: str) -> None:
+        return None
+
+    def peer_refused(self, peer: str, reason: str) -> None:
         return None
 
 
@@ -196,7 +203,10 @@ class Ledger:
         self.agents = AgentTable()
         self.requirements = Requirements()
         self.tasks: dict[str, TaskRecord] = {}
-        self.pending = PendingQueue()
+        #: per-client limits: unfinished tasks, and tasks on agents at once
+        self.quotas = ClientQuotas(config.max_pending_per_client,
+                                   config.max_in_flight_per_client)
+        self.pending = PendingQueue(self.quotas)
         self.finished = FinishedResults(config.result_retention_max, config.result_retention_s,
                                         config.result_retention_bytes)
         self.deadlines = Deadlines()

@@ -66,6 +66,9 @@ class Lifecycle:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+        #: the per-client in-flight limit's counter, None without the limit (then
+        #: dispatch tests one attribute and counts nothing)
+        self.in_flight_quota = ledger.quotas if ledger.quotas.max_in_flight else None
         #: plain task counters by agent name and capabilities (the metrics endpoint's)
         self.metrics = TaskMetrics()
 
@@ -97,6 +100,8 @@ class Lifecycle:
             self.arm(task, now, True)
         spec = task.spec
         agent.in_flight[spec.id] = task
+        if self.in_flight_quota is not None:
+            self.in_flight_quota.on_agent(task)
         self.metrics.stats(agent.name, spec.capabilities).started += 1
         if self.ledger.watch_tasks:
             self.publish(task, now)
@@ -142,6 +147,8 @@ class Lifecycle:
         task.dispatched_at = task.last_sign = now
         self.arm(task, now, True)
         agent.in_flight[task.spec.id] = task
+        if self.in_flight_quota is not None:
+            self.in_flight_quota.on_agent(task)
         task.note(now, "reclaimed", agent.agent_id)
         if self.ledger.watch_tasks:
             self.publish(task, now)
@@ -307,6 +314,13 @@ class Lifecycle:
         task.result = result
         task.finished_at = now
         del ledger.tasks[task.spec.id]
+        # ClientQuotas.finished, inline (once per task): the client has one fewer open
+        open_by_client = ledger.quotas.open
+        still_open = open_by_client.get(task.client, 0) - 1
+        if still_open > 0:
+            open_by_client[task.client] = still_open
+        else:
+            open_by_client.pop(task.client, None)
         ledger.finished.add(task)
         held = ledger.journal.finished(result, now + ledger.wall_offset)
         ledger.counters[state._value_] += 1

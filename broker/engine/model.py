@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from broker.engine.circuit import AgentCircuit, CircuitState
+from broker.engine.quotas import ClientQuotas
 from wire.documents import AgentDocument, TimelineEvent
 from wire.tasks import ResultItem, TaskSpec
 
@@ -134,7 +135,7 @@ class TaskRecord:
                  "attempts", "dispatched_at", "started_at", "last_sign", "finished_at",
                  "result", "watchers", "history", "retry_at", "timeout_s", "children",
                  "holders", "restored", "second_opinion_of", "expires_at",
-                 "attempt_timeout_s")
+                 "attempt_timeout_s", "quota")
 
     def __init__(self, spec: TaskSpec, requirement: Requirement, client: bytes,
                  submitted_at: float, timeout_s: float) -> None:
@@ -175,6 +176,10 @@ class TaskRecord:
         #: the agent whose deterministic failure of this task is being checked on
         #: another agent (which then must not be that one); None: no second opinion yet
         self.second_opinion_of: bytes | None = None
+        #: the quotas counting this task against its client's in-flight limit while it
+        #: holds an agent slot (:meth:`release_agent` gives the slot back); None: not
+        #: counted (no limit, or not on an agent)
+        self.quota: ClientQuotas | None = None
 
     @property
     def id(self) -> str:
@@ -188,6 +193,10 @@ class TaskRecord:
         """The task leaves its agent (retry, requeue, cancel); remember who held it."""
         agent = self.agent
         if agent is not None:
+            quota = self.quota
+            if quota is not None:
+                quota.off_agent(self.client)
+                self.quota = None
             if self.holders is None:
                 self.holders = [agent.identity]
             elif agent.identity not in self.holders:

@@ -1,5 +1,5 @@
-"""The engine's queues: tasks waiting for an agent, finished results kept for FETCH and
-idempotent resubmits, and the deadlines of open tasks."""
+"""The engine's queues: finished results kept for FETCH and idempotent resubmits, and
+the deadlines of open tasks (tasks waiting for an agent: ``pending.py``)."""
 
 from __future__ import annotations
 
@@ -8,143 +8,17 @@ import itertools
 from collections import OrderedDict, deque
 from typing import Any, Callable, ClassVar, NamedTuple
 
-from broker.engine.model import OPEN_STATES, Requirement, TaskRecord, TaskState
+from broker.engine.model import OPEN_STATES, TaskRecord, TaskState
+# The queue of waiting tasks lives in pending.py; kept importable from here.
+from broker.engine.pending import PendingQueue as PendingQueue  # noqa: F401
 from wire.tasks import ResultItem, Withheld
 
 
-#: Clients whose last turn the queue remembers (each a few dozen bytes); past it, the
-#: half served longest ago are forgotten (they count as never served: first in turn).
-MAX_REMEMBERED_CLIENTS = 100_000
-#: One client's waiting tasks of one requirement: priority -> FIFO, highest first.
-Levels = dict[int, deque[TaskRecord]]
-
-
-class PendingQueue:
-    """Tasks waiting for an agent, grouped by requirement, then by client, then by
-    priority (highest first), FIFO within a priority.
-
-    Clients share agents: when several have tasks waiting for the same requirement, a
-    dispatch pass takes from them in turn, one task each, the client served least
-    recently first (priority orders a client's own tasks, not one client's against
-    another's). So a client's single task waits behind another's backlog of thousands
-    for at most one free slot, and the backlog still gets every other turn. A single
-    client's tasks are taken as before, in one sweep.
-
-    Removal is lazy: a cancelled or expired task keeps its slot until a pop skips it
-    (its state is no longer PENDING), so cancel and timeout cost O(1).
-    """
-
-    def __init__(self) -> None:
-        #: requirement -> client -> priority -> FIFO of tasks; insertion-ordered: the
-        #: requirements and the clients of each take turns
-        self._groups: dict[Requirement, dict[bytes, Levels]] = {}
-        self.count = 0
-        #: client -> when it was last given a task (a counter, not a clock): whose turn
-        #: it is. Forgotten for the oldest half once it holds MAX_REMEMBERED clients.
-        self._served: dict[bytes, int] = {}
-        self._turns = 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def push(self, task: TaskRecord) -> None:
-        clients = self._groups.get(task.requirement)
-        if clients is None:
-            clients = self._groups[task.requirement] = {}
-        levels = clients.get(task.client)
-        if levels is None:
-            levels = clients[task.client] = {}
-        queue = levels.get(task.spec.priority)
-        if queue is None:
-            queue = levels[task.spec.priority] = deque()
-            if len(levels) > 1:
-                # keep levels sorted by priority, highest first
-                clients[task.client] = dict(sorted(levels.items(), reverse=True))
-        queue.append(task)
-        self.count += 1
-
-    def push_front(self, task: TaskRecord) -> None:
-        """Requeue a task that was already dispatched once, ahead of newer work."""
-        self.push(task)
-        queue = self._groups[task.requirement][task.client][task.spec.priority]
-        queue.rotate(1)
-
-    def discard(self, task: TaskRecord) -> None:
-        """Account for a task leaving PENDING by other means than :meth:`pop`."""
-        self.count -= 1
-
-    def requirements(self) -> list[Requirement]:
-        """Requirements with waiting tasks, in the order they first had work."""
-        return list(self._groups)
-
-    def pop(self, requirement: Requirement) -> TaskRecord | None:
-        """The next PENDING task for ``requirement``, or None."""
-        taken = self.take(requirement, 1)
-        return taken[0] if taken else None
-
-    def take(self, requirement: Requirement, limit: int) -> list[TaskRecord]:
-        """Up to ``limit`` PENDING tasks for ``requirement`` (the dispatch loop takes a
-        batch per pass: one call, not one a task): with one client waiting, its tasks in
-        order; with several, one from each in turn (see the class docstring)."""
-        clients = self._groups.get(requirement)
-        if clients is None or limit <= 0:
-            return []
-        if len(clients) == 1:
-            client, levels = next(iter(clients.items()))
-            taken = _take_levels(levels, limit)
-            self._turns += 1
-            self._served[client] = self._turns
-            if not levels:
-                del self._groups[requirement]
-        else:
-            taken = self._take_in_turn(clients, limit)
-            if not clients:
-                del self._groups[requirement]
-        self.count -= len(taken)
-        return taken
-
-    def _take_in_turn(self, clients: dict[bytes, Levels], limit: int) -> list[TaskRecord]:
-        """One task from each client in turn, least recently served first, until
-        ``limit`` or until none has any left."""
-        served = self._served
-        taken: list[TaskRecord] = []
-        while len(taken) < limit and clients:
-            for client in sorted(clients, key=lambda c: served.get(c, -1)):
-                if len(taken) >= limit:
-                    break
-                levels = clients[client]
-                taken.extend(_take_levels(levels, 1))
-                self._turns += 1
-                served[client] = self._turns
-                if not levels:
-                    del clients[client]
-        if len(served) > MAX_REMEMBERED_CLIENTS:
-            for client in sorted(served, key=served.__getitem__)[:len(served) // 2]:
-                del served[client]
-        return taken
-
-    def has_work(self, requirement: Requirement) -> bool:
-        return requirement in self._groups
-
-
-def _take_levels(levels: Levels, limit: int) -> list[TaskRecord]:
-    """Up to ``limit`` PENDING tasks of one client: highest priority first, FIFO within
-    a priority; emptied priorities are removed (so an empty ``levels`` is done)."""
-    taken: list[TaskRecord] = []
-    append = taken.append
-    emptied = []
-    for priority, queue in levels.items():
-        popleft = queue.popleft
-        while queue and len(taken) < limit:
-            task = popleft()
-            if task.state is _PENDING:
-                append(task)
-        if queue:
-            break
-        emptied.append(priority)
-    for priority in emptied:
-        del levels[priority]
-    return taken
+def is_stored(payload: object) -> bool:
+    """Whether a result's payload is a :class:`StoredPayload` (the only two-element tuple
+    a payload can be). By shape, not class: with the compiled build, a module that
+    imported the class while the engine's modules loaded may hold another copy of it."""
+    return type(payload) is not bytes and isinstance(payload, tuple) and len(payload) == 2
 
 
 class StoredPayload(NamedTuple):
@@ -208,7 +82,7 @@ class FinishedResults:
         if task.spec[9]:  # hold
             self.held[task.spec.id] = task
             result = task.result
-            if result is not None and type(result[2]) is not StoredPayload and \
+            if result is not None and not is_stored(result[2]) and \
                     len(result[2]) >= self.large_bytes:
                 self.writing[task.spec.id] = task
             return
@@ -232,7 +106,7 @@ class FinishedResults:
         result = task.result
         if result is not None:
             payload = result[2]
-            if type(payload) is StoredPayload:  # restored from the journal
+            if is_stored(payload):  # restored from the journal
                 self._stored[task.spec.id] = payload
                 self.stored_bytes += payload.size
                 self._trim_stored()
@@ -261,7 +135,7 @@ class FinishedResults:
         """``result`` as a client gets it: a stored payload stays in the store, and the
         client reads it in ranges (:meth:`read`)."""
         payload = result[2]
-        if type(payload) is not StoredPayload:
+        if not is_stored(payload):
             return result
         return result._replace(payload=Withheld(payload.size))
 
@@ -273,7 +147,7 @@ class FinishedResults:
         if task is None or task.result is None:
             return None
         payload = task.result[2]
-        if type(payload) is StoredPayload:
+        if is_stored(payload):
             if self.load is None:
                 return None
             total = payload.size
@@ -287,13 +161,19 @@ class FinishedResults:
             return total, b""
         return total, memoryview(payload)[offset:offset + length]
 
+    def forget_payload(self, task: TaskRecord, result: ResultItem) -> None:
+        """Retain ``result`` (``task``'s own, without its payload: a PURGE) in place of
+        ``task``'s result: the old payload leaves the counts, and its file the store."""
+        self._drop(task)
+        task.result = result
+
     def _drop(self, task: TaskRecord) -> None:
         """Account for ``task`` leaving the table."""
         result = task.result
         if result is None:
             return
         payload = result[2]
-        if type(payload) is StoredPayload:
+        if is_stored(payload):
             if self._stored.pop(task.spec.id, None) is not None:
                 self.stored_bytes -= payload.size
                 if self.delete is not None:
@@ -322,8 +202,8 @@ class FinishedResults:
         keys = {ref.key for ref in self._stored.values()}
         for task in self.held.values():
             payload = task.result[2] if task.result is not None else None
-            if type(payload) is StoredPayload:
-                keys.add(payload.key)
+            if is_stored(payload):
+                keys.add(str(payload[0]))  # type: ignore[index]
         return keys
 
     def newest_first(self) -> list[TaskRecord]:

@@ -35,6 +35,7 @@ def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) ->
                                    "agent running it claims it first")
         task.restored = True
         ledger.tasks[task_id] = task
+        ledger.quotas.accepted(task.client)
         lifecycle.hold_back(task, now)
         ledger.deadlines.add(task, task.timeout_s)
         reopened += 1

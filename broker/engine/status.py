@@ -11,6 +11,7 @@ from typing import Any, Callable, Final
 
 from broker.engine.ledger import Ledger
 from broker.engine.model import Requirement, TaskRecord, TaskState
+from broker.engine.quotas import limits_document
 from wire.documents import AgentDocument, BrokerDocument, StatusDocument, StatusUntil, TaskDocument
 from wire.tasks import ErrorCode, StatusReply, StatusRequest, TaskList, TaskQuery, encode
 
@@ -197,6 +198,7 @@ class StatusDesk:
             "agents": self.agents(now),
             "queue": {"pending": ledger.pending.count, "max_pending": ledger.config.max_pending,
                       "by_capability": self.queue_by_capability()},
+            "limits": limits_document(ledger.config),
             "tasks": {
                 "submitted": counters["submitted"], "pending": ledger.pending.count,
                 "in_flight": states["dispatched"] + states["running"],
@@ -254,31 +256,35 @@ class StatusDesk:
 
     # ------------------------------------------------------------ task queries
 
-    def query(self, identity: bytes, msg: TaskQuery) -> None:
+    def query(self, identity: bytes, msg: TaskQuery, scope: str = "") -> None:
         """TASKS: given ids with their subtask trees, or a listing: the open tasks
         (pending, dispatched, running, retrying; newest submitted first), then the
         finished ones the broker retains (newest finished first), up to ``limit``.
-        ``statuses`` filters by state (``failed``, ``timed_out``: the dead letters)."""
+        ``statuses`` filters by state (``failed``, ``timed_out``: the dead letters);
+        ``scope`` (a secure broker's non-admin asking) to the ids that start with it."""
         listed: list[TaskDocument]
         if msg.task_ids is not None:
             listed = [self._describe(task_id, depth=0) for task_id in msg.task_ids]
         else:
             listed = [self.task_document(task)
-                      for task in self.listing(set(msg.statuses or ()), msg.limit)]
+                      for task in self.listing(set(msg.statuses or ()), msg.limit, scope)]
         self.ledger.outbox(identity).control.append(encode(TaskList(msg.req, listed)))
 
-    def listing(self, wanted: set[str], limit: int) -> list[TaskRecord]:
-        """Up to ``limit`` tasks whose state is in ``wanted`` (any, if empty): the open
-        ones newest submitted first, then the retained finished ones newest first."""
+    def listing(self, wanted: set[str], limit: int, scope: str = "") -> list[TaskRecord]:
+        """Up to ``limit`` tasks whose state is in ``wanted`` (any, if empty) and whose id
+        starts with ``scope``: the open ones newest submitted first, then the retained
+        finished ones newest first."""
         open_tasks = (t for t in self.ledger.tasks.values()
-                      if t.open and (not wanted or t.state.value in wanted))
+                      if t.open and (not wanted or t.state.value in wanted)
+                      and t.spec.id.startswith(scope))
         listed = heapq.nlargest(limit, open_tasks, key=_submitted_at)
         if not wanted or not wanted.isdisjoint(_ENDED_VALUES):
             for task in self.ledger.finished.newest_first():
                 if len(listed) >= limit:
                     break
                 result = task.result
-                if result is None or (wanted and result.status not in wanted):
+                if result is None or (wanted and result.status not in wanted) or \
+                        not task.spec.id.startswith(scope):
                     continue
                 listed.append(task)
         return listed

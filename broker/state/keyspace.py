@@ -16,7 +16,7 @@ import bisect
 import builtins  # KeySpace.list hides the builtin inside the class
 import heapq
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from broker.errors import VersionConflict
@@ -60,9 +60,14 @@ class KeySpace:
         return self.records.get(key)
 
     def list(self, prefix: str, after: str | None, limit: int, max_bytes: int,
-             values: bool) -> tuple[list[Entry], bool]:
+             values: bool, readable: Callable[[str], bool] | None = None
+             ) -> tuple[list[Entry], bool]:
         """Keys under ``prefix`` after ``after``, in key order: at most ``limit`` of them
-        and about ``max_bytes`` of values. Returns the entries and whether more remain."""
+        and about ``max_bytes`` of values. Returns the entries and whether more remain.
+
+        ``readable`` leaves keys out (the access rules of a secure service); they do not
+        count towards ``limit``, so a page is never empty while more keys remain (the
+        client stops at an empty page)."""
         keys = self._sorted_keys()
         start = bisect.bisect_left(keys, prefix)
         if after is not None and after >= prefix:
@@ -76,6 +81,8 @@ class KeySpace:
                 return items, False
             if len(items) >= limit or size > max_bytes:
                 return items, True
+            if readable is not None and not readable(key):
+                continue
             record = records[key]
             items.append(Entry(key, record.version, record.value if values else None))
             size += len(record.value) if values else 0

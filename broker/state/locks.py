@@ -119,16 +119,27 @@ class LockTable:
         self._held(session, name, token, now)
         self._end_lease(name, now)
 
-    def check_fence(self, name: str, token: int, now: float) -> None:
-        """Pass only if ``token`` is the current, unexpired lease of ``name``.
+    def check_fence(self, name: str, token: int, now: float, session: bytes | None = None
+                    ) -> None:
+        """Pass only if ``token`` is the current, unexpired lease of ``name``, held by
+        ``session`` (None: by anyone, for callers outside a session).
+
+        A token alone is no proof of holding the lease: listings show tokens, and a
+        process that read one must not write as the holder.
 
         Raises:
-            StaleToken: it is not.
+            StaleToken: the token is not the current lease's.
+            StateRequestError: ``stale_token`` too, when the token is current but another
+                session holds the lease.
         """
         lease = self.leases.get(name)
         if lease is None or lease.token != token or lease.expires_at <= now:
             current = lease.token if lease is not None and lease.expires_at > now else None
             raise StaleToken(name, token, current)
+        if session is not None and lease.session != session:
+            raise StateRequestError(f"fencing token {token} of lock {name!r} belongs to the "
+                                    f"session of {lease.holder!r}: only the holder of a lease "
+                                    "may write with its token", "stale_token")
 
     def release_session(self, session: bytes, now: float) -> int:
         """Release every lease of ``session`` and drop its waiters (it expired); returns

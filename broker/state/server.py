@@ -28,6 +28,7 @@ from broker import __version__
 from broker.config import StateConfig
 from broker.heartbeat import Liveness
 from broker.service import Frames, RouterService, SocketSecurity
+from broker.state.access import ANONYMOUS, AccessRules, Peer
 from broker.state.persistence import StatePersistence
 from broker.state.store import StateStore
 from wire.errors import StateDecodeError
@@ -49,6 +50,11 @@ class StateServer:
         clock: monotonic time for every expiry (injected so tests can drive it).
         wall_clock: wall-clock time, only to carry key expiry across restarts.
         security: CURVE and ZAP for its ROUTER (``broker/security.py``); None: plaintext.
+            With it, requests are checked against the key prefix rules
+            (``broker/state/access.py``, adjusted by ``<data dir>/keys/state_rules.json``).
+
+    Raises:
+        ConfigError: the rules file of a secure service cannot be read.
     """
 
     def __init__(self, config: StateConfig, clock: Callable[[], float] = time.monotonic,
@@ -59,12 +65,15 @@ class StateServer:
         self.store = StateStore(Liveness(config.heartbeat_interval_s, config.heartbeat_liveness),
                                 config.changelog_size)
         self.store.extra_info = self._extra_info
+        if security is not None:
+            self.store.access = AccessRules.load(config.data_dir)
         self.persistence = (StatePersistence(config.db_path, wall_clock) if config.persist
                             else None)
         self.service = RouterService(self, send_hwm=config.send_hwm,
                                      drain_batch=config.drain_batch,
                                      backlog_limit=config.watcher_backlog, clock=clock,
                                      name="state-service", security=security)
+        self.service.max_message_bytes = config.max_message_bytes
         self.started_at = clock()
         #: messages dropped for watchers that stopped reading (their watches cancelled)
         self.overflow_dropped = 0
@@ -145,6 +154,12 @@ class StateServer:
     def handle(self, identity: bytes, frames: list[bytes], now: float) -> bool:
         """Decode one request and queue the store's reply; never ends the drain early."""
         try:
+            if len(frames) > 2 and len(frames[2]) > self.config.max_header_bytes:
+                # Refused undecoded (its request id is in the header it would take to
+                # decode); a value is at most 1 MiB, so no valid request gets here.
+                raise StateDecodeError(
+                    f"message header of {len(frames[2])} bytes exceeds the limit of "
+                    f"{self.config.max_header_bytes} bytes (max_header_bytes)", "too_large")
             msg = decode_state(frames)
         except StateDecodeError as e:
             if logger.isEnabledFor(logging.DEBUG):
@@ -152,7 +167,11 @@ class StateServer:
             self._queue(identity, encode_state(self.store.error(e.code, str(e), e.req)))
             return False
         try:
-            reply = self.store.handle(identity, msg, now)
+            # The key and role are read only on a secure service: two metadata lookups
+            # per message that a plaintext one has no use for.
+            peer = (ANONYMOUS if self.store.access is None
+                    else Peer(self.service.peer_key(), self.service.peer_role()))
+            reply = self.store.handle(identity, msg, now, peer)
         except Exception as e:  # noqa: BLE001 - the service never dies on one message
             logger.exception("state handler failed for %s from %r", type(msg).__name__, identity)
             reply = self.store.error(StateErrorCode.BAD_REQUEST, f"could not process: {e}",

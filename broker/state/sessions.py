@@ -37,6 +37,11 @@ class Session:
     last_sent: float = 0.0
     #: watch id (the req of its WATCH) -> key prefix
     watches: dict[int, str] = field(default_factory=dict)
+    #: on a secure service, the CURVE key that said HELLO (every later request of the
+    #: routing id must come from it) and its role; "" in plaintext and for a session
+    #: restored from disk until its HELLO
+    key: str = ""
+    role: str = ""
 
     @property
     def label(self) -> str:

@@ -26,6 +26,7 @@ from wire.state import (
     StateInfo, StateInfoRequest, StateItems, StateList, StateMessage, StatePing, StatePut,
     StateUnwatch, StateValue, StateWatch, StateWelcome,
 )
+from broker.state.access import ANONYMOUS, AccessRules, Coverage, FULL_ACCESS_ROLES, Op, Peer
 from broker.state.keyspace import KeySpace
 from broker.state.locks import Lease, LockTable, Waiter
 from broker.state.sessions import Session, SessionState, SessionTable
@@ -93,25 +94,27 @@ class StateStore:
         self.usage: dict[str, bytes] = {}
         #: a hook adding the server's own fields (endpoint, disk) to INFO replies
         self.extra_info: Callable[[], dict[str, Any]] = dict
+        #: the key prefix rules of a secure service (None: plaintext, nothing checked)
+        self.access: AccessRules | None = None
 
     # ------------------------------------------------------------------ requests
 
-    def handle(self, identity: bytes, msg: StateMessage, now: float) -> StateMessage | None:
-        """Serve one request from ``identity``; returns its reply (None: the reply comes
-        later, as for a lock that is waited for)."""
+    def handle(self, identity: bytes, msg: StateMessage, now: float,
+               peer: Peer = ANONYMOUS) -> StateMessage | None:
+        """Serve one request from ``identity`` (sent with ``peer``'s key and role on a
+        secure service); returns its reply (None: the reply comes later, as for a lock
+        that is waited for)."""
         if type(msg) is StateHello:
-            return self._hello(identity, msg, now)
-        session = self.sessions.get(identity)
+            return self._hello(identity, msg, now, peer)
         req = getattr(msg, "req", None)
-        if session is None or session.state is not SessionState.ACTIVE:
-            # Not a session we serve: the client must say HELLO first (and then set its
-            # watches up again); it resends the request after that, so nothing is lost.
-            return self.error(StateErrorCode.NO_SESSION,
-                              "no session for this connection (new, expired, or the service "
-                              "restarted): send HELLO", req)
+        session = self._session_of(identity, peer, req)
+        if isinstance(session, StateErrorReply):
+            return session
+        access = self.access
         session.last_seen = now
         self.counters[type(msg).__name__] += 1
         try:
+            coverage = Coverage.ALL if access is None else access.check_request(peer.role, msg)
             match msg:
                 case StateGet(req, key):
                     record = self.keys.get(key)
@@ -119,13 +122,14 @@ class StateStore:
                         return StateValue(req, key, 0, None)
                     return StateValue(req, key, record.version, record.value)
                 case StatePut():
-                    return self._put(msg, now)
+                    return self._put(identity, msg, now)
                 case StatePing():
                     return _PING
                 case StateDelete():
-                    return self._delete(msg, now)
+                    return self._delete(identity, msg, now)
                 case StateList(req, prefix, after, limit, values):
-                    items, more = self.keys.list(prefix, after, limit, MAX_LIST_BYTES, values)
+                    items, more = self.keys.list(prefix, after, limit, MAX_LIST_BYTES, values,
+                                                 self._readable(peer.role, coverage))
                     return StateItems(req, self.keys.version, items, more)
                 case LockAcquire(req, name, ttl_s, wait_s):
                     lease = self.locks.acquire(identity, session.name, req, name, ttl_s, wait_s,
@@ -138,13 +142,14 @@ class StateStore:
                     self.locks.release(identity, name, token, now)
                     return StateDone(req)
                 case StateWatch():
-                    return self._watch(session, msg)
+                    return self._watch(session, msg, self._readable(peer.role, coverage))
                 case StateUnwatch(req, watch):
                     existed = self.sessions.remove_watch(session, watch)
                     self._events.pop((identity, watch), None)
                     return StateDone(req, self.keys.version, existed)
                 case LockList(req, prefix):
-                    return LockTableReply(req, self.lock_table(prefix, now))
+                    return LockTableReply(req, self.lock_table(
+                        prefix, now, identity, None if access is None else peer.role))
                 case StateInfoRequest(req):
                     return StateInfo(req, self.info())
         except VersionConflict as e:
@@ -155,6 +160,24 @@ class StateStore:
         return self.error(StateErrorCode.UNKNOWN_COMMAND,
                           f"{type(msg).__name__} is not a request the state service accepts", req)
 
+    def _session_of(self, identity: bytes, peer: Peer, req: int | None
+                    ) -> Session | StateErrorReply:
+        """The active session of ``identity`` if ``peer`` may use it, else the refusal."""
+        session = self.sessions.get(identity)
+        if session is None or session.state is not SessionState.ACTIVE:
+            # Not a session we serve: the client must say HELLO first (and then set its
+            # watches up again); it resends the request after that, so nothing is lost.
+            return self.error(StateErrorCode.NO_SESSION,
+                              "no session for this connection (new, expired, or the service "
+                              "restarted): send HELLO", req)
+        if self.access is not None and session.key != peer.key:
+            # ROUTER_HANDOVER lets any connection take a routing id over: without this, a
+            # key that learnt a session id would act as that session (and its leases).
+            return self.error(StateErrorCode.UNAUTHORIZED,
+                              "this session belongs to another key: open a session of your "
+                              "own (HELLO under another routing id)", req)
+        return session
+
     def error(self, code: str | StateErrorCode, message: str, req: int | None = None
               ) -> StateErrorReply:
         """An ERROR reply, counted under its code."""
@@ -162,10 +185,26 @@ class StateStore:
         self.errors[code] += 1
         return StateErrorReply(code, message, req)
 
-    def _hello(self, identity: bytes, msg: StateHello, now: float) -> StateWelcome:
+    def _readable(self, role: str, coverage: Coverage) -> Callable[[str], bool] | None:
+        """What a listing or watch of ``role`` may show (None: everything)."""
+        access = self.access
+        if access is None or coverage is Coverage.ALL:
+            return None
+        return lambda key: access.allows(role, Op.READ, key)
+
+    def _hello(self, identity: bytes, msg: StateHello, now: float, peer: Peer
+               ) -> StateWelcome | StateErrorReply:
         previous = self.sessions.get(identity)
+        if (self.access is not None and previous is not None and previous.key
+                and previous.key != peer.key):
+            # The routing id's session (and its leases) belong to another key. A session
+            # restored from disk has no key yet: its first HELLO claims it.
+            return self.error(StateErrorCode.UNAUTHORIZED,
+                              "this session id belongs to another key: choose another",
+                              msg.req)
         session = self.sessions.open(identity, msg.name or (previous.name if previous else ""),
                                      now)
+        session.key, session.role = peer
         if previous is not None:
             for watch in previous.watches:
                 self._events.pop((identity, watch), None)
@@ -179,17 +218,17 @@ class StateStore:
         return StateWelcome(msg.req, self.liveness.interval_s, self.liveness.liveness,
                             self.keys.version, self.instance, held)
 
-    def _put(self, msg: StatePut, now: float) -> StateDone:
+    def _put(self, identity: bytes, msg: StatePut, now: float) -> StateDone:
         if msg.fence is not None:
-            self.locks.check_fence(msg.fence[0], msg.fence[1], now)
+            self.locks.check_fence(msg.fence[0], msg.fence[1], now, identity)
         self.keys.check(msg.key, msg.expected)
         change = self.keys.put(msg.key, msg.value, now, msg.ttl_s)
         self._notify(change)
         return StateDone(msg.req, change.version)
 
-    def _delete(self, msg: StateDelete, now: float) -> StateDone:
+    def _delete(self, identity: bytes, msg: StateDelete, now: float) -> StateDone:
         if msg.fence is not None:
-            self.locks.check_fence(msg.fence[0], msg.fence[1], now)
+            self.locks.check_fence(msg.fence[0], msg.fence[1], now, identity)
         self.keys.check(msg.key, msg.expected)
         change = self.keys.delete(msg.key)
         if change is None:
@@ -197,10 +236,13 @@ class StateStore:
         self._notify(change)
         return StateDone(msg.req, change.version, True)
 
-    def _watch(self, session: Session, msg: StateWatch) -> StateDone:
+    def _watch(self, session: Session, msg: StateWatch,
+               readable: Callable[[str], bool] | None) -> StateDone:
         self.sessions.add_watch(session, msg.req, msg.prefix)
         if msg.since is not None:
             replay, exact = self.keys.replay(msg.prefix, msg.since)
+            if readable is not None:
+                replay = [change for change in replay if readable(change.key)]
             if replay:
                 self._events.setdefault((session.identity, msg.req), []).extend(replay)
             if not exact:
@@ -212,12 +254,21 @@ class StateStore:
         if change.key.startswith(USAGE_PREFIX):
             self._mirror_usage(change)
         events = self._events
+        access = self.access
         for target in self.sessions.watchers_of(change.key):
+            if access is not None and not self._may_see(target[0], change.key):
+                continue
             queue = events.get(target)
             if queue is None:
                 events[target] = [change]
             else:
                 queue.append(change)
+
+    def _may_see(self, identity: bytes, key: str) -> bool:
+        """Whether the watcher ``identity`` may read ``key`` (secure service only)."""
+        session = self.sessions.get(identity)
+        assert self.access is not None
+        return session is not None and self.access.allows(session.role, Op.READ, key)
 
     def _mirror_usage(self, change: Entry) -> None:
         if change.value is None:
@@ -292,16 +343,31 @@ class StateStore:
 
     # ------------------------------------------------------------------ views
 
-    def lock_table(self, prefix: str, now: float) -> list[LockInfo]:
-        """Held locks under ``prefix``, by name."""
+    def lock_table(self, prefix: str, now: float, viewer: bytes | None = None,
+                   role: str | None = None) -> list[LockInfo]:
+        """Held locks under ``prefix``, by name.
+
+        Args:
+            viewer: the asking session.
+            role: its role on a secure service (None: plaintext, everything shown). It
+                sees only the locks whose names it may read, and the token and session
+                id only of its own leases, unless it has full access: a token is the
+                holder's, and a session id is what a hijacker would need.
+        """
+        access = self.access
+        hide = role is not None and role not in FULL_ACCESS_ROLES
         rows = []
         for name in sorted(self.locks.leases):
-            if name.startswith(prefix):
-                lease: Lease = self.locks.leases[name]
-                rows.append(LockInfo(name, lease.token, lease.holder,
-                                     lease.session.decode("utf-8", "backslashreplace"),
-                                     round(max(0.0, lease.expires_at - now), 3),
-                                     self.locks.waiting(name)))
+            if not name.startswith(prefix):
+                continue
+            if role is not None and access is not None and not access.allows(role, Op.READ, name):
+                continue
+            lease: Lease = self.locks.leases[name]
+            own = not hide or lease.session == viewer
+            rows.append(LockInfo(name, lease.token if own else None, lease.holder,
+                                 lease.session.decode("utf-8", "backslashreplace") if own else "",
+                                 round(max(0.0, lease.expires_at - now), 3),
+                                 self.locks.waiting(name)))
         return rows
 
     def info(self) -> dict[str, Any]:

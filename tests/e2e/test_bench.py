@@ -76,3 +76,16 @@ def test_observability_reports_each_mode_against_its_reference() -> None:
         assert found["ratio"] > 0 and len(found["pairs"]) == 1, name
         assert found["min"] <= found["ratio"] <= found["max"]
     assert report["default_sample_ratio"] == 0.001
+
+
+def test_secure_reports_curve_beside_plaintext() -> None:
+    # The smoke run of bench/secure.py: one pair, a few tasks (its numbers mean nothing)
+    report = run_bench("secure.py", "--pairs", "1", "--tasks", "200", "--latency-tasks", "20")
+    assert report["pairs"] == 1
+    for key in ("throughput_plain", "throughput_curve", "throughput_ratio",
+                "latency_p50_plain_us", "latency_p50_curve_us", "latency_p99_plain_us",
+                "latency_p99_curve_us"):
+        assert report[key] > 0, key
+    assert report["throughput_ratio_min"] <= report["throughput_ratio"] \
+        <= report["throughput_ratio_max"]
+    assert len(report["runs"]["throughput_ratios"]) == 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent_sdk import SyncClient, SyncStateClient
+from agent_sdk import SyncClient, SyncStateClient, Unauthorized
 from broker.security import authorize, authorized_path, prepare_secure_home
 from cli.processes import wait_until
 from tests.conftest import ROOT, Cluster, kill, python_process, read_json_line
@@ -139,11 +139,21 @@ def test_authorize_and_revoke_take_effect_without_a_restart(
         assert json.loads(removed.stdout)["revoked"] is True
         refused = status(broker.url, env, tmp_path / "elsewhere")
         assert refused.returncode == EXIT_UNAUTHORIZED, refused.stderr
-        # ...stays up: libzmq cannot drop one peer of a bound socket (a later part of
-        # issue 15 refuses its messages instead)
-        held.ping(5)
+        # ...stays connected (libzmq cannot drop one peer of a bound socket), but the
+        # broker refuses its messages from its next look at the allow-list on
+        assert wait_until(lambda: _refused(held), 10)
     finally:
         held.close()
+
+
+def _refused(client: SyncClient) -> bool:
+    """Whether the broker refuses ``client``'s requests as ``unauthorized``."""
+    try:
+        client.ping(5)
+    except Unauthorized as e:
+        assert "revoked" in str(e)
+        return True
+    return False
 
 
 def test_an_unauthorized_agent_retries_and_registers_once_authorized(

@@ -17,6 +17,7 @@ from wire.errors import DecodeError, StateDecodeError
 from wire.bus import BusEnvelope, decode_bus, encode_bus, encode_bus_probe
 from wire.codec import packb
 from wire.limits import INLINE_PAYLOAD_MAX, SIGNATURE
+from wire.purge import Purge, PurgeReply
 from wire.state import (
     decode_state, encode_state, Entry, LeaseGranted, LockAcquire, LockInfo, LockList,
     LockRelease, LockRenew, LockTable, MAX_KEY_BYTES, MAX_VALUE_BYTES, StateCommand,
@@ -75,6 +76,9 @@ EVERY_MESSAGE = [
     Chunk(31, "t-3", 0, 64_000_000, b"\x00" * 100),
     Release(["t-1", "t-3"]),
     Release([]),
+    Purge(32),
+    Purge(33, 1_780_000_000.25),
+    PurgeReply(34, 2, 1_000_000, 1, 3, 4, 5_000, 1_200, 1),
     Accepted(["t-1", "t-2"]),
     Accepted([]),
     Ack(["t-1"]),
@@ -574,3 +578,16 @@ def test_recv_frames_returns_whole_messages_one_at_a_time() -> None:
     finally:
         dealer.close(linger=0)
         router.close(linger=0)
+
+
+@pytest.mark.parametrize("header", [
+    {"before": 1.0},                                  # no req
+    {"req": 1, "before": "yesterday"},                # not a number
+    {"req": 1, "before": float("inf")},               # not finite
+    {"req": 1, "purged": 1, "bytes": -1},             # a negative count
+    {"req": 1, "purged": "1"},                        # a count that is no integer
+])
+def test_a_bad_purge_header_is_a_bad_frame(header: dict[str, Any]) -> None:
+    with pytest.raises(DecodeError) as refused:
+        decode([SIGNATURE, bytes((Command.PURGE,)), packb(header)])
+    assert refused.value.code == "bad_frame"

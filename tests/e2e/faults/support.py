@@ -83,7 +83,7 @@ def learn_boot(client: SyncClient, timeout: float = WAIT_S) -> str:
     boot = client.status()["broker"]["boot"]
     probe = client.submit(capabilities=[NOBODY], data=None, task_id=f"boot-probe-{boot}",
                           timeout=60)
-    wait_until(client, lambda: client.client._boot == boot, timeout,
+    wait_until(client, lambda: client.client._recovery.boot == boot, timeout,
                what="the client learned the broker's boot id")
     probe.cancel()
     assert probe.result(timeout=timeout).status == "cancelled"

@@ -47,7 +47,7 @@ async def explain_missing(client: Client, missing: list[Any], logs: list[Path]) 
         status = await client.status(timeout=5)
         lines.append(f"  broker tasks: {status['tasks']}")
         lines.append(f"  agents: {[(a['name'], a['in_flight']) for a in status['agents']]}")
-        lines.append(f"  client boot {client._boot!r}, broker boot {status['broker']['boot']!r}")
+        lines.append(f"  client boot {client._recovery.boot!r}, broker boot {status['broker']['boot']!r}")
     except Exception as e:  # noqa: BLE001
         lines.append(f"  status: {type(e).__name__}: {e}")
     return "\n".join(lines)
@@ -69,7 +69,7 @@ def test_broker_sigkill_with_10000_tasks_in_flight(cluster: Cluster, tmp_path: P
             # (the client learns the broker's boot id while it holds a task open: see
             # support.learn_boot)
             probe = client.submit(capabilities=[NOBODY], task_id="boot-probe", timeout=60)
-            while client._boot is None:
+            while client._recovery.boot is None:
                 await client.status()
             await probe.cancel()
             assert (await probe.result(timeout=WAIT_S)).status == "cancelled"
@@ -112,7 +112,7 @@ def test_broker_sigkill_with_10000_tasks_in_flight(cluster: Cluster, tmp_path: P
             facts["elapsed_s"] = round(time.monotonic() - started, 3)
             status = await client.status()
             facts["after"] = dict(status["tasks"])
-            facts["boot_seen"] = client._boot == status["broker"]["boot"]
+            facts["boot_seen"] = client._recovery.boot == status["broker"]["boot"]
             return [h.id for h in handles], results, tap.snapshot()
 
     ids, results, deliveries = asyncio.run(scenario())
@@ -183,7 +183,7 @@ def test_durability_after_broker_sigkill(cluster: Cluster, tmp_path: Path,
     if durability == "none":
         # (every one of them reached the restarted broker as a submit of the client)
         assert status["tasks"]["submitted"] >= 24
-    assert client.client._boot == status["broker"]["boot"]
+    assert client.client._recovery.boot == status["broker"]["boot"]
     report = check([h.id for h in handles], results, [slow_log, later_log],
                    deliveries=tap.snapshot(), handle_ids=[h.id for h in handles])
     report.assert_valid(f"durability {durability}")

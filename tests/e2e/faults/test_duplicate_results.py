@@ -5,7 +5,7 @@ Delivery to a client is at-least-once; the SDK drops a second RESULT for a task 
 task's RESULT once when it ends (``Lifecycle.finish``, or ``Lifecycle.result_written``
 for a large payload), and once more for every SUBMIT of its id and every FETCH of it it
 gets after that (``ClientDesk.submit`` / ``ClientDesk.fetch``: idempotent by task id).
-The client sends those on its own to recover (``Client._on_boot`` when the broker's boot
+The client sends those on its own to recover (``Recovery.on_boot`` in agent_sdk/client.py when the broker's boot
 id changed, ``overdue_work`` every 5 s for a task without an answer). When such a re-ask
 crosses the RESULT on the wire (sent after the broker ended the task, before the client
 read its RESULT) the broker answers it with the RESULT again: the duplicate of the fault
@@ -85,12 +85,12 @@ def test_resubmit_after_a_broker_restart_crossing_the_result_is_a_duplicate_the_
         async with Client(broker.url) as client:
             probe = client.submit(capabilities=[NOBODY], task_id="boot-probe", timeout=60)
             deadline = time.monotonic() + WAIT_S
-            while client._boot is None:
+            while client._recovery.boot is None:
                 assert time.monotonic() < deadline, "the client never learned the boot id"
                 await client.status()
             await probe.cancel()
             assert (await probe.result(timeout=WAIT_S)).status == "cancelled"
-            old_boot = client._boot
+            old_boot = client._recovery.boot
             tap = WireTap(client)
             handle = client.submit(capabilities=["later"], data=7, task_id="crossing",
                                    timeout=60)
@@ -119,14 +119,14 @@ def test_resubmit_after_a_broker_restart_crossing_the_result_is_a_duplicate_the_
             observer = cluster.client(restarted.url)
             wait_status(observer, lambda s: s["tasks"]["succeeded"] == 1,
                         what="the restored task succeeded")
-            assert client._boot == old_boot and not handle.done()
+            assert client._recovery.boot == old_boot and not handle.done()
             # Then the client reads the new boot id first and submits its open task
-            # again (Client._on_boot), then reads the RESULT
+            # again (Recovery.on_boot), then reads the RESULT
             while not handle.done():
                 client._channel.read_now()  # type: ignore[union-attr]
                 if not handle.done():
                     wait_input(client, deadline)
-            assert client._boot != old_boot
+            assert client._recovery.boot != old_boot
             result = await handle.result(timeout=RESULT_S)
             # And the broker answers that SUBMIT of a finished id with its RESULT again
             # (the STATUS goes after the SUBMIT: its reply comes after that RESULT)
