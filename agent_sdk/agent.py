@@ -70,6 +70,7 @@ from agent_sdk.names import check_names, new_agent_id
 from agent_sdk.runner import TaskRunner
 from agent_sdk.state import endpoint_from, StateClient
 from agent_sdk.task import _MISSING, Result, Task
+from wire.sockets import reachable_endpoints
 from wire.tracing import init_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
@@ -379,8 +380,8 @@ class BaseAgent(MessagingMixin, abc.ABC):
                 self._channel.adopt_limits(msg.limits)
             frame_limit = msg.limits.get("max_message_bytes", self._task_runner.max_frame_bytes)
             self._task_runner.max_frame_bytes = self.messaging.bus.max_frame_bytes = frame_limit
-        self.endpoints = msg.endpoints
-        self.messaging.set_endpoints(msg.endpoints)
+        self.endpoints = reachable_endpoints(msg.endpoints, self.broker_url)
+        self.messaging.set_endpoints(self.endpoints)
         self.messaging.report_again()
         if self.status is not AgentState.DRAINING:
             self.status = AgentState.READY

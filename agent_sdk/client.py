@@ -30,6 +30,7 @@ from wire.codec import chunks
 from wire.curve import in_scope, key_scope, scoped
 from wire.limits import MIN_MESSAGE_BYTES
 from wire.purge import PurgeReply
+from wire.sockets import reachable_endpoints
 from wire.tasks import (
     Accepted, Cancel, Chunk, Direct, DirectVerdict, Disconnect, Error, ErrorCode, Fetch,
     Heartbeat, Message, Release, Results, StatusReply, StatusRequest, Submit, TaskList,
@@ -323,16 +324,15 @@ class Client(MessagingMixin):
         return self._shared_state
 
     async def _state_endpoint(self) -> str:
-        status = await self.status()
-        return endpoint_from(status.get("broker", {}).get("endpoints"),
-                             f"the broker at {self.url}")
+        return endpoint_from(await self._bus_endpoints(), f"the broker at {self.url}")
 
     def _send_message(self, msg: Message) -> None:
         self._ensure_open().send(msg)
 
     async def _bus_endpoints(self) -> dict[str, str]:
         status = await self.status()
-        return dict(status.get("broker", {}).get("endpoints") or {})
+        return reachable_endpoints(dict(status.get("broker", {}).get("endpoints") or {}),
+                                   self.url)
 
     async def close(self) -> None:
         """Send what is queued and close; pending handles stay unresolved."""

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
+from urllib.parse import urlsplit
 import zmq
 
 from broker.config import (
@@ -152,6 +153,11 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default=None, help="HOST:PORT of the ROUTER (port 0: any free)")
+    parser.add_argument("--advertise", default=None, metavar="HOST",
+                        help="the host other machines reach this broker at; announced to "
+                             "agents and clients in every endpoint (bus, state, events, "
+                             "metrics). Default: as bound, with 0.0.0.0 replaced by each "
+                             "peer with the host it used to reach the broker")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="data dir (default: $ORCH_HOME, else ./.orchestrator where it "
                              "exists, else $XDG_STATE_HOME/orchestrator, "
@@ -398,7 +404,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         result_store_threshold=args.result_store_threshold,
         result_store_max_bytes=args.result_store_bytes,
         max_agents_per_address=args.max_agents_per_address, max_agents=args.max_agents,
-        metrics_bind="" if args.no_metrics else args.metrics_bind, secure=args.secure)
+        metrics_bind="" if args.no_metrics else args.metrics_bind, secure=args.secure,
+        advertise=args.advertise)
 
 
 def prepare(args: argparse.Namespace) -> tuple[BrokerConfig, Path, Any]:
@@ -444,6 +451,31 @@ def warn_if_exposed(config: BrokerConfig, args: argparse.Namespace) -> None:
               f"README, Security)", file=sys.stderr, flush=True)
 
 
+def with_host(endpoint: str, host: str) -> str:
+    """``tcp://BOUND:PORT`` as ``tcp://HOST:PORT``."""
+    scheme, _, rest = endpoint.partition("://")
+    return f"{scheme}://{host}:{rest.rpartition(':')[2]}"
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """Host and port of ``tcp://HOST:PORT`` or ``http://HOST:PORT/path``."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or 0
+
+
+def say_firewall_ports(router: str, endpoints: dict[str, str]) -> None:
+    """One line on stderr when the broker listens where other machines reach it: the TCP
+    ports a firewall between them must open (secure or not)."""
+    host, port = _host_port(router)
+    if is_loopback(host):
+        return
+    ports = [f"{port} (tasks)"]
+    ports += [f"{_host_port(url)[1]} ({name})" for name, url in sorted(endpoints.items())
+              if not is_loopback(_host_port(url)[0])]
+    print(f"listening for other machines: open TCP {', '.join(ports)} between them and "
+          f"this one", file=sys.stderr, flush=True)
+
+
 def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
     """Write ``broker.json`` and print the ready line (the broker's endpoints and pid)."""
     info: dict[str, Any] = {"event": "ready", "endpoint": broker.endpoint, "pid": os.getpid(),
@@ -458,6 +490,14 @@ def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
         broker.endpoints["state"] = info["state"] = state.endpoint
     if "metrics" in broker.endpoints:
         info["metrics"] = broker.endpoints["metrics"]
+    say_firewall_ports(broker.endpoint, broker.endpoints)
+    advertise = broker.config.advertise
+    if advertise is not None:
+        # Peers get the advertised host; broker.json keeps the bound endpoints (local CLI).
+        # A loopback endpoint stays as it is: no other machine reaches it anyway.
+        broker.endpoints.update({name: with_host(url, advertise)
+                                 for name, url in broker.endpoints.items()
+                                 if not is_loopback(_host_port(url)[0])})
     document = orjson.dumps(info)
     try:
         (data_dir / "broker.json").write_bytes(document)

@@ -123,9 +123,17 @@ class BrokerConfig:
     #: CURVE encryption and ZAP authentication on every socket (``--secure``,
     #: ``ORCH_SECURE=1``): see ``broker/security.py``
     secure: bool = False
+    #: the host other machines reach this broker at (``--advertise``): it replaces the
+    #: host of every endpoint announced to peers (bus, state, events, metrics); None:
+    #: announced as bound (a peer replaces 0.0.0.0 by the host it used to reach us)
+    advertise: str | None = None
 
     def __post_init__(self) -> None:
         parse_host_port(self.bind)
+        if self.advertise is not None and (not self.advertise.strip() or any(
+                c in self.advertise for c in "/: \t")) and not self.advertise.startswith("["):
+            raise ConfigError(f"--advertise takes a host name or address (no port), got "
+                              f"{self.advertise!r}")
         if self.metrics_bind:
             parse_host_port(self.metrics_bind)
         if self.policy not in POLICIES:

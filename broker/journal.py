@@ -28,6 +28,11 @@ Records (msgpack arrays; :meth:`Journal.open` hands them back typed):
     ``["H", id]``: the task's result is held (SUBMIT's ``hold``) until a ``["U", id]``
     record releases it; like ``T``, right after its accepted record, and skipped by a
     broker that predates it (which then retains the result as any other).
+    ``["K", id, scope]``: an attempt of the task went to an agent of the key whose scope
+    (``wire.curve.key_scope``) this is; written on a ``--secure`` broker only, so that
+    after a restart only an agent of that key may answer for the attempt (or claim it).
+    Skipped by a broker that predates it (which then takes a late result from any
+    registered agent, as a plaintext broker does).
     ``["R", task_id, status, payload, error_code, error_message, agent, attempts, queued_ms,
     run_ms, wall]`` (:class:`FinishedRecord`)
     ``["S", ...]``: an ``R`` record whose payload is ``[key, size]``, a file of the result
@@ -213,6 +218,9 @@ class Replay:
     attempt_limits: dict[str, float] = field(default_factory=dict)
     #: tasks whose result is held (``H`` records not followed by a ``U``)
     held: set[str] = field(default_factory=set)
+    #: the key scopes of the agents that held an attempt of each task (``K`` records;
+    #: written by a ``--secure`` broker only)
+    holder_scopes: dict[str, set[str]] = field(default_factory=dict)
 
 
 def _private_opener(path: str, flags: int) -> int:
@@ -340,6 +348,7 @@ class Journal:
         results: dict[str, FinishedRecord] = {}
         limits: dict[str, float] = {}
         held: set[str] = set()
+        holder_scopes: dict[str, set[str]] = {}
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -372,6 +381,8 @@ class Journal:
                     held.add(record[1])
                 elif kind == "U" and len(record) == 2:
                     held.discard(record[1])
+                elif kind == "K" and len(record) == 3 and type(record[2]) is str:
+                    holder_scopes.setdefault(record[1], set()).add(record[2])
                 elif kind == "S" and len(record) == _FINISHED_FIELDS:
                     ref = record[3]
                     results[record[1]] = _new_tuple(FinishedRecord, (
@@ -385,7 +396,7 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
         return Replay(accepted, results, records, truncated, found, attempt_limits=limits,
-                      held=held)
+                      held=held, holder_scopes=holder_scopes)
 
     def _check_header(self, header: tuple[Any, ...]) -> int:
         """The format a header names, if this broker reads it.
@@ -416,6 +427,8 @@ class Journal:
         records.extend(("T", task_id, limit) for task_id, limit
                        in replay.attempt_limits.items())
         records.extend(("H", task_id) for task_id in replay.held)
+        records.extend(("K", task_id, scope) for task_id, scopes
+                       in replay.holder_scopes.items() for scope in sorted(scopes))
         size = self._replace_file(records)
         logger.warning("journal %s: migrated from format %d to format %d (%d record(s) "
                        "read, %d kept, %d bytes)", self.path, replay.format, JOURNAL_FORMAT,
@@ -455,6 +468,10 @@ class Journal:
     def released(self, task_ids: list[str]) -> None:
         """Record that the held results of ``task_ids`` may go (RELEASE)."""
         self._buffer.extend(("U", task_id) for task_id in task_ids)
+
+    def held_by_key(self, task_id: str, scope: str) -> None:
+        """Record that an agent of the key with ``scope`` holds an attempt of the task."""
+        self._buffer.append(("K", task_id, scope))
 
     def finished(self, result: Any, wall: float) -> bool | None:
         """Record a task's final result (``result`` is a protocol ResultItem), as the
@@ -570,11 +587,12 @@ class Journal:
         return self.size - self._compacted_size > COMPACT_AFTER_BYTES
 
     def compact(self, accepted: Iterable[tuple[Any, bytes, float]],
-                results: Iterable[tuple[Any, float]]) -> bool:
+                results: Iterable[tuple[Any, float]],
+                holders: Iterable[tuple[str, str]] = ()) -> bool:
         """Replace the log with one holding only ``accepted`` (the tasks of both: spec,
-        client, wall) and ``results`` (retained results: item, wall). A retained result
-        needs its task's accepted record too: replay restores only results whose task it
-        knows.
+        client, wall), ``results`` (retained results: item, wall) and ``holders`` (open
+        tasks' holder key scopes: task id, scope). A retained result needs its task's
+        accepted record too: replay restores only results whose task it knows.
 
         A compaction that cannot write its file (a full disk) leaves the log as it was,
         whole, and is tried again after another :data:`COMPACT_AFTER_BYTES`.
@@ -594,6 +612,8 @@ class Journal:
                 self.finished(result, wall)
         finally:
             self.store = store
+        for task_id, scope in holders:
+            self.held_by_key(task_id, scope)
         records, self._buffer = self._buffer, []
         try:
             size = self._replace_file(records)
@@ -648,6 +668,9 @@ class NullJournal(Journal):
     def released(self, task_ids: list[str]) -> None:
         pass
 
+    def held_by_key(self, task_id: str, scope: str) -> None:
+        pass
+
     def commit(self) -> None:
         pass
 
@@ -658,7 +681,8 @@ class NullJournal(Journal):
         return False
 
     def compact(self, accepted: Iterable[tuple[Any, bytes, float]],
-                results: Iterable[tuple[Any, float]]) -> bool:
+                results: Iterable[tuple[Any, float]],
+                holders: Iterable[tuple[str, str]] = ()) -> bool:
         return True  # nothing on disk
 
     def close(self) -> None:

@@ -94,6 +94,7 @@ class Broker:
         self._next_grant_refresh = 0.0
         if grants is not None:
             self.service.handler = self._handle_granted
+            self.engine.lifecycle.bind_holders_to_keys()
         # PURGE (broker/engine/purge.py): the sender's role, and the journal's rewrite.
         self.engine.purge.attach(self.service.peer_role, self._compact_journal,
                                  lambda: self.journal.size)
@@ -195,10 +196,12 @@ class Broker:
     def _compact_journal(self) -> bool:
         offset = self.engine.ledger.wall_offset
         retained = [t for t in self.engine.retained() if t.result is not None]
+        holder_keys = self.engine.lifecycle.holder_keys
         done = self.journal.compact(
             ((t.spec, t.client, t.submitted_at + offset)
              for t in itertools.chain(self.engine.tasks.values(), retained)),
-            ((t.result, t.finished_at + offset) for t in retained))
+            ((t.result, t.finished_at + offset) for t in retained),
+            holder_keys.of_open(self.engine.tasks.values()) if holder_keys else ())
         self.engine.ledger.counters["journal_compactions"] += 1
         return done
 

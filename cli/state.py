@@ -62,12 +62,14 @@ class StateContext:
         if info is not None and info.get("state"):
             return str(info["state"])
         from agent_sdk.state import endpoint_from
+        from wire.sockets import reachable_endpoints
 
         with closing(self.base.client()) as client:
             status = client.status(PING_TIMEOUT_S)
         try:
-            return endpoint_from(status.get("broker", {}).get("endpoints"),
-                                 f"the broker at {self.base.broker_url}")
+            return endpoint_from(reachable_endpoints(
+                status.get("broker", {}).get("endpoints") or {}, self.base.broker_url),
+                f"the broker at {self.base.broker_url}")
         except Exception as e:  # noqa: BLE001 - StateUnavailable: say why, exit 3
             fail(str(e), EXIT_UNREACHABLE)
 

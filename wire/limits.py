@@ -14,15 +14,20 @@ from typing import Final
 #: ``attempt_timeout_s`` (each attempt's limit, nil: none); TASK's ``timeout_s`` is the
 #: time the attempt has left. 3: a RESULT's payload may be withheld (``[size]``: the
 #: client reads it in ranges with READ, answered by CHUNK); SUBMIT items gain a tenth
-#: field, ``hold`` (the result outlives retention until RELEASE).
-PROTOCOL_VERSION: Final = 3
+#: field, ``hold`` (the result outlives retention until RELEASE). 4: security and limits:
+#: PURGE (0x26) and its answer; WELCOME and the broker's answer to a client HEARTBEAT
+#: gain ``limits``; ERROR codes ``unauthorized``, ``too_many_agents``, ``queue_full`` per
+#: client; on a ``--secure`` broker routing ids and task ids start with the sender's key
+#: scope; RESULT items' ``agent``, ``attempts``, ``queued_ms``, ``run_ms`` and
+#: ``retryable`` must have their types.
+PROTOCOL_VERSION: Final = 4
 #: What frame 0 of every message starts with; the protocol version follows in ASCII
 #: digits. Frame 0 starting with this but for another version is ``bad_version``, any
 #: other frame 0 ``bad_frame``.
 SIGNATURE_PREFIX: Final = b"ORCH"
 #: Frame 0 of every message this release sends: the prefix and the protocol version
 #: (a literal, so that compiled code compares against a constant; a test checks it).
-SIGNATURE: Final = b"ORCH3"
+SIGNATURE: Final = b"ORCH4"
 
 #: Largest frame any socket accepts (ZMQ_MAXMSGSIZE is per frame). A bigger frame makes
 #: libzmq drop the connection, so senders check against it first (:class:`TooLarge`).

@@ -9,7 +9,7 @@ the cost of a message, so every hot send goes through :func:`send_frames`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
@@ -80,3 +80,34 @@ def apply_common_options(sock: zmq.Socket[Any], hwm: int,
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+
+
+#: Hosts a socket binds to mean "every interface"; as a place to connect to they name
+#: nothing useful (0.0.0.0 is this machine on Linux, never the broker's).
+UNSPECIFIED_HOSTS: Final = frozenset({"0.0.0.0", "::", "[::]", "*", ""})
+
+
+def _split(endpoint: str) -> tuple[str, str, str] | None:
+    """``tcp://HOST:PORT`` as (scheme, host, port); None for anything else."""
+    scheme, sep, rest = endpoint.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not sep or not colon:
+        return None
+    return scheme, host, port
+
+
+def reachable_endpoint(endpoint: str, via: str) -> str:
+    """``endpoint`` as announced by a broker reached at ``via``: a host that means "every
+    interface" (a broker bound to 0.0.0.0 without ``--advertise``) is replaced by the host
+    this peer used to reach the broker, so that a peer on another machine connects to
+    the broker's machine, never to itself."""
+    parts, through = _split(endpoint), _split(via)
+    if parts is None or through is None or parts[1] not in UNSPECIFIED_HOSTS:
+        return endpoint
+    return f"{parts[0]}://{through[1]}:{parts[2]}"
+
+
+def reachable_endpoints(endpoints: dict[str, str], via: str) -> dict[str, str]:
+    """Every endpoint of a broker's announcement (:func:`reachable_endpoint`)."""
+    return {name: reachable_endpoint(url, via) if isinstance(url, str) else url
+            for name, url in endpoints.items()}

@@ -6,7 +6,7 @@ dataclasses below and calls :func:`encode` / :func:`decode`.
 
 Every message is a ZeroMQ multipart message::
 
-    frame 0: SIGNATURE           b"ORCH" and the protocol version (b"ORCH3" today)
+    frame 0: SIGNATURE           b"ORCH" and the protocol version (b"ORCH4" today)
     frame 1: one byte            the command (:class:`Command`)
     frame 2: msgpack             the header (layout per command, see each class)
     frame 3..: opaque bytes      large payloads ("blobs"), referenced from the header
@@ -729,6 +729,10 @@ def _traced_item(item: Any, fields: int, command: str) -> tuple[Any, ...]:
     return item
 
 
+#: The types a number of a message may have (msgpack decodes to these two).
+_NUMBERS: Final = (int, float)
+
+
 def _decode_results(header: Any, blobs: list[Any]) -> Results:
     results: list[ResultItem] = []
     append = results.append
@@ -740,6 +744,14 @@ def _decode_results(header: Any, blobs: list[Any]) -> Results:
             raise ValueError("task id and status must be strings")
         if code is not None and (type(code) is not str or type(message) is not str):
             raise ValueError("error code and message must be strings")
+        # What the broker copies into the journal and clients' results has its type.
+        if (type(attempts) is not int or (agent is not None and type(agent) is not str)
+                or (run_ms is not None and type(run_ms) not in _NUMBERS)
+                or (queued_ms is not None and type(queued_ms) not in _NUMBERS)
+                or (retryable is not None and type(retryable) is not bool)):
+            raise ValueError("a RESULT item's agent must be a string or nil, attempts an "
+                             "integer, queued_ms and run_ms numbers or nil, retryable a "
+                             "boolean or nil")
         if type(ref) is not bytes:
             item = (tid, status, _result_payload(ref, blobs), code, message, agent, attempts,
                     queued_ms, run_ms, retryable)

@@ -146,7 +146,7 @@ class AgentDesk:
             foreign[task_id] = now  # we told it to cancel that copy; it still runs it
             return
         task = self.ledger.tasks.get(task_id)
-        if task is not None and task.state is _PENDING:
+        if task is not None and task.state is _PENDING and task.held_by(agent.identity, True):
             self.lifecycle.reclaim(task, agent, now)
         elif task is not None and task.agent is agent:
             task.last_sign = now
@@ -286,8 +286,8 @@ class AgentDesk:
         """An earlier attempt answering (the task was requeued or dispatched again since).
         Its success is as good as any: take it, and stop the current holder. Its failure
         is old news: the current attempt decides. Only a peer that did hold the task may
-        answer for it (after a restart we do not know who did: then any registered agent
-        may)."""
+        answer for it (after a restart a secure broker knows its key from the journal, a
+        plaintext one does not: then any registered agent may)."""
         if item.status != _SUCCEEDED or not task.held_by(identity, agent is not None):
             self.ledger.counters["stale_results"] += 1
             return

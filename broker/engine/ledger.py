@@ -48,6 +48,10 @@ class JournalSink(Protocol):
     def released(self, task_ids: list[str]) -> None:
         """Record that the held results of ``task_ids`` may go."""
 
+    def held_by_key(self, task_id: str, scope: str) -> None:
+        """Record that an agent of the key with ``scope`` holds an attempt of the task
+        (a ``--secure`` broker: after a restart, only that key may answer for it)."""
+
     def retry(self) -> JournalFailure | None:
         """Write again what a failed write left; the failure that remains, or None."""
         ...
@@ -133,6 +137,9 @@ class NoJournal:
         return None
 
     def released(self, task_ids: list[str]) -> None:
+        return None
+
+    def held_by_key(self, task_id: str, scope: str) -> None:
         return None
 
     def retry(self) -> JournalFailure | None:

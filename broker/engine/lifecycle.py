@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+from broker.engine.holders import HolderKeys
 from broker.engine.ledger import Ledger
 from broker.engine.model import (
     ENDING_OF_STATUS, TRANSITIONS, AgentRecord, TaskEvent, TaskRecord, TaskState,
@@ -71,6 +72,14 @@ class Lifecycle:
         self.in_flight_quota = ledger.quotas if ledger.quotas.max_in_flight else None
         #: plain task counters by agent name and capabilities (the metrics endpoint's)
         self.metrics = TaskMetrics()
+        #: journals each attempt's holder by key (:meth:`bind_holders_to_keys`); None on
+        #: a plaintext broker, where dispatch tests one attribute and records nothing
+        self.holder_keys: HolderKeys | None = None
+
+    def bind_holders_to_keys(self) -> None:
+        """A ``--secure`` broker: journal the key of each attempt's agent, so that after
+        a restart only that key may answer for the attempt or claim it."""
+        self.holder_keys = HolderKeys(self.ledger.journal)
 
     def publish(self, task: TaskRecord, now: float) -> None:
         """Publish the task's new state on ``tasks.<id>``. Callers test
@@ -102,6 +111,8 @@ class Lifecycle:
         agent.in_flight[spec.id] = task
         if self.in_flight_quota is not None:
             self.in_flight_quota.on_agent(task)
+        if self.holder_keys is not None:
+            self.holder_keys.held(task, agent)
         self.metrics.stats(agent.name, spec.capabilities).started += 1
         if self.ledger.watch_tasks:
             self.publish(task, now)
@@ -149,6 +160,8 @@ class Lifecycle:
         agent.in_flight[task.spec.id] = task
         if self.in_flight_quota is not None:
             self.in_flight_quota.on_agent(task)
+        if self.holder_keys is not None:
+            self.holder_keys.held(task, agent)
         task.note(now, "reclaimed", agent.agent_id)
         if self.ledger.watch_tasks:
             self.publish(task, now)

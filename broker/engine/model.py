@@ -23,6 +23,7 @@ from typing import Final
 
 from broker.engine.circuit import AgentCircuit, CircuitState
 from broker.engine.quotas import ClientQuotas
+from wire.curve import scope_in
 from wire.documents import AgentDocument, TimelineEvent
 from wire.tasks import ResultItem, TaskSpec
 
@@ -135,7 +136,7 @@ class TaskRecord:
                  "attempts", "dispatched_at", "started_at", "last_sign", "finished_at",
                  "result", "watchers", "history", "retry_at", "timeout_s", "children",
                  "holders", "restored", "second_opinion_of", "expires_at",
-                 "attempt_timeout_s", "quota")
+                 "attempt_timeout_s", "quota", "holder_scopes")
 
     def __init__(self, spec: TaskSpec, requirement: Requirement, client: bytes,
                  submitted_at: float, timeout_s: float) -> None:
@@ -171,8 +172,12 @@ class TaskRecord:
         self.children: list[str] | None = None
         #: identities of agents that held an earlier attempt (may still answer for it)
         self.holders: list[bytes] | None = None
-        #: rebuilt from the journal: who ran it before the restart is unknown
+        #: rebuilt from the journal: who ran it before the restart is known only by key
         self.restored = False
+        #: a restored task on a ``--secure`` broker: the key scopes of the agents that
+        #: held an attempt before the restart (the journal's ``K`` records); None: any
+        #: registered agent may answer for it (a plaintext broker cannot tell them apart)
+        self.holder_scopes: frozenset[str] | None = None
         #: the agent whose deterministic failure of this task is being checked on
         #: another agent (which then must not be that one); None: no second opinion yet
         self.second_opinion_of: bytes | None = None
@@ -207,7 +212,10 @@ class TaskRecord:
         """May ``identity`` answer for an earlier attempt of this task?"""
         if self.holders is not None and identity in self.holders:
             return True
-        return self.restored and registered
+        if not (self.restored and registered):
+            return False
+        scopes = self.holder_scopes
+        return scopes is None or scope_in(identity.decode("utf-8", "replace")) in scopes
 
     def note(self, at: float, event: str, detail: str = "") -> None:
         """Keep an unusual transition for the task's timeline."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from broker.engine.holders import restored_holders
 from broker.engine.ledger import Ledger
 from broker.engine.lifecycle import Lifecycle
 from broker.engine.model import TaskRecord
@@ -13,7 +14,10 @@ logger = logging.getLogger(__name__)
 
 
 def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) -> None:
-    """Open tasks go back to the queue; results still within retention are kept."""
+    """Open tasks go back to the queue; results still within retention are kept. On a
+    broker that binds holders to keys (``Lifecycle.bind_holders_to_keys``, called before)
+    an open task takes a late result only from its holders' keys."""
+    key_bound = lifecycle.holder_keys is not None
     wall_now = now + ledger.wall_offset
     restored_results = 0
     for task_id, record in replay.results.items():
@@ -34,6 +38,7 @@ def restore(ledger: Ledger, lifecycle: Lifecycle, replay: Replay, now: float) ->
         task.note(now, "restored", "the broker restarted; dispatching again unless the "
                                    "agent running it claims it first")
         task.restored = True
+        task.holder_scopes = restored_holders(replay.holder_scopes.get(task_id), key_bound)
         ledger.tasks[task_id] = task
         ledger.quotas.accepted(task.client)
         lifecycle.hold_back(task, now)

@@ -138,7 +138,7 @@ def test_state_and_broker_codecs_refuse_each_others_commands() -> None:
     ([SIGNATURE, bytes([StateCommand.ACQUIRE]),
       packb({"req": 10, "name": "l", "ttl_s": 1, "wait_s": float("nan")})], "bad_request", 10),
     ([SIGNATURE, bytes([StateCommand.LIST]), packb({"req": 11, "limit": 0})], "bad_request", 11),
-    ([SIGNATURE, bytes([StateCommand.HELLO]), packb({"req": 12, "v": 4})], "bad_version", 12),
+    ([SIGNATURE, bytes([StateCommand.HELLO]), packb({"req": 12, "v": 5})], "bad_version", 12),
     ([SIGNATURE, bytes([StateCommand.GET]), packb({"req": "one", "key": "k"})], "bad_request",
      None),
 ])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from wire.errors import DecodeError, StateDecodeError
 from wire.bus import BusEnvelope, decode_bus, encode_bus, encode_bus_probe
 from wire.codec import packb
-from wire.limits import INLINE_PAYLOAD_MAX, SIGNATURE
+from wire.limits import INLINE_PAYLOAD_MAX, PROTOCOL_VERSION, SIGNATURE
 from wire.purge import Purge, PurgeReply
 from wire.state import (
     decode_state, encode_state, Entry, LeaseGranted, LockAcquire, LockInfo, LockList,
@@ -327,9 +327,9 @@ def _frames(command: int, header: Any, *blobs: bytes) -> list[bytes]:
     pytest.param(_frames(Command.READY, ["not", "a", "map"]), id="ready-array"),
     pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 0, "v": 1}),
                  id="ready-zero-max"),
-    pytest.param(_frames(Command.READY, {"id": 1, "name": "n", "caps": [], "max": 1, "v": 3}),
+    pytest.param(_frames(Command.READY, {"id": 1, "name": "n", "caps": [], "max": 1, "v": PROTOCOL_VERSION}),
                  id="ready-int-id"),
-    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": "x", "max": 1, "v": 3}),
+    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": "x", "max": 1, "v": PROTOCOL_VERSION}),
                  id="ready-string-caps"),
     pytest.param(_frames(Command.WELCOME, {"live": 3}), id="welcome-missing-interval"),
     pytest.param(_frames(Command.WELCOME, {"ivl": "fast", "live": 3}), id="welcome-str-interval"),
@@ -367,8 +367,8 @@ def test_malformed_frames_raise_bad_frame(frames: list[bytes]) -> None:
     pytest.param([b"ORCH0", bytes((Command.STATUS,)), packb({"req": 1})], id="signature-ORCH0"),
     pytest.param([b"ORCH", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH"),
     pytest.param([b"ORCH12", bytes((Command.HEARTBEAT,)), packb({})], id="signature-ORCH12"),
-    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1, "v": 4}),
-                 id="ready-version-4"),
+    pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1, "v": 5}),
+                 id="ready-version-5"),
     pytest.param(_frames(Command.READY, {"id": "a", "name": "n", "caps": [], "max": 1}),
                  id="ready-no-version"),
 ])
@@ -454,8 +454,8 @@ def _state(command: StateCommand, header: Any) -> list[bytes]:
     pytest.param([SIGNATURE], "bad_frame", None, id="one-frame"),
     pytest.param([b"ORCH2", bytes((StateCommand.GET,)), packb({"req": 1, "key": "k"})],
                  "bad_version", None, id="signature-ORCH2"),
-    pytest.param(_state(StateCommand.HELLO, {"req": 1, "v": 4}), "bad_version", 1,
-                 id="hello-version-4"),
+    pytest.param(_state(StateCommand.HELLO, {"req": 1, "v": 5}), "bad_version", 1,
+                 id="hello-version-5"),
     pytest.param([SIGNATURE, bytes((Command.SUBMIT,)), packb([])], "unknown_command", None,
                  id="task-command"),
     pytest.param([SIGNATURE, bytes((StateCommand.GET,)), b"\xc1"], "bad_frame", None,
@@ -591,3 +591,18 @@ def test_a_bad_purge_header_is_a_bad_frame(header: dict[str, Any]) -> None:
     with pytest.raises(DecodeError) as refused:
         decode([SIGNATURE, bytes((Command.PURGE,)), packb(header)])
     assert refused.value.code == "bad_frame"
+
+
+@pytest.mark.parametrize("field, value", [
+    (5, 7), (5, b"agent"), (6, None), (6, 1.5), (6, "2"), (7, "12"), (8, [1]), (8, b"1"),
+    (9, "yes"), (9, 1),
+])
+def test_a_result_item_field_of_the_wrong_type_is_refused(field: int, value: Any) -> None:
+    """What the broker copies into the journal and into clients' results (agent,
+    attempts, queued_ms, run_ms, retryable) must have its type: found by fuzzing."""
+    item: list[Any] = ["t-1", "succeeded", b"ok", None, None, None, 0, None, 1.5, None]
+    assert isinstance(decode(encode(Results([ResultItem(*item)]))), Results)
+    item[field] = value
+    frames = encode(Results([ResultItem(*item)]))
+    with pytest.raises(DecodeError, match="RESULT item's agent must be"):
+        decode(frames)
