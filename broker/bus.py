@@ -30,7 +30,11 @@ how a subscriber knows its subscription has arrived.
 
 Run alone: ``python -m broker.bus --out 127.0.0.1:5556 --in 127.0.0.1:5557`` (one JSON
 line ``{"event": "ready", "bus_out", "bus_in", "pid"}`` on stdout when bound); a broker
-started with ``--bus-connect OUT,IN`` then uses it instead of running its own.
+started with ``--bus-connect OUT,IN`` then uses it instead of running its own. With
+``--secure`` (or ``ORCH_SECURE=1``) and ``--data-dir`` both sockets are CURVE servers
+with ZAP, keyed from the data dir as the broker's ``--secure`` is (the broker's key pair,
+the same allow-list: ``broker/security.py``), and the ready line carries
+``curve_public_key``.
 """
 
 from __future__ import annotations
@@ -41,16 +45,19 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import zmq
 
 from broker.config import BusConfig, parse_host_port
+from broker.errors import ConfigError
 from wire.bus import (
     BUS_AGENT_CIRCUIT, BUS_AGENT_HEALTH, BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER,
     BUS_PEER_REFUSED, BUS_TASKS_PREFIX, PrefixSet, encode_broker_probe, encode_bus,
 )
+from wire.home import home_dir
 from wire.sockets import NOBLOCK, apply_common_options, send_frames
 
 if TYPE_CHECKING:
@@ -339,22 +346,52 @@ def main(argv: list[str] | None = None) -> int:
                         help="where publishers connect (port 0: any free)")
     parser.add_argument("--hwm", type=int, default=defaults.hwm,
                         help="messages queued per subscriber before it loses some")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="data dir whose keys/ --secure uses (default: $ORCH_HOME, "
+                             "else the broker's default data dir)")
+    # default None, not False: unset, ORCH_SECURE decides (as the broker's option does).
+    parser.add_argument("--secure", action="store_true", default=None,
+                        help="CURVE encryption and key authentication on both sockets "
+                             "(also ORCH_SECURE=1), with the keys and allow-list of "
+                             "DATA_DIR/keys, as the broker's --secure: publishers and "
+                             "subscribers need an authorized key (docs/security.md)")
     parser.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    forwarder = BusForwarder(BusConfig(args.out, args.in_bind, args.hwm))
+    # Imported here, not at the top: the broker imports this module, and needs no more.
+    from broker.security import curve_server_for, secure_requested
+    from wire.curve import KeyFileError
+
+    security: Any = None
+    if secure_requested(args.secure):
+        data_dir = (args.data_dir or home_dir()).absolute()
+        try:
+            security = curve_server_for(data_dir)
+        except KeyFileError as e:
+            print(f"error: --secure: {e}", file=sys.stderr)
+            return 2
+    try:
+        forwarder = BusForwarder(BusConfig(args.out, args.in_bind, args.hwm), security)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         out_endpoint, in_endpoint = forwarder.bind()
-    except zmq.ZMQError as e:
+    except (zmq.ZMQError, TimeoutError) as e:
+        # TimeoutError: the ZAP handler thread did not start (secure only).
         print(f"error: cannot bind the bus: {e}", file=sys.stderr)
         return 3
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     forwarder.start_thread()
-    sys.stdout.write(orjson.dumps({"event": "ready", "bus_out": out_endpoint,
-                                   "bus_in": in_endpoint, "pid": os.getpid()}).decode() + "\n")
+    info: dict[str, Any] = {"event": "ready", "bus_out": out_endpoint, "bus_in": in_endpoint,
+                            "pid": os.getpid()}
+    if security is not None:
+        # As the broker's ready line: the key publishers and subscribers must expect.
+        info["curve_public_key"] = security.public_key
+    sys.stdout.write(orjson.dumps(info).decode() + "\n")
     sys.stdout.flush()
     # The main thread waits here, not in the proxy: only it runs Python signal handlers.
     stop.wait()

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from broker.__main__ import (
-    build_parser, config_from_args, lock_data_dir, start_bus, start_state_service,
+    build_parser, lock_data_dir, prepare, start_bus, start_state_service,
 )
 from broker.bus import BusForwarder
 from broker.server import Broker
@@ -54,14 +54,22 @@ class EmbeddedBroker:
         return self.broker.endpoint
 
     def start(self) -> str:
-        """Bind everything and run it in threads; returns the broker's URL."""
-        config = config_from_args(self.args)
+        """Bind everything and run it in threads; returns the broker's URL. With
+        ``--secure`` among the arguments every socket is secured as ``python -m broker
+        --secure`` secures it (the data dir's keys, created when missing, and its
+        allow-list: :func:`broker.__main__.prepare`).
+
+        Raises:
+            ConfigError: a value, a key file or a permission is wrong (one line).
+        """
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config, _, security = prepare(self.args)
         lock_data_dir(self.data_dir)
-        self.broker = Broker(config)
+        self.broker = Broker(config, security=security,
+                             grants=security.grants if security is not None else None)
         try:
             self.broker.bind()
-            self.state_service = start_state_service(self.args, config)
+            self.state_service = start_state_service(self.args, config, security)
             if self.state_service is not None:
                 self.broker.endpoints["state"] = self.state_service.endpoint
             self.bus = start_bus(self.args, config, self.broker)

@@ -449,8 +449,42 @@ class CurveServer:
         return sum(handler.refused for handler in self._handlers.values())
 
 
+#: The values of ``ORCH_SECURE`` that turn ``--secure`` on (as ``BrokerConfig.from_env``
+#: reads it), so that every process of a data dir agrees on what the variable means.
+SECURE_ENV: Final = "ORCH_SECURE"
+_SECURE_VALUES: Final = ("1", "true", "yes", "on")
+
+
+def secure_requested(flag: bool | None) -> bool:
+    """Whether a standalone process (the state service, the bus forwarder) runs secure:
+    its ``--secure`` flag, else ``ORCH_SECURE`` read as the broker reads it."""
+    if flag:
+        return True
+    return os.environ.get(SECURE_ENV, "").strip().lower() in _SECURE_VALUES
+
+
+def curve_server_for(home: Path) -> CurveServer:
+    """The :class:`CurveServer` of a process serving the data dir ``home`` beside (or
+    instead of) its broker: the data dir made ready and checked exactly as the broker's
+    ``--secure`` does (:func:`prepare_secure_home`), so that a standalone state service
+    or bus forwarder has the broker's key pair and accepts the keys of the same
+    allow-list.
+
+    Raises:
+        KeyFileError: a permission, key file or allow-list problem, or files that cannot
+            be created (one line, saying what to do).
+    """
+    try:
+        return CurveServer(prepare_secure_home(home))
+    except OSError as e:
+        # One kind of error for the callers to print as one line: OSError's text alone
+        # would not say which directory.
+        raise KeyFileError(f"cannot create the keys in {home}: {e.strerror or e}") from None
+
+
 __all__ = [
-    "ALLOW_LIST_VERSION", "AllowList", "CurveServer", "KeyGrants", "ROLES", "SecureHome", "ZapHandler",
-    "authorize", "authorized_path", "load_authorized", "prepare_secure_home", "revoke",
-    "save_authorized",
+    "ALLOW_LIST_VERSION", "AllowList", "CurveServer", "KeyGrants", "ROLES", "SECURE_ENV",
+    "SecureHome", "ZapHandler",
+    "authorize", "authorized_path", "curve_server_for", "load_authorized",
+    "prepare_secure_home", "revoke", "save_authorized", "secure_requested",
 ]

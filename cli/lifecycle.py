@@ -158,7 +158,7 @@ def _warn_if_exposed(bind: str, state_bind: str | None) -> None:
                    err=True)
 
 
-def _secure_env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
+def secure_env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Prepare the data dir for a secure broker (its keys, the local admin key and the
     local agents' key, permissions checked) and return the variables that give the local
     runner the admin key, and those that give the agents theirs (role agent); exit 2
@@ -290,7 +290,7 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
         "max_pending_per_client": max_pending_per_client,
         "max_in_flight_per_client": max_in_flight_per_client})
     # Before anything creates the data dir: a secure one is made 0700.
-    secure_env, agent_keys = _secure_env(home) if secure else (None, {})
+    runner_env, agent_keys = secure_env(home) if secure else (None, {})
     if not secure:
         _warn_if_exposed(bind, state_bind)
     if foreground:
@@ -311,7 +311,7 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
     if max_message_bytes:
         # Its agents accept frames as big as the broker's limit (fixed at connect).
         agent_env[MAX_MESSAGE_BYTES_ENV] = str(max_message_bytes)
-    _launch(home, broker_args, agents, not (no_runner or no_state), agent_env, secure_env,
+    _launch(home, broker_args, agents, not (no_runner or no_state), agent_env, runner_env,
             as_json)
 
 

@@ -5,15 +5,24 @@ The planner turns TEXT into a workflow; a private broker starts in this process
 built-in agents the plan needs start as processes against it, this process drives the run
 and presents its outcome as ``submit`` does (a findings report: summary, three files,
 exit 4 past ``--fail-on``), and then everything stops, whatever happened.
+
+With ``--secure`` the private broker's sockets (its ROUTER, state service, bus and events)
+are CURVE servers with ZAP, as ``start --secure`` makes them: the keys are made in the
+private broker's data dir (a fresh temporary directory, 0700, removed at the end, so
+every run has keys of its own), the agents get the ``local-agents`` key (role agent) and
+this process's client the ``local-admin`` key, through the same variables ``start``
+gives its agents and runner (``cli.lifecycle.secure_env``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +48,8 @@ end, and everything stops again.
 Ends as `submit TEXT` does: a findings report prints a summary and writes report.md,
 report.json and report.sarif (--report-dir), and exits 4 when a finding reaches
 --fail-on. --agents adjusts which agents start (reviewer=4, or module:Class[=N]).
+--secure runs the private broker with CURVE encryption and key authentication on every
+socket, as `start --secure` does, with keys made for this run only.
 """
 
 
@@ -53,14 +64,18 @@ report.json and report.sarif (--report-dir), and exits 4 when a finding reaches
               help="Let the coder run test commands (debugging) on the carried files.")
 @click.option("--timeout", type=SECONDS, default=None,
               help="The run's deadline in seconds (default: the plan's).")
+@click.option("--secure", is_flag=True, envvar="ORCH_SECURE",
+              help="CURVE encryption and key authentication on every socket of the private "
+                   "broker, as `start --secure` (also ORCH_SECURE=1); its keys are made "
+                   "for this run and removed with it.")
 @max_tokens_option()
 @fail_on_option()
 @report_dir_option()
 @json_option()
 @click.pass_obj
 def run(obj: Context, text: str, path: Path | None, agents_spec: str | None,
-        allow_commands: bool, timeout: float | None, max_tokens: int | None, fail_on: str,
-        report_dir: Path | None, as_json: bool) -> None:
+        allow_commands: bool, timeout: float | None, secure: bool, max_tokens: int | None,
+        fail_on: str, report_dir: Path | None, as_json: bool) -> None:
     """Plan, start a private broker and the agents, run, present, stop."""
     from workflows.llm_planner import make_planner
     from workflows.planner import PlanError
@@ -87,7 +102,7 @@ def run(obj: Context, text: str, path: Path | None, agents_spec: str | None,
         _run_private(scratch, agents, {"ORCH_ALLOW_COMMANDS": "1"} if allow_commands else {},
                      dataclasses.replace(planned.workflow, max_tokens=max_tokens),
                      planned.input, timeout, presentation, as_json,
-                     obj.home)
+                     obj.home, secure)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -121,13 +136,33 @@ def _how_to_offer(missing: tuple[str, ...]) -> str:
 
 def _run_private(scratch: Path, agents: list[tuple[str, int]], agent_env: dict[str, str],
                  workflow: Any, data: Any, timeout: float | None,
-                 presentation: Presentation, as_json: bool, home: Path) -> None:
+                 presentation: Presentation, as_json: bool, home: Path,
+                 secure: bool = False) -> None:
     """Start the private broker and the agents, drive the run, present it; stop all."""
     from broker.embedded import EmbeddedBroker
+    from broker.errors import ConfigError
     from workflows import submit_run
 
+    broker_dir = scratch / "broker"
+    client_keys: dict[str, str] = {}
+    if secure:
+        from cli.lifecycle import secure_env
+
+        # The keys `start --secure` makes, in the private broker's data dir (exits 2
+        # with one line on a key or permission problem); the agents get theirs as
+        # `start` gives them, this process's client the local admin key.
+        client_keys, agent_keys = secure_env(broker_dir)
+        agent_env = {**agent_env, **agent_keys}
+    embedded = EmbeddedBroker(broker_dir, ("--secure",) if secure else ())
+    try:
+        embedded.start()
+    except ConfigError as e:  # a key or permission problem found by the broker's checks
+        fail(str(e), EXIT_USAGE)
+    if secure and not as_json:
+        click.echo(f"private broker at {embedded.endpoint}: CURVE on every socket, with "
+                   "keys made for this run", err=True)
     launch = Launch(scratch)
-    with EmbeddedBroker(scratch / "broker") as embedded:
+    try:
         try:
             if not as_json:
                 count = sum(n for _, n in agents)
@@ -138,7 +173,8 @@ def _run_private(scratch: Path, agents: list[tuple[str, int]], agent_env: dict[s
             fail(f"{e}; its last lines:", EXIT_FAILED, {"log": str(e.log)},
                  log_tail(e.log, e.offset))
         try:
-            with Session(Context(home, embedded.endpoint)) as session:
+            with _environment(client_keys), \
+                    Session(Context(home, embedded.endpoint)) as session:
                 run_id = session.call(submit_run(workflow, data, client=session.client,
                                                  deadline_s=timeout, submitted_by="run"))
                 if not as_json:
@@ -146,3 +182,31 @@ def _run_private(scratch: Path, agents: list[tuple[str, int]], agent_env: dict[s
                 drive_and_follow(session, run_id, as_json, presentation)
         finally:
             launch.undo()
+    finally:
+        embedded.stop()
+
+
+@contextlib.contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """This process's environment with ``variables`` set for the block, then restored.
+
+    The SDK reads its CURVE keys from ``ORCH_CURVE_*`` whenever a socket connects (the
+    run's client, its state and bus connections); a ``ORCH_CURVE_SERVER_KEY_FILE`` of
+    the user's (for another broker) is hidden meanwhile, so that only these apply.
+    """
+    if not variables:
+        yield
+        return
+    from wire.curve import ENV_SERVER_KEY_FILE
+
+    saved = {name: os.environ.get(name) for name in (*variables, ENV_SERVER_KEY_FILE)}
+    os.environ.pop(ENV_SERVER_KEY_FILE, None)
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

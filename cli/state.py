@@ -259,13 +259,16 @@ start` already runs one beside the broker; this is for running it elsewhere.""")
               help="Missed heartbeats after which a session (and its locks) expires.")
 @click.option("--log-level", type=LOG_LEVEL, show_default=True,
               default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
+@click.option("--secure", is_flag=True,
+              help="CURVE encryption and key authentication (also ORCH_SECURE=1): the "
+                   "data dir's keys and allow-list, as the broker's --secure.")
 @click.pass_obj
 def serve(obj: StateContext, bind: str | None, data_dir: Path | None, memory: bool,
-          heartbeat_interval: float | None, heartbeat_liveness: int | None, log_level: str
-          ) -> None:
+          heartbeat_interval: float | None, heartbeat_liveness: int | None, log_level: str,
+          secure: bool) -> None:
     """Run the state service in this process until it is stopped; exit with its code."""
     from broker.state.__main__ import serve as run_service
 
     code = run_service(bind, data_dir or obj.base.home, memory, heartbeat_interval,
-                       heartbeat_liveness, log_level)
+                       heartbeat_liveness, log_level, secure=secure)
     sys.exit(code if code in (EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE) else EXIT_FAILED)

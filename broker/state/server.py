@@ -74,6 +74,9 @@ class StateServer:
                                      backlog_limit=config.watcher_backlog, clock=clock,
                                      name="state-service", security=security)
         self.service.max_message_bytes = config.max_message_bytes
+        #: the public key clients must expect (``curve_public_key`` in its info), None
+        #: when plaintext: a client can tell from the info which service it reached
+        self.curve_public_key: str | None = getattr(security, "public_key", None)
         self.started_at = clock()
         #: messages dropped for watchers that stopped reading (their watches cancelled)
         self.overflow_dropped = 0
@@ -241,6 +244,8 @@ class StateServer:
         return {
             "endpoint": self.endpoint, "uptime_s": round(self.clock() - self.started_at, 3),
             "persist": persistence is not None,
+            "secure": self.store.access is not None,
+            "curve_public_key": self.curve_public_key,
             "db": str(persistence.path) if persistence else None,
             "commits": persistence.commits if persistence else 0,
             "rows_written": persistence.rows_written if persistence else 0,
