@@ -1,0 +1,1 @@
+"""Multi-host tests: a broker and nodes in network namespaces of their own (root only)."""
