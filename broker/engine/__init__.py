@@ -12,3 +12,13 @@ flushes. See ``docs/architecture.md`` for the path of a task through it.
   :mod:`~broker.engine.status`: one part per group of commands;
 - :mod:`broker.engine.engine`: :class:`~broker.engine.engine.Engine`, which wires them.
 """
+
+from broker import NATIVE_DIR, compiled
+
+if compiled:
+    # The compiled engine modules live in broker/_native/broker/engine/. broker's own
+    # __path__ puts the build first, but a subpackage's __path__ is only its own source
+    # directory: without this, `import broker.engine.queues` loaded the source, and the
+    # compiled broker.server later loaded the compiled copy beside it (two classes per
+    # name: "TaskRecord object expected; got TaskRecord").
+    __path__.insert(0, str(NATIVE_DIR / "broker" / "engine"))  # noqa: F821

@@ -85,6 +85,23 @@ def test_a_process_loads_what_the_check_says() -> None:
     assert out == ["False", "True", "True"]
 
 
+def test_an_engine_module_imported_first_is_the_one_the_server_uses() -> None:
+    """``import broker.engine.queues`` before ``broker.server`` (as broker.journal does)
+    must give the compiled module the server then uses, never a source copy beside it:
+    two copies made "TaskRecord object expected; got TaskRecord" and stored payloads
+    that one copy did not recognise."""
+    probe = ("import sys, broker, broker.engine.queues as q, broker.engine.model as m; "
+             "import broker.server; "
+             "print(broker.compiled, sys.modules['broker.engine.queues'] is q, "
+             "sys.modules['broker.engine.model'] is m, q.__file__.endswith('.py'))")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    compiled, same_queues, same_model, source = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+        check=True).stdout.split()
+    assert (same_queues, same_model) == ("True", "True")
+    assert source == str(compiled == "False")
+
+
 @pytest.mark.parametrize("pure", [True, False])
 def test_a_broker_serves_tasks_as_python_and_compiled(cluster: Cluster, tmp_path: Path,
                                                       pure: bool) -> None:

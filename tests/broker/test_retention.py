@@ -12,7 +12,7 @@ from wire.tasks import ResultItem, TaskSpec
 
 
 def _finished(task_id: str, payload: bytes, now: float = 0.0) -> TaskRecord:
-    task = TaskRecord(TaskSpec(task_id, b"", ("echo",)), Requirement(("echo",), None),
+    task = TaskRecord(TaskSpec(task_id, b"", ("echo",)), Requirement(frozenset(("echo",)), None),
                       b"client", now, 60.0)
     task.state = TaskState.SUCCEEDED
     task.result = ResultItem(task_id, "succeeded", payload)
