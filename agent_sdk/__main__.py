@@ -89,6 +89,17 @@ async def _serve(agent: BaseAgent, broker: str | None) -> None:
     await runner
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds, finite and not negative (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value < 1e9:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 1e9, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (2: the agent cannot be built)."""
     parser = argparse.ArgumentParser(prog="python -m agent_sdk",
@@ -100,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--name", default=None, help="override the agent name")
     run.add_argument("--capability", action="append", default=None, help="override capabilities")
     run.add_argument("--max-concurrent", type=int, default=None)
+    run.add_argument("--drain-timeout", type=_seconds, default=None, metavar="SECONDS",
+                     help="on SIGTERM, how long running tasks may finish before the rest "
+                          "are handed back to the broker (default 30)")
     run.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "WARNING"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.drain_timeout is not None:
+        agent.drain_timeout_s = args.drain_timeout
     # This machine's data dir: an agent on another host keeps its log there.
     install_json_log(home_dir(), "agent-" + agent.agent_id.replace(os.sep, "_"),
                      args.log_level, defaults={"agent_id": agent.agent_id})

@@ -128,6 +128,9 @@ class BaseAgent(MessagingMixin, abc.ABC):
     mailbox_size: int = MAILBOX_SIZE
     #: exception classes of ``execute`` reported as transient faults (retried)
     retry_on: tuple[type[BaseException], ...] = ()
+    #: on stop, how long running tasks may finish before the rest are handed back to the
+    #: broker (which runs them elsewhere without using a retry)
+    drain_timeout_s: float = STOP_DRAIN_S
 
     def __init__(self, name: str, capabilities: Iterable[str] = (), *,
                  max_concurrent: int | None = None, agent_id: str | None = None,
@@ -332,13 +335,16 @@ class BaseAgent(MessagingMixin, abc.ABC):
     async def _drain_and_leave(self, channel: Transport[Message]) -> None:
         self.status = AgentState.DRAINING
         channel.send(Disconnect("draining"))
+        handed_back: list[str] = []
         try:
-            await asyncio.wait_for(self._task_runner.idle.wait(), STOP_DRAIN_S)
+            await asyncio.wait_for(self._task_runner.idle.wait(), self.drain_timeout_s)
         except asyncio.TimeoutError:
-            logger.warning("agent %s stopped with %d task(s) still running", self.agent_id,
-                           len(self._task_runner.running))
+            handed_back = self._task_runner.hand_back()
+            logger.warning("agent %s drained for %g s and hands %d unfinished task(s) back "
+                           "to the broker (they run again elsewhere, without using a retry)",
+                           self.agent_id, self.drain_timeout_s, len(handed_back))
         self._task_runner.flush()
-        channel.send(Disconnect("bye"))
+        channel.send(Disconnect("bye", handed_back))
 
     # ------------------------------------------------------------ messages
 

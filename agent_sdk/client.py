@@ -29,6 +29,7 @@ from typing import Any, cast, Final
 from wire.codec import chunks
 from wire.curve import in_scope, key_scope, scoped
 from wire.limits import MIN_MESSAGE_BYTES
+from wire.nodes import ScaleReply
 from wire.purge import PurgeReply
 from wire.sockets import reachable_endpoints
 from wire.tasks import (
@@ -543,7 +544,8 @@ class Client(MessagingMixin):
                 self._on_results(items)
             case Accepted(ids):
                 mark_accepted(ids, self._handles)
-            case StatusReply(req) | TaskList(req) | Chunk(req) | PurgeReply(req):
+            case StatusReply(req) | TaskList(req) | Chunk(req) | PurgeReply(req) | \
+                    ScaleReply(req):
                 self._requests.answer(req, msg)
             case Error():
                 self._on_error(msg)

@@ -160,6 +160,8 @@ class TaskRunner:
         self.tasks_done = 0
         self.tasks_failed = 0
         self._outgoing: list[ResultItem] = []
+        #: tasks given back to the broker unfinished (:meth:`hand_back`): no result
+        self._handed_back: set[str] = set()
         #: large results not sent yet, in the order they finished, waiting for the window
         self._large_waiting: deque[ResultItem] = deque()
         #: large results sent and not acknowledged: payload bytes by task id (a result
@@ -302,6 +304,15 @@ class TaskRunner:
         for pending in [t for t in self.running.values() if t is not None]:
             pending.cancel()
 
+    def hand_back(self) -> list[str]:
+        """Stop every running task without answering for it (a drain ran out of time):
+        the broker runs them elsewhere, and the attempt does not count against their
+        retries. Returns their ids, for the goodbye (DISCONNECT ``back``)."""
+        ids = list(self.running)
+        self._handed_back.update(ids)
+        self.cancel_all()
+        return ids
+
     # ------------------------------------------------------------ outcomes
 
     async def _finish_later(self, task_id: str, coro: Coroutine[Any, Any, Any], first: Any,
@@ -320,6 +331,9 @@ class TaskRunner:
             self.channel.request_flush()
 
     def _complete(self, task_id: str, outcome: Any, started: float) -> None:
+        if self._handed_back and task_id in self._handed_back:
+            self._handed_back.discard(task_id)
+            return
         run_ms = (time.perf_counter() - started) * 1000.0
         if logger.isEnabledFor(_DEBUG):
             _log_outcome(task_id, outcome, run_ms)

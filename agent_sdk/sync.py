@@ -19,8 +19,9 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
 from wire.state import LockInfo
+from wire.nodes import ScaleReply
 from wire.purge import PurgeReply
-from agent_sdk.admin import PURGE_TIMEOUT_S, purge
+from agent_sdk.admin import PURGE_TIMEOUT_S, SCALE_TIMEOUT_S, purge, scale
 from agent_sdk.client import Client, STATUS_TIMEOUT_S
 from agent_sdk.handles import TaskHandle
 from agent_sdk.loop import new_event_loop
@@ -214,6 +215,11 @@ class SyncClient(_Blocking):
               timeout: float = PURGE_TIMEOUT_S) -> PurgeReply:
         """Purge finished tasks' payloads; see :func:`agent_sdk.admin.purge`."""
         return self._call(purge(self.client, before, timeout))
+
+    def scale(self, name: str, replicas: int,
+              timeout: float = SCALE_TIMEOUT_S) -> ScaleReply:
+        """Set agent ``name``'s replica total; see :func:`agent_sdk.admin.scale`."""
+        return self._call(scale(self.client, name, replicas, timeout))
 
     def wait_for_agents(self, count: int = 1, capability: str | Iterable[str] | None = None,
                         name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:

@@ -105,8 +105,14 @@ class BrokerLink:
     def _renew_and_report(self, channel: Transport[Message], now: float) -> None:
         """Renew running tasks' leases, resend overdue results, report the counters."""
         interval_s = self.interval_s
+        expiry_s = interval_s * self.liveness
         self.agent._task_runner.renew_leases(now, interval_s)
-        resent = self.agent._task_runner.resend_overdue(now, interval_s * self.liveness)
+        # Only while the broker is heard from: during a partition every resend would
+        # queue in libzmq and arrive all at once when the link returns (the broker drops
+        # them, but a long partition made thousands); after a reconnect the WELCOME sends
+        # the unacknowledged results again anyway.
+        heard = now - channel.last_heard <= expiry_s
+        resent = self.agent._task_runner.resend_overdue(now, expiry_s) if heard else 0
         if resent:
             logger.info("agent %s: sending %d unacknowledged result(s) again", self.agent.agent_id,
                         resent)

@@ -167,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-liveness", type=int, default=None, metavar="N")
     add_limit_options(parser)
     parser.add_argument("--default-timeout", type=float, default=None, metavar="SECONDS")
-    parser.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long a graceful stop waits for in-flight tasks, and how "
+                             "long a replica drained by a scale-down may finish its tasks "
+                             "before it hands the rest back (default 30)")
     parser.add_argument("--durability", choices=DURABILITIES, default=None,
                         help="journal: none, batch (default) or fsync")
     parser.add_argument("--retries", type=int, default=None, metavar="N",
@@ -292,6 +295,13 @@ class LoggedEvents:
     def peer_refused(self, peer: str, reason: str) -> None:
         event_logger.warning("refused %s: %s", peer, reason, extra={"event": "unauthorized"})
         self.inner.peer_refused(peer, reason)
+
+    def pool_changed(self, event: str, node: str, fields: dict[str, Any]) -> None:
+        log = event_logger.warning if event in ("node_lost", "crash_loop") else \
+            event_logger.info
+        log("pool: %s %s %s", event, node, " ".join(f"{k}={v}" for k, v in fields.items()),
+            extra={"event": event, "node": node})
+        self.inner.pool_changed(event, node, fields)
 
 
 def install_tracing(broker: Broker) -> None:
@@ -509,6 +519,24 @@ def announce_ready(broker: Broker, state: Any, data_dir: Path) -> None:
     sys.stdout.flush()
 
 
+def keep_desired_counts(broker: Broker, state: Any) -> Any:
+    """With a state service: the pools' desired counts an earlier broker kept, restored
+    into the engine, and every change written back (``broker/pools.py``); the store, to
+    close at the end. None without a state service (the counts live in memory)."""
+    if state is None:
+        return None
+    from broker.pools import DesiredStore
+
+    store = DesiredStore(state.endpoint, broker.security)
+    desired = store.load()
+    if desired:
+        logging.getLogger(__name__).info("pools: desired counts restored: %r", desired)
+    broker.engine.nodes.restore(desired)
+    broker.engine.nodes.on_desired = store.save
+    store.start()
+    return store
+
+
 def serve(broker: Broker, data_dir: Path, metrics: MetricsServer | None,
           bus: BusForwarder | None, state: Any) -> None:
     """Run the broker's loop until a graceful stop, then stop the threads beside it."""
@@ -571,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot start the bus: {e}", file=sys.stderr)
         return 3
     install_event_log(broker)
+    # Before /healthz answers and the ready line: the loop starts right after those.
+    pools = keep_desired_counts(broker, state)
     try:
         metrics = start_metrics(config, broker, data_dir, state)
     except OSError as e:
@@ -579,7 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     broker.install_signal_handlers()
     announce_ready(broker, state, data_dir)
     tune_garbage_collector()
-    serve(broker, data_dir, metrics, bus, state)
+    try:
+        serve(broker, data_dir, metrics, bus, state)
+    finally:
+        if pools is not None:
+            pools.close()
     return 0
 
 

@@ -55,7 +55,7 @@ from broker.config import BusConfig, parse_host_port
 from broker.errors import ConfigError
 from wire.bus import (
     BUS_AGENT_CIRCUIT, BUS_AGENT_HEALTH, BUS_AGENT_JOINED, BUS_AGENT_LEFT, BUS_BROKER_SENDER,
-    BUS_PEER_REFUSED, BUS_TASKS_PREFIX, PrefixSet, encode_broker_probe, encode_bus,
+    BUS_PEER_REFUSED, BUS_POOL, BUS_TASKS_PREFIX, PrefixSet, encode_broker_probe, encode_bus,
 )
 from wire.home import home_dir
 from wire.sockets import NOBLOCK, apply_common_options, send_frames
@@ -331,12 +331,14 @@ class EventPublisher:
     def peer_refused(self, peer: str, reason: str) -> None:
         self.publish(BUS_PEER_REFUSED, {"peer": peer, "reason": reason})
 
+    def pool_changed(self, event: str, node: str, fields: dict[str, Any]) -> None:
+        self.publish(BUS_POOL, {"event": event, "node": node, **fields})
+
     def close(self) -> None:
         self.socket.close(linger=0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the forwarder alone until SIGTERM or SIGINT."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker.bus",
                                      description="Run the Orchestrator pub/sub forwarder.")
     defaults = BusConfig()
@@ -356,9 +358,15 @@ def main(argv: list[str] | None = None) -> int:
                              "DATA_DIR/keys, as the broker's --secure: publishers and "
                              "subscribers need an authorized key (docs/security.md)")
     parser.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return parser
+
+
+def _bound_forwarder(args: argparse.Namespace) -> tuple[BusForwarder, Any, tuple[str, str]]:
+    """The forwarder of ``args``, bound: (forwarder, its security or None, endpoints).
+
+    Raises:
+        SystemExit: with the exit code, after one line on stderr.
+    """
     # Imported here, not at the top: the broker imports this module, and needs no more.
     from broker.security import curve_server_for, secure_requested
     from wire.curve import KeyFileError
@@ -370,18 +378,29 @@ def main(argv: list[str] | None = None) -> int:
             security = curve_server_for(data_dir)
         except KeyFileError as e:
             print(f"error: --secure: {e}", file=sys.stderr)
-            return 2
+            raise SystemExit(2) from None
     try:
         forwarder = BusForwarder(BusConfig(args.out, args.in_bind, args.hwm), security)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     try:
-        out_endpoint, in_endpoint = forwarder.bind()
+        return forwarder, security, forwarder.bind()
     except (zmq.ZMQError, TimeoutError) as e:
         # TimeoutError: the ZAP handler thread did not start (secure only).
         print(f"error: cannot bind the bus: {e}", file=sys.stderr)
-        return 3
+        raise SystemExit(3) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the forwarder alone until SIGTERM or SIGINT."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        forwarder, security, (out_endpoint, in_endpoint) = _bound_forwarder(args)
+    except SystemExit as e:
+        return int(e.code or 0)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

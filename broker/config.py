@@ -100,7 +100,8 @@ class BrokerConfig:
     max_agents: int = 10_000
     #: messages read from the socket before the loop dispatches and flushes
     drain_batch: int = 2000
-    #: how long a graceful stop waits for in-flight tasks to finish
+    #: how long a graceful stop waits for in-flight tasks to finish, and how long a
+    #: replica drained by a scale-down may finish its tasks before it hands them back
     drain_timeout_s: float = 30.0
     #: per-peer outgoing queue (messages); batching keeps messages few
     send_hwm: int = 100_000

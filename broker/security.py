@@ -45,6 +45,7 @@ import zmq.utils.z85
 from broker.engine.access import Grant
 from wire.curve import (
     AUTHORIZED_FILE, BROKER_KEY_NAME, ClientKeys, KeyFileError, LOCAL_AGENT_KEY_NAME,
+    LOCAL_NODE_KEY_NAME,
     LOCAL_KEY_NAME, PUBLIC_SUFFIX,
     SECRET_SUFFIX, apply_client, apply_server, check_private, is_key, keys_dir,
     read_secret_file, write_key_pair, key_scope,
@@ -363,6 +364,21 @@ class SecureHome:
     local_secret_file: Path
     #: the key of the agents ``start`` launches (role agent)
     local_agent_secret_file: Path
+    #: the key of this machine's node supervisor (role node)
+    local_node_secret_file: Path
+
+
+def _local_key(keys: Path, authorized: Path, name: str, role: str, note: str) -> Path:
+    """The secret file of the local key ``name``, created and authorized with ``role``
+    when missing (its permissions checked either way)."""
+    secret_file = keys / f"{name}{SECRET_SUFFIX}"
+    if not secret_file.exists():
+        write_key_pair(keys, name)
+        public, _ = read_secret_file(secret_file)
+        authorize(authorized, public, role, note)
+    else:
+        read_secret_file(secret_file)
+    return secret_file
 
 
 def prepare_secure_home(home: Path) -> SecureHome:
@@ -397,19 +413,15 @@ def prepare_secure_home(home: Path) -> SecureHome:
                   ["local-admin"])
     else:
         read_secret_file(local_secret_file)  # its permissions are checked too
-    agent_secret_file = keys / f"{LOCAL_AGENT_KEY_NAME}{SECRET_SUFFIX}"
-    if not agent_secret_file.exists():
-        write_key_pair(keys, LOCAL_AGENT_KEY_NAME)
-        agent_public, _ = read_secret_file(agent_secret_file)
-        authorize(path, agent_public, "agent", "the agents `start` launches (created by a "
-                  "secure start)")
-    else:
-        read_secret_file(agent_secret_file)
+    agent_secret_file = _local_key(keys, path, LOCAL_AGENT_KEY_NAME, "agent",
+                                   "the agents `start` launches (created by a secure start)")
+    node_secret_file = _local_key(keys, path, LOCAL_NODE_KEY_NAME, "node",
+                                  "this machine's node supervisor (created by a secure start)")
     if not path.exists():
         save_authorized(path, {})
     check_private(path, 0o600)
     return SecureHome(home, broker_public, broker_secret, local_public_file,
-                      local_secret_file, agent_secret_file)
+                      local_secret_file, agent_secret_file, node_secret_file)
 
 
 class CurveServer:

@@ -374,6 +374,7 @@ class Broker:
                 "compiled": compiled, "endpoint": self.endpoint,
                 "endpoints": dict(self.endpoints), "boot": self.engine.ledger.boot_id,
                 "durability": self.journal.durability.value, "journal_bytes": self.journal.size,
+                "secure": self.security is not None,
             },
             "messages": {"in": service.counters.messages_in,
                          "out": service.counters.messages_out},

@@ -21,7 +21,7 @@ from typing import Any, Final
 import click
 import orjson
 
-from wire.bus import BUS_PEER_REFUSED
+from wire.bus import BUS_PEER_REFUSED, BUS_POOL
 from cli.common import (
     EXIT_FAILED,
     EXIT_UNREACHABLE,
@@ -38,7 +38,7 @@ from cli.common import (
 TOPICS: Final = ("agents.", "tasks.", "workflow.")
 #: The event types, as ``--type`` takes them.
 EVENT_TYPES: Final = ("agent_joined", "agent_left", "agent_health", "agent_circuit",
-                      "agent_refused", "task_state", "task_failed", "workflow")
+                      "agent_refused", "pool", "task_state", "task_failed", "workflow")
 #: Bus topics of agent events and their event types.
 _AGENT_TOPICS: Final = {"agents.joined": "agent_joined", "agents.left": "agent_left",
                         "agents.health": "agent_health", "agents.circuit": "agent_circuit"}
@@ -120,6 +120,11 @@ class AgentBook:
             # A secure broker refused a peer (a key, a routing id): who, and why.
             return Event("agent_refused", at, topic, seq, None, str(data.get("peer", "")),
                          None, [], {"reason": data.get("reason")})
+        if topic == BUS_POOL:
+            # Agent pools: a node joined, was lost or came back, a scale, a crash loop.
+            agent = data.get("agent")
+            return Event("pool", at, topic, seq, str(agent) if agent else None, None, None,
+                         [], {k: v for k, v in data.items() if k not in ("agent", "at")})
         if topic in _AGENT_TOPICS:
             agent_id = str(data.get("id", ""))
             name = str(data.get("name", ""))

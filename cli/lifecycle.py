@@ -29,6 +29,7 @@ from cli.common import (
 )
 from cli.common import F, count
 from cli.launch import RUNNER_PID, Launch, StartFailed, broker_pid_file
+from nodes.supervisor import PID_FILE
 from cli.pool import AgentSpecs, parse_agents, say_llm_endpoint
 from cli.processes import ProcessRef, end_process, log_tail, read_ref
 from wire.limits import MAX_MESSAGE_BYTES_ENV
@@ -158,24 +159,44 @@ def _warn_if_exposed(bind: str, state_bind: str | None) -> None:
                    err=True)
 
 
-def secure_env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Prepare the data dir for a secure broker (its keys, the local admin key and the
-    local agents' key, permissions checked) and return the variables that give the local
-    runner the admin key, and those that give the agents theirs (role agent); exit 2
-    with one line on a key or permission problem."""
+def _secure_home(home: Path) -> Any:
+    """The data dir prepared for a secure broker (:func:`broker.security.prepare_secure_home`);
+    exit 2 with one line on a key or permission problem."""
     from broker.security import prepare_secure_home
-    from wire.curve import ENV_KEY_FILE, ENV_SERVER_KEY, KeyFileError
+    from wire.curve import KeyFileError
 
     try:
-        keys = prepare_secure_home(home)
+        return prepare_secure_home(home)
     except KeyFileError as e:
         fail(f"--secure: {e}", EXIT_USAGE, {"home": str(home)})
     except OSError as e:
         fail(f"--secure: cannot create the keys in {home}: {e.strerror or e}", EXIT_FAILED,
              {"home": str(home)})
+
+
+def secure_env(home: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Prepare the data dir for a secure broker (its keys, the local admin key and the
+    local agents' key, permissions checked) and return the variables that give the local
+    runner the admin key, and those that give the agents theirs (role agent); exit 2
+    with one line on a key or permission problem."""
+    from wire.curve import ENV_KEY_FILE, ENV_SERVER_KEY
+
+    keys = _secure_home(home)
     return ({ENV_SERVER_KEY: keys.broker_public, ENV_KEY_FILE: str(keys.local_secret_file)},
             {ENV_SERVER_KEY: keys.broker_public,
              ENV_KEY_FILE: str(keys.local_agent_secret_file)})
+
+
+def node_env(home: Path) -> dict[str, str]:
+    """The variables of this data dir's node supervisor on a secure broker: its own key
+    (role node) and the key it gives its agents (role agent)."""
+    from nodes.replicas import ENV_AGENT_KEY_FILE
+    from wire.curve import ENV_KEY_FILE, ENV_SERVER_KEY
+
+    keys = _secure_home(home)
+    # Its own key is a node key; the one it gives its agents, an agent key.
+    return {ENV_SERVER_KEY: keys.broker_public, ENV_KEY_FILE: str(keys.local_node_secret_file),
+            ENV_AGENT_KEY_FILE: str(keys.local_agent_secret_file)}
 
 
 def _print_started(pid: int, info: dict[str, Any], runner: dict[str, Any] | None,
@@ -204,15 +225,15 @@ def _print_started(pid: int, info: dict[str, Any], runner: dict[str, Any] | None
 def _undone(launch: Launch) -> str:
     """What a failed start stopped again, before the process that failed: for its
     message (empty when the broker itself failed)."""
-    if launch.broker is None or (launch.runner is None and not launch.agents):
+    if launch.broker is None or (launch.runner is None and launch.node is None):
         return ""
-    # The process that failed is the last one started: the runner, or the last agent.
+    # The process that failed is the last one started: the runner, or the node
+    # supervisor and its agents.
     earlier = ["the broker"]
-    if launch.agents:
+    if launch.node is not None:
         if launch.runner is not None:
             earlier.append("the workflow runner")
-        if len(launch.agents) > 1:
-            earlier.append(f"the {len(launch.agents) - 1} agent(s) started before it")
+        earlier.append("the node supervisor with its agents")
     if len(earlier) == 1:
         return "; the broker was stopped again"
     return f"; {', '.join(earlier[:-1])} and {earlier[-1]} were stopped again"
@@ -221,13 +242,16 @@ def _undone(launch: Launch) -> str:
 def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], runner: bool,
             agent_env: dict[str, str], secure_env: dict[str, str] | None,
             as_json: bool) -> None:
-    """Start the broker, the workflow runner (when ``runner``) and the agents; on any
-    failure stop them again and exit 1 with the log and its last lines."""
+    """Start the broker, the workflow runner (when ``runner``) and the agents (a node
+    supervisor runs them); on any failure stop them again and exit 1 with the log and
+    its last lines."""
     launch = Launch(home, secure_env)
     try:
         info = launch.start_broker(broker_args)
         ready = launch.start_runner(info["endpoint"]) if runner else None
-        started = launch.start_agents(agents, info["endpoint"], agent_env)
+        node_keys = node_env(home) if secure_env is not None else {}
+        started = launch.start_pool(agents, info["endpoint"], {**agent_env, **node_keys}) \
+            if agents else []
     except StartFailed as e:
         undone = _undone(launch)
         stopped = launch.undo()
@@ -244,6 +268,10 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], r
 @click.command(cls=DataDirCommand, help=START_HELP)
 @click.option("--bind", type=BIND, default=DEFAULT_BIND, show_default=True,
               help="HOST:PORT of the broker.")
+@click.option("--advertise", default=None, metavar="HOST",
+              help="The host other machines reach the broker at, announced in every "
+                   "endpoint (bus, state, events); default: each peer uses the address it "
+                   "reached the broker at.")
 @click.option("--policy", type=click.Choice(POLICIES), default="capability", show_default=True)
 @click.option("--durability", type=click.Choice(DURABILITIES), default="batch", show_default=True,
               help="Journal: none, batch (survives a crash) or fsync (survives power loss).")
@@ -269,7 +297,8 @@ def _launch(home: Path, broker_args: list[str], agents: list[tuple[str, int]], r
 @limit_options
 @json_option()
 @click.pass_obj
-def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: str,
+def start(obj: Context, bind: str, advertise: str | None, policy: str, durability: str,
+          agents_spec: str,
           no_agents: bool, foreground: bool, state_bind: str | None, state_memory: bool,
           no_state: bool, no_bus: bool, no_runner: bool, allow_commands: bool,
           secure: bool, as_json: bool, max_message_bytes: int | None,
@@ -285,7 +314,8 @@ def start(obj: Context, bind: str, policy: str, durability: str, agents_spec: st
     if _report_running(home, as_json):
         return
     broker_args = _broker_args(home, bind, policy, durability, state_bind, state_memory,
-                               no_state, no_bus, secure) + _limit_args({
+                               no_state, no_bus, secure) + \
+        (["--advertise", advertise] if advertise else []) + _limit_args({
         "max_message_bytes": max_message_bytes, "max_header_bytes": max_header_bytes,
         "max_pending_per_client": max_pending_per_client,
         "max_in_flight_per_client": max_in_flight_per_client})
@@ -371,6 +401,17 @@ def _take_agents(home: Path) -> list[ProcessRef]:
     return agents
 
 
+def _take_node(home: Path) -> ProcessRef | None:
+    """The data dir's node supervisor, if it runs; its pid file is removed."""
+    path = home / PID_FILE
+    ref = read_ref(path)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return ref
+
+
 def _take_runner(home: Path) -> ProcessRef | None:
     """The data dir's standing workflow runner, if it runs; its pid file is removed."""
     path = home / RUNNER_PID
@@ -403,13 +444,18 @@ def stop(obj: Context, as_json: bool) -> None:
     home = obj.home
     agents = _take_agents(home)
     runner = _take_runner(home)
-    if not lock_held(home) and not agents and runner is None:
+    node = _take_node(home)
+    if not lock_held(home) and not agents and runner is None and node is None:
         _pid_file(home).unlink(missing_ok=True)
         fail(f"no broker is running for the data dir {home} ({obj.home_source})",
              EXIT_UNREACHABLE, {"home": str(home)})
     # The runner first: it lets go of the runs it drives while the broker still answers.
     if runner is not None:
         end_process(runner.pid, runner.gone, STOP_TIMEOUT_S)
+    # Then the node supervisor, which drains its agents: what they cannot finish in time
+    # they hand back to the broker, which keeps it in its journal.
+    if node is not None:
+        end_process(node.pid, node.gone, STOP_TIMEOUT_S)
     pid, graceful = _stop_broker(home)
     for agent in agents:
         end_process(agent.pid, agent.gone, STOP_TIMEOUT_S)

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from broker import __version__
+from cli.agents import agents
 from cli.bench import bench
 from cli.common import EXIT_CODES_HELP, URL, CliGroup, Context, DirPath
 from cli.events import events
@@ -51,7 +52,7 @@ def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
 
 # `--help` lists the commands sorted by name, so the order here does not show.
 for _command in (start, stop, status, submit, result, cancel, trace, tasks, bench, state,
-                 workflow, run, events, logs, keys, purge):
+                 workflow, run, events, logs, keys, purge, agents):
     main.add_command(_command)
 
 

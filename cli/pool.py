@@ -40,6 +40,9 @@ BUILT_INS: Final[dict[str, BuiltIn]] = {
 }
 
 
+_BUILT_IN_SPECS: Final = frozenset(b.spec for b in BUILT_INS.values())
+
+
 def default_pool() -> list[tuple[str, int]]:
     """The pool a start launches with no ``--agents``."""
     return [(b.spec, b.default) for b in BUILT_INS.values()]
@@ -96,9 +99,19 @@ class AgentSpecs(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
         try:
-            parse_agents(str(value))
+            agents = parse_agents(str(value))
         except click.BadParameter as e:
             self.fail(e.format_message(), param, ctx)
+        # A module:Class that cannot be imported fails here, before anything starts
+        # (its processes would only crash until their supervisor gives up).
+        from agent_sdk.__main__ import load_agent_class
+
+        for spec, _ in agents:
+            if spec not in _BUILT_IN_SPECS:
+                try:
+                    load_agent_class(spec)
+                except ValueError as e:
+                    self.fail(str(e), param, ctx)
         return str(value)
 
 

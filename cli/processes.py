@@ -142,6 +142,36 @@ def spawn(args: list[str], log: Path,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=full_env)
 
 
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid`` (a node supervisor's replicas), from /proc; none
+    where /proc is missing or the process is gone."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def kill_supervisor(home: Path) -> None:
+    """SIGKILL the node supervisor of the data dir ``home`` (its pid file) and its
+    replicas: what a test or a benchmark started, at its end."""
+    from nodes.supervisor import PID_FILE
+
+    try:
+        ref = ProcessRef.parse((home / PID_FILE).read_text())
+    except OSError:
+        return
+    if ref is None or not ref.alive():
+        return
+    for pid in [*children_of(ref.pid), ref.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def wait_until(done: Callable[[], bool], timeout: float) -> bool:
     """Look at ``done`` until it is true or ``timeout`` seconds passed.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ("wire", "broker", "agent_sdk", "cli", "workflows", "agents")
+OURS = ("wire", "broker", "agent_sdk", "cli", "workflows", "agents", "nodes")
 #: package -> the packages of ours it must never import
 WALLS: dict[str, tuple[str, ...]] = {
     "wire": ("broker", "agent_sdk", "cli", "workflows", "agents"),
@@ -28,6 +28,9 @@ WALLS: dict[str, tuple[str, ...]] = {
     "broker": ("agent_sdk", "cli", "workflows", "agents"),
     "workflows": ("broker", "cli"),
     "agents": ("broker", "cli"),
+    # A node supervisor runs agents as processes: it never loads their code, nor the
+    # broker's.
+    "nodes": ("broker", "agent_sdk", "workflows", "agents"),
 }
 MAX_CLASS_LINES = 400
 MAX_FUNCTION_LINES = 60

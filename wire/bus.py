@@ -45,6 +45,10 @@ BUS_AGENT_CIRCUIT: Final = "agents.circuit"
 #: A secure broker refused a peer (a key not authorized, a role without the right):
 #: ``{"peer", "reason"}``, at most once a minute per peer.
 BUS_PEER_REFUSED: Final = "agents.refused"
+#: Agent pools changed: ``{"event", "node", ...}`` with event ``node_joined``,
+#: ``node_lost``, ``node_returned``, ``scaled`` (plus ``"agent"``, ``"desired"``,
+#: ``"nodes"``) or ``crash_loop`` (plus ``"agent"``, ``"detail"``).
+BUS_POOL: Final = "agents.pool"
 BUS_TASKS_PREFIX: Final = "tasks."
 #: The ``from`` of events the broker publishes.
 BUS_BROKER_SENDER: Final = "broker"

@@ -49,6 +49,8 @@ LOCAL_KEY_NAME: Final = "local-admin"
 #: The key of the agents a secure ``start`` launches (role ``agent``: an agent process
 #: never holds the admin key).
 LOCAL_AGENT_KEY_NAME: Final = "local-agents"
+#: The key of the data dir's node supervisor (role node), made by a secure start.
+LOCAL_NODE_KEY_NAME: Final = "local-node"
 PUBLIC_SUFFIX: Final = ".key"
 SECRET_SUFFIX: Final = ".key_secret"
 #: A remote peer's settings: the broker's public key (text or file), its own secret file.

@@ -181,5 +181,10 @@ class StatusDocument(TypedDict, total=False):
     errors: dict[str, int]
     messaging: dict[str, Any]
     limits: LimitsDocument
+    #: node supervisors: id, host, cpus, memory_bytes, load, state (live, lost),
+    #: last_seen_s, catalogue, running, planned, failing (``broker/engine/nodes.py``)
+    nodes: list[dict[str, Any]]
+    #: agent pools by name: desired (None: not scaled), running, nodes, failing
+    pools: dict[str, dict[str, Any]]
     #: in a reply to a request with ``until``: whether enough agents matched
     met: bool

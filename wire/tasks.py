@@ -39,6 +39,10 @@ from wire.codec import (
 from wire.errors import DecodeError
 from wire.documents import StatusDocument, TaskDocument
 from wire.limits import PROTOCOL_VERSION, SIGNATURE
+from wire.nodes import (
+    NodePlan, NodeReport, Scale, ScaleReply, decode_node, decode_plan, decode_scale,
+    node_header,
+)
 from wire.purge import Purge, PurgeReply, decode_purge, purge_header
 
 class Command(enum.IntEnum):
@@ -52,12 +56,16 @@ class Command(enum.IntEnum):
     DIRECT = 0x05
     DISCONNECT = 0x06
     PONG = 0x07
+    #: node supervisor -> broker (``wire/nodes.py``)
+    NODE = 0x08
     # broker -> agent
     TASK = 0x10
     CANCEL = 0x11
     ACK = 0x12
     WELCOME = 0x13
     PING = 0x14
+    #: broker -> node supervisor (``wire/nodes.py``)
+    PLAN = 0x15
     # client -> broker
     SUBMIT = 0x20
     FETCH = 0x21
@@ -67,6 +75,8 @@ class Command(enum.IntEnum):
     RELEASE = 0x25
     #: both ways: the request and its answer (``wire/purge.py``)
     PURGE = 0x26
+    #: both ways: set an agent's replica count, and its answer (``wire/nodes.py``)
+    SCALE = 0x27
     # broker -> client
     ACCEPTED = 0x30
     CHUNK = 0x31
@@ -104,6 +114,8 @@ class ErrorCode(str, enum.Enum):
     #: a READY refused because the broker holds as many agents as it takes from that
     #: remote address, or in all (``--max-agents-per-address``, ``--max-agents``)
     TOO_MANY_AGENTS = "too_many_agents"
+    #: SCALE named an agent no live node supervisor has in its catalogue
+    NO_NODE = "no_node"
     #: a finished task whose payloads a PURGE removed (its result's ``error.code``: the
     #: status stays what it was, the data is gone)
     PURGED = "purged"
@@ -249,9 +261,12 @@ class TaskList:
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     """Graceful goodbye, both ways; from the broker with reason ``not_registered`` it asks
-    the agent to send READY again. Header: map ``{"reason"}``."""
+    the agent to send READY again. Header: map ``{"reason", "back"}``: ``back`` (agent ->
+    broker, optional) lists the tasks a draining agent hands back unfinished: they run
+    again elsewhere, and the attempt does not count against their retries."""
 
     reason: str = ""
+    handed_back: list[str] = field(default_factory=list)
 
 
 class TaskSpec(NamedTuple):
@@ -542,7 +557,7 @@ class DirectVerdict:
 Message = Union[
     Ready, Welcome, Heartbeat, Progress, TaskQuery, TaskList, Disconnect, Submit, Dispatch, Results, Accepted, Ack, Cancel,
     Fetch, StatusRequest, StatusReply, Error, Direct, DirectVerdict, Read, Chunk, Release,
-    Ping, Pong, Purge, PurgeReply,
+    Ping, Pong, Purge, PurgeReply, NodeReport, NodePlan, Scale, ScaleReply,
 ]
 
 def _frames(command: Command, header: bytes, blobs: list[Any] | None = None) -> list[Any]:
@@ -598,7 +613,10 @@ def _optional(header: dict[str, Any], **fields: Any) -> dict[str, Any]:
 def _encode_control(msg: Disconnect | Ping | Pong) -> list[Any]:
     """DISCONNECT and the health checks' PING and PONG."""
     match msg:
-        case Disconnect(reason):
+        case Disconnect(reason, handed_back):
+            if handed_back:
+                return _frames(Command.DISCONNECT,
+                               pack({"reason": reason, "back": handed_back}))
             return _frames(Command.DISCONNECT, pack({"reason": reason}))
         case Ping(seq, deadline_s):
             return _frames(Command.PING, pack({"seq": seq, "deadline_s": deadline_s}))
@@ -606,10 +624,13 @@ def _encode_control(msg: Disconnect | Ping | Pong) -> list[Any]:
                                        "running": [list(r) for r in msg.running]}))
 
 
-def _encode_reads(msg: Read | Chunk | Release | Purge | PurgeReply) -> list[Any]:
+def _encode_reads(msg: Read | Chunk | Release | Purge | PurgeReply | NodeReport | NodePlan
+                  | Scale | ScaleReply) -> list[Any]:
     """READ, CHUNK, RELEASE and PURGE: the commands of finished tasks' results (withheld,
-    held, purged)."""
+    held, purged); and the agent pools' NODE, PLAN and SCALE (rare: off the hot match)."""
     match msg:
+        case NodeReport() | NodePlan() | Scale() | ScaleReply():
+            return _frames(_POOL_COMMANDS[type(msg)], pack(node_header(msg)))
         case Purge() | PurgeReply():
             return _frames(Command.PURGE, pack(purge_header(msg)))
         case Read(req, task_id, offset, length):
@@ -619,6 +640,12 @@ def _encode_reads(msg: Read | Chunk | Release | Purge | PurgeReply) -> list[Any]
             return _frames(Command.CHUNK, pack(
                 {"req": req, "id": task_id, "offset": offset, "total": total}), [data])
     return _frames(Command.RELEASE, pack({"ids": msg.task_ids}))
+
+
+#: The command of each agent-pool message (``wire/nodes.py``).
+_POOL_COMMANDS: Final[dict[type, Command]] = {
+    NodeReport: Command.NODE, NodePlan: Command.PLAN, Scale: Command.SCALE,
+    ScaleReply: Command.SCALE}
 
 
 def encode(msg: Message) -> list[Any]:
@@ -667,7 +694,8 @@ def encode(msg: Message) -> list[Any]:
             return _frames(Command.CANCEL, pack({"ids": ids}))
         case Fetch(req, ids, wait):
             return _frames(Command.FETCH, pack({"req": req, "ids": ids, "wait": wait}))
-        case Read() | Chunk() | Release() | Purge() | PurgeReply():
+        case Read() | Chunk() | Release() | Purge() | PurgeReply() | NodeReport() | \
+                NodePlan() | Scale() | ScaleReply():
             return _encode_reads(msg)
         case StatusRequest(req, until, timeout_s):
             return _frames(Command.STATUS,
@@ -910,7 +938,8 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             return Welcome(float(h["ivl"]), int(h["live"]), dict(h.get("endpoints") or {}),
                            str(h.get("boot", "")), _limits(h.get("limits")))
         case Command.DISCONNECT:
-            return Disconnect(str(as_map(header).get("reason", "")))
+            h = as_map(header)
+            return Disconnect(str(h.get("reason", "")), as_id_list(h.get("back", ())))
         case Command.PING:
             h = as_map(header)
             seq, deadline_s = h.get("seq"), as_opt_num(h.get("deadline_s"), "deadline_s")
@@ -933,6 +962,12 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             return Release(as_id_list(as_map(header).get("ids")))
         case Command.PURGE:
             return decode_purge(header)
+        case Command.NODE:
+            return decode_node(header)
+        case Command.PLAN:
+            return decode_plan(header)
+        case Command.SCALE:
+            return decode_scale(header)
         case Command.STATUS:
             h = as_map(header)
             req = h.get("req")

@@ -16,8 +16,9 @@ agent     register (READY) under the names and capabilities its grant lists (any
           send direct messages to anyone
 client    submit tasks in its own scope; see, fetch, read, release, cancel and trace
           its own tasks; send direct messages to agents only (not to other clients)
-node      heartbeats, status and its own tasks (node supervisors: a later part)
-admin     everything, every key's tasks included
+node      report as a node supervisor (NODE) and get its plan; heartbeats, status
+          and its own tasks
+admin     everything, every key's tasks included; only admin keys may scale (SCALE)
 ========  ==========================================================================
 
 Everyone may ask for the broker's status. Task ids are scoped: a non-admin's ids start
@@ -36,6 +37,7 @@ from typing import Final, Protocol
 
 from broker.engine.direct import DirectRouting
 from wire.curve import in_scope
+from wire.nodes import NodeReport, Scale
 from wire.tasks import (
     Cancel, Direct, Disconnect, Fetch, Heartbeat, Message, Pong, Progress, Read, Ready,
     Release, Results, StatusRequest, Submit, TaskQuery,
@@ -148,6 +150,14 @@ class Permissions:
                 if role in _RUNS_TASKS:
                     return msg
                 return f"a {role} key may not answer for tasks: only agent keys run them"
+            case NodeReport():
+                if role == NODE:
+                    return msg
+                return (f"a key of role {role} may not report as a node supervisor: give "
+                        "the supervisor a node key (keys authorize --role node)")
+            case Scale():
+                return (f"scaling {msg.name!r} needs an admin key, and this key's role is "
+                        f"{role}")
             case _:
                 return msg  # unknown commands are answered by the engine
 

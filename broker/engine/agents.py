@@ -180,13 +180,28 @@ class AgentDesk:
         elif msg.stats is not None:
             agent.messaging.update(msg.stats)
 
-    def disconnect(self, agent: AgentRecord | None, now: float) -> None:
+    def disconnect(self, agent: AgentRecord | None, msg: Disconnect, now: float) -> None:
         if agent is None:
             return
+        if msg.handed_back:
+            self._handed_back(agent, msg.handed_back, now)
         if agent.busy:
             self.ledger.agents.mark(agent, AgentState.DRAINING)
         else:
             self.remove(agent, "disconnected", now)
+
+    def _handed_back(self, agent: AgentRecord, task_ids: list[str], now: float) -> None:
+        """A draining agent ran out of time and gives these tasks back unfinished: they
+        run again elsewhere, and the attempt does not count (a resize must not use up a
+        task's retries); the task's own deadline still applies."""
+        for task_id in task_ids:
+            task = agent.in_flight.pop(task_id, None)
+            if task is None:
+                continue
+            task.release_agent()
+            task.attempts -= 1
+            self.ledger.counters["handed_back"] += 1
+            self.lifecycle.requeue(task, f"handed back by {agent.agent_id} (drained)", now)
 
     def _ask_to_register(self, identity: bytes) -> None:
         self.ledger.outbox(identity).control.append(encode(Disconnect(_NOT_REGISTERED)))

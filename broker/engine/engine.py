@@ -23,6 +23,7 @@ from broker.engine.health import HealthChecks
 from broker.engine.ledger import BrokerPhase, JournalSink, Ledger, Outbox
 from broker.engine.lifecycle import Lifecycle
 from broker.engine.model import TaskRecord, TaskState
+from broker.engine.nodes import NodeDesk
 from broker.engine.purge import PurgeDesk
 from broker.engine.restore import restore
 from broker.engine.status import StatusDesk
@@ -31,6 +32,7 @@ from wire.codec import chunks
 from wire.curve import scope_in
 from wire.documents import DisconnectReason
 from wire.limits import MAX_BATCH_ITEMS
+from wire.nodes import NodeReport, Scale
 from wire.purge import Purge
 from wire.tasks import (
     Accepted, Ack, Cancel, Direct, Disconnect, ErrorCode, Fetch, Heartbeat, Message, Pong,
@@ -76,6 +78,8 @@ class Engine:
         self.dispatcher = Dispatcher(ledger, self.lifecycle)
         self.health = HealthChecks(ledger)
         self.purge = PurgeDesk(ledger)
+        self.nodes = NodeDesk(ledger, config.drain_timeout_s)
+        self.status.pools = self.nodes.document
         self.permissions = Permissions(self.direct_routing)
         self._tick_s = config.heartbeat_interval_s / TICKS_PER_INTERVAL
         self._next_tick = 0.0
@@ -122,11 +126,15 @@ class Engine:
                 case Cancel():
                     self.clients.cancel(msg, now)
                 case Disconnect():
-                    self.agents.disconnect(agent, now)
+                    self.agents.disconnect(agent, msg, now)
                 case Pong():
                     self.health.pong(agent, msg)
                 case Purge():
                     self.purge.handle(identity, msg, now)
+                case NodeReport():
+                    self.nodes.report(identity, msg, now)
+                case Scale():
+                    self.nodes.scale(identity, msg, now)
                 case _:
                     self.reject(identity, ErrorCode.UNKNOWN_COMMAND,
                                 f"{type(msg).__name__} is not a command the broker accepts")
@@ -192,6 +200,7 @@ class Engine:
             self.agents.tick(now)
             self.health.tick(now)
             self.status.tick(now)
+            self.nodes.tick(now)
             self.ledger.finished.expire(now)
         self._expire_deadlines(now)
         if self.ledger.retrying:

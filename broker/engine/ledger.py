@@ -76,6 +76,10 @@ class EventSink(Protocol):
 
     def peer_refused(self, peer: str, reason: str) -> None: ...
 
+    def pool_changed(self, event: str, node: str, fields: dict[str, Any]) -> None:
+        """A node joined, was lost or came back, an agent was scaled, or a node gave up
+        on an agent (a crash loop)."""
+
 
 class SpanSink(Protocol):
     """Where the broker's spans of traced tasks go (``broker/tracing.py``): called once
@@ -119,6 +123,9 @@ class NoEvents:
         return None
 
     def peer_refused(self, peer: str, reason: str) -> None:
+        return None
+
+    def pool_changed(self, event: str, node: str, fields: dict[str, Any]) -> None:
         return None
 
 

@@ -139,6 +139,8 @@ class StatusDesk:
         #: the parts of the status document the engine cannot know (endpoint, process,
         #: journal, socket counters, bus), merged in by the broker that runs it
         self.extras: Callable[[], dict[str, Any]] = no_extras
+        #: the ``nodes`` and ``pools`` sections (``NodeDesk.document``), set by the engine
+        self.pools: Callable[[float], dict[str, Any]] = lambda now: {}
 
     # ------------------------------------------------------------ STATUS
 
@@ -206,7 +208,7 @@ class StatusDesk:
                 **{s.value: counters[s.value] for s in _ENDED_STATES},
                 **{name: counters[name] for name in (
                     "retried", "redispatched", "lease_expired", "lost_answers",
-                    "duplicate_results")},
+                    "duplicate_results", "handed_back")},
                 "retained_results": len(ledger.finished),
                 "restored_open": counters["restored_open"],
                 "restored_results": counters["restored_results"],
@@ -215,7 +217,8 @@ class StatusDesk:
         }
         # The storage section is the engine's (the journal port); the broker's own
         # sections come from the process.
-        document.update({"storage": self.storage(), **extras})  # type: ignore[typeddict-item]
+        document.update({"storage": self.storage(), **self.pools(now),  # type: ignore[typeddict-item]
+                         **extras})
         return document
 
     def agents(self, now: float) -> list[AgentDocument]:

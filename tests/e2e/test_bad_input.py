@@ -30,7 +30,8 @@ import cli.state
 from cli.main import main
 
 #: Values of required arguments when another parameter is the one under test.
-REQUIRED = {"text": "hello", "task_id": "t-1", "key": "k", "value": "1",
+REQUIRED = {"text": "hello", "task_id": "t-1", "key": "k", "value": "1", "name": "reviewer",
+            "replicas": "1",
             "public_key_or_file": "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"}
 #: ... where a command needs another: `run` plans its text before anything else.
 REQUIRED_BY_COMMAND = {("run",): {"text": "Research vector databases"}}
@@ -94,6 +95,9 @@ def command_line(path: tuple[str, ...], command: click.Command, param: click.Par
     if as_json:
         args.append("--json")
     required = {**REQUIRED, **REQUIRED_BY_COMMAND.get(path, {})}
+    # Required options (`agents scale --replicas`) get a valid value too.
+    args += [f"{max(p.opts, key=len)}={required[p.name or '']}" for p in command.params
+             if isinstance(p, click.Option) and p.required and p is not param]
     positional = [value if p is param else required[p.name or ""]
                   for p in command.params if isinstance(p, click.Argument)
                   and (p is param or p.required)]
@@ -133,7 +137,7 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     monkeypatch.setattr(cli.lifecycle, "_launch", lambda *args: stub_output(args[-1]))
     monkeypatch.setattr(cli.bench, "_run", lambda *args: stub_output(args[2]))
     monkeypatch.setattr(cli.oneshot, "_run_private", lambda *args: stub_output(args[7]))
-    monkeypatch.setattr("broker.state.__main__.serve", lambda *args: 0)
+    monkeypatch.setattr("broker.state.__main__.serve", lambda *args, **kwargs: 0)
     return CliRunner()
 
 

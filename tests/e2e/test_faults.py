@@ -18,6 +18,8 @@ import msgpack
 from wire.errors import DecodeError
 from wire.codec import packb
 from wire.limits import INLINE_PAYLOAD_MAX, SIGNATURE
+from wire.nodes import NodeReport, Scale
+from wire.purge import Purge
 from wire.tasks import (
     Accepted, Ack, Assignment, Cancel, Command, decode, Direct, DirectVerdict, Disconnect,
     Dispatch, encode, Error, Fetch, Heartbeat, Ping, Pong, Progress, Ready, ResultItem, Results,
@@ -255,7 +257,7 @@ BROKER_ONLY = [
 ]
 #: What the broker handles; every other decodable message it refuses with unknown_command.
 BROKER_ACCEPTS = (Submit, Results, Direct, Progress, Heartbeat, Ready, Fetch, StatusRequest,
-                  TaskQuery, Cancel, Disconnect)
+                  TaskQuery, Cancel, Disconnect, Purge, NodeReport, Scale)
 HEADER_KEYS = ["id", "name", "caps", "max", "v", "running", "ivl", "live", "endpoints", "reason",
                "ids", "req", "wait", "until", "timeout_s", "status", "code", "message"]
 UNKNOWN_COMMANDS = sorted({*range(256)} - {c.value for c in Command}
@@ -361,6 +363,8 @@ def expected_errors(messages: list[list[bytes]]) -> tuple[Counter[str], int]:
             expected["unknown_command"] += 1
         elif isinstance(msg, Fetch) and msg.task_ids:
             expected["not_found"] += 1
+        elif isinstance(msg, Scale) and msg.replicas:
+            expected["no_node"] += 1  # the fuzzer is no node supervisor with it
         elif isinstance(msg, StatusRequest) and msg.until:
             maybe_bad += 1
     return expected, maybe_bad
@@ -404,7 +408,9 @@ def test_broker_survives_fuzzed_frames(cluster: Cluster) -> None:
         assert broker.proc.poll() is None
         # And it counted every refusal under its stable code
         errors = Counter(status["errors"])
-        assert set(errors) <= {"bad_frame", "bad_version", "unknown_command", "not_found"}
+        assert set(errors) <= {"bad_frame", "bad_version", "unknown_command", "not_found",
+                               "no_node"}
+        assert errors["no_node"] == expected["no_node"]
         assert errors["bad_version"] == expected["bad_version"]
         assert errors["unknown_command"] == expected["unknown_command"]
         assert errors["not_found"] == expected["not_found"]

@@ -283,9 +283,11 @@ def test_state_requests_by_command_are_exactly_what_an_agent_sent(cluster: Clust
         assert result.ok and result.data == i + 1
     samples = scrape(metrics_url(broker.data_dir))
     requests = by_label(samples, "orchestrator_state_requests_total", "command")
-    assert requests["get"] == 7
+    # ... and the broker's own session, which reads the pools' desired counts once at
+    # start (broker/pools.py): one HELLO and one GET, no PUT until a scale.
+    assert requests["get"] == 7 + 1
     assert requests["put"] == 7
-    assert requests["hello"] == 1  # the agent's one session
+    assert requests["hello"] == 1 + 1  # the agent's one session, and the broker's
     assert requests.get("delete", 0) == 0 and requests.get("acquire", 0) == 0
     assert samples[("orchestrator_state_lock_waits_total", ())] == 0
     assert samples[("orchestrator_state_sessions_waiting_for_lock", ())] == 0

@@ -146,26 +146,34 @@ def test_a_second_broker_on_a_held_data_dir_exits_with_one_line(home: Path) -> N
 
 
 def test_a_failed_start_stops_what_it_started_and_prints_the_log(home: Path) -> None:
-    # When an agent of --agents cannot start, after another one did
-    failed = run(home, "start", *LEAN, "--agents", "tests.sample_agents:EchoAgent,bad:Spec",
+    # When an agent of --agents keeps crashing at start-up, beside one that starts
+    failed = run(home, "start", *LEAN, "--agents",
+                 "tests.sample_agents:EchoAgent,tests.nodes.crashing_agents:CrashingAgent",
                  "--json")
-    # Then start exits 1 with one JSON document naming the log and its last lines
+    # Then start exits 1, once the node supervisor gave up on it (a crash loop), with one
+    # JSON document naming the log and its last lines
     assert failed.returncode == 1
     report = document(failed)
     log = home / "agents.log"
     assert report["status"] == "failed" and report["log"] == str(log)
-    assert "the agent bad:Spec did not start (exit code 2)" in report["error"]
-    assert "error: cannot import 'bad': No module named 'bad'" in report["lines"]
+    assert ("the agent tests.nodes.crashing_agents:CrashingAgent did not start: crash loop: "
+            "5 crashes") in report["error"]
+    assert any("crashing-agent-refuses-to-start" in line for line in report["lines"])
     # And stderr says the same to a person
     assert f"Its log is {log}" in failed.stderr
-    assert "  error: cannot import 'bad'" in failed.stderr
-    # And nothing it started runs: not the broker, not the agent that had registered
+    # And nothing it started runs: not the broker, not the supervisor or its agents
     stopped = report["stopped"]
-    assert len(stopped["agents"]) == 2
-    assert [start_time(pid) for pid in [stopped["broker"], *stopped["agents"]]] == [None] * 3
+    assert [start_time(pid) for pid in [stopped["broker"], stopped["node"]]] == [None] * 2
     assert not lock_held(home)
-    assert not list((home / "agents").glob("*.pid"))
+    assert not (home / "node.pid").exists()
     assert run(home, "stop").returncode == 3
+
+
+def test_an_agent_class_that_cannot_be_imported_is_a_usage_error(home: Path) -> None:
+    failed = run(home, "start", *LEAN, "--agents", "tests.sample_agents:EchoAgent,bad:Spec")
+    assert failed.returncode == 2
+    assert "cannot import 'bad'" in failed.stderr
+    assert not lock_held(home)
 
 
 def test_a_broker_that_cannot_start_is_reported_with_its_log(home: Path) -> None:

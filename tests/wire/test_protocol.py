@@ -17,6 +17,7 @@ from wire.errors import DecodeError, StateDecodeError
 from wire.bus import BusEnvelope, decode_bus, encode_bus, encode_bus_probe
 from wire.codec import packb
 from wire.limits import INLINE_PAYLOAD_MAX, PROTOCOL_VERSION, SIGNATURE
+from wire.nodes import NodePlan, NodeReport, Scale, ScaleReply
 from wire.purge import Purge, PurgeReply
 from wire.state import (
     decode_state, encode_state, Entry, LeaseGranted, LockAcquire, LockInfo, LockList,
@@ -79,6 +80,12 @@ EVERY_MESSAGE = [
     Purge(32),
     Purge(33, 1_780_000_000.25),
     PurgeReply(34, 2, 1_000_000, 1, 3, 4, 5_000, 1_200, 1),
+    NodeReport("node-a", "host-a", 2, 8 << 30, 0.25, ("reviewer", "mod:Echo"),
+               {"reviewer": 2}, {"mod:Echo": "crash loop: 5 crashes in 60 s"}, {"reviewer": 3}),
+    NodePlan({"reviewer": 3}, {"reviewer": 4}, 1.0, 3, 30.0),
+    Scale(35, "reviewer", 5),
+    ScaleReply(35, "reviewer", 5, {"node-a": 3, "node-b": 2}),
+    Disconnect("drained", ["t-1", "t-2"]),
     Accepted(["t-1", "t-2"]),
     Accepted([]),
     Ack(["t-1"]),
@@ -606,3 +613,14 @@ def test_a_result_item_field_of_the_wrong_type_is_refused(field: int, value: Any
     frames = encode(Results([ResultItem(*item)]))
     with pytest.raises(DecodeError, match="RESULT item's agent must be"):
         decode(frames)
+
+
+def test_a_node_of_another_protocol_version_is_refused_naming_both() -> None:
+    """A node supervisor of another release gets ``bad_version`` naming both versions
+    (issue 16), as an agent's READY does."""
+    frames = encode(NodeReport("n", "h", 1, 1, 0.0, (), version=PROTOCOL_VERSION + 1))
+    with pytest.raises(DecodeError) as info:
+        decode(frames)
+    assert info.value.code == "bad_version"
+    assert f"version {PROTOCOL_VERSION + 1}" in str(info.value)
+    assert f"speaks version {PROTOCOL_VERSION}" in str(info.value)

@@ -1,0 +1,95 @@
+"""Where an agent pool's replicas run: the desired totals spread over the live nodes.
+
+A pure function of what the nodes report and of the last placement, so that it can be
+tested alone and re-run on every change (a scale, a node joining, lost or back). It is
+stable: replicas stay where they are (the last placement, else what a node reports
+running) and only the difference moves, so a node that comes back after a loss gives up
+its extra replicas rather than making everything shuffle.
+
+Rules, for each agent with a desired total:
+
+- only live nodes whose catalogue has the agent, and that have not given up on it (a
+  crash loop), may run it;
+- to add a replica: the node with the fewest replicas of that agent, then the fewest
+  replicas in all, then the most free CPU (``cpus - load``), then the node id;
+- to remove one: the node with the most replicas of that agent, then the most in all,
+  then the least free CPU, then the node id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What placement needs to know of one live node."""
+
+    node_id: str
+    catalogue: frozenset[str]
+    #: replicas the node reports running, by agent name
+    running: dict[str, int]
+    #: agents the node gave up on (a crash loop)
+    failing: frozenset[str]
+    cpus: int
+    load: float
+
+    @property
+    def free_cpu(self) -> float:
+        return self.cpus - self.load
+
+    def can_run(self, name: str) -> bool:
+        return name in self.catalogue and name not in self.failing
+
+
+Placement = dict[str, dict[str, int]]
+"""Replicas by node id, then by agent name."""
+
+
+def place(desired: dict[str, int], nodes: list[NodeView], previous: Placement) -> Placement:
+    """The new placement of every agent of ``desired`` over ``nodes``.
+
+    Args:
+        desired: the desired total of each agent.
+        nodes: the live nodes.
+        previous: the last placement (nodes no longer live are ignored).
+
+    Returns:
+        Replicas by node id and agent name; every live node has an entry (maybe empty).
+        An agent no node can run gets fewer replicas than desired (none).
+    """
+    plan: Placement = {node.node_id: {} for node in nodes}
+    totals = {node.node_id: 0 for node in nodes}
+    for name in sorted(desired):
+        eligible = [node for node in nodes if node.can_run(name)]
+        counts: dict[str, int] = {}
+        for node in eligible:
+            before = previous.get(node.node_id)
+            counts[node.node_id] = (before.get(name, 0) if before is not None
+                                    else node.running.get(name, 0))
+        _adjust(counts, desired[name], eligible, totals)
+        for node_id, count in counts.items():
+            plan[node_id][name] = count
+            totals[node_id] += count
+    return plan
+
+
+def _adjust(counts: dict[str, int], target: int, eligible: list[NodeView],
+            totals: dict[str, int]) -> None:
+    """Add or remove replicas in ``counts`` until they sum to ``target`` (the rules of the
+    module's docstring; ``totals`` are the other agents' replicas placed so far)."""
+    if not eligible:
+        return
+    total = sum(counts.values())
+    while total < target:
+        node = min(eligible, key=lambda n: (counts[n.node_id],
+                                            totals[n.node_id] + counts[n.node_id],
+                                            -n.free_cpu, n.node_id))
+        counts[node.node_id] += 1
+        total += 1
+    while total > target:
+        node = max((n for n in eligible if counts[n.node_id] > 0),
+                   key=lambda n: (counts[n.node_id], totals[n.node_id] + counts[n.node_id],
+                                  -n.free_cpu, n.node_id))
+        counts[node.node_id] -= 1
+        total -= 1
