@@ -89,3 +89,18 @@ def test_secure_reports_curve_beside_plaintext() -> None:
     assert report["throughput_ratio_min"] <= report["throughput_ratio"] \
         <= report["throughput_ratio_max"]
     assert len(report["runs"]["throughput_ratios"]) == 1
+
+
+def test_scale_reports_throughput_by_replicas_spread_and_scale_to_work() -> None:
+    # The smoke run of bench/scale.py: a broker, a node supervisor started by `agents
+    # start`, 2, 4 and 8 echo replicas, one scale-up from 2 to 8 (its numbers mean nothing)
+    report = run_bench("scale.py", "--smoke")
+    assert set(report["throughput_by_replicas"]) == {"2", "4", "8"}
+    for rate in report["throughput_by_replicas"].values():
+        assert isinstance(rate, int | float) and rate > 0
+    for key in ("ratio_8_to_2", "spread", "scale_to_work_p50_s", "scale_to_work_max_s"):
+        assert isinstance(report[key], int | float) and report[key] >= 0, key
+    assert report["scale_to_work_p50_s"] <= report["scale_to_work_max_s"]
+    assert set(report["pass"]) == {"ratio_8_to_2", "spread", "scale_to_work_p50_s"}
+    assert all(isinstance(met, bool) for met in report["pass"].values())
+    assert len(report["runs"]["scale_to_work_s"]) == 1

@@ -6,8 +6,10 @@ key of their own; every wait has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,28 @@ def _agent_env(broker: Any, keys: Path, tmp_path: Path, name: str,
     public, secret = new_key(tmp_path / name, name)
     authorize(authorized_path(broker.data_dir), public, "agent", **grant)  # type: ignore[arg-type]
     return key_env(keys / "broker.key", secret)
+
+
+@contextlib.contextmanager
+def raw_dealer(broker: Any, keys: Path, key_dir: Path, role: str,
+               routing_id: bytes) -> Iterator[tuple[zmq.Socket[Any], str]]:
+    """A raw CURVE DEALER of a fresh key authorised with ``role``, connected to the
+    broker under ``routing_id`` (which the SDK would never pick); (socket, its public
+    key). Closed, with its context, at the end."""
+    public, secret = new_key(key_dir, key_dir.name)
+    authorize(authorized_path(broker.data_dir), public, role)
+    server = read_keys(keys / "broker.key")["public"]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        apply_client(sock, ClientKeys(server, public, read_keys(secret)["secret"]))
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(broker.url)
+        yield sock, public
+    finally:
+        sock.close(linger=0)
+        ctx.term()
 
 
 def test_a_client_cannot_see_fetch_trace_or_cancel_another_clients_task(
@@ -85,24 +109,12 @@ def test_a_client_cannot_see_fetch_trace_or_cancel_another_clients_task(
 
 def test_a_raw_client_cannot_submit_outside_its_scope(secure: Any, tmp_path: Path) -> None:
     broker, keys = secure
-    public, secret = new_key(tmp_path / "raw", "raw")
-    authorize(authorized_path(broker.data_dir), public, "client")
-    server = read_keys(keys / "broker.key")["public"]
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    try:
-        apply_client(sock, ClientKeys(server, public, read_keys(secret)["secret"]))
-        # A routing id outside its key's scope: every message refused
-        sock.setsockopt(zmq.ROUTING_ID, b"pretender")
-        sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        sock.connect(broker.url)
+    # A routing id outside its key's scope: every message refused
+    with raw_dealer(broker, keys, tmp_path / "raw", "client", b"pretender") as (sock, _):
         sock.send_multipart(encode(StatusRequest(7)))
         reply = decode(sock.recv_multipart())
         assert isinstance(reply, Error) and reply.code == "unauthorized", reply
         assert reply.req == 7 and "scope" in reply.message
-    finally:
-        sock.close(linger=0)
-        ctx.term()
 
 
 def test_an_agent_key_registers_only_under_its_names(cluster: Cluster, secure: Any,
@@ -143,24 +155,14 @@ def test_another_key_presenting_a_live_agents_routing_id_gets_none_of_its_tasks(
     # (the agent's routing id: its key's scope and its agent id)
     routing_id = key_scope(real_public) + client.status()["agents"][0]["id"]
     # Given a thief with an agent key of its own, connecting with the live agent's id
-    thief_public, thief_secret = new_key(tmp_path / "thief", "thief")
-    authorize(authorized_path(broker.data_dir), thief_public, "agent")
-    server = read_keys(keys / "broker.key")["public"]
-    ctx = zmq.Context()
-    thief = ctx.socket(zmq.DEALER)
-    try:
-        apply_client(thief, ClientKeys(server, thief_public, read_keys(thief_secret)["secret"]))
-        thief.setsockopt(zmq.ROUTING_ID, routing_id.encode())
-        thief.connect(broker.url)
+    with raw_dealer(broker, keys, tmp_path / "thief", "agent",
+                    routing_id.encode()) as (thief, _):
         # When 20 tasks run
         handles = [client.submit(f"t{i}", capabilities=["echo"]) for i in range(20)]
         results = [handle.result(timeout=30) for handle in handles]
         # Then the real agent ran them all, and the thief received nothing
         assert all(r.ok for r in results), results
         assert not thief.poll(0), thief.recv_multipart()
-    finally:
-        thief.close(linger=0)
-        ctx.term()
 
 
 def test_a_revoked_agent_key_loses_its_registration_and_its_tasks_finish_elsewhere(
@@ -209,21 +211,10 @@ def test_refused_peers_are_announced_on_the_bus(cluster: Cluster, secure: Any, t
     admin = cluster.client(broker.url)
     refused = admin.subscribe("agents.refused")
     # A known key presenting a routing id outside its scope: refused, and announced
-    public, secret = new_key(tmp_path / "raw", "raw")
-    authorize(authorized_path(broker.data_dir), public, "client")
-    server = read_keys(keys / "broker.key")["public"]
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    try:
-        apply_client(sock, ClientKeys(server, public, read_keys(secret)["secret"]))
-        sock.setsockopt(zmq.ROUTING_ID, b"pretender")
-        sock.connect(broker.url)
+    with raw_dealer(broker, keys, tmp_path / "raw", "client", b"pretender") as (sock, _):
         sock.send_multipart(encode(StatusRequest(1)))
         event = refused.next(timeout=10).data
         assert event["peer"] == "pretender" and "scope" in event["reason"], event
-    finally:
-        sock.close(linger=0)
-        ctx.term()
     # And an unknown key's handshake: announced within a heartbeat interval
     stranger, stranger_secret = new_key(tmp_path / "stranger", "stranger")
     unknown = cli("--home", str(tmp_path / "elsewhere"), "--broker", broker.url, "status",

@@ -104,6 +104,25 @@ def executions(log: Path) -> list[str]:
     return [unscoped(task_id) for task_id in read_log(log)]
 
 
+def each_once(client: RemoteClient, ids: list[str], results: list[dict[str, Any]],
+              logs: dict[str, tuple[Path, Any]], tmp_path: Path, label: str) -> Any:
+    """Assert that the client saw each of ``ids`` complete exactly once (every handle
+    resolved once; the fault checker finds nothing lost, duplicated or unexpected in the
+    results, the agents' execution logs and the wire deliveries); the checker's report."""
+    views = client.call("views")
+    assert views["resolved"] == {task_id: 1 for task_id in ids}, views["resolved"]
+    exec_logs = []
+    for name, (exec_log, _) in logs.items():
+        exec_logs.append(tmp_path / f"exec-{name}.unscoped")
+        exec_logs[-1].write_text("".join(f"{task_id}\n" for task_id in executions(exec_log)))
+    report = check(ids, [(r["task_id"], r["status"]) for r in results], exec_logs,
+                   deliveries=[(task_id, "succeeded") for task_id, n in
+                               views["deliveries"].items() for _ in range(n)],
+                   handle_ids=ids)
+    report.assert_valid(label)
+    return report
+
+
 def agent_names(status: dict[str, Any]) -> set[str]:
     return {agent["name"] for agent in status["agents"]}
 
@@ -316,18 +335,8 @@ def test_a_partitioned_node_tasks_run_again_elsewhere_and_it_comes_back(
                                 "every task succeeded at the broker")
     # And the client saw every task complete exactly once
     ids = held + during + late
-    views = client.call("views")
-    assert views["resolved"] == {task_id: 1 for task_id in ids}, views["resolved"]
-    exec_logs = []
-    for name, (exec_log, _) in logs.items():
-        exec_logs.append(tmp_path / f"exec-{name}.unscoped")
-        exec_logs[-1].write_text("".join(f"{task_id}\n" for task_id in executions(exec_log)))
-    report = check(ids, [(r["task_id"], r["status"]) for r in results + late_results],
-                   exec_logs,
-                   deliveries=[(task_id, "succeeded") for task_id, n in
-                               views["deliveries"].items() for _ in range(n)],
-                   handle_ids=ids)
-    report.assert_valid(f"multihost partition {'secure' if site.secure else 'plain'}")
+    report = each_once(client, ids, results + late_results, logs, tmp_path,
+                       f"multihost partition {'secure' if site.secure else 'plain'}")
     assert report.re_executed == on_node1
     print(f"[multihost partition {'secure' if site.secure else 'plain'}] re-dispatched "
           f"{len(again)}; broker: redispatched {status['tasks'].get('redispatched')}, "
