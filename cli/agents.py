@@ -84,10 +84,10 @@ class StartableAgent(AgentName):
         if ":" not in name:
             self.fail(f"{name!r} is neither a built-in agent ({', '.join(BUILT_INS)}) nor "
                       "module:Class", param, ctx)
-        from agent_sdk.__main__ import load_agent_class
+        from cli.pool import check_importable
 
         try:
-            load_agent_class(name)
+            check_importable(name)
         except ValueError as e:
             self.fail(str(e), param, ctx)
         return name

@@ -464,11 +464,14 @@ def stop(obj: Context, as_json: bool) -> None:
     if as_json:
         emit_json({"status": "stopped", "pid": pid, "graceful": graceful,
                    "runner_stopped": runner.pid if runner is not None else None,
+                   "node_stopped": node.pid if node is not None else None,
                    "agents_stopped": len(agents), "home": str(home)})
     elif pid is None:
         click.echo(f"no broker was running; {len(agents)} agent(s) stopped"
                    + (f", the workflow runner (pid {runner.pid}) stopped" if runner else ""))
     else:
+        if node is not None:
+            click.echo(f"node supervisor stopped (pid {node.pid}); its agents drained")
         click.echo(f"broker stopped (pid {pid})" + ("" if graceful else " (killed after timeout)"))
 
 

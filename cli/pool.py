@@ -104,15 +104,37 @@ class AgentSpecs(click.ParamType):
             self.fail(e.format_message(), param, ctx)
         # A module:Class that cannot be imported fails here, before anything starts
         # (its processes would only crash until their supervisor gives up).
-        from agent_sdk.__main__ import load_agent_class
-
         for spec, _ in agents:
             if spec not in _BUILT_IN_SPECS:
                 try:
-                    load_agent_class(spec)
+                    check_importable(spec)
                 except ValueError as e:
                     self.fail(str(e), param, ctx)
         return str(value)
+
+
+def check_importable(spec: str) -> None:
+    """Import ``module:Class`` as the agent processes will (``python -m agent_sdk run``
+    from this working directory, which puts it on their path), and check it is an agent.
+
+    Raises:
+        ValueError: it cannot be imported, or is not a BaseAgent subclass (the message
+            says which).
+    """
+    import os
+    import sys
+
+    from agent_sdk.__main__ import load_agent_class
+
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        load_agent_class(spec)
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 def say_llm_endpoint() -> None:

@@ -248,3 +248,25 @@ def test_agents_submit_is_the_seeds_alias_of_submit(cluster: Cluster,
     assert json.loads(done.stdout)["status"] == "succeeded"
     helped = agents_cli(broker.url, node_home, "submit", "--help")
     assert helped.returncode == 0 and "--capability" in helped.stdout
+
+
+def test_start_runs_its_pool_through_the_supervisor_and_stop_drains_it(
+        tmp_path: Path) -> None:
+    from tests.e2e.test_restart import LEAN, document, run
+
+    home = tmp_path / "home"
+    try:
+        started = document(run(home, "start", *LEAN, "--no-runner", "--agents",
+                               f"{ECHO}=2", "--json"))
+        assert started["status"] == "started" and len(started["agents"]) == 2
+        supervisor = ProcessRef.parse((home / "node.pid").read_text())
+        assert supervisor is not None and supervisor.alive()
+        replicas = [ProcessRef.of(pid) for pid in children_of(supervisor.pid)]
+        assert len(replicas) == 2
+        stopped = document(run(home, "stop", "--json"))
+        assert stopped["node_stopped"] == supervisor.pid
+        assert not supervisor.alive() and not any(r.alive() for r in replicas)
+        assert not (home / "node.pid").exists()
+    finally:
+        kill_supervisor(home)
+        run(home, "stop")
