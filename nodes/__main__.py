@@ -40,6 +40,10 @@ EPILOG = (
     "it is set. Replica stderr: HOME/agents.log.")
 
 
+#: The variable that sets ``--restart-delay`` for a supervisor a command starts.
+RESTART_DELAY_ENV = "ORCH_NODE_RESTART_DELAY_S"
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -94,9 +98,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=_non_negative, default=None, metavar="SECONDS",
                    help="how long a stopped replica may finish its tasks before it hands "
                         "the rest back (default: the broker's plan says); SIGKILL 10 s later")
-    p.add_argument("--restart-delay", type=_positive, default=BACKOFF_S, metavar="SECONDS",
+    p.add_argument("--restart-delay", type=_positive,
+                   default=os.environ.get(RESTART_DELAY_ENV, str(BACKOFF_S)), metavar="SECONDS",
                    help=f"first restart delay after a crash, doubled per crash in a row "
-                        f"(default: {BACKOFF_S:g})")
+                        f"(default: ${RESTART_DELAY_ENV}, else {BACKOFF_S:g}: `start` and "
+                        "`agents start` start the supervisor, so the variable reaches it)")
     p.add_argument("--restart-delay-max", type=_positive, default=BACKOFF_MAX_S,
                    metavar="SECONDS", help=f"longest restart delay (default: {BACKOFF_MAX_S:g})")
     p.add_argument("--log-level", default=os.environ.get("ORCH_LOG_LEVEL", "INFO"),

@@ -34,11 +34,12 @@ LEAN = ("--bind", "127.0.0.1:0", "--no-state", "--no-bus")
 BARE = (*LEAN, "--no-agents")
 
 
-def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``orchestrator ARGS`` with ``home`` as the data dir."""
-    env = {**os.environ, "ORCH_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    env.pop("ORCH_BROKER", None)
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env,
+def run(home: Path, *args: str,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``orchestrator ARGS`` with ``home`` as the data dir (and ``env`` added)."""
+    full_env = {**os.environ, "ORCH_HOME": str(home), "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("ORCH_BROKER", None)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 
@@ -149,7 +150,7 @@ def test_a_failed_start_stops_what_it_started_and_prints_the_log(home: Path) -> 
     # When an agent of --agents keeps crashing at start-up, beside one that starts
     failed = run(home, "start", *LEAN, "--agents",
                  "tests.sample_agents:EchoAgent,tests.nodes.crashing_agents:CrashingAgent",
-                 "--json")
+                 "--json", env={"ORCH_NODE_RESTART_DELAY_S": "0.1"})
     # Then start exits 1, once the node supervisor gave up on it (a crash loop), with one
     # JSON document naming the log and its last lines
     assert failed.returncode == 1
