@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import orjson
-from urllib.parse import urlsplit
 import zmq
 
 from broker.config import (
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from broker.engine.ledger import EventSink
     from broker.metrics import MetricsServer
 from wire.logs import install_json_log
+from wire.sockets import with_host
 
 #: The logger of the broker's structured event lines (``extra=`` task and agent ids).
 event_logger = logging.getLogger("broker.events")
@@ -459,12 +460,6 @@ def warn_if_exposed(config: BrokerConfig, args: argparse.Namespace) -> None:
               f"cancel and read tasks, register agents, and read and write shared state "
               f"and the bus, unauthenticated and unencrypted; use --secure (see the "
               f"README, Security)", file=sys.stderr, flush=True)
-
-
-def with_host(endpoint: str, host: str) -> str:
-    """``tcp://BOUND:PORT`` as ``tcp://HOST:PORT``."""
-    scheme, _, rest = endpoint.partition("://")
-    return f"{scheme}://{host}:{rest.rpartition(':')[2]}"
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -170,13 +170,9 @@ def _report(name: str, reply: Any, pool: dict[str, Any], as_json: bool) -> None:
 
 
 def _supervisor_alive(home: Path) -> bool:
-    from cli.processes import ProcessRef
+    from cli.processes import read_ref
 
-    try:
-        ref = ProcessRef.parse((home / NODE_PID).read_text())
-    except OSError:
-        return False
-    return ref is not None and ref.alive()
+    return read_ref(home / NODE_PID) is not None
 
 
 def add_to_catalogue(home: Path, spec: str) -> bool:

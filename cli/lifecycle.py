@@ -401,24 +401,12 @@ def _take_agents(home: Path) -> list[ProcessRef]:
     return agents
 
 
-def _take_node(home: Path) -> ProcessRef | None:
-    """The data dir's node supervisor, if it runs; its pid file is removed."""
-    path = home / PID_FILE
+def _take(path: Path) -> ProcessRef | None:
+    """The process a pid file names, if it runs; the pid file is removed."""
     ref = read_ref(path)
     try:
         path.unlink(missing_ok=True)
-    except OSError:
-        pass
-    return ref
-
-
-def _take_runner(home: Path) -> ProcessRef | None:
-    """The data dir's standing workflow runner, if it runs; its pid file is removed."""
-    path = home / RUNNER_PID
-    ref = read_ref(path)
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:  # a data dir that cannot exist (a name too long...): no runner there
+    except OSError:  # a data dir that cannot exist (a name too long...): nothing there
         pass
     return ref
 
@@ -443,8 +431,8 @@ def stop(obj: Context, as_json: bool) -> None:
     """Stop the runner, the broker, then its agents; exit 3 when none of them runs."""
     home = obj.home
     agents = _take_agents(home)
-    runner = _take_runner(home)
-    node = _take_node(home)
+    runner = _take(home / RUNNER_PID)
+    node = _take(home / PID_FILE)
     if not lock_held(home) and not agents and runner is None and node is None:
         _pid_file(home).unlink(missing_ok=True)
         fail(f"no broker is running for the data dir {home} ({obj.home_source})",

@@ -111,6 +111,14 @@ def as_map(header: Any) -> dict[Any, Any]:
     return header
 
 
+def as_req(h: dict[Any, Any]) -> int:
+    """A request header's ``req``: the integer its answer carries back."""
+    req = h.get("req")
+    if type(req) is not int:
+        raise ValueError("req must be an integer")
+    return req
+
+
 def as_array(header: Any) -> tuple[Any, ...]:
     if type(header) is not tuple:
         raise ValueError("header must be an array")

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from wire.codec import as_map, version_mismatch
+from wire.codec import as_map, as_req, version_mismatch
 from wire.errors import DecodeError
 from wire.limits import PROTOCOL_VERSION
 
@@ -187,9 +187,7 @@ def decode_scale(header: Any) -> Scale | ScaleReply:
         ValueError: a missing or mistyped field.
     """
     h = as_map(header)
-    req = h.get("req")
-    if type(req) is not int:
-        raise ValueError("req must be an integer")
+    req = as_req(h)
     name = _name(h.get("name"), "name")
     if "desired" in h:
         return ScaleReply(req, name, _count(h.get("desired"), "desired"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from wire.codec import as_map, as_opt_num
+from wire.codec import as_map, as_opt_num, as_req
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +82,7 @@ def decode_purge(header: Any) -> Purge | PurgeReply:
         ValueError: a missing or mistyped field.
     """
     h = as_map(header)
-    req = h.get("req")
-    if type(req) is not int:
-        raise ValueError("req must be an integer")
+    req = as_req(h)
     if "purged" not in h:
         before = as_opt_num(h.get("before"), "before")
         if before is not None and before in (float("inf"), float("-inf")):

@@ -104,7 +104,14 @@ def reachable_endpoint(endpoint: str, via: str) -> str:
     parts, through = _split(endpoint), _split(via)
     if parts is None or through is None or parts[1] not in UNSPECIFIED_HOSTS:
         return endpoint
-    return f"{parts[0]}://{through[1]}:{parts[2]}"
+    return with_host(endpoint, through[1])
+
+
+def with_host(endpoint: str, host: str) -> str:
+    """``scheme://BOUND:PORT[/path]`` with ``host`` in place of ``BOUND`` (unchanged
+    when it is not such an endpoint)."""
+    parts = _split(endpoint)
+    return endpoint if parts is None else f"{parts[0]}://{host}:{parts[2]}"
 
 
 def reachable_endpoints(endpoints: dict[str, str], via: str) -> dict[str, str]:

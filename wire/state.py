@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Union
 
 from wire.codec import (
-    EMPTY_MAP, as_array, as_map, as_str, command_byte, foreign_error_header, pack, plain,
+    EMPTY_MAP, as_array, as_map, as_req, as_str, command_byte, foreign_error_header, pack, plain,
     unpack_header, version_mismatch,
 )
 from wire.errors import DecodeError, StateDecodeError
@@ -504,13 +504,6 @@ def _encode_lock_message(msg: StateMessage) -> list[Any] | None:
     return None
 
 
-def _req(h: dict[Any, Any]) -> int:
-    req = h.get("req")
-    if type(req) is not int:
-        raise ValueError("req must be an integer")
-    return req
-
-
 def _key(value: Any, what: str = "key") -> str:
     if type(value) is not str or not value:
         raise ValueError(f"{what} must be a non-empty string")
@@ -600,21 +593,21 @@ def _decode_key_command(command: StateCommand, h: dict[Any, Any]) -> StateMessag
     """The key-value commands (and PING); None for any other."""
     match command:
         case StateCommand.GET:
-            return StateGet(_req(h), _key(h.get("key")))
+            return StateGet(as_req(h), _key(h.get("key")))
         case StateCommand.PUT:
-            return StatePut(_req(h), _key(h.get("key")), _value(h.get("value")),
+            return StatePut(as_req(h), _key(h.get("key")), _value(h.get("value")),
                             _opt_version(h.get("expected"), "expected"),
                             _opt_positive_s(h.get("ttl_s"), "ttl_s"), _fence(h.get("fence")))
         case StateCommand.PING:
             return StatePing()
         case StateCommand.VALUE:
-            return StateValue(_req(h), as_str(h.get("key"), "key"),
+            return StateValue(as_req(h), as_str(h.get("key"), "key"),
                               _version(h.get("version"), "version"), _opt_value(h.get("value")))
         case StateCommand.DONE:
-            return StateDone(_req(h), _version(h.get("version", 0), "version"),
+            return StateDone(as_req(h), _version(h.get("version", 0), "version"),
                              bool(h.get("existed", True)))
         case StateCommand.DELETE:
-            return StateDelete(_req(h), _key(h.get("key")),
+            return StateDelete(as_req(h), _key(h.get("key")),
                                _opt_version(h.get("expected"), "expected"), _fence(h.get("fence")))
         case StateCommand.LIST:
             return _decode_list(h)
@@ -622,13 +615,13 @@ def _decode_key_command(command: StateCommand, h: dict[Any, Any]) -> StateMessag
             return StateEvents(_watch_id(h), _entries(h.get("events")),
                                bool(h.get("resync", False)))
         case StateCommand.ITEMS:
-            return StateItems(_req(h), _version(h.get("version"), "version"),
+            return StateItems(as_req(h), _version(h.get("version"), "version"),
                               _entries(h.get("items")), bool(h.get("more", False)))
         case StateCommand.WATCH:
-            return StateWatch(_req(h), _prefix(h.get("prefix")),
+            return StateWatch(as_req(h), _prefix(h.get("prefix")),
                               _opt_version(h.get("since"), "since"))
         case StateCommand.UNWATCH:
-            return StateUnwatch(_req(h), _watch_id(h))
+            return StateUnwatch(as_req(h), _watch_id(h))
     return None
 
 
@@ -638,14 +631,14 @@ def _decode_lock_command(command: StateCommand, h: dict[Any, Any]) -> StateMessa
         case StateCommand.ACQUIRE:
             return _decode_acquire(h)
         case StateCommand.RENEW:
-            return LockRenew(_req(h), _key(h.get("name"), "lock name"),
+            return LockRenew(as_req(h), _key(h.get("name"), "lock name"),
                              _version(h.get("token"), "token"),
                              _opt_positive_s(h.get("ttl_s"), "ttl_s", MAX_LEASE_TTL_S))
         case StateCommand.RELEASE:
-            return LockRelease(_req(h), _key(h.get("name"), "lock name"),
+            return LockRelease(as_req(h), _key(h.get("name"), "lock name"),
                                _version(h.get("token"), "token"))
         case StateCommand.LEASE:
-            return LeaseGranted(_req(h), as_str(h.get("name"), "lock name"),
+            return LeaseGranted(as_req(h), as_str(h.get("name"), "lock name"),
                                 _version(h.get("token"), "token"),
                                 _positive_s(h.get("ttl_s"), "ttl_s"))
         case StateCommand.ERROR:
@@ -660,13 +653,13 @@ def _decode_lock_command(command: StateCommand, h: dict[Any, Any]) -> StateMessa
         case StateCommand.WELCOME:
             return _decode_welcome(h)
         case StateCommand.LOCKS:
-            return LockList(_req(h), _prefix(h.get("prefix")))
+            return LockList(as_req(h), _prefix(h.get("prefix")))
         case StateCommand.LOCK_TABLE:
             return _decode_lock_table(h)
         case StateCommand.INFO:
-            return StateInfoRequest(_req(h))
+            return StateInfoRequest(as_req(h))
         case StateCommand.INFO_REPLY:
-            return StateInfo(_req(h), plain(as_map(h.get("info"))))
+            return StateInfo(as_req(h), plain(as_map(h.get("info"))))
     return None
 
 
@@ -687,7 +680,7 @@ def _decode_list(h: dict[Any, Any]) -> StateList:
     values = h.get("values", True)
     if type(values) is not bool:
         raise ValueError("values must be a boolean")
-    return StateList(_req(h), _prefix(h.get("prefix")), after, limit, values)
+    return StateList(as_req(h), _prefix(h.get("prefix")), after, limit, values)
 
 
 def _decode_acquire(h: dict[Any, Any]) -> LockAcquire:
@@ -695,7 +688,7 @@ def _decode_acquire(h: dict[Any, Any]) -> LockAcquire:
     if wait_s is not None and (type(wait_s) not in (int, float)
                                or not 0 <= wait_s < float("inf")):
         raise ValueError("wait_s must be a non-negative number of seconds or nil")
-    return LockAcquire(_req(h), _key(h.get("name"), "lock name"),
+    return LockAcquire(as_req(h), _key(h.get("name"), "lock name"),
                        _positive_s(h.get("ttl_s"), "ttl_s", MAX_LEASE_TTL_S),
                        None if wait_s is None else float(wait_s))
 
@@ -706,7 +699,7 @@ def _decode_hello(h: dict[Any, Any]) -> StateHello:
     version = h.get("v", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
         raise DecodeError(version_mismatch(repr(version)), code=ErrorCode.BAD_VERSION)
-    return StateHello(_req(h), as_str(h.get("name", ""), "name"), version)
+    return StateHello(as_req(h), as_str(h.get("name", ""), "name"), version)
 
 
 def _decode_welcome(h: dict[Any, Any]) -> StateWelcome:
@@ -716,7 +709,7 @@ def _decode_welcome(h: dict[Any, Any]) -> StateWelcome:
             raise ValueError("a lease must be [name, token, ttl_s]")
         leases.append((as_str(lease[0], "lock name"), _version(lease[1], "token"),
                        float(lease[2])))
-    return StateWelcome(_req(h), _positive_s(h.get("ivl"), "ivl"),
+    return StateWelcome(as_req(h), _positive_s(h.get("ivl"), "ivl"),
                         _version(h.get("live"), "live"), _version(h.get("version"), "version"),
                         as_str(h.get("instance"), "instance"), leases)
 
@@ -730,7 +723,7 @@ def _decode_lock_table(h: dict[Any, Any]) -> LockTable:
                               None if item[1] is None else _version(item[1], "token"),
                               as_str(item[2], "holder"), as_str(item[3], "session"),
                               float(item[4]), _version(item[5], "waiters")))
-    return LockTable(_req(h), locks)
+    return LockTable(as_req(h), locks)
 
 
 def decode_state(frames: list[Any]) -> StateMessage:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Union
 
 from wire.codec import (
-    EMPTY_MAP, Payload, as_array, as_id_list, as_map, as_opt_num, as_opt_str, as_str, as_str_list, blob, command_byte, foreign_error_header, items_with_blobs, new_tuple, pack, plain, unpack_header, version_mismatch,
+    EMPTY_MAP, Payload, as_array, as_id_list, as_map, as_opt_num, as_req, as_opt_str, as_str, as_str_list, blob, command_byte, foreign_error_header, items_with_blobs, new_tuple, pack, plain, unpack_header, version_mismatch,
 )
 from wire.errors import DecodeError
 from wire.documents import StatusDocument, TaskDocument
@@ -919,9 +919,7 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             return Progress(as_id_list(h.get("started", ())), as_id_list(h.get("running", ())))
         case Command.TASKS:
             h = as_map(header)
-            req = h.get("req")
-            if type(req) is not int:
-                raise ValueError("req must be an integer")
+            req = as_req(h)
             if "tasks" in h:
                 return TaskList(req, plain(h["tasks"]))
             statuses = h.get("status")
@@ -952,9 +950,7 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             return Cancel(as_id_list(as_map(header).get("ids")))
         case Command.FETCH:
             h = as_map(header)
-            req = h.get("req")
-            if type(req) is not int:
-                raise ValueError("req must be an integer")
+            req = as_req(h)
             return Fetch(req, as_id_list(h.get("ids")), bool(h.get("wait", False)))
         case Command.READ | Command.CHUNK:
             return _decode_range(command, as_map(header), blobs)
@@ -970,9 +966,7 @@ def _decode_header(command: Command, header: Any, blobs: list[Any]) -> Message:
             return decode_scale(header)
         case Command.STATUS:
             h = as_map(header)
-            req = h.get("req")
-            if type(req) is not int:
-                raise ValueError("req must be an integer")
+            req = as_req(h)
             if "status" in h:
                 return StatusReply(req, plain(as_map(h["status"])))
             until = h.get("until")

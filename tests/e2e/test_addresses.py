@@ -15,9 +15,7 @@ import pytest
 
 from tests.conftest import Cluster
 from tests.e2e.test_secure import cli
-from wire.sockets import reachable_endpoint, reachable_endpoints
-
-from broker.__main__ import with_host
+from wire.sockets import reachable_endpoint, reachable_endpoints, with_host
 
 
 def test_an_unspecified_host_becomes_the_host_used_to_reach_the_broker() -> None:
