@@ -35,9 +35,10 @@ def _client_env(broker: Any, keys: Path, tmp_path: Path, name: str) -> dict[str,
 
 
 def _run(broker: Any, env: dict[str, str], tmp_path: Path, *args: str) -> Any:
-    """``orchestrator ARGS --json`` against the broker, from a data dir of no broker."""
-    return cli("--home", str(tmp_path / "elsewhere"), "--broker", broker.url, *args, "--json",
-               env=env)
+    """``orchestrator COMMAND --json ARGS`` against the broker, from a data dir of no
+    broker (``--json`` before the arguments, so that ARGS may hold ``--``)."""
+    return cli("--home", str(tmp_path / "elsewhere"), "--broker", broker.url, args[0],
+               "--json", *args[1:], env=env)
 
 
 def _agent_env(broker: Any, keys: Path, tmp_path: Path, name: str,
@@ -83,16 +84,18 @@ def test_a_client_cannot_see_fetch_trace_or_cancel_another_clients_task(
     assert task_id.endswith("~plans"), task_id  # scoped to Alice's key
     # Then Bob can neither fetch, trace nor list it, by its full id or its short one
     for ref in (task_id, "plans"):
-        fetched = _run(broker, bob, tmp_path, "result", ref, "--timeout", "5")
+        # "--": a scoped id starts with key characters, and may start with "-"
+        fetched = _run(broker, bob, tmp_path, "result", "--timeout", "5", "--", ref)
         assert fetched.returncode == EXIT_NOT_FOUND, fetched.stdout + fetched.stderr
         assert "secret plans" not in fetched.stdout
-        traced = _run(broker, bob, tmp_path, "trace", ref)
+        traced = _run(broker, bob, tmp_path, "trace", "--", ref)
         assert traced.returncode == EXIT_NOT_FOUND, traced.stdout + traced.stderr
     listed = _run(broker, bob, tmp_path, "tasks")
     assert listed.returncode == 0, listed.stderr
     assert task_id not in listed.stdout
     # And Bob's cancel does not touch it
-    assert _run(broker, bob, tmp_path, "cancel", task_id).returncode in (0, EXIT_NOT_FOUND)
+    assert _run(broker, bob, tmp_path, "cancel", "--", task_id).returncode in (
+        0, EXIT_NOT_FOUND)
     mine = _run(broker, alice, tmp_path, "tasks")
     assert [t["status"] for t in json.loads(mine.stdout)
             if t["task_id"] == task_id] == ["running"]
