@@ -78,6 +78,10 @@ class Session:
         self.refusal: StateErrorReply | None = None
         self._conn: Connection[StateMessage] | None = None
         self._requests = Requests()
+        #: requests waiting for the session to open, first come first sent (see
+        #: :meth:`_send_in_line`); a request made while any wait goes behind them
+        self._line: asyncio.Lock | None = None
+        self._in_line = 0
         self._epoch = 0
         self._ready: asyncio.Event | None = None
         self._hello_task: asyncio.Task[None] | None = None
@@ -106,17 +110,12 @@ class Session:
         deadline = loop.time() + timeout
         while True:
             ready = self._ready
-            if ready is None or not ready.is_set():
-                await self.ensure(max(0.0, deadline - loop.time()))
-            conn = self._conn
-            assert conn is not None
-            req = self._requests.next_id()
-            future: asyncio.Future[Any] = loop.create_future()
-            request = make(req)
-            self._requests.add(req, Pending(future, self._epoch, request, deadline, timeout))
+            if self._in_line or ready is None or not ready.is_set():
+                req, future = await self._send_in_line(make, deadline, timeout)
+            else:
+                req, future = self._send_now(make, deadline, timeout)
             epoch = self._epoch
             try:
-                conn.send(request)
                 return await future
             except NoSession:
                 # Refused unapplied: open the session again (unless a newer one already
@@ -131,6 +130,48 @@ class Session:
                 raise
             finally:
                 self._requests.pop(req)
+
+    def _send_now(self, make: Callable[[int], StateMessage], deadline: float,
+                  timeout: float) -> tuple[int, asyncio.Future[Any]]:
+        """Send a request on the open session; returns its id and reply future."""
+        conn = self._conn
+        assert conn is not None
+        req = self._requests.next_id()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        request = make(req)
+        self._requests.add(req, Pending(future, self._epoch, request, deadline, timeout))
+        try:
+            conn.send(request)
+        except BaseException:
+            self._requests.pop(req)
+            raise
+        return req, future
+
+    async def _send_in_line(self, make: Callable[[int], StateMessage], deadline: float,
+                            timeout: float) -> tuple[int, asyncio.Future[Any]]:
+        """Wait for the session, behind the requests that waited for it first, then send.
+
+        Requests leave in the order they were made: without the line, one made just as
+        the session opened went out before those still waking from the wait, and a
+        later write (an agent's newest LLM usage) was overwritten by an older one.
+        """
+        loop = asyncio.get_running_loop()
+        if self._line is None:
+            self._line = asyncio.Lock()
+        line = self._line
+        self._in_line += 1
+        try:
+            try:
+                await asyncio.wait_for(line.acquire(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise StateUnavailable(self.url, timeout) from None
+            try:
+                await self.ensure(max(0.0, deadline - loop.time()))
+                return self._send_now(make, deadline, timeout)
+            finally:
+                line.release()
+        finally:
+            self._in_line -= 1
 
     def watch_request(self, watch: Watch, req: int) -> StateWatch:
         """The request that sets ``watch`` up under id ``req`` (registered at once)."""

@@ -27,6 +27,7 @@ from agent_sdk import (
     Change, Client, LockTimeout, StaleFencingToken, StateClient, StateError, VersionConflict,
 )
 from agent_sdk.loop import run as run_loop
+from agent_sdk.state import ConnectionState
 from wire.codec import packb
 from wire.limits import SIGNATURE
 from wire.state import (
@@ -180,6 +181,28 @@ def test_four_processes_taking_one_lock_never_overlap(cluster: Cluster, tmp_path
 async def _get(url: str, key: str) -> Any:
     async with StateClient(url) as state:
         return await state.get(key)
+
+
+def test_writes_apply_in_the_order_made_while_the_session_opens(cluster: Cluster) -> None:
+    # Given a state client whose session is not open yet, and writes waiting for it
+    url = state_url(cluster.broker())
+
+    async def scenario() -> Any:
+        state = StateClient(url)
+        try:
+            waiting = [asyncio.create_task(state.set("order", i)) for i in range(20)]
+            # When one more write is made the moment the session opens (the waiting
+            # ones have not woken yet): a loop turn at a time, no clock involved
+            while state.state is not ConnectionState.READY:
+                await asyncio.sleep(0)
+            last = asyncio.create_task(state.set("order", "last"))
+            await asyncio.gather(*waiting, last)
+            return await state.get("order")
+        finally:
+            await state.close()
+
+    # Then it applies last, as it was made last
+    assert run_loop(scenario()) == "last"
 
 
 def test_a_killed_holders_lock_passes_on_within_ttl_and_its_token_goes_stale(
