@@ -32,6 +32,14 @@ TEST_LIVENESS = 3
 TEST_RETRY_DELAY_S = 0.05
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the processes the tests start a Ctrl-C they can receive: a shell that runs
+    pytest in the background without job control ignores SIGINT, every child inherits
+    that, and the tests that press Ctrl-C in a CLI then wait in vain."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def read_json_line(proc: subprocess.Popen[bytes], timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:
     """The next JSON line the process prints, within ``timeout`` seconds."""
     assert proc.stdout is not None
