@@ -16,7 +16,7 @@ an agent machine needs besides ``agent_sdk``:
 
 Every message is a ZeroMQ multipart message::
 
-    frame 0: b"ORCH4"            signature and protocol version
+    frame 0: b"ORCH5"            signature and protocol version
     frame 1: one byte            the command
     frame 2: msgpack             the header (layout per command)
     frame 3..: opaque bytes      large payloads ("blobs"), referenced from the header

@@ -25,6 +25,7 @@ its owner only (0600).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import zmq
+import zmq.utils.z85
 
 #: The ZAP domain every server socket sets (and enforces).
 ZAP_DOMAIN: Final = "orchestrator"
@@ -211,18 +213,29 @@ def apply_client(sock: zmq.Socket[Any], keys: ClientKeys) -> None:
 
 
 #: Under CURVE, a peer's routing ids and task ids start with its key's scope: the first
-#: :data:`SCOPE_KEY_CHARS` characters of its public key and :data:`SCOPE_SEPARATOR` (not a
-#: Z85 character, so a scope is recognised by position). 16 Z85 characters are 100 bits:
-#: finding another key with the same scope means generating about 2^99 key pairs.
-SCOPE_KEY_CHARS: Final = 16
+#: :data:`SCOPE_KEY_CHARS` characters of its public key's bytes in lowercase base32
+#: (``a``-``z``, ``2``-``7``) and :data:`SCOPE_SEPARATOR` (not a base32 character, so a
+#: scope is recognised by position). 20 base32 characters are 100 bits: finding another
+#: key with the same scope means generating about 2^99 key pairs. Base32, not the Z85 of
+#: the key itself: Z85 has ``$ & < > ( ) ! * ?`` and ``-``, so a scoped task id pasted
+#: into a shell broke it (or was read as an option), where ``[a-z2-7]`` never does.
+SCOPE_KEY_CHARS: Final = 20
 SCOPE_SEPARATOR: Final = "~"
 _SCOPE_CHARS: Final = SCOPE_KEY_CHARS + 1
 
 
 def key_scope(public_key: str) -> str:
     """The scope of ``public_key`` (Z85): the prefix of its peers' routing ids and task
-    ids on a secure broker."""
-    return public_key[:SCOPE_KEY_CHARS] + SCOPE_SEPARATOR
+    ids on a secure broker.
+
+    Raises:
+        ValueError: ``public_key`` is not 40 Z85 characters.
+    """
+    if len(public_key) != KEY_CHARS:
+        raise ValueError(f"a CURVE public key is {KEY_CHARS} Z85 characters, "
+                         f"not {len(public_key)}")
+    raw = zmq.utils.z85.decode(public_key.encode("ascii"))
+    return base64.b32encode(raw).decode("ascii")[:SCOPE_KEY_CHARS].lower() + SCOPE_SEPARATOR
 
 
 def scope_in(text: str) -> str | None:

@@ -19,15 +19,17 @@ from typing import Final
 #: gain ``limits``; ERROR codes ``unauthorized``, ``too_many_agents``, ``queue_full`` per
 #: client; on a ``--secure`` broker routing ids and task ids start with the sender's key
 #: scope; RESULT items' ``agent``, ``attempts``, ``queued_ms``, ``run_ms`` and
-#: ``retryable`` must have their types.
-PROTOCOL_VERSION: Final = 4
+#: ``retryable`` must have their types. 5: a key's scope is 20 characters of lowercase
+#: base32 of the key's bytes and ``~`` (it was the key's first 16 Z85 characters, which
+#: put shell metacharacters and a leading ``-`` into task ids).
+PROTOCOL_VERSION: Final = 5
 #: What frame 0 of every message starts with; the protocol version follows in ASCII
 #: digits. Frame 0 starting with this but for another version is ``bad_version``, any
 #: other frame 0 ``bad_frame``.
 SIGNATURE_PREFIX: Final = b"ORCH"
 #: Frame 0 of every message this release sends: the prefix and the protocol version
 #: (a literal, so that compiled code compares against a constant; a test checks it).
-SIGNATURE: Final = b"ORCH4"
+SIGNATURE: Final = b"ORCH5"
 
 #: Largest frame any socket accepts (ZMQ_MAXMSGSIZE is per frame). A bigger frame makes
 #: libzmq drop the connection, so senders check against it first (:class:`TooLarge`).

@@ -6,7 +6,7 @@ dataclasses below and calls :func:`encode` / :func:`decode`.
 
 Every message is a ZeroMQ multipart message::
 
-    frame 0: SIGNATURE           b"ORCH" and the protocol version (b"ORCH4" today)
+    frame 0: SIGNATURE           b"ORCH" and the protocol version (b"ORCH5" today)
     frame 1: one byte            the command (:class:`Command`)
     frame 2: msgpack             the header (layout per command, see each class)
     frame 3..: opaque bytes      large payloads ("blobs"), referenced from the header

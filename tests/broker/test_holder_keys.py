@@ -4,7 +4,7 @@ agent of that key. A plaintext broker cannot tell agents apart and keeps taking 
 registered agent's.
 
 The engine runs on a fake clock with a real journal in a tmp dir; identities are scoped
-as a secure broker's are (``wire.curve``: 16 key characters and ``~``)."""
+as a secure broker's are (``wire.curve``: 20 base32 characters and ``~``)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from broker.engine.engine import Engine
 from broker.engine.holders import HolderKeys
 from broker.journal import Durability, Journal
 from tests.broker.support import RecordingForwarder, register, run_pass, submit
+from wire.curve import SCOPE_KEY_CHARS, SCOPE_SEPARATOR
 from wire.tasks import Cancel, Dispatch, ResultItem, Results
 
-KEY_A = "A" * 16 + "~"
-KEY_B = "B" * 16 + "~"
+KEY_A = "a" * SCOPE_KEY_CHARS + SCOPE_SEPARATOR
+KEY_B = "b" * SCOPE_KEY_CHARS + SCOPE_SEPARATOR
 HOLDER = (KEY_A + "reviewer-1").encode()
 SAME_KEY_NEW_ID = (KEY_A + "reviewer-2").encode()
 OTHER_KEY = (KEY_B + "reviewer-1").encode()

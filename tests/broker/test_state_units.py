@@ -16,7 +16,7 @@ from broker.config import StateConfig, state_bind_for
 from wire.errors import StateDecodeError
 from broker.heartbeat import Liveness
 from wire.codec import packb
-from wire.limits import SIGNATURE
+from wire.limits import PROTOCOL_VERSION, SIGNATURE
 from wire.state import (
     decode_state, encode_state, Entry, LeaseGranted, LockAcquire, LockInfo, LockList,
     LockRelease, LockRenew, LockTable, MAX_VALUE_BYTES, StateCommand, StateDelete, StateDone,
@@ -138,7 +138,8 @@ def test_state_and_broker_codecs_refuse_each_others_commands() -> None:
     ([SIGNATURE, bytes([StateCommand.ACQUIRE]),
       packb({"req": 10, "name": "l", "ttl_s": 1, "wait_s": float("nan")})], "bad_request", 10),
     ([SIGNATURE, bytes([StateCommand.LIST]), packb({"req": 11, "limit": 0})], "bad_request", 11),
-    ([SIGNATURE, bytes([StateCommand.HELLO]), packb({"req": 12, "v": 5})], "bad_version", 12),
+    ([SIGNATURE, bytes([StateCommand.HELLO]), packb({"req": 12, "v": PROTOCOL_VERSION + 1})],
+     "bad_version", 12),
     ([SIGNATURE, bytes([StateCommand.GET]), packb({"req": "one", "key": "k"})], "bad_request",
      None),
 ])

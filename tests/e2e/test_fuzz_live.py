@@ -4,7 +4,7 @@ take thousands of generated frame sequences from raw sockets, then still do thei
 Each test starts a broker (with its state service and bus) and an echo agent, and sends
 :data:`COUNT` generated messages to one of the three entry points from bare ZeroMQ
 sockets that nobody registered: random multipart messages, messages with a plausible
-outside (the ``ORCH4`` signature or a wrong one, a command byte, a msgpack header), and
+outside (the ``ORCH5`` signature or a wrong one, a command byte, a msgpack header), and
 valid messages mutated (:func:`tests.wire.test_fuzz_decoders.mutate`: truncated, bytes
 flipped, elements added, dropped or replaced with huge or negative integers, nan, wrong
 types, deep nesting), from routing ids that change as it goes. Valid messages are among
@@ -108,7 +108,7 @@ def random_frames(rnd: random.Random, commands: list[int]) -> list[bytes]:
     if rnd.random() < 0.35:
         return [rnd.randbytes(rnd.randint(0, 48)) for _ in range(rnd.randint(1, 6))]
     signature = SIGNATURE if rnd.random() < 0.75 else rnd.choice(
-        [b"ORCH3", b"ORCH5", b"ORCH", b"", b"ORCH4 ", rnd.randbytes(5)])
+        [b"ORCH4", b"ORCH6", b"ORCH", b"", b"ORCH5 ", rnd.randbytes(5)])
     command = bytes((rnd.choice(commands) if rnd.random() < 0.85 else rnd.getrandbits(8),))
     roll = rnd.random()
     if roll < 0.7:

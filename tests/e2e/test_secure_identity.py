@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,19 +83,20 @@ def test_a_client_cannot_see_fetch_trace_or_cancel_another_clients_task(
     assert submitted.returncode == 0, submitted.stderr
     task_id = json.loads(submitted.stdout)["task_id"]
     assert task_id.endswith("~plans"), task_id  # scoped to Alice's key
+    # (a scope is [a-z2-7]: the id pastes into a shell as it is, never read as an option)
+    assert re.fullmatch(r"[a-z2-7]{20}~plans", task_id), task_id
     # Then Bob can neither fetch, trace nor list it, by its full id or its short one
     for ref in (task_id, "plans"):
-        # "--": a scoped id starts with key characters, and may start with "-"
-        fetched = _run(broker, bob, tmp_path, "result", "--timeout", "5", "--", ref)
+        fetched = _run(broker, bob, tmp_path, "result", "--timeout", "5", ref)
         assert fetched.returncode == EXIT_NOT_FOUND, fetched.stdout + fetched.stderr
         assert "secret plans" not in fetched.stdout
-        traced = _run(broker, bob, tmp_path, "trace", "--", ref)
+        traced = _run(broker, bob, tmp_path, "trace", ref)
         assert traced.returncode == EXIT_NOT_FOUND, traced.stdout + traced.stderr
     listed = _run(broker, bob, tmp_path, "tasks")
     assert listed.returncode == 0, listed.stderr
     assert task_id not in listed.stdout
     # And Bob's cancel does not touch it
-    assert _run(broker, bob, tmp_path, "cancel", "--", task_id).returncode in (
+    assert _run(broker, bob, tmp_path, "cancel", task_id).returncode in (
         0, EXIT_NOT_FOUND)
     mine = _run(broker, alice, tmp_path, "tasks")
     assert [t["status"] for t in json.loads(mine.stdout)

@@ -24,6 +24,7 @@ import zmq
 from tests.conftest import kill, python_process, read_json_line
 from tests.nodes.crashing_agents import MARKER
 from wire.curve import key_scope, read_secret_file, scoped, write_key_pair
+from wire.limits import SIGNATURE
 from wire.nodes import NodePlan, NodeReport
 from wire.tasks import Disconnect, Error, Heartbeat, Ready, Welcome, decode, encode
 
@@ -243,7 +244,7 @@ def test_the_node_keeps_its_replicas_at_the_plan(broker: FakeBroker,
     identity = next(iter(broker.node_identities))
     broker.send(identity, encode(Error("bad_version", "this broker speaks ORCH9")))
     broker.send(identity, [b"junk"])
-    broker.send(identity, [b"ORCH4", b"\x15", b"\xc1"])
+    broker.send(identity, [SIGNATURE, b"\x15", b"\xc1"])
     # Then it logs them and goes on reporting; no plan yet, so it is not ready
     broker.reports_more(1)
     assert node.proc.poll() is None and no_ready_line(node.proc)

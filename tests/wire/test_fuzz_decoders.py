@@ -186,7 +186,7 @@ def mutate(frames: list[Any], rnd: random.Random) -> list[Any]:
         elif roll < 0.96 and len(frames) > 2:
             frames[2] = rnd.choice(RAW_HEADERS)
         elif frames:
-            frames[0] = rnd.choice([b"ORCH3", b"ORCH5", b"ORCH", b"orch4", b"", b"ORCH4\x00",
+            frames[0] = rnd.choice([b"ORCH4", b"ORCH6", b"ORCH", b"orch5", b"", b"ORCH5\x00",
                                     b"ORCH99999999999999999999"])
     return frames
 
@@ -205,7 +205,7 @@ mutated_task_frames = st.builds(mutate, st.sampled_from(VALID_TASK_FRAMES + VALI
 mutated_state_frames = st.builds(mutate, st.sampled_from(VALID_STATE_FRAMES + VALID_TASK_FRAMES),
                                  st.randoms(use_true_random=False))
 
-_signatures = st.sampled_from([SIGNATURE, b"ORCH2", b"ORCH3", b"ORCH", b""]) \
+_signatures = st.sampled_from([SIGNATURE, b"ORCH3", b"ORCH4", b"ORCH", b""]) \
     | st.binary(max_size=8)
 _headers = ((map_headers | batch_headers | values).map(packb)
             | st.sampled_from(RAW_HEADERS) | st.binary(max_size=48))
