@@ -5,7 +5,8 @@ host bound to 0.0.0.0, a node supervisor (``python -m nodes``) on ``node1`` and 
 ORCH_HOME), a client host. Plain and with ``--secure``: each node gets a node key (role
 ``node``) for its supervisor and an agent key for its replicas, copied with the broker's
 public key to its ORCH_HOME/keys (0600); scaling uses the broker data dir's local admin
-key, from a process in the broker's namespace.
+key, from a process in the broker's namespace. CI runs the short form (the secure
+variant of the partition test only); ``ORCH_LONG_TESTS=1`` runs every secure variant.
 
 - spread and node loss: 4 replicas spread 2/2; a SIGKILLed supervisor takes its replicas
   with it, its node is lost and node2 runs 4; restarted, the total stays 4 (not 6);
@@ -210,7 +211,19 @@ class NodeSite(Site):
                     pass
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "secure"])
+#: The short form CI runs: the secure variant of the partition test only (it covers the
+#: node keys, the admin's scale and a reconnecting secure supervisor); the other secure
+#: variants differ from their plain ones only in the keys, and cost 7 s each.
+LONG_FORM = os.environ.get("ORCH_LONG_TESTS") == "1"
+SECURE_IN_LONG_FORM = pytest.param(True, id="secure", marks=pytest.mark.skipif(
+    not LONG_FORM, reason="its secure variant runs in the long form: ORCH_LONG_TESTS=1"))
+BOTH = pytest.mark.parametrize("node_site", [pytest.param(False, id="plain"),
+                                             pytest.param(True, id="secure")], indirect=True)
+PLAIN_NOW_SECURE_IN_LONG_FORM = pytest.mark.parametrize(
+    "node_site", [pytest.param(False, id="plain"), SECURE_IN_LONG_FORM], indirect=True)
+
+
+@pytest.fixture
 def node_site(request: pytest.FixtureRequest, hosts: Hosts, tmp_path: Path
               ) -> Iterator[NodeSite]:
     made = NodeSite(hosts, request.param, tmp_path)
@@ -285,6 +298,7 @@ def all_ok(results: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------ tests
 
 
+@PLAIN_NOW_SECURE_IN_LONG_FORM
 def test_replicas_spread_over_nodes_and_a_lost_node_is_made_good(node_site: NodeSite) -> None:
     site = node_site
     node1, node2 = site.hosts["node1"], site.hosts["node2"]
@@ -361,6 +375,7 @@ def test_replicas_spread_over_nodes_and_a_lost_node_is_made_good(node_site: Node
           f"after node1's return: {placement}")
 
 
+@BOTH
 def test_a_partitioned_node_is_replaced_and_reconciled_when_it_returns(
         node_site: NodeSite, tmp_path: Path) -> None:
     site = node_site
@@ -453,6 +468,7 @@ def test_a_partitioned_node_is_replaced_and_reconciled_when_it_returns(
           f"{status['tasks'].get('duplicate_results')}")
 
 
+@PLAIN_NOW_SECURE_IN_LONG_FORM
 def test_a_node_is_never_told_to_run_an_agent_outside_its_catalogue(
         node_site: NodeSite) -> None:
     site = node_site
