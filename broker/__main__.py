@@ -41,13 +41,13 @@ from broker.config import DEFAULT_BUS_HWM, BusConfig, events_bind_for
 from broker.errors import ConfigError
 from broker.server import Broker
 
-if TYPE_CHECKING:
-    # Not imported at run time: importing broker.engine.ledger before broker.server breaks
-    # the compiled build's module set (a withheld RESULT went out malformed).
-    from broker.engine.ledger import EventSink
-    from broker.metrics import MetricsServer
 from wire.logs import install_json_log
 from wire.sockets import with_host
+
+if TYPE_CHECKING:
+    # Types only: the metrics server (prometheus-client) is imported when asked for.
+    from broker.engine.ledger import EventSink
+    from broker.metrics import MetricsServer
 
 #: The logger of the broker's structured event lines (``extra=`` task and agent ids).
 event_logger = logging.getLogger("broker.events")

@@ -39,7 +39,7 @@ from cli.common import (
 )
 from cli.pool import BUILT_INS
 from nodes.catalogue import CATALOGUE_FILE as NODE_CONFIG
-from nodes.supervisor import PID_FILE as NODE_PID
+from nodes import PID_FILE as NODE_PID
 
 #: How long `agents start` and `scale --wait` wait for the replicas by default.
 WAIT_TIMEOUT_S: Final = 60.0

@@ -20,7 +20,7 @@ import orjson
 
 from cli.common import PING_TIMEOUT_S
 from cli.processes import ProcessRef, end_child, log_size, spawn
-from nodes.supervisor import PID_FILE
+from nodes import PID_FILE
 
 #: How long `start` waits for the broker, the runner, then each agent, to report ready.
 START_TIMEOUT_S: Final = 30.0
@@ -28,7 +28,7 @@ START_TIMEOUT_S: Final = 30.0
 POOL_POLL_S: Final = 0.1
 #: How long a failed `start` gives what it started to exit before it kills it.
 UNDO_TIMEOUT_S: Final = 10.0
-#: The node supervisor's log in the data dir (its pid file: ``nodes.supervisor.PID_FILE``).
+#: The node supervisor's log in the data dir (its pid file: ``nodes.PID_FILE``).
 NODE_LOG: Final = "node.log"
 #: The standing runner's pid file and log, in the data dir.
 RUNNER_PID: Final = "runner.pid"

@@ -29,7 +29,7 @@ from cli.common import (
 )
 from cli.common import F, count
 from cli.launch import RUNNER_PID, Launch, StartFailed, broker_pid_file
-from nodes.supervisor import PID_FILE
+from nodes import PID_FILE
 from cli.pool import AgentSpecs, parse_agents, say_llm_endpoint
 from cli.processes import ProcessRef, end_process, log_tail, read_ref
 from wire.limits import MAX_MESSAGE_BYTES_ENV

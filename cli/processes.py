@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from nodes import PID_FILE
+
 #: Lines of a log that a failed start prints.
 LOG_TAIL_LINES: Final = 12
 #: Bytes read from the end of a log for its last lines.
@@ -157,8 +159,6 @@ def children_of(pid: int) -> list[int]:
 def kill_supervisor(home: Path) -> None:
     """SIGKILL the node supervisor of the data dir ``home`` (its pid file) and its
     replicas: what a test or a benchmark started, at its end."""
-    from nodes.supervisor import PID_FILE
-
     try:
         ref = ProcessRef.parse((home / PID_FILE).read_text())
     except OSError:

@@ -27,6 +27,7 @@ import orjson
 import zmq
 
 from cli.processes import ProcessRef
+from nodes import PID_FILE
 from nodes.catalogue import Catalogue
 from nodes.replicas import (
     BACKOFF_MAX_S, BACKOFF_S, CrashBook, ReplicaPool, replica_env, spawn_replica,
@@ -52,8 +53,7 @@ REPORT_HWM: Final = 16
 FINAL_LINGER_MS: Final = 1000
 #: How long a replica may drain before the first PLAN says (none runs before it).
 DEFAULT_DRAIN_S: Final = 30.0
-#: The pid file and the replicas' log in the data dir.
-PID_FILE: Final = "node.pid"
+#: The replicas' log in the data dir (the pid file: :data:`nodes.PID_FILE`).
 AGENTS_LOG: Final = "agents.log"
 #: ERROR codes that mean the broker will not take this node as it is.
 _REFUSALS: Final = frozenset({ErrorCode.BAD_VERSION.value, ErrorCode.UNAUTHORIZED.value})
