@@ -259,7 +259,9 @@ def start(obj: Context, name: str, replicas: int, timeout: float, as_json: bool)
 replicas: the broker spreads them over the nodes whose catalogue has it (fewest replicas
 first, then most free CPU) and tells their supervisors. Replicas beyond the count are
 drained: they take no new task, finish theirs (or hand them back, without using a retry)
-and exit. Works from any machine; on a secure broker it needs an admin key. {CRASH_DEFAULTS}""")
+and exit. A scale also spreads NAME evenly again, moving as few replicas as that takes:
+scaling to the current N gives a node that joined (or came back empty) its share. Works
+from any machine; on a secure broker it needs an admin key. {CRASH_DEFAULTS}""")
 @click.argument("name", type=AGENT_NAME)
 @click.option("--replicas", type=count(0, 1024), required=True,
               help="Replicas in total (0 stops them all).")

@@ -11,7 +11,9 @@ A node whose reports stop for the heartbeat expiry is *lost*: its replicas are p
 on the other nodes that can run them (its agents' tasks are dispatched again as any
 dead agent's are). When it reports again it is placed again, from what it runs: the
 placement takes the extra replicas away from the node that has the most, so no more than
-the desired total keeps running.
+the desired total keeps running. A node that comes back with nothing running, or joins,
+gets its share at the agent's next SCALE (any count, the same one included), which
+spreads that agent evenly again (``broker/engine/placement.py``).
 """
 
 from __future__ import annotations
@@ -139,7 +141,9 @@ class NodeDesk:
         self.desired[name] = msg.replicas
         self.epochs[name] = self.epochs.get(name, 0) + 1
         self._desired_changed()
-        self._replan()
+        # A scale also spreads the agent evenly again: the way to give a node that
+        # joined, or came back empty, its share (placement is otherwise stable).
+        self._replan(even_out=frozenset((name,)))
         self._send_plans()
         nodes = {node_id: counts[name] for node_id, counts in self.placement.items()
                  if counts.get(name)}
@@ -173,9 +177,10 @@ class NodeDesk:
     def _live(self) -> list[NodeRecord]:
         return [node for node in self.nodes.values() if not node.lost]
 
-    def _replan(self) -> None:
+    def _replan(self, even_out: frozenset[str] = frozenset()) -> None:
         live = self._live()
-        self.placement = place(self.desired, [node.view() for node in live], self.placement)
+        self.placement = place(self.desired, [node.view() for node in live], self.placement,
+                               even_out)
         for node in live:
             node.planned = self.placement.get(node.report.node_id, {})
 

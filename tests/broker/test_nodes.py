@@ -121,3 +121,50 @@ def test_a_handed_back_task_runs_again_without_using_a_retry() -> None:
     assert dispatch.tasks[0].attempt == 1  # the hand-back was not an attempt
     assert engine.ledger.counters["handed_back"] == 1
     assert engine.ledger.agents.get(b"agent-1") is None
+
+
+def test_evening_out_moves_as_few_replicas_as_an_even_spread_takes() -> None:
+    # a restarted (empty) beside b with 4 and c with 2: stable placement leaves a empty
+    nodes = [view("a"), view("b", running={"echo": 4}), view("c", running={"echo": 2})]
+    previous = {"b": {"echo": 4}, "c": {"echo": 2}}
+    assert place({"echo": 6}, nodes, previous)["a"] == {"echo": 0}
+    # evening out moves two from b to a, and leaves c alone
+    assert place({"echo": 6}, nodes, previous, frozenset({"echo"})) == {
+        "a": {"echo": 2}, "b": {"echo": 2}, "c": {"echo": 2}}
+    # spread already (no two differ by more than one): nothing moves
+    spread = {"a": {"echo": 1}, "b": {"echo": 2}, "c": {"echo": 2}}
+    assert place({"echo": 5}, nodes, spread, frozenset({"echo"})) == spread
+    # nothing to spread: nothing happens (and a node that cannot run it gets none)
+    assert place({"echo": 0}, nodes, {}, frozenset({"echo"}))["a"] == {"echo": 0}
+    other = [view("a", catalogue=("other",)), view("b", running={"echo": 3})]
+    assert place({"echo": 3}, other, {"b": {"echo": 3}}, frozenset({"echo"})) == {
+        "a": {}, "b": {"echo": 3}}
+
+
+def test_a_node_back_with_nothing_running_gets_its_share_at_the_next_scale() -> None:
+    engine = make_engine()
+    expiry = engine.ledger.config.heartbeat_expiry_s
+    engine.handle(b"node-a", report("a"), 1000.0)
+    engine.handle(b"node-b", report("b"), 1000.0)
+    engine.handle(ADMIN, Scale(1, "echo", 4), 1000.0)
+    run_pass(engine, 1000.0)
+    # a goes silent past the expiry: b is planned all 4 and runs them
+    now = 1000.0
+    while not engine.nodes.nodes["a"].lost:
+        now += 0.5
+        engine.handle(b"node-b", report("b", {"echo": 2}), now)
+        run_pass(engine, now)
+    assert now < 1000.0 + expiry + 1
+    engine.handle(b"node-b", report("b", {"echo": 4}), now)
+    # a's supervisor restarted: a new connection, nothing running
+    engine.handle(b"node-a2", report("a"), now)
+    sent = run_pass(engine, now)
+    assert plans(sent, b"node-a2")[-1].running == {"echo": 0}  # stable: nothing moves
+    # When the agent is scaled, to the same count
+    engine.handle(ADMIN, Scale(2, "echo", 4), now)
+    sent = run_pass(engine, now)
+    # Then the pool is spread again: two move to a
+    (reply,) = [m for m in sent[ADMIN] if isinstance(m, ScaleReply)]
+    assert reply.nodes == {"a": 2, "b": 2}
+    assert plans(sent, b"node-a2")[-1].running == {"echo": 2}
+    assert plans(sent, b"node-b")[-1].running == {"echo": 2}

@@ -369,6 +369,12 @@ def test_replicas_spread_over_nodes_and_a_lost_node_is_made_good(node_site: Node
     placement = pool_nodes(status, HOST_AGENT)
     assert registered(status) == {f"host-{node}": n for node, n in placement.items()}, \
         show(status)
+    # When the pool is scaled to the count it has: spread evenly again, 2 and 2
+    scaled = site.scale(HOST_AGENT, 4)
+    assert scaled["placement"] == {"node1": 2, "node2": 2}, scaled
+    wait_for(client, lambda s: pool_nodes(s, HOST_AGENT) == {"node1": 2, "node2": 2}
+             and registered(s) == {"host-node1": 2, "host-node2": 2},
+             "the pool spread 2/2 again")
     views = client.call("views")
     assert set(views["resolved"].values()) == {1}, views["resolved"]
     print(f"[multihost nodes {mode}] tasks per agent: {dict(by_agent)}; "
