@@ -35,7 +35,8 @@ want=$(cat pyproject.toml | "$VENV/bin/python" -c 'import hashlib,sys; print(has
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     echo "installing Orchestrator and its dev tools into $VENV" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet -e ".[dev]" >&2
+    # -qq: errors only (not the build backend's notes about editable installs)
+    "$VENV/bin/python" -m pip install -qq -e ".[dev]" >&2
     echo "$want" > "$STAMP"
 fi
 

@@ -23,12 +23,14 @@ compiler and mypy are available and carries on in pure Python when not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -99,6 +101,37 @@ def build(project_dir: Path = PROJECT_DIR) -> None:
             _install(staging, b, digests[b.package])
 
 
+@contextlib.contextmanager
+def _output_kept_unless_failed() -> Iterator[None]:
+    """Send what the build prints (mypyc's notes, the C compiler's lines: ``sys.stdout``
+    and ``sys.stderr`` and file descriptors 1 and 2, subprocesses included) to a scratch
+    file, and show it on stderr only when the build fails: a first run prints one line,
+    not a page of compiler notes."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        try:
+            with open(log.fileno(), "w", closefd=False) as text, \
+                    contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                try:
+                    yield
+                finally:
+                    text.flush()
+                    os.dup2(saved[0], 1)
+                    os.dup2(saved[1], 2)
+        except BaseException:
+            log.seek(0)
+            sys.stderr.write(log.read().decode("utf-8", "replace"))
+            sys.stderr.flush()
+            raise
+        finally:
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 def clean() -> bool:
     """Remove both builds; True when there was one."""
     removed = False
@@ -135,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.if_needed and native_check()[0]:
             print("compiled hot paths are up to date", file=sys.stderr)
             return 0
+        print("compiling the broker's hot paths with mypyc (about a minute, once; "
+              "everything runs without it)", file=sys.stderr)
         try:
-            build()
+            with _output_kept_unless_failed():
+                build()
         except ImportError as e:
             print(f"error: mypyc is not installed ({e}); install the dev extra: "
                   "pip install -e '.[dev]'", file=sys.stderr)
@@ -144,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, OSError) as e:
             print(f"error: {e}; the broker keeps running the Python source", file=sys.stderr)
             return 1
-        print(f"compiled {', '.join(COMPILED_MODULES)} into {NATIVE_DIR}", file=sys.stderr)
+        print(f"compiled {len(COMPILED_MODULES)} modules into {NATIVE_DIR} and "
+              f"{wire.WIRE_BUILD.native_dir}", file=sys.stderr)
         return 0
     if args.command == "status":
         report = status()

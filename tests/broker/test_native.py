@@ -13,6 +13,7 @@ from broker import (
     COMPILED_MODULES, NATIVE_MANIFEST, PURE_PYTHON_ENV, module_source, native_check,
     source_digests,
 )
+from broker.native import _output_kept_unless_failed
 from tests.conftest import Cluster, python_process, read_json_line
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -120,3 +121,22 @@ def test_a_broker_serves_tasks_as_python_and_compiled(cluster: Cluster, tmp_path
     result = client.submit(capabilities=["echo"], data={"n": 7}).result(timeout=30)
     assert result.ok and result.data == {"n": 7}
     assert client.status()["broker"]["compiled"] is (not pure)
+
+
+def test_the_build_prints_its_compiler_output_only_when_it_fails(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # Given what mypyc prints and what a compiler subprocess writes to its stderr
+    def noisy() -> None:
+        print("broker/server.py:201: warning: Treating generator comprehension as list")
+        subprocess.run(["sh", "-c", "echo 'gcc: note' >&2"], check=True)
+
+    # When a build succeeds: none of it shows
+    with _output_kept_unless_failed():
+        noisy()
+    assert capfd.readouterr() == ("", "")
+    # When it fails: all of it shows, on stderr, for the user to read
+    with pytest.raises(RuntimeError), _output_kept_unless_failed():
+        noisy()
+        raise RuntimeError("compiling the hot modules failed")
+    err = capfd.readouterr().err
+    assert "gcc: note" in err and "Treating generator comprehension" in err
