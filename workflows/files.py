@@ -352,7 +352,7 @@ class SinceRevision:
 
     def describe(self) -> str:
         """How the change reads in a plan."""
-        extra = ", uncommitted work included" if self.include_worktree else ""
+        extra = " (uncommitted work included)" if self.include_worktree else ""
         return f"the changes since {self.revision}{extra}"
 
 

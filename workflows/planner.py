@@ -869,8 +869,9 @@ def _plan_change(work: _FileWork, request: ChangeRequest, target: Path,
              for batch in pack_batches(change.files)]
     if not items:
         kinds = "text" if suffixes is None else "/".join(suffixes)
-        raise PlanError(f"{label} changes no {kinds} file"
-                        f"{f' ({len(change.skipped)} skipped)' if change.skipped else ''}")
+        skipped = f" ({len(change.skipped)} skipped)" if change.skipped else ""
+        raise PlanError(f"nothing to review in {label}: no {kinds} file changed{skipped}; "
+                        "name another change, e.g. \"review my last 3 commits\"")
     workflow = Workflow(f"{work.workflow}-change",
                         _map_reduce(work, items, ANALYSIS_MIN_SUCCESS))
     lines = sum(end - start + 1 for f in change.files for start, end in f.changed_lines)

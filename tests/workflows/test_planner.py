@@ -139,7 +139,7 @@ BUILD = ("build", "pipeline", "search", "code_review")
     ("Review pull request #7", REVIEW, {"change": "pull request #7"}),
     ("review PR 7", REVIEW, {"change": "pull request #7"}),
     ("review the changes since main", REVIEW,
-     {"change": "the changes since main, uncommitted work included"}),
+     {"change": "the changes since main (uncommitted work included)"}),
     ("code review of my last 2 commits", REVIEW, {"change": "the last 2 commits"}),
     ("review main..feature", REVIEW, {"change": "main..feature"}),
     ("Research vector databases", RESEARCH, {"topic": "vector databases"}),
@@ -569,3 +569,20 @@ def test_a_proposing_planner_falls_back_on_a_bad_proposal(project: Path) -> None
     assert good.plan("hello", cwd=project, online_capabilities=ONLINE).intent == "proposed"
     # Plans that carry the client's files are never left to the model
     assert good.plan("audit ./src for vulnerabilities", cwd=project).intent == "security"
+
+
+def test_a_change_with_no_file_to_review_says_so_and_what_to_ask_instead(
+        tmp_path: Path) -> None:
+    # Given a git repository on main, with nothing since main
+    write(tmp_path, {"app.py": "x = 1\n"})
+    git(tmp_path, "init", "-q", "-b", "main")
+    git(tmp_path, "add", "app.py")
+    git(tmp_path, "commit", "-qm", "one")
+    # When the changes since main are asked for a review
+    with pytest.raises(PlanError) as caught:
+        plan("Review the changes since main", cwd=tmp_path)
+    # Then the error says there is nothing to review, and what to ask instead
+    message = str(caught.value)
+    assert message.startswith("nothing to review in the changes since main "
+                              "(uncommitted work included): no "), message
+    assert "review my last 3 commits" in message and "\n" not in message
