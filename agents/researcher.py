@@ -118,6 +118,11 @@ _SENTENCE_BREAK: Final = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9]
 _BULLET: Final = re.compile(r"^(?:[-*+]|\d+[.)])\s+")
 _HEADING_LINE: Final = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 _FENCE: Final = re.compile(r"^\s*(```|~~~)")
+#: A Markdown table row: its cells are not sentences.
+_TABLE_ROW: Final = re.compile(r"^\s*\|")
+#: Letters of a term two words must share to be taken as the same word when the light
+#: stemmer and the index's Porter stemmer disagree ("caching", "cache").
+_PREFIX_LETTERS: Final = 4
 _SIGNATURE: Final = re.compile(
     r"^\s*(?:export\s+)?(?:default\s+)?(?:pub(?:\([^)]*\))?\s+)?(?:public\s+|static\s+)*"
     r"(?:async\s+)?(?:function|class|interface|struct|enum|trait|impl|def|func|fn|type)\s+"
@@ -178,10 +183,13 @@ def sentence_units(path: str, first_line: int, text: str) -> list[Unit]:
     """The sentences of a span of a document, each with its line range.
 
     Lines of a paragraph are joined, then cut at sentence ends; a list item starts a new
-    paragraph; headings and fenced code markers are left out (they are not sentences).
+    paragraph; headings, fenced code (its markers and what lies between them) and table
+    rows are left out: they are not sentences, and a command line that names the query's
+    words is not an answer about them.
     """
     units: list[Unit] = []
     paragraph: list[tuple[int, str]] = []
+    in_code = False
 
     def flush() -> None:
         if not paragraph:
@@ -206,7 +214,11 @@ def sentence_units(path: str, first_line: int, text: str) -> list[Unit]:
 
     for i, raw in enumerate(text.split("\n")):
         line = raw.strip()
-        if not line or _HEADING_LINE.match(raw) or _FENCE.match(raw):
+        if _FENCE.match(raw):
+            in_code = not in_code
+            flush()
+            continue
+        if in_code or not line or _HEADING_LINE.match(raw) or _TABLE_ROW.match(raw):
             flush()
             continue
         bullet = _BULLET.match(line)
@@ -260,22 +272,27 @@ def extractive_summary(query: str, hits: list[Hit]) -> tuple[str, list[Unit]]:
             doc_freq[term] = doc_freq.get(term, 0) + 1
     idf = {t: math.log(1 + len(all_units) / (1 + doc_freq.get(t, 0))) for t in query_terms}
     query_weight = sum(idf.values()) or 1.0
-    top = hits[0].score
+    # Passages ranked by their prose: one that names the query's words only in code or
+    # a table (a command example) neither answers nor sets the bar for the others.
+    speaking = [(hit, spoken) for hit, units in zip(hits, per_hit)
+                if (spoken := [u for u in units if query_terms & u.terms])]
+    top = speaking[0][0].score if speaking else 0.0
     candidates: list[Unit] = []
-    for rank, (hit, units) in enumerate(zip(hits, per_hit)):
+    for rank, (hit, units) in enumerate(speaking):
         passage_score = hit.score / top if top > 0 else 1.0 / (rank + 1)
         if passage_score < MIN_RELATIVE_SCORE:
             continue
         for unit in units:
-            overlap = query_terms & unit.terms
-            if overlap:
-                coverage = sum(idf[t] for t in overlap) / query_weight
-                candidates.append(unit.scored(0.4 * passage_score + 0.6 * coverage))
+            coverage = sum(idf[t] for t in query_terms & unit.terms) / query_weight
+            candidates.append(unit.scored(0.4 * passage_score + 0.6 * coverage))
     if not candidates:
-        # The index matched on stems this light stemmer does not share: quote the
-        # best passages' opening sentences instead.
-        candidates = [units[0].scored(1.0 / (rank + 1))
-                      for rank, units in enumerate(per_hit[:2]) if units]
+        # The index may have matched on stems this light stemmer does not share
+        # ("caching", "cache"): quote the sentences that share a term's first letters.
+        # None: the passages name the query's words only in code or tables.
+        prefixes = {t[:_PREFIX_LETTERS] for t in query_terms}
+        candidates = [unit.scored(1.0 / (rank + 1))
+                      for rank, units in enumerate(per_hit[:2]) for unit in units
+                      if prefixes & {t[:_PREFIX_LETTERS] for t in unit.terms}]
     picked = mmr_select(candidates, SUMMARY_SENTENCES, SUMMARY_MAX_CHARS)
     return " ".join(f"{u.text} {citation_text(u)}" for u in picked), picked
 
@@ -654,10 +671,15 @@ class ResearcherAgent(BaseAgent):
         elif not hits:
             summary = (f"No passage of the {corpus['documents']} document(s) matches "
                        f"{query!r}.")
+        elif not units:
+            summary = (f"No passage of the {corpus['documents']} document(s) speaks of "
+                       f"{query!r}: its words appear only in code or tables (nearest: "
+                       f"{citation_text(hits[0].passage)}).")
         out.update(results=[hit.to_dict() for hit in hits[:limit]], summary=summary,
                    citations=unique_citations(units) or
                    unique_citations([hit.passage for hit in hits[:1]]),
-                   summary_by="extractive")
+                   # "none": nothing quoted, so this part did not answer its query
+                   summary_by="extractive" if units else "none")
         return out, hits
 
     @contextlib.contextmanager

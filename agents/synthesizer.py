@@ -242,6 +242,8 @@ def merge_research(items: Sequence[Mapping[str, Any]], failed: Sequence[FailedIt
     citations: dict[Citation, None] = {}
     topics: dict[str, None] = {}
     answered = 0
+    #: sections whose item quoted something: the summary's points come from these
+    quoted: list[Section] = []
     for index, item in enumerate(items):
         citations.update(dict.fromkeys(_cited(item.get("citations"), index)))
         if item.get("topic"):
@@ -249,16 +251,23 @@ def merge_research(items: Sequence[Mapping[str, Any]], failed: Sequence[FailedIt
         mine = _sections(item, index)
         for section in mine:
             citations.update(dict.fromkeys(section.citations))
-        answered += any(section.summary for section in mine)
+        # A researcher that found nothing to quote says so (summary_by "none"): its
+        # part is in the report, but it did not answer.
+        if item.get("summary_by") != "none":
+            answered += any(section.summary for section in mine)
+            quoted += mine
         sections += mine
     topic = ", ".join(topics)
     if title is None:
         title = f"Research: {topic}" if topic else f"Summary of {len(sections)} document(s)"
     lead = (f"{answered} of {len(items) + len(failed)} part(s) answered"
             + (f"; {len(failed)} failed" if failed else "") + ".")
+    if items and not answered:
+        lead += (" The documents do not discuss it: each part below names the nearest "
+                 "mention.")
     # Aspects often find the same best passage: say each sentence once.
     points, said = [], set()
-    for section in sections:
+    for section in quoted:
         sentence = _first_sentence(section.summary) if section.summary else ""
         if sentence and " ".join(sentence.lower().split()) not in said:
             said.add(" ".join(sentence.lower().split()))

@@ -574,6 +574,30 @@ def test_research_sections_citations_and_summary() -> None:
     assert ResearchReport.from_data(json.loads(json.dumps(data))) == report
 
 
+def test_parts_that_quoted_nothing_are_not_answers() -> None:
+    # Given one part that quoted a sentence and one whose researcher found only code
+    quoted = {"kind": "research", "aspect": "overview", "query": "vector databases",
+              "topic": "vector databases", "summary_by": "extractive",
+              "summary": "Vector databases index embeddings. [docs/s.md:3-3]",
+              "citations": [{"path": "docs/s.md", "lines": [3, 3]}]}
+    unanswered = {"kind": "research", "aspect": "cost", "query": "vector database cost",
+                  "topic": "vector databases", "summary_by": "none",
+                  "summary": "No passage of the 2 document(s) speaks of 'vector database "
+                             "cost': its words appear only in code or tables (nearest: "
+                             "[docs/u.md:5-7]).",
+                  "citations": [{"path": "docs/u.md", "lines": [5, 7]}]}
+    # When merged: 1 of 2 answered, and only the answer makes the summary's points
+    report = merge_research([quoted, unanswered])
+    assert report.summary.startswith("1 of 2 part(s) answered. overview: Vector databases")
+    assert "No passage" not in report.summary
+    # ...while the part that found nothing keeps its section, saying so
+    assert report.sections[1].summary.startswith("No passage")
+    # When no part answered, the lead says the documents do not discuss it
+    nothing = merge_research([unanswered])
+    assert nothing.summary == ("0 of 1 part(s) answered. The documents do not discuss it: "
+                               "each part below names the nearest mention.")
+
+
 def test_summaries_without_aspects_are_sections_named_by_their_sources() -> None:
     # Given two summarization outputs: one with per-file summaries, one without
     items = [{"kind": "research", "summary": "README.md: Three calls. [README.md:1-4]",

@@ -108,6 +108,32 @@ def test_finds_the_right_document_for_each_question_and_cites_it(cluster: Cluste
         assert data["corpus"]["cached"] is (number > 0)
 
 
+def test_words_only_in_code_or_tables_are_not_an_answer(cluster: Cluster) -> None:
+    # Given documents that name "vector databases" only in a command example and a table
+    # row, and one that discusses them in prose
+    client = researcher(cluster)
+    usage = ("# Usage\n\nRun a research workflow from the shell:\n\n```bash\n"
+             "orchestrator submit \"Research vector databases\"\n```\n\n"
+             "| text | plan |\n| --- | --- |\n| research vector databases | a workflow |\n")
+    prose = ("# Storage\n\nVector databases index embeddings for nearest-neighbour search. "
+             "They trade exact recall for speed with approximate indexes.\n")
+    only_code = [{"path": "docs/usage.md", "content": usage}]
+    # When only the command example names them
+    data = ask(client, "search", {"query": "vector databases", "aspect": "overview",
+                                  "documents": only_code})
+    # Then nothing is quoted, the summary says why and where the nearest mention is
+    assert data["summary_by"] == "none", data
+    assert "appear only in code or tables" in data["summary"], data["summary"]
+    assert "[docs/usage.md:" in data["summary"] and "orchestrator submit" not in data["summary"]
+    # When a document discusses them: its sentence is quoted, never the command line
+    data = ask(client, "search", {"query": "vector databases", "aspect": "overview",
+                                  "documents": [*only_code,
+                                                {"path": "docs/storage.md", "content": prose}]})
+    assert data["summary_by"] == "extractive", data
+    assert data["summary"].startswith("Vector databases index embeddings"), data["summary"]
+    assert "orchestrator submit" not in data["summary"] and "|" not in data["summary"]
+
+
 def test_a_directory_corpus_is_indexed_incrementally(cluster: Cluster, tmp_path: Path,
                                                      orch_home: Path) -> None:
     # Given a corpus directory configured on the researcher's machine
