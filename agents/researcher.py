@@ -99,6 +99,8 @@ FILE_SUMMARY_DEFINITIONS: Final = 8
 #: MMR's trade-off: 1.0 ranks by relevance only, lower favours sentences unlike those
 #: already chosen.
 MMR_LAMBDA: Final = 0.7
+#: Share of a research topic's terms a quoted sentence must hold (rounded up).
+TOPIC_COVERAGE: Final = 0.6
 #: A passage scoring under this fraction of the best one is off topic: not quoted.
 MIN_RELATIVE_SCORE: Final = 0.35
 #: Sentences this alike (Jaccard of their terms) are the same point said twice.
@@ -256,13 +258,25 @@ def mmr_select(candidates: list[Unit], count: int, max_chars: int) -> list[Unit]
     return picked
 
 
-def extractive_summary(query: str, hits: list[Hit]) -> tuple[str, list[Unit]]:
+def extractive_summary(query: str, hits: list[Hit], topic: str = "") -> tuple[str, list[Unit]]:
     """A summary of the passages found for ``query``: the sentences that cover the most
     (and rarest) query terms in the best-ranked passages, redundancy removed by MMR, each
-    followed by its citation. Returns the text and the sentences it quotes."""
+    followed by its citation. Returns the text and the sentences it quotes.
+
+    ``topic`` (a research item's subject, whose ``query`` adds an aspect's words such as
+    "trade-offs" or "best practices") must be spoken of by every quoted sentence: most of
+    its terms (both of two), so that "Opening an older database..." is not an answer
+    about vector databases because it shares "database".
+    """
     if not hits:
         return "", []
     query_terms = set(content_terms(query))
+    # (a topic counts where the query speaks of it: an item's topic is part of its query)
+    topic_terms = set(content_terms(topic)) & query_terms
+    needed = math.ceil(TOPIC_COVERAGE * len(topic_terms))
+
+    def about(unit: Unit) -> bool:
+        return bool(query_terms & unit.terms) and len(topic_terms & unit.terms) >= needed
     per_hit = [sentence_units(h.passage.path, h.passage.first_line, h.passage.text)
                for h in hits]
     all_units = [u for units in per_hit for u in units]
@@ -275,7 +289,7 @@ def extractive_summary(query: str, hits: list[Hit]) -> tuple[str, list[Unit]]:
     # Passages ranked by their prose: one that names the query's words only in code or
     # a table (a command example) neither answers nor sets the bar for the others.
     speaking = [(hit, spoken) for hit, units in zip(hits, per_hit)
-                if (spoken := [u for u in units if query_terms & u.terms])]
+                if (spoken := [u for u in units if about(u)])]
     top = speaking[0][0].score if speaking else 0.0
     candidates: list[Unit] = []
     for rank, (hit, units) in enumerate(speaking):
@@ -289,10 +303,11 @@ def extractive_summary(query: str, hits: list[Hit]) -> tuple[str, list[Unit]]:
         # The index may have matched on stems this light stemmer does not share
         # ("caching", "cache"): quote the sentences that share a term's first letters.
         # None: the passages name the query's words only in code or tables.
-        prefixes = {t[:_PREFIX_LETTERS] for t in query_terms}
+        prefixes = {t[:_PREFIX_LETTERS] for t in topic_terms or query_terms}
         candidates = [unit.scored(1.0 / (rank + 1))
                       for rank, units in enumerate(per_hit[:2]) for unit in units
-                      if prefixes & {t[:_PREFIX_LETTERS] for t in unit.terms}]
+                      if len(prefixes & {t[:_PREFIX_LETTERS] for t in unit.terms})
+                      >= max(1, math.ceil(TOPIC_COVERAGE * len(prefixes)))]
     picked = mmr_select(candidates, SUMMARY_SENTENCES, SUMMARY_MAX_CHARS)
     return " ".join(f"{u.text} {citation_text(u)}" for u in picked), picked
 
@@ -665,16 +680,17 @@ class ResearcherAgent(BaseAgent):
                            summary=corpus.pop("message", NO_CORPUS), summary_by="none")
                 return out, []
             hits = index.search(query, max(limit, SUMMARY_PASSAGES))
-        summary, units = extractive_summary(query, hits)
+        summary, units = extractive_summary(query, hits, str(data.get("topic") or ""))
         if not query.strip():
             summary = "No query given: nothing to search for."
         elif not hits:
             summary = (f"No passage of the {corpus['documents']} document(s) matches "
                        f"{query!r}.")
         elif not units:
-            summary = (f"No passage of the {corpus['documents']} document(s) speaks of "
-                       f"{query!r}: its words appear only in code or tables (nearest: "
-                       f"{citation_text(hits[0].passage)}).")
+            subject = str(data.get("topic") or "") or query
+            summary = (f"No passage of the {corpus['documents']} document(s) is about "
+                       f"{subject!r}: its words appear only in code, tables or passages "
+                       f"on other subjects (nearest: {citation_text(hits[0].passage)}).")
         out.update(results=[hit.to_dict() for hit in hits[:limit]], summary=summary,
                    citations=unique_citations(units) or
                    unique_citations([hit.passage for hit in hits[:1]]),

@@ -582,9 +582,9 @@ def test_parts_that_quoted_nothing_are_not_answers() -> None:
               "citations": [{"path": "docs/s.md", "lines": [3, 3]}]}
     unanswered = {"kind": "research", "aspect": "cost", "query": "vector database cost",
                   "topic": "vector databases", "summary_by": "none",
-                  "summary": "No passage of the 2 document(s) speaks of 'vector database "
-                             "cost': its words appear only in code or tables (nearest: "
-                             "[docs/u.md:5-7]).",
+                  "summary": "No passage of the 2 document(s) is about 'vector "
+                             "databases': its words appear only in code, tables or "
+                             "passages on other subjects (nearest: [docs/u.md:5-7]).",
                   "citations": [{"path": "docs/u.md", "lines": [5, 7]}]}
     # When merged: 1 of 2 answered, and only the answer makes the summary's points
     report = merge_research([quoted, unanswered])

@@ -123,7 +123,8 @@ def test_words_only_in_code_or_tables_are_not_an_answer(cluster: Cluster) -> Non
                                   "documents": only_code})
     # Then nothing is quoted, the summary says why and where the nearest mention is
     assert data["summary_by"] == "none", data
-    assert "appear only in code or tables" in data["summary"], data["summary"]
+    assert data["summary"].startswith("No passage of the 1 document(s) is about "
+                                      "'vector databases'"), data["summary"]
     assert "[docs/usage.md:" in data["summary"] and "orchestrator submit" not in data["summary"]
     # When a document discusses them: its sentence is quoted, never the command line
     data = ask(client, "search", {"query": "vector databases", "aspect": "overview",
@@ -132,6 +133,29 @@ def test_words_only_in_code_or_tables_are_not_an_answer(cluster: Cluster) -> Non
     assert data["summary_by"] == "extractive", data
     assert data["summary"].startswith("Vector databases index embeddings"), data["summary"]
     assert "orchestrator submit" not in data["summary"] and "|" not in data["summary"]
+
+
+def test_an_aspect_query_quotes_only_sentences_about_its_topic(cluster: Cluster) -> None:
+    # Given a document that shares one word of the topic ("database") but is not about
+    # vector databases, and one that is
+    client = researcher(cluster)
+    other = ("# Migrations\n\nOpening an older database runs the migration steps, one "
+             "transaction each, and the best practice is a backup first.\n")
+    prose = ("# Storage\n\nVector databases index embeddings for nearest-neighbour search. "
+             "A common pitfall of vector databases is a stale index after bulk writes.\n")
+    item = {"query": "vector databases: best practices and common pitfalls",
+            "aspect": "practices", "topic": "vector databases"}
+    # When an aspect of the topic is researched in the first alone: nothing is an answer
+    data = ask(client, "search", {**item, "documents": [
+        {"path": "docs/migrations.md", "content": other}]})
+    assert data["summary_by"] == "none" and "Opening an older database" not in data["summary"]
+    # And with both: only the sentence about vector databases is quoted
+    data = ask(client, "search", {**item, "documents": [
+        {"path": "docs/migrations.md", "content": other},
+        {"path": "docs/storage.md", "content": prose}]})
+    assert data["summary_by"] == "extractive", data
+    assert "stale index after bulk writes" in data["summary"], data["summary"]
+    assert "Opening an older database" not in data["summary"]
 
 
 def test_a_directory_corpus_is_indexed_incrementally(cluster: Cluster, tmp_path: Path,
