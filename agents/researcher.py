@@ -122,6 +122,9 @@ _HEADING_LINE: Final = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 _FENCE: Final = re.compile(r"^\s*(```|~~~)")
 #: A Markdown table row: its cells are not sentences.
 _TABLE_ROW: Final = re.compile(r"^\s*\|")
+#: A column-aligned line (a listing, a code block's middle when a passage starts inside
+#: one): a run of three spaces after its first word. Prose does not align columns.
+_ALIGNED: Final = re.compile(r"\S {3,}\S")
 #: Letters of a term two words must share to be taken as the same word when the light
 #: stemmer and the index's Porter stemmer disagree ("caching", "cache").
 _PREFIX_LETTERS: Final = 4
@@ -220,7 +223,8 @@ def sentence_units(path: str, first_line: int, text: str) -> list[Unit]:
             in_code = not in_code
             flush()
             continue
-        if in_code or not line or _HEADING_LINE.match(raw) or _TABLE_ROW.match(raw):
+        if in_code or not line or _HEADING_LINE.match(raw) or _TABLE_ROW.match(raw) \
+                or _ALIGNED.search(line):
             flush()
             continue
         bullet = _BULLET.match(line)

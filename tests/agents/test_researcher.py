@@ -114,7 +114,8 @@ def test_words_only_in_code_or_tables_are_not_an_answer(cluster: Cluster) -> Non
     client = researcher(cluster)
     usage = ("# Usage\n\nRun a research workflow from the shell:\n\n```bash\n"
              "orchestrator submit \"Research vector databases\"\n```\n\n"
-             "| text | plan |\n| --- | --- |\n| research vector databases | a workflow |\n")
+             "| text | plan |\n| --- | --- |\n| research vector databases | a workflow |\n"
+             "\n  research.py      the vector databases listing, column-aligned\n")
     prose = ("# Storage\n\nVector databases index embeddings for nearest-neighbour search. "
              "They trade exact recall for speed with approximate indexes.\n")
     only_code = [{"path": "docs/usage.md", "content": usage}]
