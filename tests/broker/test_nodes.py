@@ -4,6 +4,7 @@ drained agent's hand-back does not use a retry. Placement alone: broker/engine/p
 
 from __future__ import annotations
 
+from broker.engine.engine import Engine
 from broker.engine.placement import NodeView, place
 from tests.broker.support import make_engine, register, run_pass, submit
 from wire.nodes import NodePlan, NodeReport, Scale, ScaleReply
@@ -78,21 +79,29 @@ def test_scaling_an_agent_no_node_lists_is_an_error_naming_the_nodes() -> None:
     assert "a" in error.message and "agents start translator" in error.message
 
 
-def test_a_lost_node_replicas_move_and_come_back_to_the_desired_total() -> None:
-    engine = make_engine()
+def a_lost_after_a_scale_to_4(engine: Engine) -> tuple[float, list[NodePlan]]:
+    """Nodes a and b, echo scaled to 4 (2 each); then b keeps reporting its 2 while a
+    goes silent until it is lost. Returns the time then and b's plans of that pass."""
     expiry = engine.ledger.config.heartbeat_expiry_s
     engine.handle(b"node-a", report("a"), 1000.0)
     engine.handle(b"node-b", report("b"), 1000.0)
     engine.handle(ADMIN, Scale(1, "echo", 4), 1000.0)
     run_pass(engine, 1000.0)
-    # b keeps reporting; a goes silent past the expiry
     now = 1000.0
-    while now < 1000.0 + expiry + 1:
+    sent: dict[bytes, list[object]] = {}
+    while not engine.nodes.nodes["a"].lost:
         now += 0.5
         engine.handle(b"node-b", report("b", {"echo": 2}), now)
         sent = run_pass(engine, now)
-    assert engine.nodes.nodes["a"].lost
-    assert plans(sent, b"node-b")[-1].running == {"echo": 4}
+    assert now < 1000.0 + expiry + 1
+    return now, plans(sent, b"node-b")
+
+
+def test_a_lost_node_replicas_move_and_come_back_to_the_desired_total() -> None:
+    engine = make_engine()
+    # a goes silent past the expiry: b is planned all 4
+    now, b_plans = a_lost_after_a_scale_to_4(engine)
+    assert b_plans[-1].running == {"echo": 4}
     # a returns, still running its 2; b runs 4: the extras go, 4 in all
     engine.handle(b"node-b", report("b", {"echo": 4}), now)
     engine.handle(b"node-a", report("a", {"echo": 2}), now)
@@ -143,18 +152,8 @@ def test_evening_out_moves_as_few_replicas_as_an_even_spread_takes() -> None:
 
 def test_a_node_back_with_nothing_running_gets_its_share_at_the_next_scale() -> None:
     engine = make_engine()
-    expiry = engine.ledger.config.heartbeat_expiry_s
-    engine.handle(b"node-a", report("a"), 1000.0)
-    engine.handle(b"node-b", report("b"), 1000.0)
-    engine.handle(ADMIN, Scale(1, "echo", 4), 1000.0)
-    run_pass(engine, 1000.0)
     # a goes silent past the expiry: b is planned all 4 and runs them
-    now = 1000.0
-    while not engine.nodes.nodes["a"].lost:
-        now += 0.5
-        engine.handle(b"node-b", report("b", {"echo": 2}), now)
-        run_pass(engine, now)
-    assert now < 1000.0 + expiry + 1
+    now, _ = a_lost_after_a_scale_to_4(engine)
     engine.handle(b"node-b", report("b", {"echo": 4}), now)
     # a's supervisor restarted: a new connection, nothing running
     engine.handle(b"node-a2", report("a"), now)
