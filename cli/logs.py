@@ -168,10 +168,22 @@ def logs(obj: Context, follow: bool, task: str | None, agent: str | None,
              "them there once started (see --help for the data dir)", EXIT_FAILED)
     lines, offsets = merged(logs_dir)
     try:
+        shown = 0
+        agents: set[str] = set()
         for line in lines:
             if keep.keep(line):
                 show(line, as_json)
+                shown += 1
+            elif line.record.get("agent_id"):
+                agents.add(str(line.record["agent_id"]).rpartition("-")[0])
         sys.stdout.flush()
+        if not shown and not follow:
+            # Filters that match nothing: say so (and which agents there are), rather
+            # than print nothing with success.
+            what = " and ".join(f"{name} {value!r}" for name, value
+                                in (("task", task), ("agent", agent)) if value is not None)
+            known = f"; agents with lines here: {', '.join(sorted(agents))}" if agents else ""
+            fail(f"no log line of {what} in {logs_dir}{known}", EXIT_FAILED)
         if follow:
             follow_files(logs_dir, offsets, keep, as_json)
     except KeyboardInterrupt:

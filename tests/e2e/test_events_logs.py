@@ -251,6 +251,11 @@ def test_logs_task_finds_the_broker_and_agent_lines(home: Path, procs: list[Proc
     # The readable form prints the same lines
     readable = orchestrator(home, "logs", "--task", task_id)
     assert len(readable.stdout.splitlines()) == len(lines) and task_id in readable.stdout
+    # And a filter that matches nothing says so, naming the agents that have lines
+    nobody = orchestrator(home, "logs", "--agent", "nobody", "--json")
+    assert nobody.returncode == 1, nobody.stdout
+    error = json.loads(nobody.stdout)["error"]
+    assert error.startswith("no log line of agent 'nobody' in ") and "logged" in error
 
 
 def test_logs_follow_prints_new_lines(home: Path, procs: list[Proc]) -> None:
