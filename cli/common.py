@@ -8,11 +8,12 @@ the group: so no module of the CLI imports another that imports it back.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
@@ -380,6 +381,22 @@ class CliGroup(DataDirGroup):
 
     #: The command line being run (for ``--json`` before the command has parsed it).
     argv: list[str] = []
+
+    def __init__(self, *args: Any, lazy_commands: Mapping[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: commands by name as ``module:attribute``, imported when first asked for, so
+        #: that a command loads only what it needs (``--help`` lists, so imports, all)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.lazy_commands:
+            module, attribute = self.lazy_commands[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
 
     def main(self, args: Any = None, *posargs: Any, **kwargs: Any) -> Any:
         self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]

@@ -6,34 +6,38 @@ Every command that prints data takes ``--json`` and then prints exactly one JSON
 
 This module only assembles the group: the commands live in one module per topic
 (:mod:`cli.lifecycle`, :mod:`cli.tasks`, :mod:`cli.state`, :mod:`cli.bench`,
-:mod:`cli.workflow`) and what
-they share in :mod:`cli.common`. Nothing imports this module but the entry points.
+:mod:`cli.workflow`, ...), imported when used, and what they share in :mod:`cli.common`.
+Nothing imports this module but the entry points.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Final
 
 import click
 
 from broker import __version__
-from cli.agents import agents
-from cli.bench import bench
 from cli.common import EXIT_CODES_HELP, URL, CliGroup, Context, DirPath
-from cli.events import events
-from cli.keys import keys
-from cli.lifecycle import start, status, stop
-from cli.logs import logs
-from cli.oneshot import run
-from cli.purge import purge
-from cli.state import state
-from cli.tasks import cancel, result, submit, tasks, trace
-from cli.workflow import workflow
 
 HELP = "Orchestrator: run many AI agents as processes and coordinate them through a broker."
 
+#: Every command, as ``module:attribute``, imported when it is asked for: ``orchestrator
+#: submit`` loads :mod:`cli.tasks` and what it needs, not every command's dependencies
+#: (the node supervisor, the benchmarks, the workflow engine, rich tables). ``--help``
+#: lists them all, and so imports them all.
+COMMANDS: Final = {
+    "start": "cli.lifecycle:start", "stop": "cli.lifecycle:stop",
+    "status": "cli.lifecycle:status", "submit": "cli.tasks:submit",
+    "result": "cli.tasks:result", "cancel": "cli.tasks:cancel", "trace": "cli.tasks:trace",
+    "tasks": "cli.tasks:tasks", "bench": "cli.bench:bench", "state": "cli.state:state",
+    "workflow": "cli.workflow:workflow", "run": "cli.oneshot:run",
+    "events": "cli.events:events", "logs": "cli.logs:logs", "keys": "cli.keys:keys",
+    "purge": "cli.purge:purge", "agents": "cli.agents:agents",
+}
 
-@click.group(cls=CliGroup, help=HELP, epilog=EXIT_CODES_HELP)
+
+@click.group(cls=CliGroup, lazy_commands=COMMANDS, help=HELP, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="orchestrator")
 @click.option("--home", type=DirPath(), default=None, envvar="ORCH_HOME",
               help="Data dir (lock, pid files, logs, journal, state). Default: $ORCH_HOME, "
@@ -48,12 +52,6 @@ def main(ctx: click.Context, home: Path | None, broker_url: str | None) -> None:
     source = "from ORCH_HOME" if ctx.get_parameter_source("home") is \
         click.core.ParameterSource.ENVIRONMENT else "from --home"
     ctx.obj = Context.from_options(home, broker_url, source)
-
-
-# `--help` lists the commands sorted by name, so the order here does not show.
-for _command in (start, stop, status, submit, result, cancel, trace, tasks, bench, state,
-                 workflow, run, events, logs, keys, purge, agents):
-    main.add_command(_command)
 
 
 if __name__ == "__main__":

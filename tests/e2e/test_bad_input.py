@@ -61,7 +61,10 @@ def value_params(command: click.Command, path: tuple[str, ...] = (),
     own = [p for p in command.params if not getattr(p, "is_flag", False)
            and not (isinstance(p, click.Option) and p.count)]
     if isinstance(command, click.Group):
-        for name, sub in sorted(command.commands.items()):
+        ctx = click.Context(command)  # (the top-level group imports its commands on use)
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            assert sub is not None, name
             yield from value_params(sub, (*path, name), (*parents, *((p, path) for p in own)))
         return
     for param, at in parents:

@@ -84,7 +84,9 @@ def test_the_data_dir_is_orch_home_then_the_local_one_then_the_users(
 def commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     """The path of every command and group under ``group``, the group itself first."""
     yield path
-    for name, command in sorted(group.commands.items()):
+    ctx = click.Context(group)  # (the top-level group imports its commands on use)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
         if isinstance(command, click.Group):
             yield from commands(command, (*path, name))
         else:
