@@ -7,6 +7,7 @@ the group: so no module of the CLI imports another that imports it back.
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import importlib
 import math
@@ -372,6 +373,21 @@ class DataDirGroup(click.Group):
         super().format_epilog(ctx, formatter)
         write_data_dir(ctx, formatter)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        """Click's lookup, with the nearest command named when there is none by that
+        name (``sumbit``: did you mean 'submit'?)."""
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            # (click suggests from the commands it holds: not those imported on use)
+            text = error.format_message()
+            if args and text.startswith("No such command") and "id you mean" not in text:
+                near = difflib.get_close_matches(args[0], self.list_commands(ctx), n=1)
+                if near:
+                    error.message = f"{error.message.rstrip('.')}. Did you mean {near[0]!r}?"
+            raise
+
 
 class CliGroup(DataDirGroup):
     """The ``orchestrator`` group: every usage error of any command, wherever click
@@ -432,7 +448,9 @@ class CliGroup(DataDirGroup):
         message = error.format_message()
         ctx = getattr(error, "ctx", None)
         if isinstance(error, click.UsageError) and ctx is not None:
-            message = f"{message.rstrip('.')}; see `{ctx.command_path} --help`"
+            see = f"`{ctx.command_path} --help`"
+            message = (f"{message} (see {see})" if message.endswith("?")
+                       else f"{message.rstrip('.')}; see {see}")
         click.echo(f"error: {one_line(message)}", err=True)
         if json_in(self.argv):
             emit_json({"error": one_line(message), "exit_code": error.exit_code})

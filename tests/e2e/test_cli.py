@@ -117,6 +117,29 @@ def test_every_command_has_help(home: Path) -> None:
         assert shown.returncode == 0 and "Usage:" in shown.stdout, command
 
 
+def test_a_mistyped_command_names_the_nearest_one(home: Path) -> None:
+    # In the top-level group (its commands are imported on use) and in a subgroup
+    for args, near in ((("sumbit", "hello"), "submit"), (("agents", "scal"), "scale")):
+        typo = orchestrator(home, *args, "--json")
+        assert typo.returncode == 2, typo.stderr
+        assert f"Did you mean {near!r}?" in json.loads(typo.stdout)["error"], typo.stdout
+    # Nothing near: no guess
+    assert "Did you mean" not in orchestrator(home, "xyzzy").stderr
+
+
+def test_a_command_imports_only_what_it_needs() -> None:
+    # `logs --help` loads neither the SDK, the node supervisor nor the benchmarks
+    probe = ("import sys\nfrom cli.main import main\n"
+             "try:\n    main(['logs', '--help'], standalone_mode=False)\n"
+             "finally:\n    print(sorted(m for m in ('agent_sdk', 'nodes.supervisor', "
+             "'cli.bench', 'cli.agents', 'workflows') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
 def test_bench_commands_print_the_scripts_json(home: Path) -> None:
     latency = orchestrator(home, "bench", "latency", "--tasks", "20", "--json")
     assert latency.returncode == 0, latency.stderr
