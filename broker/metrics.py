@@ -71,8 +71,12 @@ logger = logging.getLogger(__name__)
 TEST_HOOKS_ENV: Final = "ORCH_TEST_HOOKS"
 #: The file in the data dir whose presence blocks the loop (test hooks only).
 BLOCK_LOOP_FILE: Final = "test-block-loop"
-#: ``/healthz`` fails when the loop's last pass is older than this many heartbeat intervals.
+#: ``/healthz`` fails when the loop's last pass is older than this many heartbeat
+#: intervals, and never sooner than :data:`HEALTH_MIN_AGE_S`: an idle loop wakes once an
+#: interval, and a busy machine delays a wake-up by a fraction of a second, which must
+#: not look like a stuck broker to a liveness probe (it would restart a healthy one).
 HEALTH_INTERVALS: Final = 2.0
+HEALTH_MIN_AGE_S: Final = 1.0
 #: Snapshot attempts before a scrape gives up on a table the loop keeps changing.
 SNAPSHOT_TRIES: Final = 20
 _PREFIX: Final = "orchestrator_"
@@ -547,7 +551,8 @@ class MetricsServer:
         self.registry.register(BrokerCollector(broker))  # type: ignore[arg-type]
         if state is not None:
             self.registry.register(StateCollector(state))  # type: ignore[arg-type]
-        probe = HealthProbe(broker, broker.config.heartbeat_interval_s * HEALTH_INTERVALS)
+        probe = HealthProbe(broker, max(HEALTH_MIN_AGE_S,
+                                        broker.config.heartbeat_interval_s * HEALTH_INTERVALS))
         handler = _handler_class(self.registry, probe)
         try:
             self.httpd = ThreadingHTTPServer((host, port), handler)
