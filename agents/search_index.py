@@ -38,6 +38,9 @@ from typing import Any, Final
 
 #: Longest passage, in lines: a cited range stays small enough to check by eye.
 MAX_PASSAGE_LINES: Final = 20
+#: Longest passage of a fenced code block, which is cut only past it (a passage that
+#: starts inside code cannot be told from prose).
+MAX_CODE_PASSAGE_LINES: Final = 200
 #: A paragraph shorter than this many lines is merged with the next (a heading with its text).
 MIN_PASSAGE_LINES: Final = 3
 #: Most words of a query sent to FTS5 (a pasted page must not become a huge query).
@@ -69,11 +72,13 @@ BODY_WEIGHT: Final = 1.0
 TITLE_WEIGHT: Final = 0.5
 #: How long a write waits for another process's write to the same index file.
 BUSY_TIMEOUT_S: Final = 30.0
-#: Bumped when the tables change: an index of another version is rebuilt.
-SCHEMA_VERSION: Final = "1"
+#: Bumped when the tables or the passages change (2: fenced code blocks are whole
+#: passages): an index of another version is rebuilt.
+SCHEMA_VERSION: Final = "2"
 
 WORD: Final = re.compile(r"[^\W_]+")
 _HEADING: Final = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+_FENCE_LINE: Final = re.compile(r"^\s{0,3}(```|~~~)")
 
 #: Words too common to help a search (English function words and question fillers).
 STOP_WORDS: Final = frozenset("""
@@ -210,13 +215,30 @@ def fts_query(text: str) -> str | None:
 
 def split_passages(path: str, content: str) -> list[Passage]:
     """Cut a document into passages: paragraphs (blank-line separated), short ones merged
-    with the next, long ones cut into windows of :data:`MAX_PASSAGE_LINES` lines."""
+    with the next, long ones cut into windows of :data:`MAX_PASSAGE_LINES` lines.
+
+    A fenced code block (```` ``` ```` or ``~~~``) is one block, blank lines and all, and
+    is cut into windows only past :data:`MAX_CODE_PASSAGE_LINES`: a passage then never
+    starts inside code, so the researcher can tell code from prose by its fences.
+    """
     lines = content.splitlines()
     path_words = " ".join(words(PurePosixPath(path).as_posix()))
     blocks: list[tuple[int, int]] = []  # 0-based [start, end)
+    code: set[int] = set()  # starts of fenced blocks
     start: int | None = None
+    fence_open = False
     for i, line in enumerate(lines):
-        if line.strip():
+        if _FENCE_LINE.match(line):
+            if not fence_open:
+                if start is not None:
+                    blocks.append((start, i))
+                start, fence_open = i, True
+                code.add(i)
+            else:
+                blocks.append((start if start is not None else i, i + 1))
+                start, fence_open = None, False
+            continue
+        if fence_open or line.strip():
             if start is None:
                 start = i
         elif start is not None:
@@ -228,15 +250,17 @@ def split_passages(path: str, content: str) -> list[Passage]:
     for block in blocks:
         if merged:
             prev = merged[-1]
-            if prev[1] - prev[0] < MIN_PASSAGE_LINES and block[1] - prev[0] <= MAX_PASSAGE_LINES:
+            if prev[1] - prev[0] < MIN_PASSAGE_LINES and block[0] not in code \
+                    and block[1] - prev[0] <= MAX_PASSAGE_LINES:
                 merged[-1] = (prev[0], block[1])
                 continue
         merged.append(block)
     passages: list[Passage] = []
     heading = ""
     for first, end in merged:
-        for window in range(first, end, MAX_PASSAGE_LINES):
-            stop = min(end, window + MAX_PASSAGE_LINES)
+        size = MAX_CODE_PASSAGE_LINES if first in code else MAX_PASSAGE_LINES
+        for window in range(first, end, size):
+            stop = min(end, window + size)
             chunk = lines[window:stop]
             for line in chunk:
                 match = _HEADING.match(line)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from agent_sdk import SyncClient
-from agents.researcher import TASK_INDEX_CACHE, Corpora
+from agents.researcher import TASK_INDEX_CACHE, Corpora, sentence_units
 from agents.search_index import SearchIndex, fts_query, split_passages, words
 from tests.conftest import Cluster
 from tests.fakes.llm_server import ErrorReply, FakeLLMServer, TextReply
@@ -391,6 +391,22 @@ def test_passages_keep_their_line_ranges() -> None:
     for p in passages:
         assert p.text == "\n".join(lines[p.first_line - 1:p.last_line])
     assert passages[0].title == "a md Title"
+
+
+def test_a_fenced_code_block_is_one_passage_so_none_starts_inside_code() -> None:
+    # Given prose, then a 30-line code block with blank lines in it, then prose
+    code = "\n".join("" if i % 5 == 4 else f"vector_db.query({i})" for i in range(30))
+    content = ("Intro about the search.\nSecond line.\nThird line.\n\n```python\n" + code
+               + "\n```\nAfter the code: vector databases trade recall for speed.\n")
+    passages = split_passages("a.md", content)
+    lines = content.splitlines()
+    # Then the code block, fences included, is one passage: its blank lines do not cut it
+    assert [(p.first_line, p.last_line) for p in passages] == [(1, 3), (5, 36), (37, 37)]
+    assert passages[1].text.startswith("```python") and passages[1].text.endswith("```")
+    for p in passages:
+        assert p.text == "\n".join(lines[p.first_line - 1:p.last_line])
+    # And a researcher reading the code passage finds no sentence in it
+    assert sentence_units("a.md", 5, passages[1].text) == []
 
 
 def test_fts5_is_available() -> None:
