@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from wire.state import StateErrorCode, StateErrorReply, StateMessage
 from agent_sdk.errors import (
@@ -13,6 +15,9 @@ from agent_sdk.errors import (
     VersionConflict,
 )
 from agent_sdk.state.values import decode_value
+
+if TYPE_CHECKING:
+    from agent_sdk.connection import Connection
 
 
 class NoSession(Exception):
@@ -59,6 +64,22 @@ class Requests:
     def add(self, req: int, pending: Pending) -> None:
         """Wait for the reply to ``req``."""
         self._pending[req] = pending
+
+    def send(self, conn: Connection[StateMessage] | None, make: Callable[[int], StateMessage],
+             epoch: int, deadline: float, timeout_s: float) -> tuple[int, asyncio.Future[Any]]:
+        """Make a request under a new id, wait for its reply, and send it on ``conn`` (the
+        open session's); returns its id and the future the reply resolves."""
+        assert conn is not None, "a request sent before the session opened"
+        req = self.next_id()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        request = make(req)
+        self.add(req, Pending(future, epoch, request, deadline, timeout_s))
+        try:
+            conn.send(request)
+        except BaseException:
+            self.pop(req)
+            raise
+        return req, future
 
     def get(self, req: int | None) -> Pending | None:
         """The request waiting under ``req``, if any."""
@@ -131,4 +152,41 @@ def error_for(error: StateErrorReply, request: StateMessage | None) -> Exception
     return StateError(code, error.message)
 
 
-__all__ = ["NoSession", "Pending", "Requests", "error_for"]
+class Line:
+    """Requests waiting for the session to open, served first come first sent.
+
+    Without it a request made just as the session opened went out before those still
+    waking from the wait, and a later write (an agent's newest LLM usage) was
+    overwritten by an older one. While anyone waits (:meth:`__bool__`), a new request
+    goes behind them.
+    """
+
+    def __init__(self) -> None:
+        self._lock: asyncio.Lock | None = None  # made in the loop that first queues
+        self._waiting = 0
+
+    def __bool__(self) -> bool:
+        return self._waiting > 0
+
+    @contextlib.asynccontextmanager
+    async def turn(self, timeout_s: float) -> AsyncIterator[None]:
+        """Hold the front of the line for the ``async with`` block.
+
+        Raises:
+            TimeoutError: the front was not reached within ``timeout_s``.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        lock = self._lock
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(lock.acquire(), timeout_s)
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self._waiting -= 1
+
+
+__all__ = ["Line", "NoSession", "Pending", "Requests", "error_for"]

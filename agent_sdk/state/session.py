@@ -26,7 +26,7 @@ from agent_sdk.connection import (
     Backoff, Connection, DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_HEARTBEAT_LIVENESS, STATE_CODEC,
 )
 from agent_sdk.errors import OrchestratorError, StateUnavailable, VersionMismatch
-from agent_sdk.state.requests import error_for, NoSession, Pending, Requests
+from agent_sdk.state.requests import error_for, Line, NoSession, Pending, Requests
 from agent_sdk.state.values import ConnectionState
 
 if TYPE_CHECKING:
@@ -78,10 +78,7 @@ class Session:
         self.refusal: StateErrorReply | None = None
         self._conn: Connection[StateMessage] | None = None
         self._requests = Requests()
-        #: requests waiting for the session to open, first come first sent (see
-        #: :meth:`_send_in_line`); a request made while any wait goes behind them
-        self._line: asyncio.Lock | None = None
-        self._in_line = 0
+        self._line = Line()
         self._epoch = 0
         self._ready: asyncio.Event | None = None
         self._hello_task: asyncio.Task[None] | None = None
@@ -110,10 +107,11 @@ class Session:
         deadline = loop.time() + timeout
         while True:
             ready = self._ready
-            if self._in_line or ready is None or not ready.is_set():
+            if self._line or ready is None or not ready.is_set():
                 req, future = await self._send_in_line(make, deadline, timeout)
             else:
-                req, future = self._send_now(make, deadline, timeout)
+                req, future = self._requests.send(self._conn, make, self._epoch, deadline,
+                                                  timeout)
             epoch = self._epoch
             try:
                 return await future
@@ -131,47 +129,17 @@ class Session:
             finally:
                 self._requests.pop(req)
 
-    def _send_now(self, make: Callable[[int], StateMessage], deadline: float,
-                  timeout: float) -> tuple[int, asyncio.Future[Any]]:
-        """Send a request on the open session; returns its id and reply future."""
-        conn = self._conn
-        assert conn is not None
-        req = self._requests.next_id()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        request = make(req)
-        self._requests.add(req, Pending(future, self._epoch, request, deadline, timeout))
-        try:
-            conn.send(request)
-        except BaseException:
-            self._requests.pop(req)
-            raise
-        return req, future
-
     async def _send_in_line(self, make: Callable[[int], StateMessage], deadline: float,
                             timeout: float) -> tuple[int, asyncio.Future[Any]]:
-        """Wait for the session, behind the requests that waited for it first, then send.
-
-        Requests leave in the order they were made: without the line, one made just as
-        the session opened went out before those still waking from the wait, and a
-        later write (an agent's newest LLM usage) was overwritten by an older one.
-        """
+        """Wait for the session behind the requests that waited for it first (a
+        :class:`Line`), then send: requests leave in the order they were made."""
         loop = asyncio.get_running_loop()
-        if self._line is None:
-            self._line = asyncio.Lock()
-        line = self._line
-        self._in_line += 1
         try:
-            try:
-                await asyncio.wait_for(line.acquire(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise StateUnavailable(self.url, timeout) from None
-            try:
+            async with self._line.turn(max(0.0, deadline - loop.time())):
                 await self.ensure(max(0.0, deadline - loop.time()))
-                return self._send_now(make, deadline, timeout)
-            finally:
-                line.release()
-        finally:
-            self._in_line -= 1
+                return self._requests.send(self._conn, make, self._epoch, deadline, timeout)
+        except TimeoutError:  # the front of the line not reached in time
+            raise StateUnavailable(self.url, timeout) from None
 
     def watch_request(self, watch: Watch, req: int) -> StateWatch:
         """The request that sets ``watch`` up under id ``req`` (registered at once)."""

@@ -191,12 +191,12 @@ def test_writes_apply_in_the_order_made_while_the_session_opens(cluster: Cluster
         state = StateClient(url)
         try:
             waiting = [asyncio.create_task(state.set("order", i)) for i in range(20)]
-            # When one more write is made the moment the session opens (the waiting
-            # ones have not woken yet): a loop turn at a time, no clock involved
-            while state.state is not ConnectionState.READY:
-                await asyncio.sleep(0)
-            last = asyncio.create_task(state.set("order", "last"))
-            await asyncio.gather(*waiting, last)
+            # When one more write is made the moment the session opens: connect() was
+            # the first to wait for it, so it wakes before the waiting writes do
+            await state.connect()
+            assert state.state is ConnectionState.READY
+            await state.set("order", "last")
+            await asyncio.gather(*waiting)
             return await state.get("order")
         finally:
             await state.close()
