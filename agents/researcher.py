@@ -52,7 +52,8 @@ from agent_sdk import BaseAgent, Result, Task
 from agent_sdk.errors import PermanentFailure
 from wire.home import home_dir
 from agents.search_index import (
-    STOP_WORDS, CorpusError, Hit, Passage, SearchIndex, content_terms, document_key, words,
+    FENCE, HEADING, STOP_WORDS, CorpusError, Hit, Passage, SearchIndex, content_terms,
+    document_key, words,
 )
 
 if TYPE_CHECKING:
@@ -118,8 +119,6 @@ CODE_SUFFIXES: Final = frozenset({
 
 _SENTENCE_BREAK: Final = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 _BULLET: Final = re.compile(r"^(?:[-*+]|\d+[.)])\s+")
-_HEADING_LINE: Final = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
-_FENCE: Final = re.compile(r"^\s*(```|~~~)")
 #: A Markdown table row: its cells are not sentences.
 _TABLE_ROW: Final = re.compile(r"^\s*\|")
 #: A column-aligned line (a listing, a code block's middle when a passage starts inside
@@ -219,11 +218,11 @@ def sentence_units(path: str, first_line: int, text: str) -> list[Unit]:
 
     for i, raw in enumerate(text.split("\n")):
         line = raw.strip()
-        if _FENCE.match(raw):
+        if FENCE.match(raw):
             in_code = not in_code
             flush()
             continue
-        if in_code or not line or _HEADING_LINE.match(raw) or _TABLE_ROW.match(raw) \
+        if in_code or not line or HEADING.match(raw) or _TABLE_ROW.match(raw) \
                 or _ALIGNED.search(line):
             flush()
             continue
@@ -308,10 +307,10 @@ def extractive_summary(query: str, hits: list[Hit], topic: str = "") -> tuple[st
         # ("caching", "cache"): quote the sentences that share a term's first letters.
         # None: the passages name the query's words only in code or tables.
         prefixes = {t[:_PREFIX_LETTERS] for t in topic_terms or query_terms}
+        shared = max(1, math.ceil(TOPIC_COVERAGE * len(prefixes)))
         candidates = [unit.scored(1.0 / (rank + 1))
                       for rank, units in enumerate(per_hit[:2]) for unit in units
-                      if len(prefixes & {t[:_PREFIX_LETTERS] for t in unit.terms})
-                      >= max(1, math.ceil(TOPIC_COVERAGE * len(prefixes)))]
+                      if len(prefixes & {t[:_PREFIX_LETTERS] for t in unit.terms}) >= shared]
     picked = mmr_select(candidates, SUMMARY_SENTENCES, SUMMARY_MAX_CHARS)
     return " ".join(f"{u.text} {citation_text(u)}" for u in picked), picked
 
@@ -352,7 +351,7 @@ def summarize_file(path: str, content: str) -> FileSummary:
 
 def _title(path: str, content: str) -> str:
     for line in content.splitlines():
-        match = _HEADING_LINE.match(line)
+        match = HEADING.match(line)
         if match:
             return match.group(2)
     return PurePosixPath(path).name
@@ -468,7 +467,7 @@ def analyze_document(path: str, content: str) -> DocumentStats:
     all_words = words(content)
     headings = []
     for number, line in enumerate(content.splitlines(), 1):
-        match = _HEADING_LINE.match(line)
+        match = HEADING.match(line)
         if match:
             headings.append({"level": len(match.group(1)), "text": match.group(2),
                              "line": number})

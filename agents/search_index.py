@@ -77,8 +77,11 @@ BUSY_TIMEOUT_S: Final = 30.0
 SCHEMA_VERSION: Final = "2"
 
 WORD: Final = re.compile(r"[^\W_]+")
-_HEADING: Final = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
-_FENCE_LINE: Final = re.compile(r"^\s{0,3}(```|~~~)")
+#: A Markdown heading line (its level's hashes, then its text).
+HEADING: Final = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+#: A line that opens or closes a fenced code block (passages and the researcher's
+#: sentences must agree on what is code).
+FENCE: Final = re.compile(r"^\s*(```|~~~)")
 
 #: Words too common to help a search (English function words and question fillers).
 STOP_WORDS: Final = frozenset("""
@@ -228,7 +231,7 @@ def split_passages(path: str, content: str) -> list[Passage]:
     start: int | None = None
     fence_open = False
     for i, line in enumerate(lines):
-        if _FENCE_LINE.match(line):
+        if FENCE.match(line):
             if not fence_open:
                 if start is not None:
                     blocks.append((start, i))
@@ -263,7 +266,7 @@ def split_passages(path: str, content: str) -> list[Passage]:
             stop = min(end, window + size)
             chunk = lines[window:stop]
             for line in chunk:
-                match = _HEADING.match(line)
+                match = HEADING.match(line)
                 if match:
                     heading = match.group(2)
                     break
@@ -520,6 +523,6 @@ def _read_text(path: Path, size: int) -> tuple[str | None, str]:
         return None, "not UTF-8 text"
 
 
-__all__ = ["CorpusError", "Hit", "MAX_PASSAGE_LINES", "Passage", "STOP_WORDS", "SearchIndex",
-           "SyncStats", "content_terms", "document_key", "fts_query", "split_passages", "stem",
-           "words"]
+__all__ = ["CorpusError", "FENCE", "HEADING", "Hit", "MAX_PASSAGE_LINES", "Passage",
+           "STOP_WORDS", "SearchIndex", "SyncStats", "content_terms", "document_key",
+           "fts_query", "split_passages", "stem", "words"]
