@@ -40,7 +40,6 @@ from broker.bus import BusForwarder
 from broker.config import DEFAULT_BUS_HWM, BusConfig, events_bind_for
 from broker.errors import ConfigError
 from broker.server import Broker
-
 from wire.logs import install_json_log
 from wire.sockets import with_host
 

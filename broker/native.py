@@ -29,8 +29,8 @@ import os
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson

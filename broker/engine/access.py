@@ -24,8 +24,8 @@ admin     everything, every key's tasks included; only admin keys may scale (SCA
 Everyone may ask for the broker's status. Task ids are scoped: a non-admin's ids start
 with its key's scope (``wire/curve.py``: 20 base32 characters of the key and ``~``);
 the SDK adds it, so submitting another key's id makes a task of one's own. An id a
-non-admin names outside its scope is read as an id *in* its scope, so asking for another key's
-task finds nothing (``not_found``), and never learns whether it exists. (An agent's
+non-admin names outside its scope is read as an id *in* its scope, so asking for another
+key's task finds nothing (``not_found``), and never learns whether it exists. (An agent's
 subtask ids are in the agent key's scope: a parent retried on an agent of another key
 runs its subtasks again.)
 """
